@@ -1,0 +1,24 @@
+"""latticeflow: Monge-Ampère flows for lattice models.
+
+Reference: L. Zhang, W. E, L. Wang, "Monge-Ampère Flow for Generative Modeling",
+arXiv:1809.10188 (2018).
+"""
+
+from .ising import IsingHS, critical, improved_spins, ising, sample_spins
+from .lattice import SquareLattice
+from .symmetry import SymmetryGroup, point_group, space_group, spin_flip_group, translation_group
+
+__all__ = [
+    "IsingHS",
+    "SquareLattice",
+    "SymmetryGroup",
+    "critical",
+    "improved_spins",
+    "ising",
+    "point_group",
+    "sample_spins",
+    "space_group",
+    "spin_flip_group",
+    "translation_group",
+]
+__version__ = "0.1.0"
