@@ -4,11 +4,37 @@ Reference: L. Zhang, W. E, L. Wang, "Monge-Ampère Flow for Generative Modeling"
 arXiv:1809.10188 (2018).
 """
 
+from .exact import (
+    CRITICAL_BETA,
+    EnumerationResult,
+    enumerate_ising,
+    enumerate_log_z,
+    kaufman_free_energy,
+    kaufman_internal_energy,
+    kaufman_log_z,
+    kaufman_specific_heat,
+    onsager_internal_energy,
+    onsager_log_z,
+    onsager_magnetization,
+    transfer_matrix_log_z,
+)
 from .ising import IsingHS, critical, improved_spins, ising, sample_spins
 from .lattice import SquareLattice
 from .symmetry import SymmetryGroup, point_group, space_group, spin_flip_group, translation_group
 
 __all__ = [
+    "CRITICAL_BETA",
+    "EnumerationResult",
+    "enumerate_ising",
+    "enumerate_log_z",
+    "kaufman_free_energy",
+    "kaufman_internal_energy",
+    "kaufman_log_z",
+    "kaufman_specific_heat",
+    "onsager_internal_energy",
+    "onsager_log_z",
+    "onsager_magnetization",
+    "transfer_matrix_log_z",
     "IsingHS",
     "SquareLattice",
     "SymmetryGroup",
