@@ -223,7 +223,7 @@ def integrate(
     method: str | Solver = "rk4",
     checkpoint: bool = False,
     callback: Callable[[int, float, Tensor, Tensor], None] | None = None,
-    step_drift: Callable[[int, float], Drift] | None = None,
+    step_drift: Callable[[int, float], Drift | FramedDrift] | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Integrate (x, logp) over ``n_steps`` fixed steps of size ``dt`` starting at ``t0``.
 
@@ -253,6 +253,7 @@ def integrate(
     Raises:
         ValueError: non-positive or non-integer ``n_steps``, zero or non-finite ``dt``,
             unknown ``method``, mismatched shapes.
+        TypeError: x or logp is not a tensor.
     """
     solver = get_solver(method)
     n_steps = _check_n_steps(n_steps)

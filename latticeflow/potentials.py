@@ -25,6 +25,12 @@ randomness is an explicit ``noise`` token drawn by :meth:`Potential.resample` an
 :meth:`Potential.forward`; with ``noise=None`` they draw a fresh one from the global RNG at
 each call. The flow draws one token per integration step and can replay it (see flow.py).
 
+Performance notes (the integrator calls a potential 4·n_steps times per sample): inside
+:meth:`Potential.shared_constants`, which the flow opens around every integration, parameter-
+only quantities (‖W_k‖², FFT of the quadratic kernel, symmetrised conv kernels) are computed
+once; the MLP stage is one custom autograd node; a random symmetry element is applied to
+the state once per step (:meth:`Potential.step_frame`) rather than twice per RK stage.
+
 Symbols: B batch, N = dim sites, h hidden units, C channels, G group order, t time.
 """
 
@@ -83,26 +89,31 @@ def _tanh(h: Tensor, value: bool) -> tuple[Tensor | None, Tensor, Tensor]:
     return (th if value else None), d1, -2.0 * th * d1
 
 
-def _softplus_derivs(s: Tensor, third: bool) -> tuple[Tensor, ...]:
-    d2 = s - s * s  # σ(1 − σ)
-    return (s, d2, d2 - 2.0 * s * d2) if third else (s, d2)
+# Fused MLP path: each activation is computed from one "base" tensor per stage (σ(h) or
+# tanh h). ``derivs(base, d2)`` returns (a', a'', a''') reusing a'' = d2 when the forward pass
+# saved it; every op is out of place so the same code serves the double-backward branch.
+def _softplus_derivs(s: Tensor, d2: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+    if d2 is None:
+        d2 = torch.addcmul(s, s, s, value=-1.0)  # σ(1 − σ)
+    return s, d2, torch.addcmul(d2, s, d2, value=-2.0)  # σ(1−σ)(1−2σ)
 
 
-def _lncosh_derivs(th: Tensor, third: bool) -> tuple[Tensor, ...]:
-    d2 = 1.0 - th * th
-    return (th, d2, -2.0 * th * d2) if third else (th, d2)
+def _lncosh_derivs(th: Tensor, d2: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+    if d2 is None:
+        d2 = 1.0 - th * th
+    return th, d2, -2.0 * th * d2
 
 
-def _tanh_derivs(th: Tensor, third: bool) -> tuple[Tensor, ...]:
+def _tanh_derivs(th: Tensor, d2: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
     t2 = th * th
     d1 = 1.0 - t2
-    d2 = -2.0 * th * d1
-    return (d1, d2, d1 * (6.0 * t2 - 2.0)) if third else (d1, d2)
+    if d2 is None:
+        d2 = -2.0 * th * d1
+    return d1, d2, d1 * (6.0 * t2 - 2.0)
 
 
-# name -> (base(h), (base, third) -> (a', a'') or (a', a'', a''')): the fused MLP path stores
-# only base(h), one (B, h) tensor per stage, and rebuilds the derivatives from it.
-_FUSED: dict[str, tuple[Callable[[Tensor], Tensor], Callable[[Tensor, bool], tuple[Tensor, ...]]]] = {
+_Derivs = Callable[[Tensor, "Tensor | None"], tuple[Tensor, Tensor, Tensor]]
+_FUSED: dict[str, tuple[Callable[[Tensor], Tensor], _Derivs]] = {
     "softplus": (torch.sigmoid, _softplus_derivs),
     "lncosh": (torch.tanh, _lncosh_derivs),
     "tanh": (torch.tanh, _tanh_derivs),
@@ -263,48 +274,13 @@ def _check_potential(p: object, name: str = "potential") -> Potential:
 
 
 # ---------------------------------------------------------------------- fused kernels
-class _GradientTap:
-    """Accumulator for ∂/∂W summed over all RK stages of one integration.
-
-    Each stage's backward adds uᵀĜ + (∂/∂h)ᵀx into one (h, N) buffer in place instead of
-    returning a fresh (h, N) gradient that autograd then adds up: 2·n_stages fewer
-    (h, N) allocations and additions per training step.
-    """
-
-    __slots__ = ("buf",)
-
-    def __init__(self) -> None:
-        self.buf: Tensor | None = None
-
-
-class _TapWeight(torch.autograd.Function):
-    """Identity on W whose backward adds the tap's accumulated gradient.
-
-    Autograd runs it after every stage that used its output (they are its only consumers),
-    so the buffer is complete by then; it is handed over and reset (safe with
-    retain_graph=True).
-    """
-
-    @staticmethod
-    def forward(ctx: Any, W: Tensor, tap: _GradientTap) -> Tensor:
-        ctx.tap = tap
-        return W.view_as(W)
-
-    @staticmethod
-    def backward(ctx: Any, dW: Tensor | None) -> tuple[Tensor | None, None]:
-        buf, ctx.tap.buf = ctx.tap.buf, None
-        if buf is None:
-            return dW, None
-        return (buf if dW is None else dW + buf), None
-
-
 class _MLPDrift(torch.autograd.Function):
     """(∇φ, ∇²φ) of φ = Σ_k w_k a(W_k·x + b_k) with a hand-written backward.
 
     Autograd through the plain expression records about fifteen nodes per RK stage; this
-    keeps one (B, h) tensor per stage and runs the backward as four matmuls and a few
-    elementwise ops on (B, h). ‖W_k‖² comes in as an input, computed once per integration
-    by the caller, so no (h, N) elementwise work is done per stage. With h = Wx + b,
+    keeps two (B, h) tensors per stage (base(h) and a''(h)) and runs the backward as four
+    matmuls and about ten elementwise ops on (B, h). ‖W_k‖² comes in as an input, computed
+    once per integration by the caller, so no (h, N) elementwise work is done per stage. With h = Wx + b,
     u = a'(h)⊙w, c = w⊙‖W‖², grad = uW, lap = a''(h)·c and incoming gradients Ĝ (B, N),
     L̂ (B,):
 
@@ -319,47 +295,45 @@ class _MLPDrift(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, W: Tensor, b: Tensor | None, w: Tensor, wsq: Tensor,
-                activation: str, tap: _GradientTap | None = None) -> tuple[Tensor, Tensor]:
+                activation: str) -> tuple[Tensor, Tensor]:
         base_fn, derivs = _FUSED[activation]
         h = x @ W.t() if b is None else torch.addmm(b, x, W.t())
         base = base_fn(h)
-        d1, d2 = derivs(base, False)
+        if activation == "softplus":  # a' = σ is the base itself; the third derivative waits
+            d1, d2 = base, torch.addcmul(base, base, base, value=-1.0)
+        else:
+            d1, d2, _ = derivs(base, None)
         grad = (d1 * w) @ W
         lap = d2 @ (w * wsq)
         ctx.activation = activation
-        ctx.tap = tap
         ctx.has_bias = b is not None
-        ctx.save_for_backward(x, W, b if b is not None else W.new_empty(0), w, wsq, base)
+        ctx.save_for_backward(x, W, b if b is not None else W.new_empty(0), w, wsq, base, d2)
         return grad, lap
 
     @staticmethod
     def backward(ctx: Any, dG: Tensor | None, dL: Tensor | None) -> tuple[Tensor | None, ...]:
-        x, W, b, w, wsq, base = ctx.saved_tensors
+        x, W, b, w, wsq, base, d2 = ctx.saved_tensors
         b = b if ctx.has_bias else None
         needs = ctx.needs_input_grad
         if torch.is_grad_enabled():
-            # create_graph=True: rebuild base(h) with recorded ops so that the second derivative
-            # sees its dependence on x, W, b; everything below is then out of place
+            # create_graph=True: rebuild base(h) and a''(h) with recorded ops so that the second
+            # derivative sees their dependence on x, W, b; everything below is then out of place
             h = x @ W.t() if b is None else torch.addmm(b, x, W.t())
             base = _FUSED[ctx.activation][0](h)
-            return _mlp_drift_vjp(x, W, b, w, wsq, base, dG, dL, needs, ctx.activation, None, False)
-        tap = ctx.tap if needs[1] else None
-        return _mlp_drift_vjp(x, W, b, w, wsq, base, dG, dL, needs, ctx.activation, tap, True)
+            return _mlp_drift_vjp(x, W, b, w, wsq, base, None, dG, dL, needs, ctx.activation, False)
+        return _mlp_drift_vjp(x, W, b, w, wsq, base, d2, dG, dL, needs, ctx.activation, True)
 
 
 def _mlp_drift_vjp(x: Tensor, W: Tensor, b: Tensor | None, w: Tensor, wsq: Tensor, base: Tensor,
-                   dG: Tensor | None, dL: Tensor | None, needs: tuple[bool, ...], activation: str,
-                   tap: _GradientTap | None, inplace: bool) -> tuple[Tensor | None, ...]:
+                   d2: Tensor | None, dG: Tensor | None, dL: Tensor | None, needs: tuple[bool, ...],
+                   activation: str, inplace: bool) -> tuple[Tensor | None, ...]:
     """The backward formulas of :class:`_MLPDrift` (see its docstring)."""
-    d1, d2, d3 = _FUSED[activation][1](base, True)
+    d1, d2, d3 = _FUSED[activation][1](base, d2)
     dh = dW = dw = dwsq = None
     if dG is not None:
         du = dG @ W.t()  # (B, h)
         dh = du * (w * d2)
-        if tap is not None:
-            u = (d1 * w).t()
-            tap.buf = u @ dG if tap.buf is None else tap.buf.addmm_(u, dG)
-        elif needs[1]:
+        if needs[1]:
             dW = (d1 * w).t() @ dG
         if needs[3]:
             dw = (du * d1).sum(0)
@@ -378,13 +352,11 @@ def _mlp_drift_vjp(x: Tensor, W: Tensor, b: Tensor | None, w: Tensor, wsq: Tenso
     if dh is not None:
         if needs[0]:
             dx = dh @ W
-        if tap is not None:
-            tap.buf = dh.t() @ x if tap.buf is None else tap.buf.addmm_(dh.t(), x)
-        elif needs[1]:
+        if needs[1]:
             dW = dh.t() @ x if dW is None else (dW.addmm_(dh.t(), x) if inplace else torch.addmm(dW, dh.t(), x))
         if needs[2] and b is not None:
             db = dh.sum(0)
-    return dx, dW, db, dw, dwsq, None, None
+    return dx, dW, db, dw, dwsq, None
 
 
 class _SignedPermutation(torch.autograd.Function):
@@ -433,9 +405,10 @@ class MLPPotential(Potential):
         bias: include b (``False`` with ``"lncosh"`` gives a Z2-even potential).
         time_dependent: let φ depend on t as above.
         init_scale: standard deviation of the initial readout weights w.
-        fused: compute (∇φ, ∇²φ) in the integrator with a hand-written backward (one autograd
-            node per stage, about 1.5x faster training; exact, also for double backward).
-            ``False`` uses plain autograd ops (a reference for tests).
+        fused: compute (∇φ, ∇²φ) in the integrator as one autograd node per stage with a
+            hand-written backward (fewer elementwise passes and saved tensors); exact, also
+            under double backward. ``False`` uses plain autograd ops (the reference the
+            tests compare against).
 
     Example:
         >>> pot = MLPPotential(16, 32)
@@ -468,17 +441,6 @@ class MLPPotential(Potential):
         """‖W_k‖², shape (h,): once per integration inside ``shared_constants``."""
         return self._shared("wsq", lambda: self.weight.square().sum(1))
 
-    def _tapped_weight(self) -> tuple[Tensor, _GradientTap | None]:
-        """W routed through a per-integration gradient accumulator inside ``shared_constants``."""
-        cache = self._constants
-        if cache is None or not (torch.is_grad_enabled() and self.weight.requires_grad):
-            return self.weight, None
-        pair = cache.get("tapped_weight")
-        if pair is None:
-            tap = _GradientTap()
-            pair = cache["tapped_weight"] = (_TapWeight.apply(self.weight, tap), tap)
-        return pair
-
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, hidden={self.hidden}, activation={self.activation!r}, "
                 f"bias={self.bias is not None}, time_dependent={self.time_dependent}")
@@ -489,8 +451,7 @@ class MLPPotential(Potential):
             # hot path: one autograd node per stage (see _MLPDrift)
             b = self.bias if self.bias_t is None else self.bias + t * self.bias_t
             w = self.readout if self.readout_t is None else self.readout + t * self.readout_t
-            W, tap = self._tapped_weight()
-            grad, lap = _MLPDrift.apply(x, W, b, w, self._weight_norms(), self.activation, tap)
+            grad, lap = _MLPDrift.apply(x, W, b, w, self._weight_norms(), self.activation)
             return None, grad, lap
         h = x @ W.t() if self.bias is None else torch.addmm(self.bias, x, W.t())
         if self.bias_t is not None:
@@ -1009,8 +970,9 @@ class Symmetrized(Potential):
         if index.numel() and (int(index.min()) < 0 or int(index.max()) >= self.order):
             raise ValueError(f"symmetry indices must lie in [0, {self.order}), got range "
                              f"[{int(index.min())}, {int(index.max())}]")
-        sign = self.signs[index][:, None] if self._has_flip else None
-        return SymmetryDraw(index, self.perms[index], self.inverse_perms[index], sign)
+        # index_select: advanced indexing of the (G, N) tables is an order of magnitude slower
+        sign = self.signs.index_select(0, index)[:, None] if self._has_flip else None
+        return SymmetryDraw(index, self.perms.index_select(0, index), self.inverse_perms.index_select(0, index), sign)
 
     def resample(self, batch: int, generator: torch.Generator | None = None) -> Noise:
         """One group element per sample (random mode) as a :class:`SymmetryDraw`.
@@ -1057,7 +1019,7 @@ class Symmetrized(Potential):
         signs = self.signs if self.signs.dtype == x.dtype else self.signs.to(x.dtype)
         if self.mode == "exact":
             G = self.order
-            y = x[:, self.perms]  # (B, G, N)
+            y = x.index_select(1, self.perms.reshape(-1)).reshape(B, G, N)  # all images, (B, G, N)
             if self._has_flip:
                 y = y * signs[None, :, None]
             if not _is_scalar_time(t):

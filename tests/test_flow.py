@@ -242,17 +242,25 @@ def test_training_gradient_matches_plain_autograd_reference():
         torch.testing.assert_close(u, v, rtol=1e-10, atol=1e-13)
 
 
-def test_backward_twice_through_a_retained_graph_doubles_gradients():
-    # the per-integration weight-gradient accumulator is handed over and reset at each pass
+def test_repeated_and_partial_backward_passes_through_one_graph():
+    # no state may leak between backward passes of one graph: an earlier design accumulated
+    # ∂/∂W in a per-integration buffer, which a pass asking only for ∂/∂x left stale
     torch.manual_seed(15)
     flow = MongeAmpereFlow(randomize(MLPPotential(5, 6)), 3, 0.1)
-    x, logp = flow.sample(4)
-    loss = (logp + x.square().sum(1)).mean()
+    z = torch.randn(4, 5, requires_grad=True)
+    x, dlogp = flow.forward_map(z)
+    loss = (dlogp + x.square().sum(1)).mean()
+    torch.autograd.grad(loss, z, retain_graph=True)  # input gradient only
     loss.backward(retain_graph=True)
     once = [p.grad.clone() for p in flow.parameters()]
     loss.backward()
     for p, g in zip(flow.parameters(), once):
         torch.testing.assert_close(p.grad, 2 * g, rtol=1e-14, atol=0)
+    flow.zero_grad(set_to_none=True)
+    x, dlogp = flow.forward_map(z.detach())
+    (dlogp + x.square().sum(1)).mean().backward()
+    for p, g in zip(flow.parameters(), once):
+        torch.testing.assert_close(p.grad, g, rtol=1e-14, atol=0)
 
 
 def test_gradient_of_log_prob_in_x_is_differentiable_in_parameters():
