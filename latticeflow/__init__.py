@@ -18,6 +18,20 @@ from .exact import (
     onsager_magnetization,
     transfer_matrix_log_z,
 )
+from . import ode
+from .build import build_flow, build_potential
+from .flow import MongeAmpereFlow
+from .mixture import SymmetricMixture
+from .potentials import (
+    AutogradPotential,
+    ConvPotential,
+    MLPPotential,
+    Potential,
+    QuadraticPotential,
+    SumPotential,
+    Symmetrized,
+)
+from .train import Trainer, TrainingDiverged, VariationalTrainer
 from .ising import IsingHS, critical, improved_spins, ising, sample_spins
 from .lattice import SquareLattice
 from .symmetry import SymmetryGroup, point_group, space_group, spin_flip_group, translation_group
@@ -35,6 +49,21 @@ __all__ = [
     "onsager_log_z",
     "onsager_magnetization",
     "transfer_matrix_log_z",
+    "AutogradPotential",
+    "ConvPotential",
+    "MLPPotential",
+    "MongeAmpereFlow",
+    "Potential",
+    "QuadraticPotential",
+    "SumPotential",
+    "SymmetricMixture",
+    "Symmetrized",
+    "Trainer",
+    "TrainingDiverged",
+    "VariationalTrainer",
+    "build_flow",
+    "build_potential",
+    "ode",
     "IsingHS",
     "SquareLattice",
     "SymmetryGroup",
