@@ -1,0 +1,70 @@
+"""Command line: ``python -m analysis CHECKPOINT --out REPORT_DIR`` (see analysis/report.py).
+
+Examples:
+    python -m analysis runs/ising/checkpoint.pt --out runs/ising/report
+    python -m analysis runs/ising/checkpoint.pt --out /tmp/r --samples 16384 --hmc-samples 1000
+    python -m analysis runs/ising/checkpoint.pt --out /tmp/r --skip-hmc --sw-sweeps 0
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .report import ReportSettings, run_report
+
+_D = ReportSettings()
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m analysis", description="Physics report on a trained Ising flow "
+                                "(free energies, observables, latent/physical HMC, independence sampler).",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("checkpoint", help="checkpoint.pt written by models/ising.py")
+    p.add_argument("--out", default=None, help="report folder (default: <checkpoint folder>/report)")
+    p.add_argument("--samples", type=int, default=_D.samples, help="i.i.d. flow samples for F and observables")
+    p.add_argument("--batch", type=int, default=_D.batch, help="flow samples per call")
+    p.add_argument("--hmc-samples", type=int, default=_D.hmc_samples, help="stored HMC iterations per chain")
+    p.add_argument("--hmc-chains", type=int, default=_D.hmc_chains, help="HMC chains")
+    p.add_argument("--hmc-leapfrog", type=int, default=_D.hmc_leapfrog, help="leapfrog steps per trajectory")
+    p.add_argument("--hmc-warmup", type=int, default=_D.hmc_warmup, help="step-size adaptation iterations")
+    p.add_argument("--target-accept", type=float, default=_D.target_accept, help="HMC acceptance aimed at")
+    p.add_argument("--step-size", type=float, default=_D.step_size, help="initial leapfrog step")
+    p.add_argument("--skip-hmc", action="store_true", help="skip latent and physical HMC")
+    p.add_argument("--independence", type=int, default=_D.independence,
+                   help="independence-sampler chain length (0: skip)")
+    p.add_argument("--sw-sweeps", type=int, default=_D.sw_sweeps, help="Swendsen-Wang sweeps per chain (0: skip)")
+    p.add_argument("--sw-chains", type=int, default=_D.sw_chains, help="Swendsen-Wang chains")
+    p.add_argument("--seed", type=int, default=_D.seed)
+    p.add_argument("--L", type=int, default=None, help="expected lattice size (error if the checkpoint differs)")
+    p.add_argument("--dtype", default=_D.dtype, choices=["float64", "float32"], help="precision of the analysis")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--quiet", action="store_true")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Run the report; raises ValueError/FileNotFoundError on bad input (the CLI prints them)."""
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    settings = ReportSettings(samples=args.samples, batch=args.batch, hmc_samples=args.hmc_samples,
+                              hmc_chains=args.hmc_chains, hmc_leapfrog=args.hmc_leapfrog, hmc_warmup=args.hmc_warmup,
+                              target_accept=args.target_accept, step_size=args.step_size, skip_hmc=args.skip_hmc,
+                              independence=args.independence, sw_sweeps=args.sw_sweeps, sw_chains=args.sw_chains,
+                              seed=args.seed, L=args.L, dtype=args.dtype, plots=not args.no_plots,
+                              verbose=not args.quiet)
+    out = args.out if args.out is not None else Path(args.checkpoint).parent / "report"
+    return run_report(args.checkpoint, out, settings)
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ValueError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")

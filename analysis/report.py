@@ -1,0 +1,441 @@
+r"""A physics report on a trained Ising flow: free energies, observables, samplers, figures.
+
+Given a checkpoint written by ``models/ising.py`` this module rebuilds the flow and the
+target (``config`` → ``ising(L, beta, J)`` and :func:`latticeflow.build.build_flow`), then
+computes, next to the exact values (Kaufman; enumeration for N <= 16):
+
+* from i.i.d. flow samples (:func:`analysis.latent.flow_estimates`): the variational F/N
+  (eq. 7), the importance-sampled −ln Z/N (HS and Ising normalisation), the effective
+  sample size, and observables plain and importance-reweighted;
+* Markov chains: latent-space HMC, HMC on the HS field, the neural independence sampler
+  (:mod:`analysis.latent`) and a Swendsen-Wang baseline (:mod:`analysis.wolff`), with
+  acceptance, integrated autocorrelation times and the cost of an effectively independent
+  sample (τ × seconds per sample), hence the speed-up of latent over physical HMC.
+
+It writes ``estimates.csv`` (quantity, method, value, stderr, exact, deviation in σ),
+``samplers.csv``, ``report.md`` and figures (PNG and PDF). Command line:
+
+    python -m analysis runs/ising/checkpoint.pt --out runs/ising/report [--samples 4096]
+        [--hmc-samples 300] [--skip-hmc] [--seed 0]
+
+References: Zhang, E & Wang, "Monge-Ampère Flow for Generative Modeling", arXiv:1809.10188
+(section 4.2); Li & Wang, "Neural Network Renormalization Group", arXiv:1802.02840.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import time
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from latticeflow import ising
+from latticeflow.build import build_flow
+from latticeflow.checkpoint import CheckpointError, load_checkpoint
+from latticeflow.flow import MongeAmpereFlow
+from latticeflow.ising import IsingHS
+
+from .free_energy import Estimate, format_with_error
+from .latent import _integrated_time  # τ without emcee's short-chain log lines
+from .latent import (
+    ChainResult,
+    FlowEstimates,
+    flow_estimates,
+    latent_hmc,
+    neural_independence_sampler,
+    physical_hmc,
+    speedup,
+)
+
+__all__ = ["ReportSettings", "estimate_rows", "load_model", "render_markdown", "run_report", "write_csv"]
+
+OBSERVABLES = ("energy", "specific_heat", "abs_m", "m2", "binder", "susceptibility")
+LABELS = {
+    "free_energy_hs": "−ln Z_HS / N",
+    "free_energy_ising": "−ln Z_Ising / N",
+    "ess": "ESS / B",
+    "energy": "U / N",
+    "specific_heat": "C / N",
+    "abs_m": r"⟨\|m\|⟩",  # pipes escaped: they would split a Markdown table cell
+    "m2": "⟨m²⟩",
+    "binder": "Binder U₄",
+    "susceptibility": r"χ = βN(⟨m²⟩ − ⟨\|m\|⟩²)",
+}
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+CSV_COLUMNS = ("quantity", "method", "value", "stderr", "exact", "deviation_sigma")
+
+
+# ---------------------------------------------------------------------- settings
+def _check_int(name: str, value: object, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {name}={value!r}")
+    return int(value)
+
+
+@dataclass(frozen=True)
+class ReportSettings:
+    """What to compute; validated on construction (ValueError quoting the bad value).
+
+    Attributes:
+        samples: i.i.d. flow samples for the free energies and observables, >= 2.
+        batch: flow samples per call, >= 1.
+        hmc_samples: stored HMC iterations per chain, >= 2.
+        hmc_chains: HMC chains, >= 1.
+        hmc_leapfrog: leapfrog steps per trajectory, >= 1.
+        hmc_warmup: step-size adaptation iterations, >= 0.
+        target_accept: HMC acceptance aimed at, in (0, 1).
+        step_size: initial leapfrog step, > 0.
+        independence: length of the independence-sampler chain, >= 2 (0 skips it).
+        sw_sweeps: Swendsen-Wang sweeps per chain (0 skips it); sw_chains chains after
+            sw_thermalize discarded sweeps.
+        skip_hmc: skip both HMC runs.
+        seed: seed of all random streams.
+        L: expected lattice size (None: take the checkpoint's).
+        dtype: ``"float64"`` (default) or ``"float32"``: the precision of the analysis.
+        plots: write figures.
+        verbose: print progress.
+    """
+
+    samples: int = 4096
+    batch: int = 512
+    hmc_samples: int = 300
+    hmc_chains: int = 16
+    hmc_leapfrog: int = 10
+    hmc_warmup: int = 100
+    target_accept: float = 0.65
+    step_size: float = 0.1
+    independence: int = 4096
+    sw_sweeps: int = 2000
+    sw_chains: int = 8
+    sw_thermalize: int = 200
+    skip_hmc: bool = False
+    seed: int = 0
+    L: int | None = None
+    dtype: str = "float64"
+    plots: bool = True
+    verbose: bool = True
+
+    def __post_init__(self) -> None:
+        _check_int("samples", self.samples, 2)
+        _check_int("batch", self.batch, 1)
+        _check_int("hmc_samples", self.hmc_samples, 2)
+        _check_int("hmc_chains", self.hmc_chains, 1)
+        _check_int("hmc_leapfrog", self.hmc_leapfrog, 1)
+        _check_int("hmc_warmup", self.hmc_warmup, 0)
+        ta = self.target_accept
+        if isinstance(ta, bool) or not isinstance(ta, (int, float, np.floating)) or not 0 < ta < 1:
+            raise ValueError(f"target_accept must lie strictly between 0 and 1, got target_accept={ta!r}")
+        eps = self.step_size
+        if isinstance(eps, bool) or not isinstance(eps, (int, float, np.floating)) or not (
+            math.isfinite(eps) and eps > 0
+        ):
+            raise ValueError(f"step_size must be a finite number > 0, got step_size={eps!r}")
+        if _check_int("independence", self.independence, 0) == 1:
+            raise ValueError("independence must be 0 (skip) or a chain length >= 2, got independence=1")
+        if _check_int("sw_sweeps", self.sw_sweeps, 0) == 1:
+            raise ValueError("sw_sweeps must be 0 (skip) or at least 2, got sw_sweeps=1")
+        _check_int("sw_chains", self.sw_chains, 1)
+        _check_int("sw_thermalize", self.sw_thermalize, 0)
+        _check_int("seed", self.seed, 0)
+        if self.L is not None:
+            _check_int("L", self.L, 2)
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(map(repr, DTYPES))}; got dtype={self.dtype!r}")
+
+
+# ---------------------------------------------------------------------- loading
+def load_model(checkpoint: str | os.PathLike, L: int | None = None,
+               dtype: torch.dtype = torch.float64) -> tuple[MongeAmpereFlow, IsingHS, dict[str, Any]]:
+    """Rebuild the flow and target of a ``models/ising.py`` checkpoint.
+
+    Args:
+        checkpoint: path of ``checkpoint.pt``.
+        L: the lattice size the caller expects (None: accept the checkpoint's).
+        dtype: the flow's dtype for the analysis (float64 recommended; float32 weights are
+            converted, which changes the flow by rounding only; every estimate stays exact
+            for the converted flow).
+
+    Returns:
+        (flow in eval mode, target, the checkpoint dict).
+
+    Raises:
+        FileNotFoundError: no such file.
+        latticeflow.checkpoint.CheckpointError (a ValueError): unreadable file, missing or
+            malformed config, or weights that do not fit the config.
+        ValueError: the checkpoint's L differs from ``L``.
+    """
+    path = Path(checkpoint)
+    state = load_checkpoint(path, required=("config", "model"))
+    cfg = state["config"]
+    if not isinstance(cfg, dict) or not {"L", "beta"} <= set(cfg):
+        have = sorted(cfg) if isinstance(cfg, dict) else type(cfg).__name__
+        raise CheckpointError(f"checkpoint {path} has no usable config (needs at least L and beta), got {have}")
+    if L is not None and int(cfg["L"]) != int(L):
+        raise ValueError(f"checkpoint {path} was trained for L={cfg['L']}, but L={L} was requested")
+    with warnings.catch_warnings():  # the doubled bonds of the L=2 torus are intended
+        warnings.simplefilter("ignore")
+        try:
+            target = ising(int(cfg["L"]), cfg["beta"], J=float(cfg.get("J", 1.0)))
+            flow = build_flow(cfg, target.lattice)
+        except (TypeError, ValueError, KeyError) as e:
+            raise CheckpointError(f"checkpoint {path} has an invalid config: {e}") from None
+    try:
+        flow.load_state_dict(state["model"])
+    except (RuntimeError, KeyError, TypeError) as e:
+        raise CheckpointError(f"checkpoint {path} does not fit the flow its config describes: "
+                              f"{str(e).splitlines()[0]}") from None
+    return flow.to(dtype).eval(), target, state
+
+
+# ---------------------------------------------------------------------- tables
+def _row(quantity: str, method: str, est: Estimate | float, exact: float | None) -> dict[str, Any]:
+    value, err = (est.value, est.stderr) if isinstance(est, Estimate) else (float(est), math.nan)
+    ex = math.nan if exact is None else float(exact)
+    dev = math.nan
+    if math.isfinite(ex) and math.isfinite(err) and err > 0:
+        dev = (value - ex) / err
+    return {"quantity": quantity, "method": method, "value": value, "stderr": err, "exact": ex,
+            "deviation_sigma": dev}
+
+
+def estimate_rows(flow: FlowEstimates, chains: dict[str, dict[str, Estimate]] | None = None,
+                  exact: dict[str, float] | None = None) -> list[dict[str, Any]]:
+    """The comparison table: one row per (quantity, method).
+
+    Args:
+        flow: the flow estimates.
+        chains: method name → observables dict (e.g. ``ChainResult.observables``).
+        exact: exact references; default ``flow.exact``.
+
+    Returns:
+        list of dicts with keys quantity, method, value, stderr, exact, deviation_sigma
+        (NaN where unknown).
+
+    Raises:
+        TypeError: flow is not a FlowEstimates.
+    """
+    if not isinstance(flow, FlowEstimates):
+        raise TypeError(f"flow must be a FlowEstimates (analysis.latent.flow_estimates), got {type(flow).__name__}")
+    ex = dict(flow.exact if exact is None else exact)
+    rows = [
+        _row("free_energy_hs", "flow variational", flow.free_energy_variational, ex.get("free_energy_hs")),
+        _row("free_energy_hs", "flow importance", flow.free_energy_importance, ex.get("free_energy_hs")),
+        _row("free_energy_ising", "flow variational", flow.free_energy_variational_ising, ex.get("free_energy_ising")),
+        _row("free_energy_ising", "flow importance", flow.free_energy_importance_ising, ex.get("free_energy_ising")),
+        _row("ess", "flow importance", flow.ess, None),
+    ]
+    methods = {"flow plain": flow.observables, "flow reweighted": flow.observables_reweighted, **(chains or {})}
+    for q in OBSERVABLES:
+        for method, obs in methods.items():
+            if q in obs:
+                rows.append(_row(q, method, obs[q], ex.get(q)))
+    return rows
+
+
+def write_csv(rows: list[dict[str, Any]], path: str | os.PathLike, columns: tuple[str, ...] | None = None) -> Path:
+    """Write rows (dicts) to a CSV file with the given column order (default: the first row's keys)."""
+    if not rows:
+        raise ValueError(f"no rows to write to {path}")
+    cols = list(columns or rows[0].keys())
+    path = Path(path)
+    with path.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=cols)
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: r.get(k, "") for k in cols})
+    return path
+
+
+def _sampler_row(r: ChainResult, reference: ChainResult | None) -> dict[str, Any]:
+    row = {
+        "method": r.method, "chains": r.n_chains, "samples_per_chain": r.n_samples,
+        "acceptance": r.acceptance_rate, "step_size": r.step_size, "n_leapfrog": r.n_leapfrog,
+        "tau_abs_m": r.tau["abs_m"], "tau_energy": r.tau["energy"], "tau_m": r.tau["m"],
+        "tau_lower_bound": r.tau_is_lower_bound("abs_m") or r.tau_is_lower_bound("energy"),
+        "evals_per_sample": r.evals_per_sample, "seconds_per_sample": r.seconds_per_sample,
+        "effective_seconds_abs_m": r.effective_seconds("abs_m"),
+        "speedup_seconds_abs_m": math.nan, "speedup_evals_abs_m": math.nan,
+    }
+    if reference is not None:
+        s = speedup(r, reference, "abs_m")
+        row["speedup_seconds_abs_m"], row["speedup_evals_abs_m"] = s["seconds"], s["evals"]
+    return row
+
+
+def _cluster_row(run: Any) -> dict[str, Any]:
+    n, C = run.m.shape
+    tau_m, tau_e = _integrated_time(run.series("abs_m")), _integrated_time(run.series("energy"))
+    tau_signed = _integrated_time(run.series("m"))
+    sps = run.seconds / (n * C)
+    return {"method": "Swendsen-Wang", "chains": C, "samples_per_chain": n, "acceptance": 1.0,
+            "step_size": math.nan, "n_leapfrog": 0, "tau_abs_m": tau_m, "tau_energy": tau_e, "tau_m": tau_signed,
+            "tau_lower_bound": n < 50 * max(tau_m, tau_e), "evals_per_sample": 1.0,
+            "seconds_per_sample": sps, "effective_seconds_abs_m": tau_m * sps,
+            "speedup_seconds_abs_m": math.nan, "speedup_evals_abs_m": math.nan}
+
+
+def _fmt(x: float, digits: int = 4) -> str:
+    if isinstance(x, (bool, np.bool_)):
+        return "yes" if x else "no"
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return "—"
+    if isinstance(x, (int, np.integer)):
+        return str(x)
+    return f"{x:.{digits}g}"
+
+
+def render_markdown(header: dict[str, Any], rows: list[dict[str, Any]], samplers: list[dict[str, Any]],
+                    figures: list[Path]) -> str:
+    """The report as Markdown: settings, the estimates table, the samplers table, figures."""
+    lines = [f"# Flow report: Ising L={header['L']}, β={header['beta']:.10g}, J={header['J']:g}", ""]
+    for k, v in header.items():
+        lines.append(f"- **{k}**: {v}")
+    lines += ["", "## Estimates (per site)", "",
+              "Deviation = (estimate − exact)/σ. Plain flow averages are biased by the flow's error; "
+              "reweighted, Monte Carlo and importance estimates are exact within their errors.", "",
+              "| quantity | method | estimate ± error | exact | deviation (σ) |", "|---|---|---|---|---|"]
+    for r in rows:
+        est = format_with_error(r["value"], r["stderr"]) if math.isfinite(r["stderr"]) else _fmt(r["value"], 6)
+        lines.append(f"| {LABELS.get(r['quantity'], r['quantity'])} | {r['method']} | {est} | "
+                     f"{_fmt(r['exact'], 10)} | {_fmt(r['deviation_sigma'], 2)} |")
+    if samplers:
+        lines += ["", "## Samplers", "",
+                  "τ in stored samples (HMC: trajectories; SW: sweeps); cost of an independent sample = "
+                  "τ × seconds per sample; speed-up relative to physical HMC (> 1: cheaper). τ(m) of the "
+                  "signed magnetisation measures tunnelling between the ±m modes. "
+                  "'τ lower bound' marks chains shorter than 50τ (for |m| or E).", "",
+                  r"| method | chains × samples | acceptance | step | τ(\|m\|) | τ(E) | τ(m) | τ lower bound | "
+                  r"evals/sample | s/sample | τ·s (\|m\|) | speed-up (s) | speed-up (evals) |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for s in samplers:
+            lines.append(
+                f"| {s['method']} | {s['chains']} × {s['samples_per_chain']} | {_fmt(s['acceptance'], 3)} | "
+                f"{_fmt(s['step_size'], 3)} | {_fmt(s['tau_abs_m'], 3)} | {_fmt(s['tau_energy'], 3)} | "
+                f"{_fmt(s['tau_m'], 3)} | "
+                f"{_fmt(s['tau_lower_bound'])} | {_fmt(s['evals_per_sample'], 3)} | "
+                f"{_fmt(s['seconds_per_sample'], 3)} | "
+                f"{_fmt(s['effective_seconds_abs_m'], 3)} | {_fmt(s['speedup_seconds_abs_m'], 3)} | "
+                f"{_fmt(s['speedup_evals_abs_m'], 3)} |")
+    if figures:
+        lines += ["", "## Figures", ""]
+        lines += [f"![{p.stem}]({p.name})" for p in figures]
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------- the whole report
+def run_report(checkpoint: str | os.PathLike, out_dir: str | os.PathLike,
+               settings: ReportSettings | None = None, **overrides: Any) -> dict[str, Any]:
+    """Compute everything for one checkpoint and write the report folder.
+
+    Args:
+        checkpoint: a ``checkpoint.pt`` written by ``models/ising.py``.
+        out_dir: folder for ``estimates.csv``, ``samplers.csv``, ``report.md`` and figures.
+        settings: a :class:`ReportSettings`; keyword ``overrides`` replace its fields.
+
+    Returns:
+        dict with ``rows`` (estimates), ``samplers``, ``flow`` (FlowEstimates), ``chains``
+        (method → ChainResult), ``cluster`` (the SW run or None), ``files`` (written paths).
+
+    Raises:
+        ValueError: bad settings (before anything is loaded), a checkpoint for another L,
+            or an unusable checkpoint (CheckpointError, naming the file).
+        FileNotFoundError: the checkpoint does not exist.
+    """
+    base = asdict(settings) if settings is not None else {}
+    unknown = set(overrides) - set(ReportSettings.__dataclass_fields__)
+    if unknown:
+        raise TypeError(f"unknown report settings {sorted(unknown)}; "
+                        f"valid: {sorted(ReportSettings.__dataclass_fields__)}")
+    s = ReportSettings(**{**base, **overrides})
+    say = print if s.verbose else (lambda *a, **k: None)
+    flow, target, state = load_model(checkpoint, L=s.L, dtype=DTYPES[s.dtype])
+    cfg = state["config"]
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    N = target.N
+    n_params = sum(p.numel() for p in flow.parameters())
+    say(f"{checkpoint}: Ising L={target.lattice.L} beta={target.beta:.6g} J={target.J:g}, "
+        f"{cfg.get('potential', '?')} potential, {n_params} parameters, epoch {state.get('epoch', '?')}")
+
+    def gen(k: int) -> torch.Generator:
+        return torch.Generator().manual_seed(s.seed * 1000 + k)
+
+    t0 = time.perf_counter()
+    fe = flow_estimates(flow, target, n_samples=s.samples, batch=s.batch, generator=gen(1))
+    say(f"flow samples ({s.samples}, {fe.seconds:.1f} s): F_var/N = {fe.free_energy_variational}, "
+        f"F_IS/N = {fe.free_energy_importance}, exact = {fe.exact.get('free_energy_hs', float('nan')):.8f}, "
+        f"ESS = {fe.ess:.3f}")
+    chains: dict[str, ChainResult] = {}
+    if not s.skip_hmc:
+        hmc_args = dict(n_chains=s.hmc_chains, n_samples=s.hmc_samples, n_leapfrog=s.hmc_leapfrog,
+                        n_warmup=s.hmc_warmup, target_accept=s.target_accept, step_size=s.step_size)
+        chains["latent HMC"] = latent_hmc(flow, target, generator=gen(2), **hmc_args)
+        chains["physical HMC"] = physical_hmc(target, generator=gen(3), dtype=DTYPES[s.dtype], **hmc_args)
+    if s.independence:
+        chains["independence"] = neural_independence_sampler(flow, target, s.independence, generator=gen(4),
+                                                              batch=s.batch)
+    for name, r in chains.items():
+        say(f"{name}: acceptance {r.acceptance_rate:.3f}, tau(|m|) = {r.tau['abs_m']:.3g}, "
+            f"tau(E) = {r.tau['energy']:.3g}, {r.seconds_per_sample * 1e3:.3g} ms/sample ({r.total_seconds:.1f} s)")
+    cluster = None
+    lat = target.lattice
+    if s.sw_sweeps and lat.periodic and target.J == 1.0:
+        from .wolff import cluster_chain
+
+        cluster = cluster_chain(lat.L, target.beta, s.sw_sweeps, n_thermalize=s.sw_thermalize, seed=s.seed,
+                                n_chains=s.sw_chains)
+        say(f"Swendsen-Wang: {s.sw_sweeps} sweeps × {s.sw_chains} chains, tau(|m|) = "
+            f"{_integrated_time(cluster.series('abs_m')):.3g} ({cluster.seconds:.1f} s)")
+
+    observables = {name: r.observables for name, r in chains.items()}
+    if cluster is not None:
+        observables["Swendsen-Wang"] = cluster.observables(n_blocks=min(50, s.sw_sweeps))
+    rows = estimate_rows(fe, observables)
+    reference = chains.get("physical HMC")
+    samplers = [_sampler_row(r, reference if r is not reference else None) for r in chains.values()]
+    if cluster is not None:
+        samplers.append(_cluster_row(cluster))
+
+    figures: list[Path] = []
+    if s.plots:
+        from . import plots
+
+        title = f"Ising L={lat.L}, β={target.beta:.4g}"
+        figures.append(plots.plot_magnetisation_histogram(
+            fe.m, out / "magnetisation.png", log_weights=fe.log_weights, N=N, title=title,
+            reference=cluster.m if cluster is not None else None))
+        if fe.spins.size:
+            figures.append(plots.plot_spin_grid(fe.spins, out / "spins.png", title="flow samples"))
+        hmc_runs = {k: v for k, v in chains.items() if "HMC" in k}
+        if hmc_runs:
+            figures.append(plots.plot_chains({k: v.abs_m for k, v in hmc_runs.items()}, out / "hmc_abs_m.png",
+                                             quantity="$|m|$", title=title))
+            figures.append(plots.plot_chains({k: v.energy for k, v in hmc_runs.items()}, out / "hmc_energy.png",
+                                             quantity="$E/N$", title=title))
+        log = pd.DataFrame.from_records(state.get("log") or [])
+        if len(log) and {"epoch", "free_energy"} <= set(log.columns):
+            figures.append(plots.plot_convergence(log, fe.exact.get("free_energy_hs"), out / "convergence.png",
+                                                  title=title, spins=fe.spins[:9] if fe.spins.size else None))
+
+    header = {"checkpoint": str(checkpoint), "L": lat.L, "beta": float(target.beta), "J": float(target.J), "N": N,
+              "potential": cfg.get("potential", "?"), "parameters": n_params, "epoch": state.get("epoch", "?"),
+              "n_steps × step_size": f"{cfg.get('n_steps', '?')} × {cfg.get('step_size', '?')}",
+              "analysis dtype": s.dtype, "flow samples": s.samples, "seed": s.seed,
+              "wall time": f"{time.perf_counter() - t0:.1f} s"}
+    files = [write_csv(rows, out / "estimates.csv", CSV_COLUMNS)]
+    if samplers:
+        files.append(write_csv(samplers, out / "samplers.csv"))
+    md = out / "report.md"
+    md.write_text(render_markdown(header, rows, samplers, figures))
+    files += [md] + figures
+    say(f"wrote {md}")
+    return {"rows": rows, "samplers": samplers, "flow": fe, "chains": chains, "cluster": cluster, "files": files,
+            "settings": s}
