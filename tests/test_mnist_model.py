@@ -1,0 +1,338 @@
+"""Tests of the MNIST driver models/mnist.py on tiny IDX files (8x8 images, h=16, 4 RK4 steps)."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from scipy.stats import norm
+
+import models.mnist as mm
+from latticeflow import mnist as data_module
+from latticeflow.checkpoint import load_checkpoint
+from latticeflow.flow import standard_normal_log_prob
+
+D = 64  # 8x8 images
+N_TRAIN, N_TEST, N_VALIDATION = 200, 50, 50
+
+
+def _idx(array: np.ndarray, magic: int) -> bytes:
+    array = np.asarray(array, dtype=np.uint8)
+    return magic.to_bytes(4, "big") + b"".join(int(n).to_bytes(4, "big") for n in array.shape) + array.tobytes()
+
+
+def _blobs(rng: np.random.Generator, n: int) -> np.ndarray:
+    """Dark 8x8 images with one bright 3x3 square: structured enough to learn something."""
+    x = np.zeros((n, 8, 8), dtype=np.uint8)
+    for i in range(n):
+        r, c = rng.integers(0, 6, size=2)
+        x[i, r : r + 3, c : c + 3] = rng.integers(120, 256)
+    return x
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    d = tmp_path_factory.mktemp("mnist_tiny")
+    rng = np.random.default_rng(7)
+    (d / "train-images-idx3-ubyte").write_bytes(_idx(_blobs(rng, N_TRAIN), 0x803))
+    (d / "train-labels-idx1-ubyte").write_bytes(_idx(rng.integers(0, 10, N_TRAIN), 0x801))
+    (d / "t10k-images-idx3-ubyte").write_bytes(_idx(_blobs(rng, N_TEST), 0x803))
+    (d / "t10k-labels-idx1-ubyte").write_bytes(_idx(rng.integers(0, 10, N_TEST), 0x801))
+    return d
+
+
+def _argv(data_dir: Path, out: Path, *extra: str) -> list[str]:
+    return ["--data-dir", str(data_dir), "--n-validation", str(N_VALIDATION), "--hidden", "16", "--n-steps", "4",
+            "--step-size", "0.5", "--batch", "50", "--eval-batch", "20", "--lr", "3e-3", "--dtype", "float64",
+            "--out", str(out), "--quiet", *extra]
+
+
+def _config(**kw: object) -> dict:
+    return {**mm.DEFAULT, "n_validation": N_VALIDATION, "hidden": 16, "n_steps": 4, "step_size": 0.5, "batch": 50,
+            "eval_batch": 20, "lr": 3e-3, "dtype": "float64", **kw}
+
+
+def _trainer(data_dir: Path, out: Path | None = None, **kw: object) -> mm.DensityTrainer:
+    cfg = _config(**kw)
+    return mm.make_trainer(cfg, mm.load_data(data_dir, cfg), "cpu", out, progress=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# End to end
+# ---------------------------------------------------------------------------------------------
+
+
+def test_two_epoch_run_writes_log_checkpoints_and_figures(data_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    summary = mm.main(_argv(data_dir, out, "--epochs", "2", "--n-samples", "12"))
+    for name in ("log.csv", "checkpoint.pt", "best.pt", "config.json", "summary.json"):
+        assert (out / name).is_file(), name
+    for fig in ("samples", "gaussianization", "nll"):
+        assert (out / f"{fig}.png").stat().st_size > 1000 and (out / f"{fig}.pdf").is_file(), fig
+    log = pd.read_csv(out / "log.csv")
+    assert list(log["epoch"]) == [1, 2]
+    assert (log["train_images"] == N_TRAIN - N_VALIDATION).all()
+    assert (log["validation_images"] == N_VALIDATION).all() and (log["test_images"] == N_TEST).all()
+    for s in ("train", "validation", "test"):
+        assert (log[f"{s}_nll_stderr"] > 0).all() and (log[f"{s}_bpd_stderr"] > 0).all()
+    assert (log["loss"] == log["train_nll"]).all()
+    # training lowers the NLL from the near-identity start
+    assert log["train_nll"].iloc[1] < log["train_nll"].iloc[0]
+    best = int(log["validation_nll"].idxmin())
+    assert summary["best_epoch"] == best + 1
+    assert summary["test_nll"] == log["test_nll"].iloc[best] and summary["test_bpd"] == log["test_bpd"].iloc[best]
+    # re-evaluating best.pt in a fresh model reproduces the logged numbers of the best epoch
+    fresh = _trainer(data_dir)
+    fresh.flow.load_state_dict(load_checkpoint(out / "best.pt")["model"])
+    for name in ("test", "validation"):
+        stats = fresh.evaluate(name)
+        for key in ("nll", "nll_stderr", "bpd", "bpd_stderr"):
+            assert stats[key] == pytest.approx(log[f"{name}_{key}"].iloc[best], rel=1e-12), (name, key)
+    assert json.loads((out / "summary.json").read_text())["test_nll"] == pytest.approx(summary["test_nll"])
+    assert load_checkpoint(out / "best.pt")["epoch"] == best + 1
+    assert json.loads((out / "config.json").read_text())["hidden"] == 16
+
+
+def test_resume_reproduces_an_uninterrupted_run(data_dir: Path, tmp_path: Path) -> None:
+    mm.main(_argv(data_dir, tmp_path / "a", "--epochs", "3", "--no-plot"))
+    mm.main(_argv(data_dir, tmp_path / "b", "--epochs", "1", "--no-plot"))
+    mm.main(_argv(data_dir, tmp_path / "b", "--epochs", "3", "--no-plot", "--resume", str(tmp_path / "b" / "checkpoint.pt")))
+    timing = ["wall_time", "train_seconds"]
+    a = pd.read_csv(tmp_path / "a" / "log.csv").drop(columns=timing)
+    b = pd.read_csv(tmp_path / "b" / "log.csv").drop(columns=timing)
+    assert len(a) == 3
+    pd.testing.assert_frame_equal(a, b, check_exact=True)
+    sa, sb = (load_checkpoint(tmp_path / r / "checkpoint.pt")["model"] for r in "ab")
+    for k in sa:
+        assert torch.equal(sa[k], sb[k]), k
+
+
+def test_resume_refuses_a_conflicting_model_flag(data_dir: Path, tmp_path: Path) -> None:
+    mm.main(_argv(data_dir, tmp_path, "--epochs", "1", "--no-plot"))
+    argv = _argv(data_dir, tmp_path, "--epochs", "2", "--no-plot", "--resume", str(tmp_path / "checkpoint.pt"))
+    argv[argv.index("--hidden") + 1] = "32"
+    with pytest.raises(ValueError, match=r"--hidden 32 \(checkpoint: 16\)"):
+        mm.main(argv)
+
+
+# ---------------------------------------------------------------------------------------------
+# Likelihoods against closed forms
+# ---------------------------------------------------------------------------------------------
+
+
+def test_identity_flow_gives_the_gaussian_log_density_and_bits_per_dim(data_dir: Path) -> None:
+    # init_scale=0: w = 0, so φ = 0, the flow is the identity and ln p_Y(y) = ln N(y; 0, I) exactly
+    trainer = _trainer(data_dir, init_scale=0.0)
+    y, log_det = trainer.eval_sets["test"].fixed()
+    logp, log_det2 = trainer.log_prob_set("test")
+    expected = norm.logpdf(y.numpy()).sum(1)
+    np.testing.assert_allclose(logp.numpy(), expected, rtol=1e-13)
+    assert torch.equal(log_det, log_det2)
+    # logit Jacobian: sum_i log((1 - 2 lam) / (s_i (1 - s_i))) with s = sigmoid(y)
+    s = 1.0 / (1.0 + np.exp(-y.numpy()))
+    lam = data_module.LAMBDA
+    np.testing.assert_allclose(log_det.numpy(), np.log((1 - 2 * lam) / (s * (1 - s))).sum(1), rtol=1e-9)
+    stats = trainer.evaluate("test")
+    nll = -expected
+    assert stats["images"] == N_TEST
+    assert stats["nll"] == pytest.approx(nll.mean(), rel=1e-13)
+    assert stats["nll_stderr"] == pytest.approx(nll.std(ddof=1) / math.sqrt(N_TEST), rel=1e-9)
+    bpd = 8.0 - (expected + log_det.numpy()) / (D * math.log(2.0))  # bits per pixel value 0..255
+    assert stats["bpd"] == pytest.approx(bpd.mean(), rel=1e-13)
+    assert stats["bpd_stderr"] == pytest.approx(bpd.std(ddof=1) / math.sqrt(N_TEST), rel=1e-9)
+
+
+def test_driver_log_prob_equals_the_flows(data_dir: Path) -> None:
+    trainer = _trainer(data_dir, init_scale=0.3)  # a non-trivial flow
+    y, _ = trainer.eval_sets["validation"].fixed()
+    direct = trainer.flow.log_prob(y).detach()
+    assert not torch.allclose(direct, standard_normal_log_prob(y))  # really not the identity
+    batched = mm.log_prob(trainer.flow, y, batch_size=7)  # uneven batches
+    torch.testing.assert_close(batched, direct, rtol=1e-12, atol=1e-9)
+    logp, _ = trainer.log_prob_set("validation")
+    torch.testing.assert_close(logp, direct, rtol=1e-12, atol=1e-9)
+    assert trainer.evaluate("validation")["nll"] == pytest.approx(-direct.mean().item(), rel=1e-12)
+
+
+def test_logged_bits_per_dim_follow_from_the_logged_nats(data_dir: Path, tmp_path: Path) -> None:
+    # per image bpd = 8 - (logp + log_det)/(D ln 2) is affine in logp, so the means obey
+    # bpd = 8 - (-nll + mean(log_det))/(D ln 2) with the fixed noise's mean log_det
+    mm.main(_argv(data_dir, tmp_path, "--epochs", "2", "--no-plot"))
+    log = pd.read_csv(tmp_path / "log.csv")
+    trainer = _trainer(data_dir)
+    for name in ("validation", "test"):
+        mean_log_det = trainer.eval_sets[name].fixed()[1].mean().item()
+        expected = 8.0 - (-log[f"{name}_nll"] + mean_log_det) / (D * math.log(2.0))
+        np.testing.assert_allclose(log[f"{name}_bpd"], expected, rtol=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------
+# Early stopping, interruption
+# ---------------------------------------------------------------------------------------------
+
+
+def test_early_stopping_on_a_rising_validation_curve(data_dir: Path, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    curve = [10.0, 8.0, 9.0, 9.5, 11.0, 12.0, 13.0, 14.0]  # minimum at epoch 2, then rising
+    snapshots: dict[int, dict[str, torch.Tensor]] = {}
+    real_evaluate = mm.DensityTrainer.evaluate
+
+    def scripted(self: mm.DensityTrainer, name: str) -> dict[str, float]:
+        stats = real_evaluate(self, name)
+        if name == "validation":
+            epoch = self.epoch + 1  # evaluated at the end of this epoch, before the counter moves
+            snapshots[epoch] = {k: v.clone() for k, v in self.flow.state_dict().items()}
+            stats["nll"] = curve[epoch - 1]
+        return stats
+
+    monkeypatch.setattr(mm.DensityTrainer, "evaluate", scripted)
+    trainer = _trainer(data_dir, tmp_path, patience=2)
+    log = trainer.fit(8)
+    assert list(log["validation_nll"]) == curve[:4]  # stopped 2 epochs after the best
+    assert trainer.stop_reason == "early stopping" and trainer.best_epoch == 2
+    best = load_checkpoint(tmp_path / "best.pt")
+    assert best["epoch"] == 2 and best["validation_nll"] == 8.0
+    for k, v in best["model"].items():
+        assert torch.equal(v, snapshots[2][k]), k
+    assert not torch.equal(snapshots[2]["potential.readout"], snapshots[4]["potential.readout"])
+    # a resumed run that is already past its patience trains no further
+    again = _trainer(data_dir, tmp_path, patience=2)
+    again.load(tmp_path / "checkpoint.pt")
+    assert len(again.fit(8)) == 4 and again.stop_reason == "early stopping"
+
+
+def test_deadline_ends_the_epoch_after_one_minibatch(data_dir: Path) -> None:
+    trainer = _trainer(data_dir)
+    trainer.deadline = time.perf_counter() - 1.0
+    record = trainer.run_epoch(0)
+    assert record["train_images"] == 50  # one minibatch, then the budget check stops the epoch
+    assert record["validation_images"] == N_VALIDATION and math.isfinite(record["test_nll"])
+
+
+def test_non_finite_loss_stops_with_the_epoch_named_and_keeps_the_checkpoint(data_dir: Path, tmp_path: Path) -> None:
+    from latticeflow.train import TrainingDiverged
+
+    trainer = _trainer(data_dir, tmp_path)
+    trainer.fit(1)
+    with torch.no_grad():
+        trainer.flow.potential.readout[0] = float("nan")
+    with pytest.raises(TrainingDiverged, match="non-finite loss at epoch 1"):
+        trainer.fit(2)
+    assert len(trainer.records) == 1
+    saved = load_checkpoint(tmp_path / "checkpoint.pt")
+    assert saved["epoch"] == 1 and all(torch.isfinite(v).all() for v in saved["model"].values())
+
+
+# ---------------------------------------------------------------------------------------------
+# Pieces: Gaussianisation frames, conv potential, data, errors
+# ---------------------------------------------------------------------------------------------
+
+
+def test_gaussianization_frames_run_from_data_to_latent(data_dir: Path) -> None:
+    trainer = _trainer(data_dir, init_scale=0.3, n_steps=10, step_size=0.2)
+    y, _ = trainer.eval_sets["test"].fixed()
+    times, frames = mm.gaussianization_frames(trainer.flow, y[:5], n_times=6)
+    assert times == pytest.approx([2.0, 1.6, 1.2, 0.8, 0.4, 0.0])
+    assert frames.shape == (6, 5, D)
+    torch.testing.assert_close(frames[0], y[:5])
+    z, _ = trainer.flow.inverse_map(y[:5])
+    torch.testing.assert_close(frames[-1], z.detach(), rtol=0, atol=1e-12)
+    trainer.flow.n_steps = 4  # half-way snapshot: 2 of 4 steps
+    z2, _ = trainer.flow.inverse_map(y[:5])
+    _, f3 = mm.gaussianization_frames(trainer.flow, y[:5], n_times=3)
+    assert not torch.allclose(f3[1], f3[2])
+    torch.testing.assert_close(f3[2], z2.detach(), rtol=0, atol=1e-12)
+
+
+def test_conv_potential_option_trains(data_dir: Path, tmp_path: Path) -> None:
+    cfg = _config(potential="conv", channels=4, kernel_size=3, init_scale=0.1)
+    data = mm.load_data(data_dir, cfg)
+    flow = mm.build_flow(cfg, data.dim, data.image_shape)
+    assert type(flow.potential).__name__ == "ConvPotential" and flow.potential.L == 8
+    summary = mm.main(_argv(data_dir, tmp_path, "--epochs", "1", "--no-plot", "--potential", "conv",
+                            "--channels", "4", "--kernel-size", "3"))
+    assert math.isfinite(summary["test_nll"])
+    with pytest.raises(ValueError, match="square images"):
+        mm.build_flow(cfg, 60, (6, 10))
+
+
+def test_subsets_and_split(data_dir: Path) -> None:
+    data = mm.load_data(data_dir, _config(n_train=30, n_eval=10))
+    assert (len(data.train), len(data.validation), len(data.test)) == (30, 10, 10)
+    assert data.image_shape == (8, 8) and data.train.dtype == torch.uint8
+    full = mm.load_data(data_dir, _config())
+    assert torch.equal(data.train, full.train[:30]) and torch.equal(data.test, full.test[:10])
+    assert (len(full.train), len(full.validation)) == (N_TRAIN - N_VALIDATION, N_VALIDATION)
+
+
+def test_bad_data_dir_gives_the_data_modules_message(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    missing = tmp_path / "nowhere"
+    with pytest.raises(FileNotFoundError, match="MNIST IDX files not found") as err:
+        mm.main(["--data-dir", str(missing), "--out", str(tmp_path / "o")])
+    assert str(missing) in str(err.value) and "--download" in str(err.value)
+    assert mm.cli(["--data-dir", str(missing), "--out", str(tmp_path / "o")]) == 1
+    assert capsys.readouterr().err.startswith("error: MNIST IDX files not found")
+
+
+def test_default_data_dir_falls_back_to_the_shared_copy(data_dir: Path, tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    monkeypatch.chdir(empty)
+    monkeypatch.setattr(data_module, "default_data_dir", lambda: empty / "data")
+    monkeypatch.setattr(mm, "SHARED_DATA_DIR", data_dir)
+    assert mm.load_data(None, _config()).directory == data_dir
+    monkeypatch.setattr(mm, "SHARED_DATA_DIR", tmp_path / "no_shared")
+    with pytest.raises(FileNotFoundError, match="(?s)MNIST IDX files not found.*Also looked in"):
+        mm.load_data(None, _config())
+
+
+@pytest.mark.parametrize("bad, match", [
+    ({"potential": "rnn"}, "potential must be one of 'mlp', 'conv'; got potential='rnn'"),
+    ({"hidden": 0}, "hidden must be an integer >= 1, got hidden=0"),
+    ({"step_size": -0.1}, "step_size must be a finite number > 0"),
+    ({"dtype": "float16"}, "dtype must be one of"),
+    ({"n_train": 1}, "n_train must be None"),
+    ({"bogus": 1}, "unknown config keys"),
+])
+def test_config_errors_quote_the_bad_value(bad: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match.replace("(", r"\(")):
+        mm.build_flow({**mm.DEFAULT, **bad}, D)
+
+
+def test_paper_defaults() -> None:
+    args = mm.parse_args([])
+    cfg = mm.config_from_args(args)
+    assert (cfg["potential"], cfg["activation"], cfg["hidden"], cfg["n_steps"], cfg["step_size"], cfg["batch"],
+            cfg["lr"], cfg["grad_checkpoint"]) == ("mlp", "softplus", 1024, 100, 0.1, 100, 1e-3, True)
+    flow = mm.build_flow(cfg, 784)
+    assert flow.total_time == pytest.approx(10.0) and flow.checkpoint and flow.method == "rk4"
+    assert mm.config_from_args(mm.parse_args(["--patience", "0", "--no-grad-checkpoint"]))["patience"] is None
+
+
+@pytest.mark.slow
+def test_two_process_data_parallel_run_equals_one_process(data_dir: Path, tmp_path: Path) -> None:
+    # global batch 50 = two ranks x 25: rank r takes every 2nd minibatch of 25, whose noise comes from
+    # the same generator stream, and DDP averages the gradients, so the run is the single-process run
+    import os
+    import subprocess
+    import sys
+
+    repo = Path(mm.__file__).resolve().parents[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(repo)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(repo / "models" / "mnist.py"), *_argv(data_dir, tmp_path / "ddp", "--epochs", "2", "--no-plot",
+                                                      "--device", "cpu")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    mm.main(_argv(data_dir, tmp_path / "one", "--epochs", "2", "--no-plot"))
+    timing = ["wall_time", "train_seconds"]
+    a = pd.read_csv(tmp_path / "ddp" / "log.csv").drop(columns=timing)
+    b = pd.read_csv(tmp_path / "one" / "log.csv").drop(columns=timing)
+    pd.testing.assert_frame_equal(a, b, check_exact=False, rtol=1e-10)
