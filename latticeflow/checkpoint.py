@@ -88,6 +88,8 @@ def set_rng_state(state: dict[str, Any], generator: torch.Generator | None = Non
     p = state["python"]
     random.setstate((p[0], tuple(p[1]), p[2]))
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        # a checkpoint from a machine with more GPUs restores the devices that exist here
+        for i, s in enumerate(list(state["cuda"])[: torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(s, i)
     if generator is not None and "generator" in state:
         generator.set_state(state["generator"])

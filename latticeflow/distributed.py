@@ -4,15 +4,32 @@ Under ``torchrun`` the environment carries RANK, WORLD_SIZE and LOCAL_RANK; :fun
 initialises the default process group (gloo on CPU, nccl on CUDA) and returns the device
 for this rank. Without torchrun every helper degrades to the single-process behaviour, so
 the training code has one path.
+
+Data-parallel sampling. DistributedDataParallel only averages the gradients of what goes
+through its ``forward``, and a flow's ``forward`` is ``log_prob``. Variational training
+draws samples instead, so the flow is wrapped as ``DDP(SampleModule(flow))`` (see
+:func:`wrap_sampler`), whose forward is ``flow.sample``; :func:`unwrap` gets the bare flow
+back (checkpoints always hold the bare flow's ``state_dict``, the same keys as a
+single-process run).
+
+Random streams per rank. Every rank draws its own share of the global batch with its own
+``torch.Generator``: rank 0 is seeded with the run's seed itself, so a single-process run is
+unchanged, and rank r > 0 with ``SeedSequence([seed, r])`` (:func:`rank_seed`). A stream
+started afresh on resume (a rank the checkpoint has no state for) is seeded with
+``SeedSequence([seed, r, epoch])``.
 """
 
 from __future__ import annotations
 
+import inspect
 import os
+from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as tdist
-from torch import Tensor
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 
 
 def is_initialized() -> bool:
@@ -32,16 +49,21 @@ def is_main() -> bool:
     return rank() == 0
 
 
+def _local_cuda(index: int | None = None) -> torch.device:
+    if index is None:
+        index = int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count()
+    return torch.device("cuda", index)
+
+
 def resolve_device(device: str = "auto") -> torch.device:
-    """'auto' → cuda:LOCAL_RANK when CUDA is available, else cpu; 'cpu', 'cuda', 'cuda:k' as given.
+    """'auto' → cuda:LOCAL_RANK when CUDA is available, else cpu; 'cpu' and 'cuda:k' as given;
+    'cuda' → cuda:LOCAL_RANK (so that under torchrun every rank of a node gets its own GPU).
 
     Raises:
         ValueError: an unknown device string, or CUDA requested where there is none.
     """
     if device == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
-        return torch.device("cpu")
+        return _local_cuda() if torch.cuda.is_available() else torch.device("cpu")
     try:
         dev = torch.device(device)
     except RuntimeError:
@@ -50,6 +72,8 @@ def resolve_device(device: str = "auto") -> torch.device:
         raise ValueError(f"device={device!r} requested but CUDA is not available on this machine")
     if dev.type not in ("cpu", "cuda"):
         raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:k', got device={device!r}")
+    if dev.type == "cuda" and dev.index is None:
+        dev = _local_cuda()
     return dev
 
 
@@ -110,3 +134,121 @@ def global_mean(t: Tensor) -> Tensor:
     t = t.detach()
     s = all_reduce_sum(torch.stack([t.sum(), torch.tensor(float(t.numel()), dtype=t.dtype, device=t.device)]))
     return s[0] / s[1]
+
+
+def _comm_device() -> torch.device:
+    """Where tensors for collectives must live: the current GPU under nccl, else the CPU."""
+    if is_initialized() and tdist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def all_reduce_max(values: list[float]) -> list[float]:
+    """Element-wise maximum of a list of numbers over ranks (the list itself in one process).
+
+    Used for decisions all ranks must share (stop on a signal, wall-clock budget): a flag
+    raised on any rank is raised on all, so no rank leaves the loop while the others wait
+    for it in a collective.
+    """
+    if not is_initialized():
+        return [float(v) for v in values]
+    t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=_comm_device())
+    tdist.all_reduce(t, op=tdist.ReduceOp.MAX)
+    return t.tolist()
+
+
+def all_gather_object(obj: Any) -> list[Any]:
+    """A picklable object from every rank, in rank order (``[obj]`` in one process)."""
+    if not is_initialized():
+        return [obj]
+    out: list[Any] = [None] * world_size()
+    tdist.all_gather_object(out, obj)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Data-parallel sampling
+# ---------------------------------------------------------------------------------------------
+
+
+class SampleModule(nn.Module):
+    """A sampler whose ``forward`` draws: ``SampleModule(flow)(n, generator)`` is ``flow.sample(n, generator)``.
+
+    DistributedDataParallel averages the gradients of whatever runs through its ``forward``;
+    wrapping a flow in this module makes that the reparametrised sampling of variational
+    training. Its parameters are the flow's (``state_dict`` keys gain a ``flow.`` prefix;
+    use :func:`unwrap` to get the flow back).
+
+    Args:
+        flow: anything with ``sample(n, generator=None, ...) -> (x, logp)``.
+    """
+
+    def __init__(self, flow: nn.Module) -> None:
+        super().__init__()
+        self.flow = flow
+
+    def forward(self, n: int, generator: torch.Generator | None = None, **kwargs: Any) -> tuple[Tensor, Tensor]:
+        return self.flow.sample(n, generator=generator, **kwargs)
+
+    def sample(self, n: int, generator: torch.Generator | None = None, **kwargs: Any) -> tuple[Tensor, Tensor]:
+        return self(n, generator=generator, **kwargs)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The bare model inside DistributedDataParallel and/or :class:`SampleModule` wrappers."""
+    while True:
+        if isinstance(model, DistributedDataParallel):
+            model = model.module
+        elif isinstance(model, SampleModule):
+            model = model.flow
+        else:
+            return model
+
+
+def wrap_sampler(flow: nn.Module, device: torch.device | str | None = None) -> nn.Module:
+    """``DDP(SampleModule(flow))`` when more than one process runs, else ``flow`` itself.
+
+    DDP broadcasts rank 0's parameters at construction (so every rank starts from the same
+    model) and averages gradients in the backward pass of each draw. Buffers are not
+    broadcast: the flows' buffers are constant tables (group permutations and signs).
+    """
+    if world_size() == 1:
+        return flow
+    device = torch.device(device) if device is not None else next(flow.parameters()).device
+    # no buffer broadcast before every forward (torch >= 2.13 names it forward_sync_buffers)
+    no_sync = ({"forward_sync_buffers": False}
+               if "forward_sync_buffers" in inspect.signature(DistributedDataParallel.__init__).parameters
+               else {"broadcast_buffers": False})
+    return DistributedDataParallel(SampleModule(flow), device_ids=[device] if device.type == "cuda" else None,
+                                   **no_sync)
+
+
+# ---------------------------------------------------------------------------------------------
+# Random streams per rank
+# ---------------------------------------------------------------------------------------------
+
+
+def rank_seed(seed: int, rank_: int | None = None, epoch: int | None = None) -> int:
+    """Seed of rank r's random stream.
+
+    Rank 0 gets ``seed`` itself (so a one-process run is the plain single-process run); rank
+    r > 0 gets the first 64-bit word of ``numpy.random.SeedSequence([seed, r])``. With
+    ``epoch``, ``SeedSequence([seed, r, epoch])``, for every rank: a fresh stream for a rank
+    that starts at ``epoch`` with no saved state (resume on more ranks than wrote the
+    checkpoint). Negative seeds are taken modulo 2⁶⁴.
+
+    Args:
+        seed: the run's seed.
+        rank_: the rank (default: this process's).
+        epoch: the epoch a fresh stream starts at, or None for the stream of a new run.
+    """
+    r = rank() if rank_ is None else int(rank_)
+    if epoch is None and r == 0:
+        return int(seed)
+    entropy = [int(seed) % 2**64, r] + ([] if epoch is None else [int(epoch)])
+    return int(np.random.SeedSequence(entropy).generate_state(1, dtype=np.uint64)[0])
+
+
+def rank_generator(seed: int, device: torch.device | str = "cpu", rank_: int | None = None) -> torch.Generator:
+    """A ``torch.Generator`` on ``device`` seeded with :func:`rank_seed` ``(seed, rank)``."""
+    return torch.Generator(device=torch.device(device)).manual_seed(rank_seed(seed, rank_))

@@ -13,6 +13,13 @@ The generic :class:`Trainer` owns the things every run needs: a pandas log writt
 atomic checkpoints with model, optimiser, scheduler, RNG states and the log, exact resume,
 a tqdm bar, a wall-clock budget, a clean stop on SIGINT/SIGTERM, and a hard stop on a
 non-finite loss that keeps the last good checkpoint.
+
+Under ``torchrun`` (see :mod:`latticeflow.distributed`) only rank 0 writes the log and the
+checkpoints, and every stop decision is collective: a signal received by any rank, or the
+wall-clock budget running out on any rank, stops all ranks after the same epoch (one
+all-reduce per epoch), so no rank is left waiting in a collective. Variational training draws
+each rank's share of the batch through ``DDP(SampleModule(flow))`` with the rank's own
+random stream, and its checkpoints hold every rank's generator state.
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ from typing import Any, Callable, Protocol
 import pandas as pd
 import torch
 from torch import Tensor
+from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from . import distributed as dist
@@ -74,6 +82,15 @@ class Trainer:
         checkpoint_every: epochs between checkpoints.
         generator: the torch.Generator driving the run's own randomness (saved and restored).
         progress: show a tqdm bar.
+        rank_streams: every rank has its own random stream (``generator`` differs between
+            ranks). Checkpoints then hold all ranks' generator states (``rng["rank_generators"]``,
+            gathered to rank 0 by :meth:`save`, which every rank must call), and :meth:`load`
+            restores rank r's state if the checkpoint has one; a rank beyond the ranks that
+            wrote it starts a fresh stream seeded with ``rank_seed(seed, r, epoch)`` (see
+            :func:`latticeflow.distributed.rank_seed`). So a checkpoint written by N ranks
+            resumes on M ranks, exactly when M = N. Without it (the default), all ranks share
+            one stream and every rank restores the saved one.
+        seed: the run's seed, for such fresh streams (default: ``config["seed"]``, else 0).
     """
 
     def __init__(
@@ -87,6 +104,8 @@ class Trainer:
         checkpoint_every: int = 100,
         generator: torch.Generator | None = None,
         progress: bool = True,
+        rank_streams: bool = False,
+        seed: int | None = None,
     ) -> None:
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
         self.config = dict(config or {})
@@ -94,6 +113,8 @@ class Trainer:
         self.checkpoint_every = max(1, int(checkpoint_every))
         self.generator = generator if generator is not None else torch.Generator().manual_seed(0)
         self.progress = progress
+        self.rank_streams = bool(rank_streams)
+        self.seed = int(seed if seed is not None else self.config.get("seed", 0))
         self.epoch = 0
         self.records: list[dict[str, float]] = []
         self._stop_signal: int | None = None
@@ -121,35 +142,74 @@ class Trainer:
             self.log.to_csv(self.out_dir / "log.csv", index=False)
 
     # ------------------------------------------------------------------ checkpoints
-    def state_dict(self) -> dict[str, Any]:
-        model = self.model.module if hasattr(self.model, "module") else self.model
+    def gather_rank_generators(self) -> list[Tensor]:
+        """Every rank's generator state, in rank order (a collective: call it on all ranks)."""
+        return dist.all_gather_object(self.generator.get_state())
+
+    def state_dict(self, rank_generators: list[Tensor] | None = None) -> dict[str, Any]:
+        """The checkpoint dict. The model entry is the bare model's ``state_dict`` (no DDP or
+        SampleModule prefixes), the same keys as a single-process run.
+
+        Args:
+            rank_generators: all ranks' generator states (from :meth:`gather_rank_generators`);
+                with ``rank_streams`` and None, they are gathered here, which is a collective
+                under torchrun.
+        """
+        rng = rng_state(self.generator)
+        if self.rank_streams:
+            rng["rank_generators"] = rank_generators if rank_generators is not None else self.gather_rank_generators()
         return {
             "format": "latticeflow-checkpoint-1",
             "config": self.config,
             "epoch": self.epoch,
-            "model": model.state_dict(),
+            "world_size": dist.world_size(),
+            "model": dist.unwrap(self.model).state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
-            "rng": rng_state(self.generator),
+            "rng": rng,
             "log": self.records,
         }
 
     def save(self, path: str | Path | None = None) -> Path | None:
-        """Write a checkpoint (rank 0 only); returns its path."""
+        """Write a checkpoint (rank 0 writes; with ``rank_streams`` every rank must call this,
+        as it gathers the generator states); returns its path on rank 0, None elsewhere."""
         path = Path(path) if path is not None else self.checkpoint_path
-        if path is None or not dist.is_main():
+        if path is None:
             return None
-        self.last_checkpoint = save_checkpoint(self.state_dict(), path)
+        gathered = self.gather_rank_generators() if self.rank_streams else None
+        if not dist.is_main():
+            return None
+        self.last_checkpoint = save_checkpoint(self.state_dict(rank_generators=gathered), path)
         return self.last_checkpoint
+
+    def _restore_generator(self, rng: dict[str, Any], epoch: int) -> None:
+        """This rank's saved stream if the checkpoint has one, else a fresh one from (seed, rank, epoch)."""
+        saved = rng.get("rank_generators")
+        if saved is None:  # a checkpoint written before per-rank streams, or by one rank
+            saved = [rng["generator"]] if "generator" in rng else []
+        r = dist.rank()
+        if r < len(saved):
+            try:
+                self.generator.set_state(saved[r])
+                return
+            except RuntimeError as e:  # e.g. a CUDA generator's state into a CPU generator
+                print(f"rank {r}: saved generator state does not fit this generator ({str(e).splitlines()[0]}); "
+                      f"starting a fresh stream")
+        self.generator.manual_seed(dist.rank_seed(self.seed, r, epoch))
 
     def load(self, path: str | Path) -> None:
         """Resume from a checkpoint: model, optimiser, scheduler, RNG states, epoch and log.
+
+        Every rank reads the file (under torchrun on several nodes it must be readable on all).
+        With ``rank_streams``, rank r restores rank r's generator if the checkpoint holds it and
+        otherwise starts a fresh stream seeded with ``rank_seed(seed, r, epoch)``; the global
+        torch/numpy/python RNG states are rank 0's on every rank.
 
         Raises:
             CheckpointError: unreadable file or one written for a different model.
         """
         state = load_checkpoint(path, required=("model", "optimizer", "epoch", "rng", "log"))
-        model = self.model.module if hasattr(self.model, "module") else self.model
+        model = dist.unwrap(self.model)
         try:
             model.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
@@ -157,13 +217,30 @@ class Trainer:
             raise CheckpointError(f"checkpoint {path} does not fit this model: {str(e).splitlines()[0]}") from None
         if self.scheduler is not None and state.get("scheduler") is not None:
             self.scheduler.load_state_dict(state["scheduler"])
-        set_rng_state(state["rng"], self.generator)
+        if self.rank_streams:
+            set_rng_state(state["rng"])
+            self._restore_generator(state["rng"], int(state["epoch"]))
+        else:
+            set_rng_state(state["rng"], self.generator)
         self.epoch = int(state["epoch"])
         self.records = list(state["log"])
 
     # ------------------------------------------------------------------ loop
     def _on_signal(self, signum, frame) -> None:  # noqa: ARG002
         self._stop_signal = signum
+
+    def agree_to_stop(self, out_of_time: bool) -> bool:
+        """Share the stop decision with all ranks (one all-reduce; nothing in one process).
+
+        A signal caught by any rank sets ``_stop_signal`` on every rank; returns whether any
+        rank is out of time. Every rank must call this at the same point of every epoch.
+        """
+        if dist.world_size() == 1:
+            return out_of_time
+        signum, late = dist.all_reduce_max([self._stop_signal or 0, float(out_of_time)])
+        if signum > 0 and self._stop_signal is None:
+            self._stop_signal = int(signum)
+        return late > 0
 
     def fit(self, epochs: int, max_minutes: float | None = None) -> pd.DataFrame:
         """Train until ``epochs`` epochs in total have run (counting resumed ones).
@@ -197,16 +274,19 @@ class Trainer:
                 bar.update(1)
                 bar.set_postfix(self.postfix(record))
                 out_of_time = max_minutes is not None and time.perf_counter() - start > 60 * max_minutes
+                out_of_time = self.agree_to_stop(out_of_time)  # the same on every rank from here
                 if self.epoch % self.checkpoint_every == 0 or self.epoch == epochs or out_of_time or self._stop_signal:
                     self.save()
                     self._write_log()
                 if self._stop_signal is not None:
-                    where = self.last_checkpoint or "(no out_dir, nothing saved)"
-                    print(f"\nstopped by signal {self._stop_signal} after epoch {self.epoch}; checkpoint {where}; "
-                          f"resume with --resume {where}")
+                    if dist.is_main():
+                        where = self.last_checkpoint or "(no out_dir, nothing saved)"
+                        print(f"\nstopped by signal {self._stop_signal} after epoch {self.epoch}; checkpoint {where}; "
+                              f"resume with --resume {where}")
                     break
                 if out_of_time:
-                    print(f"\nwall-clock budget of {max_minutes} min reached after epoch {self.epoch}")
+                    if dist.is_main():
+                        print(f"\nwall-clock budget of {max_minutes} min reached after epoch {self.epoch}")
                     break
         finally:
             bar.close()
@@ -222,8 +302,14 @@ class VariationalTrainer(Trainer):
     ``free_energy`` (the batch mean of ln p + E, divided by N), its standard error, the std,
     and the normalised Kish ESS of the importance weights w = e^{−E−ln p}.
 
+    Under torchrun each rank draws ``batch_size / world_size`` samples with its own generator
+    (``rank_streams``, on by default here), through ``DDP(SampleModule(flow))`` so that DDP
+    averages the gradients; the logged statistics are those of the gathered global batch (rank
+    order), so they equal one process drawing the same samples.
+
     Args:
-        flow: a model with ``sample(n, generator) -> (x (n, N), logp (n,))``.
+        flow: a model with ``sample(n, generator) -> (x (n, N), logp (n,))``, or such a model
+            wrapped by :func:`latticeflow.distributed.wrap_sampler` (``DDP(SampleModule(flow))``).
         target: an energy with ``N`` and ``energy(x) -> (B,)``.
         optimizer: optimiser over the flow's parameters.
         batch_size: samples per step (the global batch; each rank draws its share).
@@ -233,25 +319,38 @@ class VariationalTrainer(Trainer):
 
     def __init__(self, flow: torch.nn.Module, target: Target, optimizer: torch.optim.Optimizer, *,
                  batch_size: int = 64, grad_clip: float | None = None, **kwargs: Any) -> None:
+        if isinstance(flow, DistributedDataParallel) and not isinstance(flow.module, dist.SampleModule):
+            raise TypeError("DistributedDataParallel only averages gradients of calls through its forward, and a "
+                            "flow's forward is log_prob: wrap the flow as DDP(SampleModule(flow)), e.g. with "
+                            "latticeflow.distributed.wrap_sampler(flow, device)")
+        kwargs.setdefault("rank_streams", True)
         super().__init__(flow, optimizer, **kwargs)
-        self.flow, self.target = flow, target
+        self.flow = dist.unwrap(flow)  # the bare flow (parameters, state_dict, sample for evaluation)
+        self.target = target
+        # draws through DDP's forward when wrapped, so its backward all-reduces the gradients
+        self._draw = flow if isinstance(flow, (DistributedDataParallel, dist.SampleModule)) else self.flow.sample
         self.batch_size = int(batch_size)
         self.grad_clip = grad_clip
         self.local_batch = dist.local_share(self.batch_size)
 
     def run_epoch(self, epoch: int) -> dict[str, float]:
-        self.flow.train()
-        x, logp = self.flow.sample(self.local_batch, generator=self.generator)
+        self.model.train()
+        x, logp = self._draw(self.local_batch, generator=self.generator)
         f = logp + self.target.energy(x)  # (B,) per-sample ln p + E, whose mean is eq. 7
-        loss = dist.global_mean(f)  # DDP averages gradients; the loss itself is per-rank here
+        fd = f.detach()
+        # global sum, count and number of non-finite values in one all-reduce: the loss and the
+        # decision to stop on a non-finite value are the same on every rank
+        s = dist.all_reduce_sum(torch.stack([fd.sum(), fd.new_tensor(float(fd.numel())),
+                                             (~torch.isfinite(fd)).sum().to(fd.dtype)]))
+        loss = s[0] / s[1]
         self.optimizer.zero_grad(set_to_none=True)
-        f.mean().backward()
-        if not torch.isfinite(f.detach()).all():
+        f.mean().backward()  # under DDP: the average over ranks of the local mean = the global mean
+        if s[2] > 0:
             return {"loss": float("nan")}
         if self.grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(self.flow.parameters(), self.grad_clip)
         self.optimizer.step()
-        fd = dist.all_gather(f.detach())
+        fd = dist.all_gather(fd)
         N = self.target.N
         return {
             "loss": float(loss),

@@ -9,6 +9,15 @@ Ising model and prints the variational F/N next to the exact (Kaufman) value. Wr
     python -m models.ising --L 16 --potential quadratic+mlp --epochs 3000
     python -m models.ising --resume runs/ising/checkpoint.pt
     torchrun --nproc_per_node=2 models/ising.py --L 8   # data-parallel over 2 processes
+
+Data parallel (torchrun): ``--batch`` is the global batch; each of the W ranks draws
+``batch / W`` samples with its own random stream (rank 0 with ``--seed`` itself, so one
+process is the plain run; rank r with a seed derived from (seed, r)), DDP averages the
+gradients, and F/N, its standard error and the ESS are computed over the gathered global
+batch. Only rank 0 writes the log, checkpoints, config, summary and figure. A checkpoint
+holds every rank's stream and resumes on any number of ranks (rank r continues its saved
+stream if there is one, else starts a fresh one seeded from (seed, r, epoch)). A signal
+(SIGINT/SIGTERM) or ``--max-minutes`` stops all ranks after the same epoch, with a checkpoint.
 """
 
 from __future__ import annotations
@@ -100,14 +109,14 @@ def make_trainer(config: dict, device: torch.device, out_dir: str | None, progre
     target = ising(config["L"], config["beta"], J=config["J"])
     torch.manual_seed(config["seed"])
     flow = build_flow(config, target.lattice).to(device)
-    model = flow
-    if dist.world_size() > 1:
-        model = torch.nn.parallel.DistributedDataParallel(flow, device_ids=[device] if device.type == "cuda" else None)
+    # DDP(SampleModule(flow)) under torchrun, so that DDP averages the gradients of the draws
+    model = dist.wrap_sampler(flow, device)
     opt = torch.optim.Adam(flow.parameters(), lr=config["lr"], weight_decay=config["weight_decay"])
     sched = cosine_schedule(opt, config["epochs"], warmup=config["warmup"]) if config["schedule"] == "cosine" else None
-    gen = torch.Generator(device=device).manual_seed(config["seed"])
+    gen = dist.rank_generator(config["seed"], device)  # rank 0: seed itself; rank r: from (seed, r)
     trainer = VariationalTrainer(model, target, opt, batch_size=config["batch"], scheduler=sched, config=config,
-                                 out_dir=out_dir, generator=gen, progress=progress, checkpoint_every=checkpoint_every)
+                                 out_dir=out_dir, generator=gen, progress=progress, checkpoint_every=checkpoint_every,
+                                 seed=config["seed"])
     return trainer, target
 
 
