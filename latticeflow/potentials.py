@@ -963,11 +963,13 @@ class Symmetrized(Potential):
     def stochastic(self) -> bool:
         return self.mode == "random" or self.potential.stochastic
 
-    def _draw(self, index: Tensor) -> "SymmetryDraw":
+    def _draw(self, index: Tensor, check: bool = True) -> "SymmetryDraw":
+        """Gather the tables for element indices (B,); ``check=False`` skips the range check,
+        which costs two device synchronisations, for indices drawn by :meth:`resample`."""
         if not isinstance(index, Tensor) or index.dtype != torch.long or index.dim() != 1:
             raise TypeError("symmetry noise must be a SymmetryDraw or a LongTensor (B,) of element indices, "
                             f"got {index!r}")
-        if index.numel() and (int(index.min()) < 0 or int(index.max()) >= self.order):
+        if check and index.numel() and (int(index.min()) < 0 or int(index.max()) >= self.order):
             raise ValueError(f"symmetry indices must lie in [0, {self.order}), got range "
                              f"[{int(index.min())}, {int(index.max())}]")
         # index_select: advanced indexing of the (G, N) tables is an order of magnitude slower
@@ -983,7 +985,8 @@ class Symmetrized(Potential):
         batch = check_size("batch", batch)
         draw = None
         if self.mode == "random":
-            draw = self._draw(torch.randint(self.order, (batch,), generator=generator, device=self.perms.device))
+            draw = self._draw(torch.randint(self.order, (batch,), generator=generator, device=self.perms.device),
+                              check=False)
         if self.potential.stochastic:
             return draw, self.potential.resample(batch if self.mode == "random" else batch * self.order, generator)
         return draw
@@ -1033,7 +1036,7 @@ class Symmetrized(Potential):
             if value:
                 phi = phi.reshape(B, G).mean(1)
             return phi, grad, lap
-        draw = self._draw(torch.randint(self.order, (B,), device=x.device)) if noise is None else noise
+        draw = self._draw(torch.randint(self.order, (B,), device=x.device), check=False) if noise is None else noise
         if not isinstance(draw, SymmetryDraw):
             draw = self._draw(draw)
         if draw.index.shape != (B,):
