@@ -17,6 +17,15 @@ with softplus and h = 1024 hidden units, 100 RK4 steps of ε = 0.1 (T = 10), min
 Adam at 1e-3; early stopping on the validation NLL (patience 30 epochs, as in MAF) keeps the
 best model in ``best.pt``. Gradient checkpointing through the integration is on by default.
 
+``--whiten`` (off by default; not in the paper) puts a fixed affine map in front of the flow,
+y' = Σ^{-1/2}(y − μ), with μ and Σ the mean and covariance of the logit training set under one
+fixed dequantisation draw (seed ``eval_seed``), fitted by ``latticeflow.mnist.GaussianBaseline``
+(one pass over the training data, identical on every rank). The density becomes
+ln p_Y(y) = ln p_flow(y') + ln|det Σ^{-1/2}|, so the identity flow at initialisation *is* the
+full-covariance Gaussian baseline (≈ 1366 nats on the test set instead of N(0, I)'s thousands)
+and training starts from there. μ, Σ^{-1/2}, Σ^{1/2} and the log-determinant are buffers of the
+model (``WhitenedFlow``), saved in every checkpoint; samples are mapped back, y = Σ^{1/2} y' + μ.
+
 Outputs in ``--out``: ``log.csv`` (per epoch: train / validation / test NLL in nats and
 bits/dim with standard errors), ``checkpoint.pt`` (every epoch, exact resume), ``best.pt``,
 ``config.json``, ``summary.json`` and the figures ``samples``, ``gaussianization`` (Fig. 3b)
@@ -24,6 +33,7 @@ and ``nll`` (Fig. 3a), each as PNG and PDF.
 
     python -m models.mnist                                  # paper configuration (days on a CPU)
     python -m models.mnist --n-train 2000 --n-eval 500 --hidden 128 --n-steps 20 --step-size 0.5
+    python -m models.mnist --whiten --n-train 2000 --n-eval 500 --hidden 128 --n-steps 20 --step-size 0.5
     python -m models.mnist --resume runs/mnist/checkpoint.pt
     torchrun --nproc_per_node=8 models/mnist.py --device cuda --tf32   # data parallel
 
@@ -53,7 +63,7 @@ if __package__ in (None, ""):  # run as a script (e.g. by torchrun): make the re
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
-from torch import Tensor  # noqa: E402
+from torch import Tensor, nn  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 from latticeflow import distributed as dist  # noqa: E402
@@ -62,7 +72,9 @@ from latticeflow.flow import MongeAmpereFlow  # noqa: E402
 from latticeflow.mnist import (  # noqa: E402
     PAPER_TEST_NLL,
     DequantizedBatches,
+    GaussianBaseline,
     MNISTFormatError,
+    Whitening,
     load_mnist,
     logit_to_pixels,
     nll_logit_to_bits_per_dim,
@@ -79,9 +91,12 @@ __all__ = [
     "SHARED_DATA_DIR",
     "DensityTrainer",
     "MNISTData",
+    "WhitenedFlow",
     "build_flow",
+    "build_model",
     "cli",
     "config_from_args",
+    "fit_whitening",
     "gaussianization_frames",
     "load_data",
     "log_prob",
@@ -122,6 +137,7 @@ DEFAULT: dict[str, Any] = {
     "eval_batch": 500,
     "dtype": "float32",
     "grad_checkpoint": True,
+    "whiten": False,  # not the paper's: a fixed Gaussian-baseline whitening in front of the flow
     "seed": 0,
 }
 
@@ -162,6 +178,8 @@ def _check_config(config: dict[str, Any]) -> dict[str, Any]:
             raise ValueError(f"{key} must be a finite number > 0, got {key}={value!r}")
     if cfg["grad_clip"] is not None and not cfg["grad_clip"] > 0:
         raise ValueError(f"grad_clip must be None or a number > 0, got grad_clip={cfg['grad_clip']!r}")
+    if not isinstance(cfg["whiten"], bool):
+        raise ValueError(f"whiten must be True or False, got whiten={cfg['whiten']!r}")
     return cfg
 
 
@@ -272,12 +290,135 @@ def build_flow(config: dict[str, Any], dim: int, image_shape: tuple[int, int] | 
     return flow.to(DTYPES[cfg["dtype"]])
 
 
+def fit_whitening(train: Tensor, noise_seed: int) -> Whitening:
+    """μ, Σ^{-1/2}, Σ^{1/2} and ln|det Σ^{-1/2}| of the logit training set: the Gaussian baseline's fit.
+
+    One fixed dequantisation draw of ``train`` (``DequantizedBatches(..., seed=noise_seed)``,
+    float64) is fitted by ``GaussianBaseline.fit`` and decomposed by
+    ``GaussianBaseline.whitening`` (eigenvalue floor 1e-12 of the largest, see there). The driver
+    passes ``eval_seed``, the training-noise seed of ``python -m latticeflow.mnist --baseline``
+    and ``benchmarks/mnist_baselines.py``, so the whitened identity flow is exactly their
+    Gaussian. One pass over the data; deterministic, so every rank computes the same tensors
+    (and DDP broadcasts rank 0's buffers besides).
+
+    Args:
+        train: uint8 training pixels, shape (N, D), N >= 2.
+        noise_seed: seed of the dequantisation draw.
+
+    Returns:
+        whitening: float64 tensors, see :class:`latticeflow.mnist.Whitening`.
+    """
+    y, _ = DequantizedBatches(train, seed=noise_seed, dtype=torch.float64).fixed()
+    return GaussianBaseline.fit(y).whitening()
+
+
+class WhitenedFlow(nn.Module):
+    """A flow behind a fixed affine whitening: ln p(y) = ln p_flow(y') + ln|det Σ^{-1/2}|, y' = Σ^{-1/2}(y − μ).
+
+    The map is exactly invertible (y = Σ^{1/2} y' + μ) and has no parameters: μ, Σ^{-1/2},
+    Σ^{1/2} and the constant ln|det Σ^{-1/2}| are buffers (``mean``, ``inv_sqrt``, ``sqrt``,
+    ``log_det``), so they are saved and restored with the state_dict, follow ``.to()``, and
+    DDP broadcasts rank 0's. With an identity flow the model is N(μ, Σ).
+
+    Args:
+        flow: the Monge-Ampère flow, acting on whitened images.
+        whitening: from :func:`fit_whitening` (any float dtype; stored in the flow's dtype and on
+            its device), or None for the identity map as a placeholder that a checkpoint's
+            state_dict then overwrites.
+    """
+
+    def __init__(self, flow: MongeAmpereFlow, whitening: Whitening | None = None) -> None:
+        super().__init__()
+        self.flow = flow
+        D = flow.dim
+        if whitening is None:
+            eye = torch.eye(D, dtype=torch.float64)
+            whitening = Whitening(torch.zeros(D, dtype=torch.float64), eye, eye.clone(),
+                                  torch.zeros((), dtype=torch.float64))
+        shapes = {"mean": (D,), "inv_sqrt": (D, D), "sqrt": (D, D), "log_det": ()}
+        for name, shape in shapes.items():
+            value = getattr(whitening, name)
+            if not isinstance(value, Tensor) or tuple(value.shape) != shape:
+                raise ValueError(f"whitening.{name} must be a tensor of shape {shape} for the flow's D={D}, "
+                                 f"got {tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__}")
+            self.register_buffer(name, value.detach().to(device=flow.device, dtype=flow.dtype).clone())
+
+    # the flow's settings, so that the driver treats both models alike
+    @property
+    def dim(self) -> int:
+        return self.flow.dim
+
+    @property
+    def potential(self) -> nn.Module:
+        return self.flow.potential
+
+    @property
+    def n_steps(self) -> int:
+        return self.flow.n_steps
+
+    @property
+    def step_size(self) -> float:
+        return self.flow.step_size
+
+    @property
+    def total_time(self) -> float:
+        return self.flow.total_time
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.flow.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.flow.device
+
+    def whiten(self, y: Tensor) -> Tensor:
+        """y' = Σ^{-1/2}(y − μ) for logit images y of shape (B, D) (row vectors; Σ^{-1/2} is symmetric)."""
+        return (y - self.mean) @ self.inv_sqrt
+
+    def unwhiten(self, y: Tensor) -> Tensor:
+        """y = Σ^{1/2} y' + μ, the inverse of :meth:`whiten`."""
+        return y @ self.sqrt + self.mean
+
+    def log_prob(self, y: Tensor, generator: torch.Generator | None = None, noise: Any = None) -> Tensor:
+        """ln p(y) = ln p_flow(Σ^{-1/2}(y − μ)) + ln|det Σ^{-1/2}|, shape (B,); y in the flow's dtype."""
+        return self.flow.log_prob(self.whiten(y), generator=generator, noise=noise) + self.log_det
+
+    def forward(self, y: Tensor) -> Tensor:
+        """Alias for :meth:`log_prob`, as for the flow (DDP calls this)."""
+        return self.log_prob(y)
+
+    def sample(self, n: int, generator: torch.Generator | None = None, noise: Any = None) -> tuple[Tensor, Tensor]:
+        """n samples in logit space, shape (n, D), and their ln p, shape (n,)."""
+        x, logp = self.flow.sample(n, generator=generator, noise=noise)
+        return self.unwhiten(x), logp + self.log_det
+
+
+def build_model(config: dict[str, Any], data: MNISTData, fit: bool = True) -> MongeAmpereFlow | WhitenedFlow:
+    """The model of ``config``: :func:`build_flow`, behind a :class:`WhitenedFlow` if ``whiten``.
+
+    Args:
+        config: see :data:`DEFAULT`.
+        data: the sets (D, image shape, and with ``whiten`` the training pixels for the fit).
+        fit: fit the whitening (:func:`fit_whitening` on ``data.train``, noise seed ``eval_seed``);
+            False leaves identity placeholders for a checkpoint to fill (saves the pass on resume).
+
+    Returns:
+        model: in the config's dtype, on the CPU.
+    """
+    cfg = _check_config(config)
+    flow = build_flow(cfg, data.dim, data.image_shape)
+    if not cfg["whiten"]:
+        return flow
+    return WhitenedFlow(flow, fit_whitening(data.train, cfg["eval_seed"]) if fit else None)
+
+
 @torch.no_grad()
-def log_prob(flow: MongeAmpereFlow, y: Tensor, batch_size: int = 500) -> Tensor:
+def log_prob(flow: MongeAmpereFlow | WhitenedFlow, y: Tensor, batch_size: int = 500) -> Tensor:
     """ln p_Y(y, T) of logit images by backward integration, in batches, without gradients.
 
     Args:
-        flow: the model.
+        flow: the model (a :class:`WhitenedFlow` includes its whitening).
         y: logit images, shape (B, D), any floating dtype (converted to the flow's).
         batch_size: images per integration.
 
@@ -332,7 +473,7 @@ class DensityTrainer(Trainer):
     The best epoch is read off the log, so a resumed run continues the count.
 
     Args:
-        model: the flow, or a DistributedDataParallel wrapper of it.
+        model: the flow (or :class:`WhitenedFlow`), or a DistributedDataParallel wrapper of it.
         optimizer: over the flow's parameters.
         data: the three sets.
         batch_size: global minibatch (the paper's 100).
@@ -354,7 +495,7 @@ class DensityTrainer(Trainer):
             raise ValueError("the generator must be a CPU torch.Generator (dequantisation noise is drawn on the "
                              f"CPU), got one on {kwargs['generator'].device}")
         super().__init__(model, optimizer, progress=False, checkpoint_every=1, **kwargs)
-        self.flow: MongeAmpereFlow = model.module if hasattr(model, "module") else model
+        self.flow: MongeAmpereFlow | WhitenedFlow = model.module if hasattr(model, "module") else model
         self.data = data
         self.batch_size = int(batch_size)
         self.eval_batch = int(eval_batch)
@@ -551,11 +692,15 @@ class DensityTrainer(Trainer):
 
 
 @torch.no_grad()
-def gaussianization_frames(flow: MongeAmpereFlow, y: Tensor, n_times: int = 6) -> tuple[list[float], Tensor]:
+def gaussianization_frames(flow: MongeAmpereFlow | WhitenedFlow, y: Tensor,
+                           n_times: int = 6) -> tuple[list[float], Tensor]:
     """Snapshots of images integrated backward from t = T to 0 (paper Fig. 3b).
 
     One backward integration (``inverse_map``) with a callback that keeps the state at
-    ``n_times`` times evenly spaced on the step grid, T first and 0 last.
+    ``n_times`` times evenly spaced on the step grid, T first and 0 last. For a
+    :class:`WhitenedFlow` the flow integrates y' = Σ^{-1/2}(y − μ) and each state is shown in
+    data coordinates, Σ^{1/2} y'(t) + μ: the first frame is the image, the last its latent point
+    as the Gaussian baseline N(μ, Σ) would draw it.
 
     Args:
         flow: the model.
@@ -572,18 +717,21 @@ def gaussianization_frames(flow: MongeAmpereFlow, y: Tensor, n_times: int = 6) -
     keep = sorted({round(j * n / (n_times - 1)) for j in range(n_times)})  # steps taken at each snapshot
     x = y.to(flow.device, flow.dtype)
     frames = {0: x.double().cpu()}
+    inner, to_data = flow, (lambda z: z)
+    if isinstance(flow, WhitenedFlow):
+        inner, to_data, x = flow.flow, flow.unwhiten, flow.whiten(x)
 
     def callback(k: int, t: float, z: Tensor, dlogp: Tensor) -> None:  # noqa: ARG001
         if k + 1 in keep:
-            frames[k + 1] = z.double().cpu()
+            frames[k + 1] = to_data(z).double().cpu()
 
-    flow.inverse_map(x, callback=callback)
+    inner.inverse_map(x, callback=callback)
     times = [flow.total_time - s * flow.step_size for s in keep]
     return times, torch.stack([frames[s] for s in keep])
 
 
 @torch.no_grad()
-def make_figures(flow: MongeAmpereFlow, log: Any, test_y: Tensor, out_dir: str | Path,
+def make_figures(flow: MongeAmpereFlow | WhitenedFlow, log: Any, test_y: Tensor, out_dir: str | Path,
                  image_shape: tuple[int, int], n_samples: int = 100, seed: int = 0,
                  reference: dict[str, tuple[float, float]] | None = None) -> list[Path]:
     """Samples, the Gaussianisation of test digits (Fig. 3b) and the NLL curves (Fig. 3a).
@@ -638,6 +786,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     g.add_argument("--dtype", choices=tuple(DTYPES), help=f"[{d['dtype']}]")
     g.add_argument("--grad-checkpoint", action=argparse.BooleanOptionalAction,
                    help=f"recompute each RK4 step in the backward pass [{d['grad_checkpoint']}]")
+    g.add_argument("--whiten", action=argparse.BooleanOptionalAction,
+                   help="put the fixed affine map y' = Σ^{-1/2}(y − μ) in front of the flow, μ and Σ the mean "
+                        "and covariance of the logit training set (one noise draw, seed --eval-seed; the "
+                        "Gaussian baseline's fit): the identity flow at initialisation is then the "
+                        "full-covariance Gaussian instead of N(0, I); not in the paper "
+                        f"[{d['whiten']}]")
     g = p.add_argument_group("training")
     g.add_argument("--batch", type=int, help=f"global minibatch [{d['batch']}]")
     g.add_argument("--lr", type=float, help=f"Adam learning rate [{d['lr']}]")
@@ -689,12 +843,16 @@ def config_from_args(args: argparse.Namespace, base: dict[str, Any] | None = Non
 
 
 def make_trainer(config: dict[str, Any], data: MNISTData, device: torch.device | str = "cpu",
-                 out_dir: str | Path | None = None, progress: bool = True) -> DensityTrainer:
-    """Flow, Adam and :class:`DensityTrainer` for a config (DDP-wrapped under torchrun)."""
+                 out_dir: str | Path | None = None, progress: bool = True, fit: bool = True) -> DensityTrainer:
+    """Model, Adam and :class:`DensityTrainer` for a config (DDP-wrapped under torchrun).
+
+    ``fit=False`` skips the whitening fit of a ``whiten`` config (see :func:`build_model`) for a
+    trainer that will load a checkpoint.
+    """
     cfg = _check_config(config)
     device = torch.device(device)
     torch.manual_seed(cfg["seed"])
-    flow = build_flow(cfg, data.dim, data.image_shape).to(device)
+    flow = build_model(cfg, data, fit=fit).to(device)
     model: torch.nn.Module = flow
     if dist.world_size() > 1:
         model = torch.nn.parallel.DistributedDataParallel(flow, device_ids=[device] if device.type == "cuda" else None)
@@ -732,7 +890,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     config = config_from_args(args, base)
     data = load_data(args.data_dir, config)
     out = Path(args.out)
-    trainer = make_trainer(config, data, device, out, progress=not args.quiet)
+    # on resume the whitening buffers come from the checkpoint: no fit
+    trainer = make_trainer(config, data, device, out, progress=not args.quiet, fit=not args.resume)
     if args.resume:
         trainer.load(args.resume)
     flow = trainer.flow
@@ -742,7 +901,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         (out / "config.json").write_text(json.dumps({**config, "data_dir": str(data.directory)}, indent=2))
         print(f"MNIST from {data.directory}: {len(data.train)} / {len(data.validation)} / {len(data.test)} "
               f"train / validation / test images of {data.image_shape[0]}x{data.image_shape[1]}")
-        print(f"Monge-Ampère flow: {config['potential']} potential ({n_params} parameters), {config['n_steps']} RK4 "
+        print(f"Monge-Ampère flow{' behind the Gaussian-baseline whitening' if config['whiten'] else ''}: "
+              f"{config['potential']} potential ({n_params} parameters), {config['n_steps']} RK4 "
               f"steps of {config['step_size']} (T = {flow.total_time:g}), batch {config['batch']}, lr {config['lr']}, "
               f"{config['dtype']}, grad checkpoint {config['grad_checkpoint']}, {device}, "
               f"{dist.world_size()} process(es)" + (f"; resumed at epoch {trainer.epoch}" if args.resume else ""))

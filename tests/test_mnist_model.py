@@ -173,6 +173,146 @@ def test_logged_bits_per_dim_follow_from_the_logged_nats(data_dir: Path, tmp_pat
 
 
 # ---------------------------------------------------------------------------------------------
+# --whiten: the Gaussian baseline's whitening in front of the flow
+# ---------------------------------------------------------------------------------------------
+
+
+def _baseline(trainer: mm.DensityTrainer) -> data_module.GaussianBaseline:
+    """The Gaussian baseline as benchmarks/mnist_baselines.py fits it: training noise seed eval_seed."""
+    train_y, _ = data_module.DequantizedBatches(trainer.data.train, seed=trainer.config["eval_seed"],
+                                                dtype=torch.float64).fixed()
+    return data_module.GaussianBaseline.fit(train_y)
+
+
+def test_gaussian_baseline_whitening_is_the_symmetric_inverse_square_root(data_dir: Path) -> None:
+    g = _baseline(_trainer(data_dir))
+    w = g.whitening()
+    eye = torch.eye(D, dtype=torch.float64)
+    assert all(t.dtype == torch.float64 for t in w) and w.log_det.shape == ()
+    assert torch.equal(w.inv_sqrt, w.inv_sqrt.T) and torch.equal(w.sqrt, w.sqrt.T) and torch.equal(w.mean, g.mean)
+    torch.testing.assert_close(w.inv_sqrt @ g.covariance @ w.inv_sqrt, eye, rtol=0, atol=1e-10)
+    torch.testing.assert_close(w.sqrt @ w.sqrt, g.covariance, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(w.inv_sqrt @ w.sqrt, eye, rtol=0, atol=1e-10)
+    assert w.log_det.item() == pytest.approx(torch.linalg.slogdet(w.inv_sqrt)[1].item(), rel=1e-12)
+    assert w.log_det.item() == pytest.approx(-0.5 * torch.linalg.slogdet(g.covariance)[1].item(), rel=1e-12)
+    # a singular covariance: the floor keeps the map invertible and log_det is that of the clamped map
+    v = torch.linalg.qr(torch.randn(4, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64))[0]
+    singular = data_module.GaussianBaseline.__new__(data_module.GaussianBaseline)
+    singular.mean, singular.covariance = torch.zeros(4, dtype=torch.float64), v @ torch.diag(
+        torch.tensor([4.0, 1.0, 0.0, -1e-17], dtype=torch.float64)) @ v.T
+    ws = singular.whitening(floor=1e-6)
+    lam = torch.linalg.eigvalsh(ws.sqrt @ ws.sqrt)
+    torch.testing.assert_close(lam, torch.tensor([4e-6, 4e-6, 1.0, 4.0], dtype=torch.float64), rtol=1e-8, atol=0)
+    assert ws.log_det.item() == pytest.approx(-0.5 * math.log(4e-6 * 4e-6 * 1.0 * 4.0), rel=1e-12)
+    with pytest.raises(ValueError, match="floor must be a number in"):
+        g.whitening(floor=0.0)
+
+
+def test_whitened_identity_flow_is_the_gaussian_baseline(data_dir: Path) -> None:
+    # init_scale=0: the flow is the identity, so the whitened model is N(mu, Sigma), the baseline
+    trainer = _trainer(data_dir, whiten=True, init_scale=0.0)
+    assert isinstance(trainer.flow, mm.WhitenedFlow)
+    baseline = _baseline(trainer)
+    for name in ("test", "validation"):
+        y, log_det = trainer.eval_sets[name].fixed()  # the driver's fixed noise (eval_seed + 2 for test)
+        expected = baseline.log_prob(y)
+        logp, _ = trainer.log_prob_set(name)
+        torch.testing.assert_close(logp, expected, rtol=1e-12, atol=1e-10)
+        stats = trainer.evaluate(name)
+        assert stats["nll"] == pytest.approx(-expected.mean().item(), rel=1e-12)
+        assert stats["nll_stderr"] == pytest.approx(expected.std().item() / math.sqrt(len(y)), rel=1e-9)
+        bpd = data_module.nll_logit_to_bits_per_dim(expected, log_det, D)
+        assert stats["bpd"] == pytest.approx(bpd.mean().item(), rel=1e-12)
+    # far better than the unwhitened identity flow's N(0, I) on the same images
+    plain = _trainer(data_dir, init_scale=0.0)
+    assert plain.evaluate("test")["nll"] > 5 * trainer.evaluate("test")["nll"]
+
+
+def test_whitened_log_prob_is_the_flows_at_the_whitened_point_plus_the_log_det(data_dir: Path) -> None:
+    trainer = _trainer(data_dir, whiten=True, init_scale=0.3)  # a non-trivial flow
+    model = trainer.flow
+    w = _baseline(trainer).whitening()
+    for name in ("mean", "inv_sqrt", "sqrt", "log_det"):
+        torch.testing.assert_close(getattr(model, name), getattr(w, name), rtol=0, atol=0)
+        assert name in model.state_dict()
+    y, _ = trainer.eval_sets["validation"].fixed()
+    y_white = (y - w.mean) @ w.inv_sqrt
+    expected = model.flow.log_prob(y_white).detach() + w.log_det
+    assert not torch.allclose(model.flow.log_prob(y_white), standard_normal_log_prob(y_white))
+    torch.testing.assert_close(model.log_prob(y).detach(), expected, rtol=1e-12, atol=1e-10)
+    torch.testing.assert_close(mm.log_prob(model, y, batch_size=7), expected, rtol=1e-12, atol=1e-10)
+    assert trainer.evaluate("validation")["nll"] == pytest.approx(-expected.mean().item(), rel=1e-12)
+    # the constant is log|det dy'/dy| of the affine map, by autograd
+    jac = torch.autograd.functional.jacobian(lambda v: model.whiten(v[None])[0], y[0])
+    assert torch.linalg.slogdet(jac)[1].item() == pytest.approx(model.log_det.item(), rel=1e-12)
+    torch.testing.assert_close(model.unwhiten(model.whiten(y)), y, rtol=0, atol=1e-10)
+    # gradients reach the flow's parameters through the whitening
+    model.zero_grad()
+    (-model(y).mean()).backward()
+    assert model.potential.readout.grad is not None and model.potential.readout.grad.abs().sum() > 0
+    # samples: the flow's, mapped back by y = Sigma^{1/2} y' + mu, with log p shifted by the constant
+    x, logp = model.sample(6, generator=torch.Generator().manual_seed(3))
+    x_flow, logp_flow = model.flow.sample(6, generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(x, x_flow @ w.sqrt + w.mean, rtol=1e-12, atol=1e-10)
+    torch.testing.assert_close(logp, logp_flow + w.log_det, rtol=1e-12, atol=1e-10)
+    torch.testing.assert_close(model.log_prob(x).detach(), logp.detach(), rtol=0, atol=1e-6)
+    # the Gaussianisation frames run in whitened space and are shown in data coordinates
+    _, frames = mm.gaussianization_frames(model, y[:3], n_times=3)
+    torch.testing.assert_close(frames[0], y[:3])
+    z, _ = model.flow.inverse_map(y_white[:3])
+    torch.testing.assert_close(frames[-1], z @ w.sqrt + w.mean, rtol=0, atol=1e-10)
+
+
+def test_whitened_training_lowers_the_validation_nll(data_dir: Path, tmp_path: Path) -> None:
+    trainer = _trainer(data_dir, tmp_path, whiten=True)
+    start = trainer.evaluate("validation")["nll"]  # epoch 0: the (near-)Gaussian baseline
+    log = trainer.fit(2)
+    assert log["validation_nll"].iloc[-1] < log["validation_nll"].iloc[0] < start
+    # training moved the flow, never the fixed whitening
+    w = _baseline(trainer).whitening()
+    assert torch.equal(trainer.flow.inv_sqrt, w.inv_sqrt) and torch.equal(trainer.flow.mean, w.mean)
+    saved = load_checkpoint(tmp_path / "checkpoint.pt")
+    assert saved["config"]["whiten"] is True and torch.equal(saved["model"]["inv_sqrt"], w.inv_sqrt)
+
+
+def test_whitened_resume_reproduces_an_uninterrupted_run_and_draws_the_figures(data_dir: Path, tmp_path: Path) -> None:
+    mm.main(_argv(data_dir, tmp_path / "a", "--whiten", "--epochs", "3", "--no-plot"))
+    mm.main(_argv(data_dir, tmp_path / "b", "--whiten", "--epochs", "1", "--no-plot"))
+    # the resumed run takes --whiten from the checkpoint and its buffers too (no refit)
+    mm.main(_argv(data_dir, tmp_path / "b", "--epochs", "3", "--n-samples", "4",
+                  "--resume", str(tmp_path / "b" / "checkpoint.pt")))
+    timing = ["wall_time", "train_seconds"]
+    a = pd.read_csv(tmp_path / "a" / "log.csv").drop(columns=timing)
+    b = pd.read_csv(tmp_path / "b" / "log.csv").drop(columns=timing)
+    assert len(a) == 3
+    pd.testing.assert_frame_equal(a, b, check_exact=True)
+    sa, sb = (load_checkpoint(tmp_path / r / "checkpoint.pt")["model"] for r in "ab")
+    assert {"mean", "inv_sqrt", "sqrt", "log_det"} <= set(sa)
+    for k in sa:
+        assert torch.equal(sa[k], sb[k]), k
+    assert json.loads((tmp_path / "b" / "config.json").read_text())["whiten"] is True
+    for fig in ("samples", "gaussianization", "nll"):
+        assert (tmp_path / "b" / f"{fig}.png").stat().st_size > 1000, fig
+    # best.pt holds the whitening too: a fresh whitened model reproduces the best epoch's test NLL
+    fresh = _trainer(data_dir, whiten=True)
+    fresh.flow.load_state_dict(load_checkpoint(tmp_path / "b" / "best.pt")["model"])
+    best = int(b["validation_nll"].idxmin())
+    assert fresh.evaluate("test")["nll"] == pytest.approx(b["test_nll"].iloc[best], rel=1e-12)
+
+
+def test_whiten_is_off_by_default_and_fixed_on_resume(data_dir: Path) -> None:
+    cfg = _config()
+    assert cfg["whiten"] is False and mm.config_from_args(mm.parse_args([]))["whiten"] is False
+    data = mm.load_data(data_dir, cfg)
+    assert type(mm.build_model(cfg, data)) is mm.build_flow(cfg, D).__class__  # the paper's bare flow
+    placeholder = mm.build_model({**cfg, "whiten": True}, data, fit=False)
+    assert torch.equal(placeholder.inv_sqrt, torch.eye(D, dtype=torch.float64)) and placeholder.log_det == 0
+    with pytest.raises(ValueError, match=r"--whiten True \(checkpoint: False\)"):
+        mm.config_from_args(mm.parse_args(["--whiten"]), base=cfg)
+    assert mm.config_from_args(mm.parse_args([]), base={**cfg, "whiten": True})["whiten"] is True
+
+
+# ---------------------------------------------------------------------------------------------
 # Early stopping, interruption
 # ---------------------------------------------------------------------------------------------
 
@@ -300,6 +440,7 @@ def test_default_data_dir_falls_back_to_the_shared_copy(data_dir: Path, tmp_path
     ({"dtype": "float16"}, "dtype must be one of"),
     ({"n_train": 1}, "n_train must be None"),
     ({"bogus": 1}, "unknown config keys"),
+    ({"whiten": 1}, "whiten must be True or False, got whiten=1"),
 ])
 def test_config_errors_quote_the_bad_value(bad: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match.replace("(", r"\(")):
@@ -317,9 +458,11 @@ def test_paper_defaults() -> None:
 
 
 @pytest.mark.slow
-def test_two_process_data_parallel_run_equals_one_process(data_dir: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("whiten", [[], ["--whiten"]], ids=["plain", "whiten"])
+def test_two_process_data_parallel_run_equals_one_process(data_dir: Path, tmp_path: Path, whiten: list[str]) -> None:
     # global batch 50 = two ranks x 25: rank r takes every 2nd minibatch of 25, whose noise comes from
-    # the same generator stream, and DDP averages the gradients, so the run is the single-process run
+    # the same generator stream, and DDP averages the gradients, so the run is the single-process run;
+    # with --whiten every rank fits the same whitening (and DDP broadcasts rank 0's buffers)
     import os
     import subprocess
     import sys
@@ -328,11 +471,15 @@ def test_two_process_data_parallel_run_equals_one_process(data_dir: Path, tmp_pa
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(repo)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            str(repo / "models" / "mnist.py"), *_argv(data_dir, tmp_path / "ddp", "--epochs", "2", "--no-plot",
-                                                      "--device", "cpu")]
+                                                      "--device", "cpu", *whiten)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120, check=False)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    mm.main(_argv(data_dir, tmp_path / "one", "--epochs", "2", "--no-plot"))
+    mm.main(_argv(data_dir, tmp_path / "one", "--epochs", "2", "--no-plot", *whiten))
     timing = ["wall_time", "train_seconds"]
     a = pd.read_csv(tmp_path / "ddp" / "log.csv").drop(columns=timing)
     b = pd.read_csv(tmp_path / "one" / "log.csv").drop(columns=timing)
     pd.testing.assert_frame_equal(a, b, check_exact=False, rtol=1e-10)
+    if whiten:
+        sa, sb = (load_checkpoint(tmp_path / r / "checkpoint.pt")["model"] for r in ("ddp", "one"))
+        for k in ("mean", "inv_sqrt", "sqrt", "log_det"):
+            assert torch.equal(sa[k], sb[k]), k
