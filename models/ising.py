@@ -40,13 +40,17 @@ from latticeflow.checkpoint import load_checkpoint
 from latticeflow.train import VariationalTrainer, cosine_schedule
 
 PAPER = {"L": 16, "hidden": 512, "n_steps": 50, "step_size": 0.1, "batch": 64, "lr": 1e-3,
+         "activation": "softplus", "time_dependent": False,
          "potential": "mlp", "symmetrize": "random", "group": "space+z2", "epochs": 2000}
 
-# The built-in default (make run): small enough to finish in a few minutes on 2 cores.
+# The built-in default (make run), and the configuration that reached the exact F/N best in
+# our measurements (README, "Accuracy"): a D4-symmetric quadratic part that carries the Gaussian
+# part of the HS energy exactly, a Z2-even ln cosh network (no biases), both linear in t, a short
+# flow (T = 1), a large batch and Adam at 1e-2 with a cosine decay. L=8 takes about a minute.
 DEFAULT = {"L": 8, "beta": "critical", "J": 1.0, "potential": "quadratic+mlp", "hidden": 256,
-           "n_steps": 20, "step_size": 0.1, "batch": 64, "lr": 3e-3, "weight_decay": 0.0,
-           "epochs": 600, "warmup": 20, "symmetrize": "random", "group": "space+z2",
-           "activation": "softplus", "dtype": "float32", "seed": 0}
+           "n_steps": 10, "step_size": 0.1, "batch": 256, "lr": 1e-2, "weight_decay": 0.0,
+           "epochs": 1500, "warmup": 20, "symmetrize": "random", "group": "space+z2",
+           "activation": "lncosh", "time_dependent": True, "dtype": "float32", "seed": 0}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -59,7 +63,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--activation", default=DEFAULT["activation"], help="softplus, lncosh or tanh")
     p.add_argument("--channels", type=int, default=DEFAULTS["channels"], help="channels of the conv potential")
     p.add_argument("--kernel-size", type=int, default=DEFAULTS["kernel_size"], help="kernel of the conv potential")
-    p.add_argument("--time-dependent", action="store_true", help="potentials depend on t (paper section 6)")
+    p.add_argument("--time-dependent", action=argparse.BooleanOptionalAction, default=DEFAULT["time_dependent"],
+                   help="potentials depend linearly on t (paper section 6)")
     p.add_argument("--n-steps", type=int, default=DEFAULT["n_steps"], help="RK4 steps d")
     p.add_argument("--step-size", type=float, default=DEFAULT["step_size"], help="RK4 step ε")
     p.add_argument("--batch", type=int, default=DEFAULT["batch"], help="global batch size")
@@ -122,12 +127,7 @@ def make_trainer(config: dict, device: torch.device, out_dir: str | None, progre
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = dist.setup(args.device)
-    if args.tf32:
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    device = dist.setup_run(args.device, args.threads, args.tf32)
     config = config_from_args(args)
     if args.resume:
         saved = load_checkpoint(args.resume, required=("config",))["config"]

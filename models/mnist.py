@@ -880,12 +880,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         MNISTFormatError, CheckpointError, ValueError: bad data, checkpoint or flags.
     """
     args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = dist.setup(args.device)
-    if args.tf32:
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    device = dist.setup_run(args.device, args.threads, args.tf32)
     base = load_checkpoint(args.resume, required=("config",))["config"] if args.resume else None
     config = config_from_args(args, base)
     data = load_data(args.data_dir, config)
