@@ -33,6 +33,7 @@ DEFAULTS: dict[str, Any] = {
     "potential": "mlp",
     "hidden": 512,
     "activation": "softplus",
+    "bias": True,  # MLP biases; the paper's Ising network is ln cosh without biases (Z2-even)
     "channels": 16,
     "kernel_size": 5,
     "time_dependent": False,
@@ -77,7 +78,7 @@ def build_potential(config: dict[str, Any], lattice: SquareLattice) -> Potential
                                       activation="lncosh" if z2 else cfg["activation"], d4=True, z2=z2,
                                       time_dependent=cfg["time_dependent"]))
         else:
-            net = MLPPotential(lattice.N, cfg["hidden"], activation=cfg["activation"],
+            net = MLPPotential(lattice.N, cfg["hidden"], activation=cfg["activation"], bias=bool(cfg["bias"]),
                                time_dependent=cfg["time_dependent"])
             pots.append(Symmetrized(net, group, mode=cfg["symmetrize"]) if group is not None else net)
     total = pots[0]

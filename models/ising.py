@@ -40,7 +40,7 @@ from latticeflow.checkpoint import load_checkpoint
 from latticeflow.train import VariationalTrainer, cosine_schedule
 
 PAPER = {"L": 16, "hidden": 512, "n_steps": 50, "step_size": 0.1, "batch": 64, "lr": 1e-3,
-         "activation": "softplus", "time_dependent": False,
+         "activation": "lncosh", "bias": False, "time_dependent": False,
          "potential": "mlp", "symmetrize": "random", "group": "space+z2", "epochs": 2000}
 
 # The built-in default (make run), and the configuration that reached the exact F/N best in
@@ -61,6 +61,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--potential", default=DEFAULT["potential"], help="'+'-joined parts: mlp, quadratic, conv")
     p.add_argument("--hidden", type=int, default=DEFAULT["hidden"], help="hidden width of the mlp potential")
     p.add_argument("--activation", default=DEFAULT["activation"], help="softplus, lncosh or tanh")
+    p.add_argument("--bias", action=argparse.BooleanOptionalAction, default=True,
+                   help="biases in the mlp potential (--no-bias with lncosh: exactly Z2-even)")
     p.add_argument("--channels", type=int, default=DEFAULTS["channels"], help="channels of the conv potential")
     p.add_argument("--kernel-size", type=int, default=DEFAULTS["kernel_size"], help="kernel of the conv potential")
     p.add_argument("--time-dependent", action=argparse.BooleanOptionalAction, default=DEFAULT["time_dependent"],
@@ -91,17 +93,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-plot", action="store_true")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
-    if args.paper:
-        for k, v in PAPER.items():
-            setattr(args, k.replace("-", "_"), v)
-        args.warmup = 0
-        args.schedule = "constant"
+    if args.paper:  # the paper's values, except for flags given explicitly on the command line
+        given = {a.split("=")[0] for a in (sys.argv[1:] if argv is None else argv) if a.startswith("--")}
+        for k, v in {**PAPER, "warmup": 0, "schedule": "constant"}.items():
+            if "--" + k.replace("_", "-") not in given:
+                setattr(args, k, v)
     return args
 
 
 def config_from_args(args: argparse.Namespace) -> dict:
     return {"L": args.L, "beta": args.beta, "J": args.J, "potential": args.potential, "hidden": args.hidden,
-            "activation": args.activation, "channels": args.channels, "kernel_size": args.kernel_size,
+            "activation": args.activation, "bias": args.bias, "channels": args.channels, "kernel_size": args.kernel_size,
             "time_dependent": args.time_dependent, "n_steps": args.n_steps, "step_size": args.step_size,
             "batch": args.batch, "lr": args.lr, "weight_decay": args.weight_decay, "epochs": args.epochs,
             "warmup": args.warmup, "schedule": args.schedule, "symmetrize": args.symmetrize, "group": args.group,
