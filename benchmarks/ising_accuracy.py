@@ -26,7 +26,7 @@ from models import ising as driver  # noqa: E402
 # name -> (driver flags, wall-clock budget in minutes, target |error| per site)
 RUNS: dict[str, tuple[list[str], float, float]] = {
     # the driver's defaults (quadratic + Z2-even ln cosh MLP, time-dependent, T=1, batch 256, Adam 1e-2)
-    "l4": (["--L", "4", "--hidden", "128", "--epochs", "3000"], 2.0, 1e-3),
+    "l4": (["--L", "4", "--hidden", "128", "--epochs", "2000"], 2.0, 1e-3),
     "l8": (["--L", "8", "--hidden", "256", "--epochs", "1500"], 2.0, float("nan")),
     "l16": (["--L", "16", "--hidden", "512", "--epochs", "8000"], 30.0, 5e-3),
     # the paper's potential (softplus MLP, time-independent) with the same budget as l4, for contrast
