@@ -106,7 +106,11 @@ def setup_run(device: str = "auto", threads: int | None = None, tf32: bool = Fal
 
 
 def cleanup() -> None:
+    """Tear down the process group once every rank has arrived (a barrier first: a rank that
+    destroys its gloo group while another still finishes its last writes can abort the other
+    at exit with 'terminate called without an active exception')."""
     if is_initialized():
+        tdist.barrier()
         tdist.destroy_process_group()
 
 
