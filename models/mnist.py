@@ -662,18 +662,21 @@ class DensityTrainer(Trainer):
                         print(f"early stopping: no lower validation NLL for {self.epoch - self.best_epoch} epochs "
                               f"(patience {self.patience}); best epoch {self.best_epoch}")
                     break
+                # collective: every rank takes the same branch (signal or deadline on any rank)
+                late = self.agree_to_stop(self.deadline is not None and time.perf_counter() >= self.deadline)
                 if self._stop_signal is not None:
                     self.stop_reason = "signal"
                     break
-                if self.deadline is not None and time.perf_counter() >= self.deadline:
+                if late:
                     self.stop_reason = "time"
                     break
                 # one epoch; it checkpoints (epoch == its target) and ends early itself on the deadline
                 super().fit(self.epoch + 1)
+                late = self.agree_to_stop(self.deadline is not None and time.perf_counter() > self.deadline)
                 if self._stop_signal is not None:
                     self.stop_reason = "signal"
                     break
-                if self.deadline is not None and time.perf_counter() > self.deadline:
+                if late:
                     self.stop_reason = "time"
                     if dist.is_main():
                         print(f"wall-clock budget of {max_minutes:g} min reached after epoch {self.epoch}; "
