@@ -652,6 +652,9 @@ class DensityTrainer(Trainer):
         try:  # also catch signals between epochs
             for sig in (signal.SIGINT, signal.SIGTERM):
                 handlers[sig] = signal.signal(sig, self._on_signal)
+                # restart interrupted system calls (SA_RESTART): a signal landing while a rank waits in a
+                # gloo/nccl collective must not fail that call; the flag is acted on after the epoch
+                signal.siginterrupt(sig, False)
         except ValueError:  # not in the main thread
             handlers = {}
         try:
