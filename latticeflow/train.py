@@ -242,6 +242,27 @@ class Trainer:
             self._stop_signal = int(signum)
         return late > 0
 
+    def catch_signals(self) -> Callable[[], None]:
+        """Route SIGINT/SIGTERM to ``_stop_signal`` (acted on after the epoch); returns a function
+        that restores the previous handlers. Nests (an outer loop and :meth:`fit` may both call it);
+        does nothing outside the main thread, where handlers cannot be set.
+        """
+        handlers = {}
+        try:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                handlers[sig] = signal.signal(sig, self._on_signal)
+                # restart interrupted system calls (SA_RESTART): a signal landing while a rank waits in a
+                # gloo/nccl collective must not fail that call
+                signal.siginterrupt(sig, False)
+        except ValueError:  # not in the main thread
+            pass
+
+        def restore() -> None:
+            for sig, h in handlers.items():
+                signal.signal(sig, h)
+
+        return restore
+
     def fit(self, epochs: int, max_minutes: float | None = None) -> pd.DataFrame:
         """Train until ``epochs`` epochs in total have run (counting resumed ones).
 
@@ -251,15 +272,7 @@ class Trainer:
         """
         start = time.perf_counter()
         wall0 = self.records[-1]["wall_time"] if self.records else 0.0
-        handlers = {}
-        try:
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                handlers[sig] = signal.signal(sig, self._on_signal)
-                # restart interrupted system calls (SA_RESTART): a signal landing while a rank waits in a
-                # gloo/nccl collective must not fail that call; the flag is acted on after the epoch
-                signal.siginterrupt(sig, False)
-        except ValueError:  # not in the main thread: no signal handling
-            handlers = {}
+        restore_signals = self.catch_signals()
         bar = tqdm(total=epochs, initial=self.epoch, disable=not (self.progress and dist.is_main()),
                    dynamic_ncols=True, leave=False)
         try:
@@ -293,8 +306,7 @@ class Trainer:
                     break
         finally:
             bar.close()
-            for sig, h in handlers.items():
-                signal.signal(sig, h)
+            restore_signals()
         return self.log
 
 

@@ -52,7 +52,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -648,15 +647,7 @@ class DensityTrainer(Trainer):
         start = time.perf_counter()
         self.deadline = None if max_minutes is None else start + 60.0 * max_minutes
         self.stop_reason = "epochs"
-        handlers = {}
-        try:  # also catch signals between epochs
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                handlers[sig] = signal.signal(sig, self._on_signal)
-                # restart interrupted system calls (SA_RESTART): a signal landing while a rank waits in a
-                # gloo/nccl collective must not fail that call; the flag is acted on after the epoch
-                signal.siginterrupt(sig, False)
-        except ValueError:  # not in the main thread
-            handlers = {}
+        restore_signals = self.catch_signals()  # also catch signals between epochs
         try:
             while self.epoch < epochs:
                 if self.should_stop_early():
@@ -686,8 +677,7 @@ class DensityTrainer(Trainer):
                               f"checkpoint {self.last_checkpoint}")
                     break
         finally:
-            for sig, h in handlers.items():
-                signal.signal(sig, h)
+            restore_signals()
             self.deadline = None
         return self.log
 
