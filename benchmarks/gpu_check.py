@@ -30,7 +30,6 @@ rate is the device's throughput including Python and kernel-launch overhead.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import sys
 import time
@@ -47,7 +46,7 @@ import latticeflow as lf  # noqa: E402
 from ising_speed import mlp_flops  # noqa: E402
 from latticeflow.build import build_flow as build_lattice_flow  # noqa: E402
 from latticeflow.mnist import DequantizedBatches  # noqa: E402
-from mnist_speed import iteration_flops, matmul_gflops  # noqa: E402
+from mnist_speed import iteration_flops, matmul_gflops, write_json  # noqa: E402
 from models.ising import PAPER as ISING_PAPER  # noqa: E402
 from models.mnist import DEFAULT as MNIST_PAPER  # noqa: E402
 from models.mnist import build_flow as build_mnist_flow  # noqa: E402
@@ -224,8 +223,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     summary = {"device": str(device), "where": where, "torch": torch.__version__, "quick": args.quick,
                "seconds": args.seconds, "warmup": args.warmup, "results": rows}
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(summary, indent=2))
+        write_json(args.json, summary)
     return summary
 
 

@@ -157,6 +157,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def write_json(path: str | Path, obj: object) -> None:
+    """Write a benchmark summary as indented JSON, creating the folder."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(obj, indent=2))
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     if args.threads:
@@ -216,8 +222,7 @@ def main(argv: list[str] | None = None) -> dict:
                "gflop_per_iter": flops / 1e9, "matmul_gflops": mm, "load_before": load0, "load_after": load1,
                "results": results}
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(summary, indent=2))
+        write_json(args.json, summary)
     return summary
 
 
