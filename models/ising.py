@@ -92,13 +92,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--paper", action="store_true", help="use the paper's hyperparameters (appendix C)")
     p.add_argument("--no-plot", action="store_true")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    args = p.parse_args(argv)
-    if args.paper:  # the paper's values, except for flags given explicitly on the command line
-        given = {a.split("=")[0] for a in (sys.argv[1:] if argv is None else argv) if a.startswith("--")}
-        for k, v in {**PAPER, "warmup": 0, "schedule": "constant"}.items():
-            if "--" + k.replace("_", "-") not in given:
-                setattr(args, k, v)
-    return args
+    if p.parse_known_args(argv)[0].paper:  # the paper's values become the defaults; explicit flags still win
+        p.set_defaults(**PAPER, warmup=0, schedule="constant")
+    return p.parse_args(argv)
 
 
 def config_from_args(args: argparse.Namespace) -> dict:
