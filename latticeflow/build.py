@@ -36,6 +36,8 @@ DEFAULTS: dict[str, Any] = {
     "bias": True,  # MLP biases; the paper's Ising network is ln cosh without biases (Z2-even)
     "channels": 16,
     "kernel_size": 5,
+    "conv_layers": 1,
+    "init_scale": 1e-3,  # std of the networks' initial readout weights, or "linear": U(±1/√h) as the original
     "time_dependent": False,
     "symmetrize": "random",
     "group": "space+z2",
@@ -46,6 +48,10 @@ DEFAULTS: dict[str, Any] = {
     "mixture": "none",
 }
 MIXTURES = ("none", "z2", "d4", "d4+z2")
+
+
+def _init_scale(value: Any) -> float | str:
+    return value if value == "linear" else float(value)
 
 
 def make_group(name: str, lattice: SquareLattice) -> SymmetryGroup:
@@ -74,12 +80,13 @@ def build_potential(config: dict[str, Any], lattice: SquareLattice) -> Potential
             pots.append(QuadraticPotential((lattice.L, lattice.L), symmetric="d4", linear=False,
                                            time_dependent=cfg["time_dependent"]))
         elif p == "conv":
-            pots.append(ConvPotential(lattice.L, channels=cfg["channels"], kernel_size=cfg["kernel_size"],
-                                      activation="lncosh" if z2 else cfg["activation"], d4=True, z2=z2,
-                                      time_dependent=cfg["time_dependent"]))
+            pots.append(ConvPotential(lattice.L, channels=cfg["channels"], layers=int(cfg["conv_layers"]),
+                                      kernel_size=cfg["kernel_size"], activation="lncosh" if z2 else cfg["activation"],
+                                      d4=True, z2=z2, time_dependent=cfg["time_dependent"],
+                                      init_scale=_init_scale(cfg["init_scale"])))
         else:
             net = MLPPotential(lattice.N, cfg["hidden"], activation=cfg["activation"], bias=bool(cfg["bias"]),
-                               time_dependent=cfg["time_dependent"])
+                               time_dependent=cfg["time_dependent"], init_scale=_init_scale(cfg["init_scale"]))
             pots.append(Symmetrized(net, group, mode=cfg["symmetrize"]) if group is not None else net)
     total = pots[0]
     for p in pots[1:]:

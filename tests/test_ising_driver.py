@@ -1,10 +1,11 @@
 """The Ising driver's configurations: the paper's (appendix C, and the original code's Z2-even net) and overrides."""
 
+import pytest
 import torch
 
 from latticeflow import ising
 from latticeflow.build import build_flow
-from latticeflow.potentials import MLPPotential, Symmetrized
+from latticeflow.potentials import ConvPotential, MLPPotential, Symmetrized
 from models.ising import DEFAULT, config_from_args, parse_args
 
 
@@ -35,3 +36,34 @@ def test_default_configuration_builds_the_documented_flow():
     flow = build_flow(cfg, ising(cfg["L"]).lattice)
     parts = flow.potential.parts if hasattr(flow.potential, "parts") else None
     assert parts is not None and any(isinstance(p, Symmetrized) for p in parts)
+
+
+def _mlp(flow):
+    parts = flow.potential.parts if hasattr(flow.potential, "parts") else [flow.potential]
+    for p in parts:
+        net = p.potential if isinstance(p, Symmetrized) else p
+        if isinstance(net, MLPPotential):
+            return net
+    raise AssertionError("no MLP part")
+
+
+def test_paper_readout_is_initialised_like_the_originals_nn_linear():
+    cfg = config_from_args(parse_args(["--paper"]))
+    assert cfg["init_scale"] == "linear"
+    w = _mlp(build_flow(cfg, ising(16).lattice)).readout.detach()
+    bound = 1 / 512 ** 0.5
+    assert w.abs().max() <= bound and w.abs().max() > 0.9 * bound  # U(±1/√h), h = 512 draws
+    assert abs(w.std().item() - bound / 3 ** 0.5) < 0.1 * bound  # std of U(±b) is b/√3
+
+
+def test_init_scale_and_conv_layers_reach_the_potentials():
+    cfg = config_from_args(parse_args(["--L", "4", "--hidden", "8", "--potential", "quadratic+conv+mlp",
+                                       "--kernel-size", "3", "--conv-layers", "2", "--init-scale", "0"]))
+    flow = build_flow(cfg, ising(4).lattice)
+    conv = next(p for p in flow.potential.parts if isinstance(p, ConvPotential))
+    assert conv.layers == 2 and conv.kernel_size == 3
+    assert torch.count_nonzero(_mlp(flow).readout) == 0 and torch.count_nonzero(conv.readout) == 0
+    with pytest.raises(ValueError, match="init_scale"):
+        MLPPotential(4, 3, init_scale=-1.0)
+    with pytest.raises(ValueError, match="init_scale"):
+        MLPPotential(4, 3, init_scale="uniform")
