@@ -229,18 +229,24 @@ class Trainer:
     def _on_signal(self, signum, frame) -> None:  # noqa: ARG002
         self._stop_signal = signum
 
-    def agree_to_stop(self, out_of_time: bool) -> bool:
+    def agree_to_stop(self, out_of_time: bool) -> tuple[int | None, bool]:
         """Share the stop decision with all ranks (one all-reduce; nothing in one process).
 
-        A signal caught by any rank sets ``_stop_signal`` on every rank; returns whether any
-        rank is out of time. Every rank must call this at the same point of every epoch.
+        Returns ``(signal, late)``: the signal any rank had caught before this call (None if
+        none) and whether any rank is out of time, the same on every rank. Callers must act on
+        these returned values, never on ``_stop_signal`` read afterwards: a signal landing on one
+        rank just after the all-reduce would otherwise make that rank alone leave the loop while
+        the others wait for it in the next collective. Such a late signal is acted on at the next
+        call. Every rank must call this at the same point of every epoch.
         """
+        local = self._stop_signal or 0
         if dist.world_size() == 1:
-            return out_of_time
-        signum, late = dist.all_reduce_max([self._stop_signal or 0, float(out_of_time)])
+            signum, late = local, float(out_of_time)
+        else:
+            signum, late = dist.all_reduce_max([local, float(out_of_time)])
         if signum > 0 and self._stop_signal is None:
             self._stop_signal = int(signum)
-        return late > 0
+        return (int(signum) if signum > 0 else None), late > 0
 
     def catch_signals(self) -> Callable[[], None]:
         """Route SIGINT/SIGTERM to ``_stop_signal`` (acted on after the epoch); returns a function
@@ -290,14 +296,14 @@ class Trainer:
                 bar.update(1)
                 bar.set_postfix(self.postfix(record))
                 out_of_time = max_minutes is not None and time.perf_counter() - start > 60 * max_minutes
-                out_of_time = self.agree_to_stop(out_of_time)  # the same on every rank from here
-                if self.epoch % self.checkpoint_every == 0 or self.epoch == epochs or out_of_time or self._stop_signal:
+                stop_signal, out_of_time = self.agree_to_stop(out_of_time)  # the same on every rank
+                if self.epoch % self.checkpoint_every == 0 or self.epoch == epochs or out_of_time or stop_signal:
                     self.save()
                     self._write_log()
-                if self._stop_signal is not None:
+                if stop_signal is not None:
                     if dist.is_main():
                         where = self.last_checkpoint or "(no out_dir, nothing saved)"
-                        print(f"\nstopped by signal {self._stop_signal} after epoch {self.epoch}; checkpoint {where}; "
+                        print(f"\nstopped by signal {stop_signal} after epoch {self.epoch}; checkpoint {where}; "
                               f"resume with --resume {where}")
                     break
                 if out_of_time:

@@ -657,8 +657,8 @@ class DensityTrainer(Trainer):
                               f"(patience {self.patience}); best epoch {self.best_epoch}")
                     break
                 # collective: every rank takes the same branch (signal or deadline on any rank)
-                late = self.agree_to_stop(self.deadline is not None and time.perf_counter() >= self.deadline)
-                if self._stop_signal is not None:
+                stop_signal, late = self.agree_to_stop(self.deadline is not None and time.perf_counter() >= self.deadline)
+                if stop_signal is not None:
                     self.stop_reason = "signal"
                     break
                 if late:
@@ -666,8 +666,8 @@ class DensityTrainer(Trainer):
                     break
                 # one epoch; it checkpoints (epoch == its target) and ends early itself on the deadline
                 super().fit(self.epoch + 1)
-                late = self.agree_to_stop(self.deadline is not None and time.perf_counter() > self.deadline)
-                if self._stop_signal is not None:
+                stop_signal, late = self.agree_to_stop(self.deadline is not None and time.perf_counter() > self.deadline)
+                if stop_signal is not None:
                     self.stop_reason = "signal"
                     break
                 if late:
