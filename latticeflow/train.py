@@ -351,6 +351,8 @@ class VariationalTrainer(Trainer):
         # draws through DDP's forward when wrapped, so its backward all-reduces the gradients
         self._draw = flow if isinstance(flow, (DistributedDataParallel, dist.SampleModule)) else self.flow.sample
         self.batch_size = int(batch_size)
+        if grad_clip is not None and not (math.isfinite(grad_clip) and grad_clip > 0):
+            raise ValueError(f"grad_clip must be None or a finite number > 0, got grad_clip={grad_clip!r}")
         self.grad_clip = grad_clip
         self.local_batch = dist.local_share(self.batch_size)
 

@@ -81,6 +81,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=DEFAULT["lr"], help="Adam learning rate")
     p.add_argument("--weight-decay", type=float, default=DEFAULT["weight_decay"], help="Adam weight decay")
     p.add_argument("--epochs", type=int, default=DEFAULT["epochs"], help="optimiser steps")
+    p.add_argument("--grad-clip", type=float, default=None, help="clip the gradient norm at this value")
     p.add_argument("--warmup", type=int, default=DEFAULT["warmup"], help="learning-rate warm-up steps")
     p.add_argument("--schedule", default="cosine", choices=["cosine", "constant"], help="learning-rate schedule")
     p.add_argument("--symmetrize", default=DEFAULT["symmetrize"], choices=SYMMETRIZE, help="group averaging")
@@ -111,6 +112,7 @@ def config_from_args(args: argparse.Namespace) -> dict:
             "conv_layers": args.conv_layers, "init_scale": args.init_scale,
             "time_dependent": args.time_dependent, "n_steps": args.n_steps, "step_size": args.step_size,
             "batch": args.batch, "lr": args.lr, "weight_decay": args.weight_decay, "epochs": args.epochs,
+            "grad_clip": args.grad_clip,
             "warmup": args.warmup, "schedule": args.schedule, "symmetrize": args.symmetrize, "group": args.group,
             "mixture": args.mixture, "dtype": args.dtype, "grad_checkpoint": args.grad_checkpoint, "seed": args.seed}
 
@@ -127,6 +129,7 @@ def make_trainer(config: dict, device: torch.device, out_dir: str | None, progre
     sched = cosine_schedule(opt, config["epochs"], warmup=config["warmup"]) if config["schedule"] == "cosine" else None
     gen = dist.rank_generator(config["seed"], device)  # rank 0: seed itself; rank r: from (seed, r)
     trainer = VariationalTrainer(model, target, opt, batch_size=config["batch"], scheduler=sched, config=config,
+                                 grad_clip=config.get("grad_clip"),
                                  out_dir=out_dir, generator=gen, progress=progress, checkpoint_every=checkpoint_every,
                                  seed=config["seed"])
     return trainer, target

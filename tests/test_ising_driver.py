@@ -67,3 +67,13 @@ def test_init_scale_and_conv_layers_reach_the_potentials():
         MLPPotential(4, 3, init_scale=-1.0)
     with pytest.raises(ValueError, match="init_scale"):
         MLPPotential(4, 3, init_scale="uniform")
+
+
+def test_grad_clip_reaches_the_trainer_and_bad_values_are_refused():
+    import models.ising as mi
+
+    cfg = config_from_args(parse_args(["--L", "3", "--hidden", "4", "--n-steps", "2", "--grad-clip", "0.5"]))
+    trainer, _ = mi.make_trainer(cfg, torch.device("cpu"), None, progress=False)
+    assert trainer.grad_clip == 0.5
+    with pytest.raises(ValueError, match="grad_clip"):
+        mi.make_trainer({**cfg, "grad_clip": 0.0}, torch.device("cpu"), None, progress=False)
