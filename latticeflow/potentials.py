@@ -513,6 +513,21 @@ def _kernel_spectrum(K: Tensor, L: int) -> Tensor:
     return torch.fft.rfft2(torch.roll(v, (-p, -p), (-2, -1)))
 
 
+def _d4_orbit_basis(k: int, like: Tensor) -> Tensor:
+    """Orthonormal basis (J, k²) of the D4-invariant k×k kernels: one row per orbit of kernel
+    sites under D4, 1/√|orbit| on the orbit's sites (J = 6 for k = 5)."""
+    p = k // 2
+    keys = {}
+    for i in range(k):
+        for j in range(k):
+            a, b = sorted((abs(i - p), abs(j - p)))
+            keys.setdefault((a, b), []).append(i * k + j)
+    basis = torch.zeros(len(keys), k * k, dtype=like.dtype, device=like.device)
+    for row, sites in enumerate(keys.values()):
+        basis[row, sites] = 1.0 / math.sqrt(len(sites))
+    return basis
+
+
 def _d4_symmetrize(k: Tensor) -> Tensor:
     """Average of a stack of square kernels (..., k, k) over the 8 elements of D4."""
     kt = k.transpose(-1, -2)
@@ -718,12 +733,17 @@ class ConvPotential(Potential):
                 f"activation={self.activation!r}, d4={self.d4}, z2={self.z2}, time_dependent={self.time_dependent}")
 
     def _gram_forms(self, Kf: Tensor) -> tuple[Tensor, Tensor]:
-        """Γ = K Kᵀ (C, C) and M_d = diag(V_d) Γ diag(V_d) laid out as (C, C_out·C)."""
+        """diag(Γ) (C,) and P (C, C_out·J) with ‖(a' @ P)_d‖² = (v_d⊙a')ᵀ Γ (v_d⊙a') for each d.
+
+        Γ = K Kᵀ = F Fᵀ with F = K Bᵀ (C, J), B an orthonormal basis of the kernels' span: the
+        D4-invariant k×k kernels (J = number of D4 orbits of kernel sites, 6 for k = 5) when
+        ``d4``, else all of them (B = I, J = k²). Then (v⊙a')ᵀΓ(v⊙a') = ‖Fᵀ(v⊙a')‖², and the
+        C_out quadratic forms of a site are one (C) @ (C, C_out·J) product and a sum of squares.
+        """
         V = self.mix_weight
-        gram = Kf @ Kf.t()
-        # Σ_s Σ_{c,c'} a'_c M_{d,c,c'} a'_{c'}: one (B·S, C) @ (C, C·C) matmul per stage
-        M = V[:, :, None] * gram[None] * V[:, None, :]  # (C_out, C, C)
-        return gram, M.permute(1, 0, 2).reshape(self.channels, -1)
+        F_ = Kf @ _d4_orbit_basis(self.kernel_size, Kf).t() if self.d4 else Kf  # (C, J)
+        P = V.t()[:, :, None] * F_[:, None, :]  # P[c, d, j] = V_dc F_cj
+        return Kf.square().sum(1), P.reshape(self.channels, -1)
 
     def kernels(self) -> Tensor:
         """The effective first-layer kernels, shape (C, k, k) (D4-averaged when d4=True)."""
@@ -754,13 +774,12 @@ class ConvPotential(Potential):
             q = b1 * wcol  # ∂φ/∂g, (B, C, L, L)
             r = torch.einsum("dc,bdxy->bcxy", V, q)  # Vᵀq: ∂φ/∂a(h)
             dphi_dh = r * a1
-            gram, Mflat = self._shared("gram", lambda: self._gram_forms(Kf))
+            gram_diag, P = self._shared("gram", lambda: self._gram_forms(Kf))
             a1s = a1.permute(0, 2, 3, 1).reshape(B * L * L, C)  # (B·S, C)
-            Y = (a1s @ Mflat).reshape(B * L * L, C, C)
-            quad = (Y * a1s[:, None, :]).sum(-1).reshape(B, L, L, C)  # (B, S, C_out)
+            quad = (a1s @ P).reshape(B * L * L, C, -1).square().sum(-1).reshape(B, L, L, C)  # (B, S, C_out)
             lap_g = (b2.permute(0, 2, 3, 1) * quad).sum((1, 2))  # (B, C_out)
             lap_g = (lap_g * w).sum(1)
-            lap_h = ((r * a2).sum((2, 3)) * torch.diagonal(gram)).sum(1)
+            lap_h = ((r * a2).sum((2, 3)) * gram_diag).sum(1)
             lap = lap_g + lap_h
             phi = (b_.sum((2, 3)) * w).sum(1) if value else None
         # ∇φ: the adjoint convolution, summed over channels
