@@ -35,7 +35,7 @@ DEFAULTS: dict[str, Any] = {
     "activation": "softplus",
     "bias": True,  # MLP biases; the paper's Ising network is ln cosh without biases (Z2-even)
     "channels": 16,
-    "kernel_size": 5,
+    "kernel_size": None,  # None: 5, or the largest odd size <= L on smaller lattices
     "conv_layers": 1,
     "init_scale": 1e-3,  # std of the networks' initial readout weights, or "linear": U(±1/√h) as the original
     "time_dependent": False,
@@ -48,6 +48,11 @@ DEFAULTS: dict[str, Any] = {
     "mixture": "none",
 }
 MIXTURES = ("none", "z2", "d4", "d4+z2")
+
+
+def _kernel_size(value: Any, L: int) -> int:
+    """The conv kernel size: ``value``, or for None 5 (the largest odd size <= L when L < 5)."""
+    return int(value) if value is not None else min(5, L if L % 2 else L - 1)
 
 
 def _init_scale(value: Any) -> float | str:
@@ -81,7 +86,7 @@ def build_potential(config: dict[str, Any], lattice: SquareLattice) -> Potential
                                            time_dependent=cfg["time_dependent"]))
         elif p == "conv":
             pots.append(ConvPotential(lattice.L, channels=cfg["channels"], layers=int(cfg["conv_layers"]),
-                                      kernel_size=cfg["kernel_size"], activation="lncosh" if z2 else cfg["activation"],
+                                      kernel_size=_kernel_size(cfg["kernel_size"], lattice.L), activation="lncosh" if z2 else cfg["activation"],
                                       d4=True, z2=z2, time_dependent=cfg["time_dependent"],
                                       init_scale=_init_scale(cfg["init_scale"])))
         else:

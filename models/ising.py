@@ -72,7 +72,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--init-scale", type=_init_scale, default=DEFAULTS["init_scale"],
                    help="std of the networks' initial readout weights (0: the flow starts at the identity), "
                         "or 'linear': U(±1/√h) like nn.Linear, as the original code")
-    p.add_argument("--kernel-size", type=int, default=DEFAULTS["kernel_size"], help="kernel of the conv potential")
+    p.add_argument("--kernel-size", type=int, default=DEFAULTS["kernel_size"], help="odd kernel size of the conv potential, <= L "
+                   "(default: 5, or the largest odd size <= L when L < 5)")
     p.add_argument("--time-dependent", action=argparse.BooleanOptionalAction, default=DEFAULT["time_dependent"],
                    help="potentials depend linearly on t (paper section 6)")
     p.add_argument("--n-steps", type=int, default=DEFAULT["n_steps"], help="RK4 steps d")

@@ -77,3 +77,10 @@ def test_grad_clip_reaches_the_trainer_and_bad_values_are_refused():
     assert trainer.grad_clip == 0.5
     with pytest.raises(ValueError, match="grad_clip"):
         mi.make_trainer({**cfg, "grad_clip": 0.0}, torch.device("cpu"), None, progress=False)
+
+
+def test_default_conv_kernel_fits_small_lattices():
+    for L, k in ((3, 3), (4, 3), (5, 5), (16, 5)):
+        cfg = config_from_args(parse_args(["--L", str(L), "--hidden", "4", "--potential", "quadratic+conv+mlp"]))
+        conv = next(p for p in build_flow(cfg, ising(L).lattice).potential.parts if isinstance(p, ConvPotential))
+        assert conv.kernel_size == k
