@@ -36,6 +36,8 @@ def test_default_configuration_builds_the_documented_flow():
     flow = build_flow(cfg, ising(cfg["L"]).lattice)
     parts = flow.potential.parts if hasattr(flow.potential, "parts") else None
     assert parts is not None and any(isinstance(p, Symmetrized) for p in parts)
+    conv = [p for p in parts if isinstance(p, ConvPotential)]
+    assert len(conv) == 1 and conv[0].d4 and conv[0].z2 and conv[0].kernel_size == 5
 
 
 def _mlp(flow):
