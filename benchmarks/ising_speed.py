@@ -73,6 +73,9 @@ def main() -> None:
     p.add_argument("--sizes", type=int, nargs="*", default=[8, 16, 32, 64])
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--profile", action="store_true", help="print torch.profiler's top operators")
+    p.add_argument("--parts", action="store_true",
+                   help="also time the driver's default flow (quadratic + conv + MLP, T=1, batch 256) at L=8 and 16, "
+                        "part by part")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -104,6 +107,20 @@ def main() -> None:
     for L in args.sizes:
         t = time_iteration(paper, L, B, max(2, args.iters // 2), warmup=1)
         print(f"  {L:3d} {L * L:6d} {t:8.3f}   {t / s:6.2f}")
+    if args.parts:
+        time_parts(args.iters)
+
+
+def time_parts(iters: int) -> None:
+    """s/iteration of the driver's default flow and of its parts alone (what each part costs)."""
+    from models.ising import DEFAULT
+
+    print("the driver's default flow (T=1: 10 RK4 steps, batch 256, random space-group×Z2), s/iteration:")
+    print("  L   quadratic  quadratic+mlp  quadratic+conv  quadratic+conv+mlp")
+    for L, h in ((8, 256), (16, 512)):
+        row = [time_iteration({**DEFAULT, "hidden": h, "potential": pot}, L, DEFAULT["batch"], max(2, iters // 2), warmup=1)
+               for pot in ("quadratic", "quadratic+mlp", "quadratic+conv", "quadratic+conv+mlp")]
+        print(f"  {L:2d}  " + "  ".join(f"{t:12.3f}" for t in row))
 
 
 if __name__ == "__main__":

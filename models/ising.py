@@ -48,7 +48,7 @@ PAPER = {"L": 16, "hidden": 512, "n_steps": 50, "step_size": 0.1, "batch": 64, "
 # part of the HS energy exactly, a translation-invariant D4/Z2-symmetric convolutional potential
 # (16 channels, 5×5 kernels: the local part of the energy, with an exact Laplacian), and a ln cosh
 # MLP averaged over the space group × Z2 (the global part), all linear in t; a short flow (T = 1),
-# a large batch and Adam at 1e-2 with a cosine decay. L=8 takes about 3.5 minutes on 2 cores
+# a large batch and Adam at 1e-2 with a cosine decay. L=8 takes about 5 minutes on 2 cores
 # (error 3e-3); on L=4 the conv part does not pay for its cost (use --potential quadratic+mlp).
 DEFAULT = {"L": 8, "beta": "critical", "J": 1.0, "potential": "quadratic+conv+mlp", "hidden": 256,
            "n_steps": 10, "step_size": 0.1, "batch": 256, "lr": 1e-2, "weight_decay": 0.0,
