@@ -86,3 +86,16 @@ def test_default_conv_kernel_fits_small_lattices():
         cfg = config_from_args(parse_args(["--L", str(L), "--hidden", "4", "--potential", "quadratic+conv+mlp"]))
         conv = next(p for p in build_flow(cfg, ising(L).lattice).potential.parts if isinstance(p, ConvPotential))
         assert conv.kernel_size == k
+
+
+def test_coarse_rk4_steps_are_warned_about():
+    import models.ising as mi
+
+    cfg = config_from_args(parse_args(["--L", "3", "--hidden", "4", "--n-steps", "2", "--step-size", "0.2"]))
+    with pytest.warns(UserWarning, match="RK4 step 0.2"):
+        mi.make_trainer(cfg, torch.device("cpu"), None, progress=False)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        mi.make_trainer({**cfg, "step_size": 0.1}, torch.device("cpu"), None, progress=False)
