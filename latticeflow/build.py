@@ -55,7 +55,8 @@ def _kernel_size(value: Any, L: int) -> int:
     return int(value) if value is not None else min(5, L if L % 2 else L - 1)
 
 
-def _init_scale(value: Any) -> float | str:
+def parse_init_scale(value: Any) -> float | str:
+    """An ``init_scale`` from a config or the command line: ``"linear"`` or a number."""
     return value if value == "linear" else float(value)
 
 
@@ -88,10 +89,10 @@ def build_potential(config: dict[str, Any], lattice: SquareLattice) -> Potential
             pots.append(ConvPotential(lattice.L, channels=cfg["channels"], layers=int(cfg["conv_layers"]),
                                       kernel_size=_kernel_size(cfg["kernel_size"], lattice.L), activation="lncosh" if z2 else cfg["activation"],
                                       d4=True, z2=z2, time_dependent=cfg["time_dependent"],
-                                      init_scale=_init_scale(cfg["init_scale"])))
+                                      init_scale=parse_init_scale(cfg["init_scale"])))
         else:
             net = MLPPotential(lattice.N, cfg["hidden"], activation=cfg["activation"], bias=bool(cfg["bias"]),
-                               time_dependent=cfg["time_dependent"], init_scale=_init_scale(cfg["init_scale"]))
+                               time_dependent=cfg["time_dependent"], init_scale=parse_init_scale(cfg["init_scale"]))
             pots.append(Symmetrized(net, group, mode=cfg["symmetrize"]) if group is not None else net)
     total = pots[0]
     for p in pots[1:]:

@@ -513,19 +513,14 @@ def _kernel_spectrum(K: Tensor, L: int) -> Tensor:
     return torch.fft.rfft2(torch.roll(v, (-p, -p), (-2, -1)))
 
 
-def _d4_orbit_basis(k: int, like: Tensor) -> Tensor:
-    """Orthonormal basis (J, k²) of the D4-invariant k×k kernels: one row per orbit of kernel
-    sites under D4, 1/√|orbit| on the orbit's sites (J = 6 for k = 5)."""
+def _d4_kernel_basis(k: int) -> Tensor:
+    """Orthonormal basis (J, k²) of the D4-invariant k×k kernels: one row per D4 orbit of
+    kernel offsets (i − p, j − p), 1/√|orbit| on the orbit's sites (J = 6 for k = 5)."""
     p = k // 2
-    keys = {}
-    for i in range(k):
-        for j in range(k):
-            a, b = sorted((abs(i - p), abs(j - p)))
-            keys.setdefault((a, b), []).append(i * k + j)
-    basis = torch.zeros(len(keys), k * k, dtype=like.dtype, device=like.device)
-    for row, sites in enumerate(keys.values()):
-        basis[row, sites] = 1.0 / math.sqrt(len(sites))
-    return basis
+    # orbits of displacements mod k; rolled so that kernel site (i, j) reads offset (i − p, j − p)
+    labels = torch.roll(_displacement_orbits(k, k, d4=True), (p, p), (0, 1)).reshape(-1)
+    basis = F.one_hot(labels).t().to(torch.get_default_dtype())
+    return basis / basis.sum(1, keepdim=True).sqrt()
 
 
 def _d4_symmetrize(k: Tensor) -> Tensor:
@@ -727,6 +722,9 @@ class ConvPotential(Potential):
             self.mix_weight = self.mix_bias = None
         self.readout = nn.Parameter(_initial_readout(C, init_scale))
         self.readout_t = nn.Parameter(torch.zeros(C)) if self.time_dependent else None
+        # the span of the D4-invariant kernels, for the 2-layer Laplacian (not saved: a function of k)
+        basis = _d4_kernel_basis(k) if self.d4 and self.layers == 2 else None
+        self.register_buffer("kernel_basis", basis, persistent=False)
 
     def extra_repr(self) -> str:
         return (f"L={self.L}, channels={self.channels}, layers={self.layers}, kernel_size={self.kernel_size}, "
@@ -741,7 +739,7 @@ class ConvPotential(Potential):
         C_out quadratic forms of a site are one (C) @ (C, C_out·J) product and a sum of squares.
         """
         V = self.mix_weight
-        F_ = Kf @ _d4_orbit_basis(self.kernel_size, Kf).t() if self.d4 else Kf  # (C, J)
+        F_ = Kf if self.kernel_basis is None else Kf @ self.kernel_basis.t()  # (C, J)
         P = V.t()[:, :, None] * F_[:, None, :]  # P[c, d, j] = V_dc F_cj
         return Kf.square().sum(1), P.reshape(self.channels, -1)
 

@@ -36,7 +36,7 @@ import torch
 
 from latticeflow import distributed as dist
 from latticeflow import ising
-from latticeflow.build import DEFAULTS, GROUPS, SYMMETRIZE, build_flow
+from latticeflow.build import DEFAULTS, GROUPS, SYMMETRIZE, build_flow, parse_init_scale
 from latticeflow.checkpoint import load_checkpoint
 from latticeflow.train import VariationalTrainer, cosine_schedule
 
@@ -61,10 +61,6 @@ DEFAULT = {"L": 8, "beta": "critical", "J": 1.0, "potential": "quadratic+conv+ml
 MAX_SAFE_STEP = 0.1
 
 
-def _init_scale(text: str) -> float | str:
-    return text if text == "linear" else float(text)
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--L", type=int, default=DEFAULT["L"], help="linear lattice size")
@@ -77,7 +73,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="biases in the mlp potential (--no-bias with lncosh: exactly Z2-even)")
     p.add_argument("--channels", type=int, default=DEFAULTS["channels"], help="channels of the conv potential")
     p.add_argument("--conv-layers", type=int, default=DEFAULTS["conv_layers"], help="1 or 2 layers in the conv potential")
-    p.add_argument("--init-scale", type=_init_scale, default=DEFAULTS["init_scale"],
+    p.add_argument("--init-scale", type=parse_init_scale, default=DEFAULTS["init_scale"],
                    help="std of the networks' initial readout weights (0: the flow starts at the identity), "
                         "or 'linear': U(±1/√h) like nn.Linear, as the original code")
     p.add_argument("--kernel-size", type=int, default=DEFAULTS["kernel_size"], help="odd kernel size of the conv potential, <= L "
