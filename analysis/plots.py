@@ -1,6 +1,8 @@
 """Figures for papers (matplotlib, Agg backend): PNG and PDF side by side.
 
-* :func:`plot_convergence`: variational F/N against epoch (paper Fig. 4), optional spin inset.
+* :func:`plot_convergence`: variational F/N against training step (paper Fig. 4), optional spin
+  inset; values below the exact −ln Z/N (a broken variational bound) are flagged, see
+  :func:`bound_violations`.
 * :func:`plot_magnetisation_histogram`: P(m) from flow samples, plain and importance
   reweighted, against a reference chain (Swendsen-Wang).
 * :func:`plot_chains`: Monte Carlo traces and autocorrelation functions side by side
@@ -32,57 +34,252 @@ def _save(fig: plt.Figure, path: str | Path) -> Path:
     return path.with_suffix(".png")
 
 
-def plot_convergence(log: pd.DataFrame | str | Path, exact: float | None, path: str | Path, *,
-                     title: str = "", spins: np.ndarray | None = None, zoom: bool = True) -> Path:
-    """Variational free energy per site against training epoch, with the exact line (paper Fig. 4).
+#: Free-energy columns of a training log → the normalisation named on the y axis.
+_FREE_ENERGY_COLUMNS = {"free_energy_hs": "Hubbard-Stratonovich", "free_energy": "Hubbard-Stratonovich",
+                        "free_energy_ising": "Ising"}
+#: Standard errors below the exact value beyond which a value counts as a broken bound.
+_BOUND_SIGMAS = 3.0
+#: Values reaching more than this many times the late spread beyond it switch the main panel to symlog.
+_OUTLIER_RATIO = 100.0
+_BROKEN = "red"  # below exact by more than 3 standard errors: the variational bound is broken
+_NOISY = "darkorange"  # below exact, but within 3 standard errors: compatible with noise
+
+
+def _running_window(n: int) -> int | None:
+    """Window of the running mean drawn for n training steps; None (no running mean) below 20 steps."""
+    return max(5, n // 50) if n >= 20 else None
+
+
+def _below_exact(f: np.ndarray, stderr: np.ndarray | None, exact: float, window: int | None,
+                 sigmas: float = _BOUND_SIGMAS) -> dict[str, np.ndarray | None]:
+    """Where the batch means and their running mean lie below ``exact``.
 
     Args:
-        log: training log (DataFrame or CSV path) with columns epoch, free_energy, stderr.
-        exact: exact −ln Z/N in the same normalisation, drawn as a red line; None to omit.
-        path: output file; written as .png and .pdf.
-        title: figure title.
-        spins: optional grid of generated spin configurations, shape (k, L, L), drawn as an inset.
-        zoom: add a second panel with the error F/N − exact on a log scale.
+        f: variational F/N per step, shape (n,).
+        stderr: standard error of each batch mean, shape (n,), or None (then taken as 0).
+        exact: exact −ln Z/N.
+        window: running-mean window (full windows only), or None for no running mean.
+        sigmas: standard errors below ``exact`` beyond which a value is a broken bound.
+
     Returns:
-        the PNG path.
+        ``running`` (the running mean, or None) and boolean masks of shape (n,): ``broken`` / ``noisy``
+        (batch mean below ``exact`` by more / at most ``sigmas`` standard errors) and
+        ``running_broken`` / ``running_noisy`` (the same for the running mean, with its standard
+        error √(Σ stderr²)/window; all False without a running mean).
     """
+    se = np.zeros_like(f) if stderr is None else np.nan_to_num(stderr, nan=0.0)
+    out: dict[str, np.ndarray | None] = {"running": None}
+    with np.errstate(invalid="ignore"):
+        below = f < exact
+        out["broken"] = f - exact < -sigmas * se
+        out["noisy"] = below & ~out["broken"]
+        out["running_broken"] = out["running_noisy"] = np.zeros(f.shape, dtype=bool)
+        if window is not None:
+            rm = pd.Series(f).rolling(window, min_periods=window).mean().to_numpy()
+            rse = np.sqrt(pd.Series(se ** 2).rolling(window, min_periods=window).sum().to_numpy()) / window
+            out["running"] = rm
+            out["running_broken"] = rm - exact < -sigmas * rse
+            out["running_noisy"] = (rm < exact) & ~out["running_broken"]
+    return out
+
+
+def bound_violations(f: object, stderr: object | None, exact: float, *, window: int | None = None,
+                     sigmas: float = _BOUND_SIGMAS) -> int:
+    """Number of training steps at which the variational free energy breaks its bound F/N ≥ −ln Z/N.
+
+    The variational F is an upper bound of −ln Z, so a value below it means a biased
+    estimator, e.g. an ODE integration too coarse for the log-density. A step counts when its
+    batch mean lies below ``exact`` by more than ``sigmas`` standard errors, or when the running
+    mean of the ``window`` steps up to it lies below ``exact`` by more than ``sigmas`` of its own
+    standard error √(Σ stderr²)/window. Without standard errors (None, or NaN entries) any value
+    below ``exact`` counts.
+
+    Args:
+        f: variational F/N per step, shape (n,); NaN entries never count.
+        stderr: standard error of each batch mean per site, shape (n,), or None.
+        exact: exact −ln Z/N in the same normalisation as ``f``.
+        window: running-mean window; None for the one :func:`plot_convergence` draws
+            (max(5, n // 50) steps, no running mean below 20 steps), 0 for no running mean.
+        sigmas: how many standard errors below ``exact`` count as a broken bound.
+
+    Returns:
+        the number of steps with a broken bound.
+
+    Raises:
+        ValueError: ``f`` and ``stderr`` of different shapes, a non-finite ``exact``, a negative
+            ``window`` or a negative ``sigmas``.
+    """
+    f = _as_array("f", f).reshape(-1)
+    se = None if stderr is None else _as_array("stderr", stderr).reshape(-1)
+    if se is not None and se.shape != f.shape:
+        raise ValueError(f"stderr must have the shape of f, ({f.size},), got shape={se.shape}")
+    if not math.isfinite(exact):
+        raise ValueError(f"exact must be finite, got exact={exact!r}")
+    if window is not None and (isinstance(window, bool) or not isinstance(window, (int, np.integer)) or window < 0):
+        raise ValueError(f"window must be a non-negative integer or None, got window={window!r}")
+    if not sigmas >= 0:
+        raise ValueError(f"sigmas must be >= 0, got sigmas={sigmas!r}")
+    w = _running_window(f.size) if window is None else (int(window) or None)
+    below = _below_exact(f, se, exact, w, sigmas)
+    return int((below["broken"] | below["running_broken"]).sum())
+
+
+def _y_limits(ax: plt.Axes, f: np.ndarray, exact: float | None) -> None:
+    """Y-limits that show every finite value and the exact line; symlog when early values are outliers.
+
+    The scale turns symmetric-logarithmic (linear over the late values) when the values reach
+    more than ``_OUTLIER_RATIO`` times the spread of the second half (with the exact value) beyond it.
+    """
+    vals = f[np.isfinite(f)]
+    if vals.size == 0:
+        return
+    late = vals[vals.size // 2:]
+    if exact is not None:
+        vals, late = np.append(vals, exact), np.append(late, exact)
+    lo, hi = float(vals.min()), float(vals.max())
+    late_lo, late_hi = float(late.min()), float(late.max())
+    late_span = max(late_hi - late_lo, 1e-12 * max(abs(lo), abs(hi), 1.0))
+    if max(hi - late_hi, late_lo - lo) > _OUTLIER_RATIO * late_span:
+        ax.set_yscale("symlog", linthresh=max(abs(late_lo), abs(late_hi), late_span))
+    if hi == lo:
+        lo, hi = lo - max(0.01 * abs(lo), 1e-3), hi + max(0.01 * abs(hi), 1e-3)
+    t = ax.yaxis.get_transform()
+    tlo, thi = t.transform([lo, hi])
+    pad = 0.05 * (thi - tlo)
+    ax.set_ylim(*t.inverted().transform([tlo - pad, thi + pad]))
+
+
+def _mark_below(ax: plt.Axes, x: np.ndarray, y: np.ndarray, running: np.ndarray | None,
+                below: dict[str, np.ndarray | None], legend: bool = True) -> None:
+    """Loud marks at the values below exact: red beyond 3 standard errors, orange within them.
+
+    ``y`` and ``running`` are the values drawn (F/N or |F/N − exact|) for the masks in ``below``;
+    ``legend``: give the marks legend entries.
+    """
+    for kind, colour, text in (("broken", _BROKEN, "bound broken"), ("noisy", _NOISY, "within 3 s.e.")):
+        mask = below[kind]
+        if mask.any():
+            ax.plot(x[mask], y[mask], ls="none", marker="v", ms=5 if kind == "broken" else 4, color=colour,
+                    mfc=colour if kind == "broken" else "none", zorder=5,
+                    label=f"below exact: {text}" if legend else None)
+        mask = below[f"running_{kind}"]
+        if running is not None and mask.any():
+            ax.plot(x, np.where(mask, running, np.nan), color=colour, lw=2.5, marker="v", ms=3, zorder=4,
+                    label=f"running mean below exact: {text}" if legend else None)
+
+
+def _convergence_figure(log: pd.DataFrame | str | Path, exact: float | None, *, column: str | None = None,
+                        title: str = "", spins: np.ndarray | None = None, zoom: bool = True,
+                        exact_label: str = "exact (finite L)") -> plt.Figure:
+    """The figure of :func:`plot_convergence`, not saved (the caller closes it); same arguments but ``path``."""
     if not isinstance(log, pd.DataFrame):
         log = pd.read_csv(log)
-    if len(log) == 0 or "free_energy" not in log:
-        raise ValueError("log must have at least one row with a 'free_energy' column")
+    accepted = ", ".join(repr(c) for c in _FREE_ENERGY_COLUMNS)
+    if column is None:
+        column = next((c for c in ("free_energy_hs", "free_energy") if c in log), None)
+        if column is None:
+            raise ValueError(f"log must have a free-energy column, one of {accepted} (column=None picks "
+                             f"'free_energy_hs', else 'free_energy'); got columns {list(log.columns)}")
+    elif column not in _FREE_ENERGY_COLUMNS:
+        raise ValueError(f"column must be None or one of {accepted}, got column={column!r}")
+    elif column not in log:
+        raise ValueError(f"log has no column {column!r} (accepted free-energy columns: {accepted}); "
+                         f"got columns {list(log.columns)}")
+    if len(log) == 0:
+        raise ValueError(f"log must have at least one row with a {column!r} column")
+    if exact is not None and not math.isfinite(exact):
+        raise ValueError(f"exact must be a finite number or None, got exact={exact!r}")
+    f = log[column].to_numpy(dtype=np.float64)
+    e = log["epoch"].to_numpy(dtype=np.float64) if "epoch" in log else np.arange(1.0, len(f) + 1)
+    se = log["stderr"].to_numpy(dtype=np.float64) if "stderr" in log else None
+    w = _running_window(len(f))
+    below = _below_exact(f, se, exact if exact is not None else -np.inf, w)
+    rm = below["running"]
+    norm = _FREE_ENERGY_COLUMNS[column]
+
     two = zoom and exact is not None
-    fig, axes = plt.subplots(1, 2 if two else 1, figsize=(10 if two else 5.5, 4), squeeze=False)
+    fig, axes = plt.subplots(1, 2 if two else 1, figsize=(10.5 if two else 5.5, 4.2), squeeze=False)
     ax = axes[0, 0]
-    e, f = log["epoch"].to_numpy(), log["free_energy"].to_numpy()
-    ax.plot(e, f, lw=0.8, label="variational $F/N$ (eq. 7)")
-    if len(f) >= 20:
-        w = max(5, len(f) // 50)
-        ax.plot(e, pd.Series(f).rolling(w, min_periods=1).mean(), lw=1.5, label=f"running mean ({w})")
+    if se is not None:
+        ax.fill_between(e, f - se, f + se, color="tab:blue", alpha=0.25, lw=0, label="± 1 standard error")
+    ax.plot(e, f, color="tab:blue", lw=0.8, label="variational $F/N$ (batch mean)")
+    if rm is not None:
+        ax.plot(e, rm, color="tab:green", lw=1.5, label=f"running mean ({w} steps)")
     if exact is not None:
-        ax.axhline(exact, color="red", lw=1.2, label=f"exact {exact:.6f}")
-        lo = exact - 0.02 * abs(exact)
-        ax.set_ylim(lo, max(np.nanpercentile(f, 98), exact + 0.05 * abs(exact)))
-    ax.set_xlabel("epoch")
-    ax.set_ylabel(r"$F/N = -\ln Z/N$")
-    ax.legend(loc="upper right", fontsize=8)
+        ax.axhline(exact, color="black", ls="--", lw=1.2, label=f"{exact_label}: {exact:.6f}")
+        _mark_below(ax, e, f, rm, below, legend=not two)  # two panels: the error panel's legend says it
+    _y_limits(ax, f, exact)
+    ax.set_xlabel("training step")
+    ax.set_ylabel(rf"free energy per site, $-\ln Z/N$ ({norm})")
+    ax.legend(loc="upper right", fontsize=7)
     ax.set_title(title)
     if spins is not None:
         tile = spin_tile(spins)
-        inset = ax.inset_axes([0.45, 0.3, 0.5, 0.5])
+        inset = ax.inset_axes([0.53, 0.12, 0.42, 0.42])
         inset.imshow(tile, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
         inset.set_xticks([])
         inset.set_yticks([])
     if two:
         ax2 = axes[0, 1]
-        err = f - exact
-        ax2.semilogy(e, np.clip(err, 1e-6, None), lw=0.6, alpha=0.6, label="$F/N$ − exact")
-        if len(f) >= 20:
-            ax2.semilogy(e, np.clip(pd.Series(err).rolling(w, min_periods=1).mean(), 1e-6, None), lw=1.5,
-                         label="running mean")
-        ax2.set_xlabel("epoch")
-        ax2.set_ylabel("error per site")
-        ax2.legend(fontsize=8)
+        # log scale of |F/N − exact|: exact zeros are left out, nothing is clipped
+        with np.errstate(invalid="ignore"):
+            dist = np.where(f != exact, np.abs(f - exact), np.nan)
+            rdist = None if rm is None else np.where(rm != exact, np.abs(rm - exact), np.nan)
+        ax2.plot(e, dist, color="tab:blue", lw=0.6, alpha=0.6, label="$|F/N - $exact$|$ (batch mean)")
+        if se is not None:
+            ax2.plot(e, se, color="gray", ls=":", lw=1.0, label="standard error")
+        if rdist is not None:
+            ax2.plot(e, rdist, color="tab:green", lw=1.5, label=f"running mean ({w} steps)")
+        _mark_below(ax2, e, dist, rdist, below)
+        ax2.set_yscale("log")
+        ax2.set_xlabel("training step")
+        ax2.set_ylabel(f"$|F/N - $exact$|$ ({norm})")
+        ax2.set_title("distance to exact (▼: below exact)", fontsize=9)
+        ax2.legend(fontsize=7)
         ax2.grid(alpha=0.3, which="both")
+    n_bad = int((below["broken"] | below["running_broken"]).sum()) if exact is not None else 0
+    if n_bad:
+        fig.text(0.5, 1.0, f"F/N below exact at {n_bad} of {len(f)} training steps:{' ' if two else chr(10)}"
+                 "variational bound broken (integration too coarse?)", ha="center", va="bottom", color=_BROKEN, fontsize=11,
+                 fontweight="bold", bbox=dict(facecolor="#ffecec", edgecolor=_BROKEN, boxstyle="round"))
+    fig.tight_layout()
+    return fig
+
+
+def plot_convergence(log: pd.DataFrame | str | Path, exact: float | None, path: str | Path, *,
+                     title: str = "", spins: np.ndarray | None = None, zoom: bool = True, column: str | None = None,
+                     exact_label: str = "exact (finite L)") -> Path:
+    """Variational free energy per site against training step, with the exact line (paper Fig. 4).
+
+    The main panel shows every value (symmetric-log y when early values are outliers by more
+    than 100× the late spread), the ±1 standard-error band, a running mean and the exact line.
+    The error panel shows |F/N − exact| on a log scale, with the standard error for scale. As
+    F/N is an upper bound of −ln Z/N, values below exact are marked in both panels and never
+    clipped: red beyond 3 standard errors, orange within them; when :func:`bound_violations`
+    counts any step, a red warning heads the figure.
+
+    Args:
+        log: training log (DataFrame or CSV path) with a free-energy column (see ``column``) and
+            optionally ``epoch`` (else 1, 2, …) and ``stderr`` (standard error of the batch mean
+            per site, drawn as a band).
+        exact: exact −ln Z/N in the same normalisation as ``column``, drawn as a dashed line; None to omit.
+        path: output file; written as .png and .pdf.
+        title: figure title.
+        spins: optional grid of generated spin configurations, shape (k, L, L), drawn as an inset.
+        zoom: add a second panel with |F/N − exact| on a log scale (when ``exact`` is given).
+        column: ``"free_energy_hs"`` or ``"free_energy"`` (Hubbard-Stratonovich normalisation), or
+            ``"free_energy_ising"`` (Ising normalisation); None picks ``free_energy_hs`` if
+            present, else ``free_energy`` (older logs).
+        exact_label: legend entry of the exact line, e.g. ``"exact (Kaufman, finite L)"``.
+
+    Returns:
+        the PNG path.
+
+    Raises:
+        ValueError: no rows, no accepted free-energy column, or a non-finite ``exact``.
+    """
+    fig = _convergence_figure(log, exact, column=column, title=title, spins=spins, zoom=zoom,
+                              exact_label=exact_label)
     return _save(fig, path)
 
 

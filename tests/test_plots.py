@@ -1,11 +1,15 @@
 """Figures (analysis/plots.py): files are written as PNG and PDF; bad input raises ValueError."""
 
+import matplotlib
+import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import pytest
 import torch
 
 from analysis.plots import (
+    _convergence_figure,
+    bound_violations,
     plot_chains,
     plot_convergence,
     plot_magnetisation_histogram,
@@ -112,3 +116,166 @@ def test_plot_convergence_with_spin_inset(tmp_path):
     written(plot_convergence(csv, None, tmp_path / "conv_plain.png"))
     with pytest.raises(ValueError, match="free_energy"):
         plot_convergence(log.iloc[:0], -2.0, tmp_path / "empty.png")
+
+
+# ---------------------------------------------------------------------- convergence: columns, bound, limits
+def decaying_log(n=60, exact=-2.0, start=0.5, se=0.002, below=None, seed=5):
+    """A training log converging to ``exact`` from above; ``below``: shift the second half down by it."""
+    rng = np.random.default_rng(seed)
+    f = exact + start * np.exp(-np.arange(n) / (n / 8)) + 0.01 + se * rng.normal(size=n).clip(-2, 2)
+    if below is not None:
+        f[n // 2:] = exact - below
+    return pd.DataFrame({"epoch": np.arange(1, n + 1), "free_energy_hs": f, "free_energy_ising": f + 0.25,
+                         "stderr": np.full(n, se)})
+
+
+def panels(fig):
+    return [ax for ax in fig.axes if ax.get_label() != "<inset>" and ax.get_xlabel()]
+
+
+def all_text(fig):
+    texts = [t.get_text() for t in fig.texts]
+    for ax in fig.axes:
+        texts += [ax.get_xlabel(), ax.get_ylabel(), ax.get_title()]
+        if ax.get_legend() is not None:
+            texts += [t.get_text() for t in ax.get_legend().get_texts()]
+    return texts
+
+
+def test_plot_convergence_columns_and_labels(tmp_path):
+    log = decaying_log()
+    fig = _convergence_figure(log, -2.0, title="Ising L=4")
+    try:
+        main, err = panels(fig)
+        # None picks free_energy_hs (not the Ising column): the batch-mean line holds its values
+        (line,) = [ln for ln in main.get_lines() if ln.get_label() == "variational $F/N$ (batch mean)"]
+        np.testing.assert_array_equal(line.get_ydata(), log["free_energy_hs"])
+        assert "Hubbard-Stratonovich" in main.get_ylabel() and main.get_xlabel() == "training step"
+        legend = [t.get_text() for t in main.get_legend().get_texts()]
+        assert "running mean (5 steps)" in legend and "± 1 standard error" in legend
+        assert any(t.startswith("exact (finite L): -2.000000") for t in legend)
+        assert not any("eq." in t for t in all_text(fig))  # no internal equation numbers
+        assert len(main.collections) == 1  # the standard-error band
+        band = main.collections[0].get_paths()[0].vertices[:, 1]
+        assert band.max() == pytest.approx((log["free_energy_hs"] + 0.002).max())
+        assert fig.texts == []  # converging from above: no warning
+    finally:
+        plt.close(fig)
+    # the Ising column, with an exact value in the Ising normalisation
+    fig = _convergence_figure(log, -1.75, column="free_energy_ising", exact_label="exact (Kaufman, finite L)")
+    try:
+        main = panels(fig)[0]
+        assert "(Ising)" in main.get_ylabel()
+        np.testing.assert_array_equal(main.get_lines()[0].get_ydata(), log["free_energy_ising"])
+        assert any(t.startswith("exact (Kaufman, finite L)") for t in all_text(fig)) and fig.texts == []
+    finally:
+        plt.close(fig)
+    # old logs (free_energy, no stderr, no epoch) still work, and files are written
+    old = pd.DataFrame({"free_energy": log["free_energy_hs"]})
+    written(plot_convergence(old, -2.0, tmp_path / "old.png"))
+    csv = tmp_path / "new.csv"
+    log.to_csv(csv, index=False)
+    written(plot_convergence(csv, -2.0, tmp_path / "new.png", zoom=False))
+
+
+@pytest.mark.parametrize("log, column, match", [
+    (pd.DataFrame({"epoch": [1, 2], "loss": [1.0, 0.5]}), None, "'free_energy_hs', 'free_energy', 'free_energy_ising'"),
+    (pd.DataFrame({"epoch": [1, 2], "free_energy": [1.0, 0.5]}), "free_energy_ising", "no column 'free_energy_ising'"),
+    (pd.DataFrame({"epoch": [1, 2], "free_energy": [1.0, 0.5]}), "loss", "column must be None or one of"),
+    (pd.DataFrame({"epoch": [], "free_energy_hs": []}), None, "at least one row"),
+])
+def test_plot_convergence_bad_columns(tmp_path, log, column, match):
+    with pytest.raises(ValueError, match=match):
+        plot_convergence(log, -2.0, tmp_path / "bad.png", column=column)
+    assert not (tmp_path / "bad.png").exists()
+
+
+def test_bound_violations_counts():
+    exact = -2.0
+    assert bound_violations([-1.9, -1.99, -2.0], [0.01] * 3, exact) == 0  # equal to exact is no violation
+    assert bound_violations([-2.05], [0.01], exact) == 1  # 5 standard errors below
+    assert bound_violations([-2.05], [0.02], exact) == 0  # 2.5 standard errors: noise
+    assert bound_violations([-2.05], None, exact) == 1  # no standard errors: any value below counts
+    assert bound_violations([-2.05], [np.nan], exact) == 1
+    assert bound_violations([np.nan, -1.9], None, exact) == 0
+    assert bound_violations([-2.05], [0.02], exact, sigmas=2.0) == 1
+    # running mean: 20 steps 2 s.e. above, then 20 steps 2.5 s.e. below (each within noise alone);
+    # the 5-step mean has s.e. 0.001/√5, so it is significantly below from the window ending at step 23 on
+    f = np.r_[np.full(20, exact + 0.002), np.full(20, exact - 0.0025)]
+    se = np.full(40, 0.001)
+    assert bound_violations(f, se, exact, window=0) == 0
+    assert bound_violations(f, se, exact, window=5) == 17
+    assert bound_violations(f, se, exact) == 17  # default window for 40 steps: max(5, 40 // 50) = 5
+    assert bound_violations(torch.from_numpy(f), se, exact, window=40) == 0  # the full mean is above exact
+    with pytest.raises(ValueError, match=r"shape of f, \(40,\)"):
+        bound_violations(f, se[:3], exact)
+    with pytest.raises(ValueError, match="exact must be finite"):
+        bound_violations(f, se, float("nan"))
+    with pytest.raises(ValueError, match="window must be"):
+        bound_violations(f, se, exact, window=-1)
+
+
+@pytest.mark.parametrize("zoom", [True, False])
+def test_plot_convergence_warns_below_exact(tmp_path, zoom):
+    log = decaying_log(below=0.02)  # second half 10 standard errors below exact
+    n_bad = bound_violations(log["free_energy_hs"], log["stderr"], -2.0)
+    assert n_bad == 30
+    fig = _convergence_figure(log, -2.0, zoom=zoom)
+    try:
+        (text,) = fig.texts
+        assert "F/N below exact at 30 of 60 training steps" in text.get_text()
+        assert "variational bound broken" in text.get_text()
+        assert matplotlib.colors.same_color(text.get_color(), "red")
+        # the broken points are drawn as red markers with a legend entry in the last panel
+        ax = panels(fig)[-1]
+        (marks,) = [ln for ln in ax.get_lines() if ln.get_label() == "below exact: bound broken"]
+        assert matplotlib.colors.same_color(marks.get_color(), "red") and len(marks.get_xdata()) == 30
+    finally:
+        plt.close(fig)
+    written(plot_convergence(log, -2.0, tmp_path / "broken.png", zoom=zoom))
+
+
+def test_plot_convergence_limits_show_first_point_and_values_below_exact():
+    # a moderate decay (the old 98th-percentile limit cut off the first points)
+    log = decaying_log(n=40)
+    f = log["free_energy_hs"].to_numpy()
+    fig = _convergence_figure(log, -2.0)
+    try:
+        main = panels(fig)[0]
+        lo, hi = main.get_ylim()
+        assert main.get_yscale() == "linear" and lo < -2.0 and lo < f.min() and hi > f[0] == f.max()
+    finally:
+        plt.close(fig)
+    # huge first values: symlog, still everything inside; values below exact are not hidden either
+    log = decaying_log(below=0.05)
+    log.loc[0, "free_energy_hs"] = 1e3
+    f = log["free_energy_hs"].to_numpy()
+    fig = _convergence_figure(log, -2.0, spins=np.ones((4, 3, 3)))
+    try:
+        main = panels(fig)[0]
+        lo, hi = main.get_ylim()
+        assert main.get_yscale() == "symlog"
+        assert lo < f.min() == -2.05 and hi > f[0] == 1e3
+    finally:
+        plt.close(fig)
+
+
+def test_plot_convergence_error_panel_does_not_clip():
+    exact = -2.0
+    log = decaying_log(below=1e-3, se=1e-4)
+    f = log["free_energy_hs"].to_numpy()
+    fig = _convergence_figure(log, exact)
+    try:
+        err_ax = panels(fig)[1]
+        assert err_ax.get_yscale() == "log"
+        ys = np.concatenate([np.asarray(ln.get_ydata(), dtype=float) for ln in err_ax.get_lines()])
+        ys = ys[np.isfinite(ys)]
+        assert (ys > 0).all() and not np.isclose(ys, 1e-6, rtol=1e-3, atol=0).any()
+        # |F/N − exact| of the values below exact is what is drawn for them, not a floor
+        (line,) = [ln for ln in err_ax.get_lines() if ln.get_label().startswith("$|F/N")]
+        np.testing.assert_allclose(line.get_ydata(), np.abs(f - exact))
+        (marks,) = [ln for ln in err_ax.get_lines() if ln.get_label() == "below exact: bound broken"]
+        np.testing.assert_allclose(marks.get_ydata(), 1e-3)
+        assert err_ax.get_ylim()[0] < 1e-3
+    finally:
+        plt.close(fig)
