@@ -13,46 +13,51 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import torch
+from latticeflow.cli import (checkpoint_file, fraction, int_at_least, nonnegative_int, positive_float, positive_int,
+                             run_cli)
+from latticeflow.distributed import setup_run
 
 from .report import ReportSettings, run_report
 
 _D = ReportSettings()
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m analysis", description="Physics report on a trained Ising flow "
                                 "(free energies, observables, latent/physical HMC, independence sampler).",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("checkpoint", help="checkpoint.pt written by models/ising.py")
+    p.add_argument("checkpoint", type=checkpoint_file, help="checkpoint.pt written by models/ising.py (or its run folder)")
     p.add_argument("--out", default=None, help="report folder (default: <checkpoint folder>/report)")
-    p.add_argument("--samples", type=int, default=_D.samples, help="i.i.d. flow samples for F and observables")
-    p.add_argument("--batch", type=int, default=_D.batch, help="flow samples per call")
-    p.add_argument("--hmc-samples", type=int, default=_D.hmc_samples, help="stored HMC iterations per chain")
-    p.add_argument("--hmc-chains", type=int, default=_D.hmc_chains, help="HMC chains")
-    p.add_argument("--hmc-leapfrog", type=int, default=_D.hmc_leapfrog, help="leapfrog steps per trajectory")
-    p.add_argument("--hmc-warmup", type=int, default=_D.hmc_warmup, help="step-size adaptation iterations")
-    p.add_argument("--target-accept", type=float, default=_D.target_accept, help="HMC acceptance aimed at")
-    p.add_argument("--step-size", type=float, default=_D.step_size, help="initial leapfrog step")
+    p.add_argument("--samples", type=int_at_least(2), default=_D.samples, help="i.i.d. flow samples for F and observables")
+    p.add_argument("--batch", type=positive_int, default=_D.batch, help="flow samples per call")
+    p.add_argument("--hmc-samples", type=int_at_least(2), default=_D.hmc_samples, help="stored HMC iterations per chain")
+    p.add_argument("--hmc-chains", type=positive_int, default=_D.hmc_chains, help="HMC chains")
+    p.add_argument("--hmc-leapfrog", type=positive_int, default=_D.hmc_leapfrog, help="leapfrog steps per trajectory")
+    p.add_argument("--hmc-warmup", type=nonnegative_int, default=_D.hmc_warmup, help="step-size adaptation iterations")
+    p.add_argument("--target-accept", type=fraction, default=_D.target_accept, help="HMC acceptance aimed at")
+    p.add_argument("--step-size", type=positive_float, default=_D.step_size, help="initial leapfrog step")
     p.add_argument("--skip-hmc", action="store_true", help="skip latent and physical HMC")
-    p.add_argument("--independence", type=int, default=_D.independence,
+    p.add_argument("--independence", type=nonnegative_int, default=_D.independence,
                    help="independence-sampler chain length (0: skip)")
-    p.add_argument("--sw-sweeps", type=int, default=_D.sw_sweeps, help="Swendsen-Wang sweeps per chain (0: skip)")
-    p.add_argument("--sw-chains", type=int, default=_D.sw_chains, help="Swendsen-Wang chains")
+    p.add_argument("--sw-sweeps", type=nonnegative_int, default=_D.sw_sweeps, help="Swendsen-Wang sweeps per chain (0: skip)")
+    p.add_argument("--sw-chains", type=positive_int, default=_D.sw_chains, help="Swendsen-Wang chains")
     p.add_argument("--seed", type=int, default=_D.seed)
-    p.add_argument("--L", type=int, default=None, help="expected lattice size (error if the checkpoint differs)")
+    p.add_argument("--L", type=int_at_least(2), default=None, help="expected lattice size (error if the checkpoint differs)")
     p.add_argument("--dtype", default=_D.dtype, choices=["float64", "float32"], help="precision of the analysis")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads")
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--quiet", action="store_true")
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Run the report; raises ValueError/FileNotFoundError on bad input (the CLI prints them)."""
     args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    setup_run("cpu", args.threads, verbose=not args.quiet)
     settings = ReportSettings(samples=args.samples, batch=args.batch, hmc_samples=args.hmc_samples,
                               hmc_chains=args.hmc_chains, hmc_leapfrog=args.hmc_leapfrog, hmc_warmup=args.hmc_warmup,
                               target_accept=args.target_accept, step_size=args.step_size, skip_hmc=args.skip_hmc,
@@ -63,8 +68,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     return run_report(args.checkpoint, out, settings)
 
 
+def cli(argv: list[str] | None = None) -> int:
+    """:func:`main` for the shell: a bad value or checkpoint is one ``error:`` line and exit status 2."""
+    return run_cli(main, build_parser(), argv)
+
+
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, FileNotFoundError) as e:
-        sys.exit(f"error: {e}")
+    sys.exit(cli())

@@ -39,7 +39,7 @@ import torch
 
 from latticeflow import ising
 from latticeflow.build import build_flow
-from latticeflow.checkpoint import CheckpointError, load_checkpoint
+from latticeflow.checkpoint import CheckpointError, check_kind, checkpoint_kind, load_checkpoint
 from latticeflow.flow import MongeAmpereFlow
 from latticeflow.ising import IsingHS
 
@@ -174,6 +174,8 @@ def load_model(checkpoint: str | os.PathLike, L: int | None = None,
     """
     path = Path(checkpoint)
     state = load_checkpoint(path, required=("config", "model"))
+    if checkpoint_kind(state) is not None:  # another driver's checkpoint is named; an unknown one is checked below
+        check_kind(state, path, "ising")
     cfg = state["config"]
     if not isinstance(cfg, dict) or not {"L", "beta"} <= set(cfg):
         have = sorted(cfg) if isinstance(cfg, dict) else type(cfg).__name__
@@ -421,7 +423,7 @@ def run_report(checkpoint: str | os.PathLike, out_dir: str | os.PathLike,
             figures.append(plots.plot_chains({k: v.energy for k, v in hmc_runs.items()}, out / "hmc_energy.png",
                                              quantity="$E/N$", title=title))
         log = pd.DataFrame.from_records(state.get("log") or [])
-        if len(log) and {"epoch", "free_energy"} <= set(log.columns):
+        if len(log) and "epoch" in log and ({"free_energy_hs", "free_energy"} & set(log.columns)):
             figures.append(plots.plot_convergence(log, fe.exact.get("free_energy_hs"), out / "convergence.png",
                                                   title=title, spins=fe.spins[:9] if fe.spins.size else None))
 

@@ -48,6 +48,26 @@ DEFAULTS: dict[str, Any] = {
     "mixture": "none",
 }
 MIXTURES = ("none", "z2", "d4", "d4+z2")
+#: Keys of a run's config that describe the target and the training, not the flow: build_flow
+#: accepts and ignores them, so a checkpoint's whole config rebuilds its flow.
+RUN_KEYS = frozenset({"L", "beta", "beta_name", "J", "batch", "lr", "weight_decay", "epochs", "grad_clip", "warmup",
+                      "schedule", "seed"})
+
+
+def check_config_keys(config: dict[str, Any]) -> None:
+    """Refuse keys that are neither flow settings (:data:`DEFAULTS`) nor run settings (:data:`RUN_KEYS`).
+
+    Raises:
+        ValueError: naming the unknown keys, the closest valid names, and every valid key.
+    """
+    import difflib
+
+    valid = sorted(set(DEFAULTS) | RUN_KEYS)
+    unknown = sorted(set(config) - set(valid))
+    if unknown:
+        hints = [f"{k!r} (did you mean {m[0]!r}?)" if (m := difflib.get_close_matches(k, valid, n=1)) else repr(k)
+                 for k in unknown]
+        raise ValueError(f"unknown config key(s) {', '.join(hints)}; valid keys: {', '.join(valid)}")
 
 
 def _kernel_size(value: Any, L: int) -> int:
@@ -71,7 +91,12 @@ def make_group(name: str, lattice: SquareLattice) -> SymmetryGroup:
 
 
 def build_potential(config: dict[str, Any], lattice: SquareLattice) -> Potential:
-    """The potential described by ``config`` on ``lattice`` (see the module docstring)."""
+    """The potential described by ``config`` on ``lattice`` (see the module docstring).
+
+    Raises:
+        ValueError: an unknown key (see :func:`check_config_keys`) or value.
+    """
+    check_config_keys(config)
     cfg = {**DEFAULTS, **config}
     parts = cfg["potential"].split("+")
     for p in parts:
@@ -107,6 +132,7 @@ def build_flow(config: dict[str, Any], lattice: SquareLattice) -> MongeAmpereFlo
     :class:`~latticeflow.mixture.SymmetricMixture` over that group, which makes the density
     exactly invariant (at |G| times the cost).
     """
+    check_config_keys(config)
     cfg = {**DEFAULTS, **config}
     check_choice("dtype", cfg["dtype"], tuple(DTYPES))
     check_choice("mixture", cfg["mixture"], MIXTURES)

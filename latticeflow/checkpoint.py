@@ -17,6 +17,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from .runs import umask_mode
+
 
 class CheckpointError(ValueError):
     """A checkpoint file that cannot be read or does not fit the model at hand."""
@@ -32,12 +34,41 @@ def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> Path:
             torch.save(state, f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, umask_mode())  # mkstemp makes 0600; a checkpoint gets the mode of the other outputs
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
     return path
+
+
+#: Which driver writes which kind of checkpoint (named in errors when one is handed to the other).
+DRIVERS = {"ising": "python -m models.ising", "mnist": "python -m models.mnist"}
+
+
+def checkpoint_kind(state: dict[str, Any]) -> str | None:
+    """``"ising"``, ``"mnist"`` or None: the ``kind`` a trainer recorded, else read off the config
+    (checkpoints written before ``kind`` existed)."""
+    kind = state.get("kind")
+    if isinstance(kind, str):
+        return kind
+    config = state.get("config") or {}
+    if "L" in config and "beta" in config:
+        return "ising"
+    if "n_validation" in config or "patience" in config:
+        return "mnist"
+    return None
+
+
+def check_kind(state: dict[str, Any], path: str | os.PathLike, kind: str) -> None:
+    """Raise :class:`CheckpointError` naming the file and its kind when it is not a ``kind`` checkpoint."""
+    found = checkpoint_kind(state)
+    if found != kind:
+        names = {"ising": "an Ising checkpoint", "mnist": "an MNIST checkpoint"}
+        what = names.get(found, f"a {found} checkpoint") if found else "not a checkpoint of a known kind"
+        hint = f" (written by {DRIVERS[found]}; resume it there)" if found in DRIVERS else ""
+        raise CheckpointError(f"{path} is {what}{hint}, not {names.get(kind, f'a {kind} checkpoint')}")
 
 
 def load_checkpoint(path: str | os.PathLike, required: tuple[str, ...] = ("model",)) -> dict[str, Any]:

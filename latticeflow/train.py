@@ -24,6 +24,8 @@ random stream, and its checkpoints hold every rank's generator state.
 
 from __future__ import annotations
 
+import collections
+import copy
 import math
 import signal
 import time
@@ -37,11 +39,18 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from . import distributed as dist
+from ._checks import check_size
 from .checkpoint import CheckpointError, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 
 
 class TrainingDiverged(RuntimeError):
-    """Raised when the loss becomes NaN or infinite."""
+    """Raised when the loss becomes NaN or infinite, or blows up (see :meth:`Trainer.divergence`)."""
+
+
+#: The divergence rule's parameters (see :meth:`Trainer.divergence`).
+DIVERGENCE_WINDOW = 50
+DIVERGENCE_MIN_HISTORY = 10
+DIVERGENCE_FACTOR = 10.0
 
 
 class Target(Protocol):
@@ -91,6 +100,8 @@ class Trainer:
             resumes on M ranks, exactly when M = N. Without it (the default), all ranks share
             one stream and every rank restores the saved one.
         seed: the run's seed, for such fresh streams (default: ``config["seed"]``, else 0).
+        kind: what the checkpoints hold ("ising", "mnist"), recorded so that a driver handed the
+            other driver's checkpoint can say so.
     """
 
     def __init__(
@@ -106,6 +117,7 @@ class Trainer:
         progress: bool = True,
         rank_streams: bool = False,
         seed: int | None = None,
+        kind: str | None = None,
     ) -> None:
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
         self.config = dict(config or {})
@@ -117,8 +129,14 @@ class Trainer:
         self.seed = int(seed if seed is not None else self.config.get("seed", 0))
         self.epoch = 0
         self.records: list[dict[str, float]] = []
+        self.kind = kind
         self._stop_signal: int | None = None
         self.last_checkpoint: Path | None = None
+        #: why the last :meth:`fit` ended: "epochs", "time", "signal", "diverged" (subclasses add theirs)
+        self.stop_reason: str | None = None
+        #: the signal that stopped it (SIGINT 2, SIGTERM 15), for the exit status 128 + signal
+        self.stop_signal: int | None = None
+        self._snapshots: collections.deque = collections.deque(maxlen=2)
 
     # ------------------------------------------------------------------ hooks
     def run_epoch(self, epoch: int) -> dict[str, float]:
@@ -160,6 +178,7 @@ class Trainer:
             rng["rank_generators"] = rank_generators if rank_generators is not None else self.gather_rank_generators()
         return {
             "format": "latticeflow-checkpoint-1",
+            "kind": self.kind,
             "config": self.config,
             "epoch": self.epoch,
             "world_size": dist.world_size(),
@@ -269,24 +288,118 @@ class Trainer:
 
         return restore
 
+    # ------------------------------------------------------------------ divergence
+    def divergence(self, record: dict[str, float]) -> str | None:
+        """Why ``record`` (the epoch just run) counts as diverged, or None. The documented rule:
+
+        1. the loss is NaN or infinite;
+        2. a jump: with at least :data:`DIVERGENCE_MIN_HISTORY` finite losses among the last
+           :data:`DIVERGENCE_WINDOW` epochs, spanning [lo, hi], the loss exceeds
+           hi + :data:`DIVERGENCE_FACTOR` · max(hi − lo, 1e-3·|hi|);
+        3. a rise: the loss exceeds the first epoch's loss by :data:`DIVERGENCE_FACTOR` times that
+           epoch's per-sample standard deviation (``loss_std`` of the record, see
+           :meth:`loss_scale`; |first loss| when the trainer logs none).
+
+        Only the loss is tested: other columns may legitimately be NaN (a standard deviation of
+        a batch of one). The rule reads the log, so it continues across resumes, and every rank
+        reaches the same verdict (the logged statistics are global).
+        """
+        loss = record.get("loss", float("nan"))
+        if not math.isfinite(loss):
+            return "non-finite loss"
+        history = [r["loss"] for r in self.records[-DIVERGENCE_WINDOW:] if math.isfinite(r.get("loss", math.nan))]
+        if len(history) >= DIVERGENCE_MIN_HISTORY:
+            lo, hi = min(history), max(history)
+            limit = hi + DIVERGENCE_FACTOR * max(hi - lo, 1e-3 * abs(hi))
+            if loss > limit:
+                return (f"loss {loss:.6g} jumped above its range [{lo:.6g}, {hi:.6g}] over the last {len(history)} "
+                        f"epochs (limit hi + {DIVERGENCE_FACTOR:g}·(hi − lo) = {limit:.6g})")
+        if self.records:
+            first = self.records[0]
+            scale = self.loss_scale(first)
+            scale = scale if scale is not None and math.isfinite(scale) and scale > 0 else abs(first["loss"])
+            limit = first["loss"] + DIVERGENCE_FACTOR * scale
+            if loss > limit:
+                return (f"loss {loss:.6g} rose above the first epoch's {first['loss']:.6g} by more than "
+                        f"{DIVERGENCE_FACTOR:g} standard deviations ({scale:.4g} each; limit {limit:.6g})")
+        return None
+
+    def loss_scale(self, record: dict[str, float]) -> float | None:
+        """The per-sample standard deviation of the loss in ``record`` (None if not logged)."""
+        return record.get("loss_std")
+
+    #: Epochs back from the diverging one to the start of the last epoch whose own loss vouches for
+    #: its state: 2 when an epoch's loss is measured before its step (variational training: the
+    #: state after epoch k−2 produced epoch k−1's good loss), 1 when it is measured after its
+    #: updates (a validation loss at the end of the epoch).
+    verified_lag = 2
+
+    def _snapshot(self) -> dict[str, Any]:
+        """This rank's training state in memory (model, optimiser, scheduler, RNG, epoch, log length)."""
+        return copy.deepcopy({
+            "model": dist.unwrap(self.model).state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+            "rng": rng_state(self.generator),
+            "epoch": self.epoch,
+        })
+
+    def _restore_snapshot(self, snap: dict[str, Any]) -> None:
+        dist.unwrap(self.model).load_state_dict(snap["model"])
+        self.optimizer.load_state_dict(snap["optimizer"])
+        if self.scheduler is not None and snap["scheduler"] is not None:
+            self.scheduler.load_state_dict(snap["scheduler"])
+        set_rng_state(snap["rng"], self.generator)
+        self.epoch = int(snap["epoch"])
+        del self.records[self.epoch:]
+
+    def _diverged(self, reason: str, record: dict[str, float]) -> None:
+        """Keep the log up to the last good epoch and a verified checkpoint, then raise."""
+        bad = self.epoch + 1
+        self._write_log()  # every good epoch, whether or not a checkpoint was written since
+        where = f"the log up to epoch {self.epoch} is in {self.out_dir / 'log.csv'}" if self.out_dir else ""
+        snaps = self._snapshots
+        finite = len(snaps) >= self.verified_lag and all(
+            torch.isfinite(v).all() for v in snaps[-self.verified_lag]["model"].values() if v.is_floating_point())
+        if self.out_dir is not None and finite:
+            self._restore_snapshot(snaps[-self.verified_lag])
+            self.save()
+            where += (f"; {self.last_checkpoint} holds the state after epoch {self.epoch}, the last one a good "
+                      f"loss vouches for")
+        elif self.last_checkpoint is not None:
+            where += f"; last good checkpoint kept at {self.last_checkpoint}"
+        self.stop_reason = "diverged"
+        shown = {k: round(v, 6) if isinstance(v, float) else v for k, v in record.items()}
+        raise TrainingDiverged(f"training diverged at epoch {bad} ({reason}; {shown}); last good epoch {bad - 1}"
+                               + (f"; {where}" if where else ""))
+
+    # ------------------------------------------------------------------ loop
     def fit(self, epochs: int, max_minutes: float | None = None) -> pd.DataFrame:
         """Train until ``epochs`` epochs in total have run (counting resumed ones).
 
-        Stops early, with a checkpoint, when ``max_minutes`` of wall time pass or on
-        SIGINT/SIGTERM. Raises :class:`TrainingDiverged` on a non-finite loss, keeping the
-        last good checkpoint on disk.
+        Stops early, with a checkpoint, when ``max_minutes`` of wall time pass
+        (``stop_reason = "time"``) or on SIGINT/SIGTERM (``"signal"``, the signal number in
+        ``stop_signal``); ``"epochs"`` when all epochs ran.
+
+        Raises:
+            TrainingDiverged: the loss met the rule of :meth:`divergence`. The message names the
+                epoch; the log keeps every good epoch and the checkpoint a state that a good loss
+                vouches for (never the diverged weights).
         """
         start = time.perf_counter()
         wall0 = self.records[-1]["wall_time"] if self.records else 0.0
         restore_signals = self.catch_signals()
         bar = tqdm(total=epochs, initial=self.epoch, disable=not (self.progress and dist.is_main()),
                    dynamic_ncols=True, leave=False)
+        self.stop_reason = "epochs"
+        self._snapshots: collections.deque = collections.deque(maxlen=2)
         try:
             while self.epoch < epochs:
+                self._snapshots.append(self._snapshot())
                 record = self.run_epoch(self.epoch)
-                if not all(math.isfinite(v) for v in record.values() if isinstance(v, float)):
-                    kept = f"; last good checkpoint kept at {self.last_checkpoint}" if self.last_checkpoint else ""
-                    raise TrainingDiverged(f"non-finite loss at epoch {self.epoch} ({record}){kept}")
+                reason = self.divergence(record)
+                if reason is not None:
+                    self._diverged(reason, record)
                 self.epoch += 1
                 record = {"epoch": self.epoch, **record, "lr": self.optimizer.param_groups[0]["lr"],
                           "wall_time": wall0 + time.perf_counter() - start}
@@ -301,14 +414,16 @@ class Trainer:
                     self.save()
                     self._write_log()
                 if stop_signal is not None:
+                    self.stop_reason, self.stop_signal = "signal", stop_signal
                     if dist.is_main():
                         where = self.last_checkpoint or "(no out_dir, nothing saved)"
-                        print(f"\nstopped by signal {stop_signal} after epoch {self.epoch}; checkpoint {where}; "
-                              f"resume with --resume {where}")
+                        print(f"\nstopped by signal {stop_signal} after epoch {self.epoch}; checkpoint {where}")
                     break
                 if out_of_time:
+                    self.stop_reason = "time"
                     if dist.is_main():
-                        print(f"\nwall-clock budget of {max_minutes} min reached after epoch {self.epoch}")
+                        print(f"\nwall-clock budget of {max_minutes:g} min reached after epoch {self.epoch}; "
+                              f"checkpoint {self.last_checkpoint}")
                     break
         finally:
             bar.close()
@@ -350,7 +465,7 @@ class VariationalTrainer(Trainer):
         self.target = target
         # draws through DDP's forward when wrapped, so its backward all-reduces the gradients
         self._draw = flow if isinstance(flow, (DistributedDataParallel, dist.SampleModule)) else self.flow.sample
-        self.batch_size = int(batch_size)
+        self.batch_size = check_size("batch_size", batch_size)
         if grad_clip is not None and not (math.isfinite(grad_clip) and grad_clip > 0):
             raise ValueError(f"grad_clip must be None or a finite number > 0, got grad_clip={grad_clip!r}")
         self.grad_clip = grad_clip
@@ -375,16 +490,37 @@ class VariationalTrainer(Trainer):
         self.optimizer.step()
         fd = dist.all_gather(fd)
         N = self.target.N
+        f = float(fd.mean()) / N
+        # a batch of one has no standard deviation: NaN in the log, not a divergence
+        std = float(fd.std()) / N if fd.numel() > 1 else float("nan")
         return {
             "loss": float(loss),
-            "free_energy": float(fd.mean()) / N,
-            "stderr": float(fd.std() / math.sqrt(fd.numel())) / N,
-            "std": float(fd.std()) / N,
+            **{name: f + offset for name, offset in free_energy_columns(self.target).items()},
+            "stderr": float(fd.std() / math.sqrt(fd.numel())) / N if fd.numel() > 1 else float("nan"),
+            "std": std,
             "ess": float(kish_ess(-fd)),
         }
 
+    def loss_scale(self, record: dict[str, float]) -> float | None:
+        return record["std"] * self.target.N if "std" in record else None
+
     def postfix(self, record: dict[str, float]) -> dict[str, str]:
-        return {"F/N": f"{record['free_energy']:.5f}", "ess": f"{record['ess']:.3f}"}
+        name = next(iter(free_energy_columns(self.target)))
+        return {"F/N": f"{record[name]:.5f}", "ess": f"{record['ess']:.3f}"}
+
+
+def free_energy_columns(target: Any) -> dict[str, float]:
+    """Log columns of the variational F/N and the offset per site added to the target's F/N in each.
+
+    A target that knows several normalisations of its free energy says so in
+    ``free_energy_offsets`` (name → offset per site, the first being its own, offset 0): the
+    Ising HS target gives ``{"hs": 0, "ising": (ln Z_HS − ln Z_Ising)/N}``, logged as
+    ``free_energy_hs`` and ``free_energy_ising``. Other targets log ``free_energy``.
+    """
+    offsets = getattr(target, "free_energy_offsets", None)
+    if not offsets:
+        return {"free_energy": 0.0}
+    return {f"free_energy_{name}": float(off) for name, off in offsets.items()}
 
 
 def cosine_schedule(optimizer: torch.optim.Optimizer, epochs: int, warmup: int = 0,

@@ -23,7 +23,6 @@ stream if there is one, else starts a fresh one seeded from (seed, r, epoch)). A
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 import warnings
@@ -36,8 +35,12 @@ import torch
 
 from latticeflow import distributed as dist
 from latticeflow import ising
-from latticeflow.build import DEFAULTS, GROUPS, SYMMETRIZE, build_flow, parse_init_scale
-from latticeflow.checkpoint import load_checkpoint
+from latticeflow.build import DEFAULTS, DTYPES, GROUPS, MIXTURES, SYMMETRIZE, _kernel_size, build_flow, parse_init_scale
+from latticeflow.checkpoint import check_kind, load_checkpoint
+from latticeflow.cli import (beta_value, checkpoint_file, int_at_least, nonnegative_float, nonnegative_int,
+                             positive_float, positive_int, run_cli)
+from latticeflow.ising import critical
+from latticeflow.runs import RunFolder, claim_on_main, provenance, write_json
 from latticeflow.train import VariationalTrainer, cosine_schedule
 
 PAPER = {"L": 16, "hidden": 512, "n_steps": 50, "step_size": 0.1, "batch": 64, "lr": 1e-3,
@@ -60,71 +63,120 @@ DEFAULT = {"L": 8, "beta": "critical", "J": 1.0, "potential": "quadratic+conv+ml
 # the largest RK4 step measured to keep the variational bound (README, Results: 0.2 broke it at L=4)
 MAX_SAFE_STEP = 0.1
 
+#: Every key of a run's config and its built-in value (the flow's settings default to build.DEFAULTS).
+CONFIG: dict = {**{k: DEFAULTS[k] for k in ("bias", "channels", "kernel_size", "conv_layers", "init_scale", "mixture",
+                                              "grad_checkpoint")},
+                **DEFAULT, "grad_clip": None, "schedule": "cosine"}
+#: Config keys a resumed run may change; every other explicit flag must agree with the checkpoint.
+RESUME_OVERRIDES = ("epochs",)
+#: Files a run writes besides checkpoint, log, config and summary (removed by --force with them).
+OUTPUTS = ("convergence.png", "convergence.pdf")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The flags. Config flags default to None (then the preset, or the resumed checkpoint's value, applies)."""
+    p = argparse.ArgumentParser(prog="python -m models.ising", description=__doc__.split("\n\n")[0])
+    d = CONFIG
+    g = p.add_argument_group("model (defaults: the built-in default; --paper: the paper's appendix C)")
+    g.add_argument("--paper", action="store_true", help="the paper's hyperparameters (appendix C) as the defaults")
+    g.add_argument("--L", type=int_at_least(2), help=f"linear lattice size [{d['L']}]")
+    g.add_argument("--beta", type=beta_value, help=f"inverse temperature: a number > 0 or 'critical' [{d['beta']}]")
+    g.add_argument("--J", type=positive_float, help=f"ferromagnetic coupling > 0 [{d['J']}]")
+    g.add_argument("--potential", help=f"'+'-joined parts: mlp, quadratic, conv [{d['potential']}]")
+    g.add_argument("--hidden", type=positive_int, help=f"hidden width of the mlp potential [{d['hidden']}]")
+    g.add_argument("--activation", choices=("softplus", "lncosh", "tanh"), help=f"[{d['activation']}]")
+    g.add_argument("--bias", action=argparse.BooleanOptionalAction, default=None,
+                   help="biases in the mlp potential (--no-bias with lncosh: exactly Z2-even) [on]")
+    g.add_argument("--channels", type=positive_int, help=f"channels of the conv potential [{d['channels']}]")
+    g.add_argument("--conv-layers", type=int, choices=(1, 2), help=f"layers of the conv potential [{d['conv_layers']}]")
+    g.add_argument("--kernel-size", type=positive_int, help="odd kernel size of the conv potential, <= L "
+                   "[5, or the largest odd size <= L when L < 5]")
+    g.add_argument("--init-scale", type=parse_init_scale, help="std of the networks' initial readout weights (0: the "
+                   f"flow starts at the identity), or 'linear': U(±1/√h) like nn.Linear, as the original code "
+                   f"[{d['init_scale']}]")
+    g.add_argument("--time-dependent", action=argparse.BooleanOptionalAction, default=None,
+                   help=f"potentials depend linearly on t (paper section 6) [{d['time_dependent']}]")
+    g.add_argument("--n-steps", type=positive_int, help=f"RK4 steps d [{d['n_steps']}]")
+    g.add_argument("--step-size", type=positive_float, help=f"RK4 step ε [{d['step_size']}]")
+    g.add_argument("--symmetrize", choices=SYMMETRIZE, help=f"group averaging [{d['symmetrize']}]")
+    g.add_argument("--group", choices=GROUPS, help=f"symmetry group [{d['group']}]")
+    g.add_argument("--mixture", choices=MIXTURES,
+                   help=f"exact density symmetrisation by a group mixture (|G| times the cost) [{d['mixture']}]")
+    g.add_argument("--dtype", choices=tuple(DTYPES), help=f"[{d['dtype']}]")
+    g.add_argument("--grad-checkpoint", action=argparse.BooleanOptionalAction, default=None,
+                   help="recompute each RK4 step in backward (less memory) [off]")
+    g = p.add_argument_group("training")
+    g.add_argument("--batch", type=positive_int, help=f"global batch size [{d['batch']}]")
+    g.add_argument("--lr", type=positive_float, help=f"Adam learning rate [{d['lr']}]")
+    g.add_argument("--weight-decay", type=nonnegative_float, help=f"Adam weight decay [{d['weight_decay']}]")
+    g.add_argument("--epochs", type=positive_int, help=f"optimiser steps in all (on resume: may be raised) [{d['epochs']}]")
+    g.add_argument("--grad-clip", type=positive_float, help="clip the gradient norm at this value [none]")
+    g.add_argument("--warmup", type=nonnegative_int, help=f"learning-rate warm-up steps [{d['warmup']}]")
+    g.add_argument("--schedule", choices=("cosine", "constant"), help=f"learning-rate schedule [{d['schedule']}]")
+    g.add_argument("--seed", type=int, help=f"seed of the initialisation and the samples [{d['seed']}]")
+    g = p.add_argument_group("run")
+    g.add_argument("--out", default=None, help="output folder [runs/ising; with --resume: the checkpoint's folder]")
+    g.add_argument("--resume", type=checkpoint_file, default=None,
+                   help="continue the run of this checkpoint.pt (or run folder)")
+    g.add_argument("--force", action="store_true", help="replace the run already in --out (its files are deleted)")
+    g.add_argument("--max-minutes", type=positive_float, default=None, help="wall-clock budget (exit status 0)")
+    g.add_argument("--checkpoint-every", type=positive_int, default=100, help="epochs between checkpoints [100]")
+    g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:k [auto]")
+    g.add_argument("--tf32", action="store_true", help="allow TF32 matmuls on GPUs")
+    g.add_argument("--threads", type=positive_int, default=None,
+                   help="torch CPU threads [chosen from the idle CPUs, printed at start]")
+    g.add_argument("--no-plot", action="store_true", help="skip the convergence figure")
+    g.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--L", type=int, default=DEFAULT["L"], help="linear lattice size")
-    p.add_argument("--beta", default=DEFAULT["beta"], help="inverse temperature or 'critical'")
-    p.add_argument("--J", type=float, default=DEFAULT["J"], help="coupling")
-    p.add_argument("--potential", default=DEFAULT["potential"], help="'+'-joined parts: mlp, quadratic, conv")
-    p.add_argument("--hidden", type=int, default=DEFAULT["hidden"], help="hidden width of the mlp potential")
-    p.add_argument("--activation", default=DEFAULT["activation"], help="softplus, lncosh or tanh")
-    p.add_argument("--bias", action=argparse.BooleanOptionalAction, default=True,
-                   help="biases in the mlp potential (--no-bias with lncosh: exactly Z2-even)")
-    p.add_argument("--channels", type=int, default=DEFAULTS["channels"], help="channels of the conv potential")
-    p.add_argument("--conv-layers", type=int, default=DEFAULTS["conv_layers"], help="1 or 2 layers in the conv potential")
-    p.add_argument("--init-scale", type=parse_init_scale, default=DEFAULTS["init_scale"],
-                   help="std of the networks' initial readout weights (0: the flow starts at the identity), "
-                        "or 'linear': U(±1/√h) like nn.Linear, as the original code")
-    p.add_argument("--kernel-size", type=int, default=DEFAULTS["kernel_size"], help="odd kernel size of the conv potential, <= L "
-                   "(default: 5, or the largest odd size <= L when L < 5)")
-    p.add_argument("--time-dependent", action=argparse.BooleanOptionalAction, default=DEFAULT["time_dependent"],
-                   help="potentials depend linearly on t (paper section 6)")
-    p.add_argument("--n-steps", type=int, default=DEFAULT["n_steps"], help="RK4 steps d")
-    p.add_argument("--step-size", type=float, default=DEFAULT["step_size"], help="RK4 step ε")
-    p.add_argument("--batch", type=int, default=DEFAULT["batch"], help="global batch size")
-    p.add_argument("--lr", type=float, default=DEFAULT["lr"], help="Adam learning rate")
-    p.add_argument("--weight-decay", type=float, default=DEFAULT["weight_decay"], help="Adam weight decay")
-    p.add_argument("--epochs", type=int, default=DEFAULT["epochs"], help="optimiser steps")
-    p.add_argument("--grad-clip", type=float, default=None, help="clip the gradient norm at this value")
-    p.add_argument("--warmup", type=int, default=DEFAULT["warmup"], help="learning-rate warm-up steps")
-    p.add_argument("--schedule", default="cosine", choices=["cosine", "constant"], help="learning-rate schedule")
-    p.add_argument("--symmetrize", default=DEFAULT["symmetrize"], choices=SYMMETRIZE, help="group averaging")
-    p.add_argument("--group", default=DEFAULT["group"], choices=GROUPS, help="symmetry group")
-    p.add_argument("--mixture", default="none", choices=["none", "z2", "d4", "d4+z2"],
-                   help="exact density symmetrisation by a group mixture (|G| times the cost)")
-    p.add_argument("--dtype", default=DEFAULT["dtype"], choices=["float32", "float64"])
-    p.add_argument("--grad-checkpoint", action="store_true", help="recompute each RK4 step in backward")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:k")
-    p.add_argument("--tf32", action="store_true", help="allow TF32 matmuls on GPUs")
-    p.add_argument("--seed", type=int, default=DEFAULT["seed"])
-    p.add_argument("--out", default="runs/ising", help="output folder")
-    p.add_argument("--resume", default=None, help="checkpoint to resume from")
-    p.add_argument("--max-minutes", type=float, default=None, help="wall-clock budget")
-    p.add_argument("--checkpoint-every", type=int, default=100)
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    p.add_argument("--paper", action="store_true", help="use the paper's hyperparameters (appendix C)")
-    p.add_argument("--no-plot", action="store_true")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    if p.parse_known_args(argv)[0].paper:  # the paper's values become the defaults; explicit flags still win
-        p.set_defaults(**PAPER, warmup=0, schedule="constant")
-    return p.parse_args(argv)
+    return build_parser().parse_args(argv)
 
 
-def config_from_args(args: argparse.Namespace) -> dict:
-    return {"L": args.L, "beta": args.beta, "J": args.J, "potential": args.potential, "hidden": args.hidden,
-            "activation": args.activation, "bias": args.bias, "channels": args.channels, "kernel_size": args.kernel_size,
-            "conv_layers": args.conv_layers, "init_scale": args.init_scale,
-            "time_dependent": args.time_dependent, "n_steps": args.n_steps, "step_size": args.step_size,
-            "batch": args.batch, "lr": args.lr, "weight_decay": args.weight_decay, "epochs": args.epochs,
-            "grad_clip": args.grad_clip,
-            "warmup": args.warmup, "schedule": args.schedule, "symmetrize": args.symmetrize, "group": args.group,
-            "mixture": args.mixture, "dtype": args.dtype, "grad_checkpoint": args.grad_checkpoint, "seed": args.seed}
+def _resolve(config: dict) -> dict:
+    """A config with resolved values: beta as a number (its name kept in beta_name), the actual kernel size."""
+    cfg = {**CONFIG, **config}
+    name = cfg.get("beta_name")
+    if isinstance(cfg["beta"], str):
+        name = "critical" if cfg["beta"].lower() in ("critical", "c", "beta_c") else name
+        cfg["beta"] = critical if name == "critical" else float(cfg["beta"])
+    cfg["beta_name"] = name if name == "critical" and cfg["beta"] == critical else None
+    if "conv" in str(cfg["potential"]).split("+"):
+        cfg["kernel_size"] = _kernel_size(cfg["kernel_size"], int(cfg["L"]))
+    if isinstance(cfg["init_scale"], (int, float)):
+        cfg["init_scale"] = float(cfg["init_scale"])
+    return cfg
+
+
+def config_from_args(args: argparse.Namespace, base: dict | None = None) -> dict:
+    """The run's config: the preset (``--paper`` or the built-in default), or a resumed checkpoint's
+    config ``base``, updated by the flags given explicitly.
+
+    Raises:
+        ValueError: on resume, a flag that conflicts with the checkpoint (only epochs may change).
+    """
+    given = {k: v for k in CONFIG if (v := getattr(args, k, None)) is not None}
+    if base is None:
+        preset = {**CONFIG, **PAPER, "warmup": 0, "schedule": "constant"} if args.paper else CONFIG
+        return _resolve({**preset, **given})
+    base = _resolve(base)
+    if args.paper:
+        raise ValueError("--paper chooses a model, and a resumed run keeps the checkpoint's")
+    new = _resolve({**base, **given})
+    conflicts = {k: (given[k], base.get(k)) for k in given if k not in RESUME_OVERRIDES and new[k] != base.get(k)}
+    if conflicts:
+        text = ", ".join(f"--{k.replace('_', '-')} {v} (checkpoint: {old})" for k, (v, old) in conflicts.items())
+        raise ValueError(f"{text}: a resumed run keeps the checkpoint's configuration; only "
+                         f"{', '.join('--' + k for k in RESUME_OVERRIDES)} and the run flags (--max-minutes, "
+                         f"--threads, --device, ...) may change")
+    return new
 
 
 def make_trainer(config: dict, device: torch.device, out_dir: str | None, progress: bool = True,
                  checkpoint_every: int = 100) -> tuple[VariationalTrainer, object]:
     """Target, flow, optimiser, schedule and trainer for a config dict."""
+    config = _resolve(config)
     target = ising(config["L"], config["beta"], J=config["J"])
     if float(config["step_size"]) > MAX_SAFE_STEP:
         warnings.warn(f"RK4 step {config['step_size']} > {MAX_SAFE_STEP}: the integrated ln p may be too inaccurate "
@@ -140,49 +192,99 @@ def make_trainer(config: dict, device: torch.device, out_dir: str | None, progre
     trainer = VariationalTrainer(model, target, opt, batch_size=config["batch"], scheduler=sched, config=config,
                                  grad_clip=config.get("grad_clip"),
                                  out_dir=out_dir, generator=gen, progress=progress, checkpoint_every=checkpoint_every,
-                                 seed=config["seed"])
+                                 seed=config["seed"], kind="ising")
     return trainer, target
 
 
+def summarize(log, target, window: int = 50) -> dict:
+    """F/N over the last ``window`` epochs in both normalisations, against the exact values."""
+    last = log.iloc[-min(window, len(log)):]
+    col = "free_energy_hs" if "free_energy_hs" in last else "free_energy"
+    f_hs = float(last[col].mean())
+    exact_hs = target.exact_free_energy()
+    return {"free_energy_hs": f_hs, "free_energy_ising": target.to_ising_free_energy(f_hs),
+            "stderr": float(last[col].std() / len(last) ** 0.5) if len(last) > 1 else float("nan"),
+            "exact_hs": exact_hs, "exact_ising": target.to_ising_free_energy(exact_hs), "error": f_hs - exact_hs,
+            "ess": float(last["ess"].mean()),
+            "window": {"epochs": [int(last["epoch"].iloc[0]), int(last["epoch"].iloc[-1])], "n": len(last),
+                       "statistic": "mean of the per-epoch batch means; stderr = their std / sqrt(n)"},
+            "normalisation": "per site; hs: -ln Z_HS/N of the Hubbard-Stratonovich density (the variational "
+                             "loss), ising: -ln Z_Ising/N of the spin model (paper appendix B)"}
+
+
 def main(argv: list[str] | None = None) -> dict:
-    args = parse_args(argv)
-    device = dist.setup_run(args.device, args.threads, args.tf32)
-    config = config_from_args(args)
+    """Train (or resume) one run; returns its summary (with ``stop_reason`` and ``stop_signal``).
+
+    Raises:
+        ValueError: a bad value, an occupied output folder, a checkpoint of another kind or a
+            conflicting flag on resume (nothing is written then).
+        TrainingDiverged: the run diverged (log and a good checkpoint are kept).
+    """
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    base = None
     if args.resume:
-        saved = load_checkpoint(args.resume, required=("config",))["config"]
-        config = {**saved, "epochs": max(args.epochs, saved["epochs"]) if "--epochs" in (argv or sys.argv) else saved["epochs"]}
-    trainer, target = make_trainer(config, device, args.out, progress=not args.quiet,
+        state = load_checkpoint(args.resume, required=("config",))
+        check_kind(state, args.resume, "ising")
+        base = state["config"]
+    out = Path(args.out) if args.out is not None else (args.resume.parent if args.resume else Path("runs/ising"))
+    folder = RunFolder(out, resume=args.resume, force=args.force, outputs=OUTPUTS).check()
+    config = config_from_args(args, base)
+    if args.resume and config["epochs"] <= int(state.get("epoch", 0)):
+        raise ValueError(f"{args.resume} is at epoch {state.get('epoch')} already; pass --epochs N with N > "
+                         f"{state.get('epoch')} to train further")
+    device = dist.setup_run(args.device, args.threads, args.tf32, verbose=not args.quiet)
+    trainer, target = make_trainer(config, device, str(out), progress=not args.quiet,
                                    checkpoint_every=args.checkpoint_every)
     if args.resume:
         trainer.load(args.resume)
     exact = target.exact_free_energy()
-    if dist.is_main():
-        Path(args.out).mkdir(parents=True, exist_ok=True)
-        (Path(args.out) / "config.json").write_text(json.dumps(config, indent=2))
-        print(f"Ising L={config['L']} beta={target.beta:.10f}: N={target.N}, alpha={target.alpha:.6f}, "
-              f"exact -ln Z_HS/N = {exact:.10f}; potential {config['potential']}, "
-              f"{sum(p.numel() for p in trainer.flow.parameters())} parameters, {dist.world_size()} process(es)")
-    t0 = time.perf_counter()
-    log = trainer.fit(config["epochs"], max_minutes=args.max_minutes)
-    wall = time.perf_counter() - t0
-    last = log.iloc[-min(50, len(log)):]
-    summary = {"epochs": int(log["epoch"].iloc[-1]), "wall_s": wall, "free_energy": float(last["free_energy"].mean()),
-               "stderr": float(last["free_energy"].std() / len(last) ** 0.5), "exact": exact,
-               "ess": float(last["ess"].mean())}
-    summary["error"] = summary["free_energy"] - exact
-    if dist.is_main():
-        print(f"F/N (mean of last {len(last)} epochs) = {summary['free_energy']:.6f} ± {summary['stderr']:.6f}   "
-              f"exact = {exact:.6f}   error = {summary['error']:.2e}   ESS = {summary['ess']:.3f}   "
-              f"({summary['epochs']} epochs, {wall:.0f} s)")
-        (Path(args.out) / "summary.json").write_text(json.dumps(summary, indent=2))
-        if not args.no_plot:
-            from analysis.plots import plot_convergence
+    claim_on_main(folder)  # set-up succeeded: only now is anything written
+    try:
+        if dist.is_main():
+            write_json(out / "config.json", config)
+            print(f"Ising L={config['L']} beta={target.beta:.10f}{' (critical)' if config['beta_name'] else ''}: "
+                  f"N={target.N}, alpha={target.alpha:.6f}; exact -ln Z/N = {exact:.10f} (HS), "
+                  f"{target.to_ising_free_energy(exact):.10f} (Ising); potential {config['potential']}, "
+                  f"{sum(p.numel() for p in trainer.flow.parameters())} parameters, {dist.world_size()} process(es)"
+                  + (f"; resumed at epoch {trainer.epoch}" if args.resume else "") + f"; writing to {out}")
+        t0 = time.perf_counter()
+        log = trainer.fit(config["epochs"], max_minutes=args.max_minutes)
+        wall = time.perf_counter() - t0
+        summary = {"epochs": int(log["epoch"].iloc[-1]) if len(log) else 0, "stop_reason": trainer.stop_reason,
+                   "stop_signal": trainer.stop_signal, "wall_s": wall, **summarize(log, target),
+                   "provenance": provenance(device)}
+        if dist.is_main():
+            print(f"F/N (mean of epochs {summary['window']['epochs'][0]}-{summary['window']['epochs'][1]}) = "
+                  f"{summary['free_energy_hs']:.6f} ± {summary['stderr']:.6f} (HS; exact {exact:.6f}, error "
+                  f"{summary['error']:.2e}) = {summary['free_energy_ising']:.6f} (Ising; exact "
+                  f"{summary['exact_ising']:.6f});  ESS = {summary['ess']:.3f}  ({summary['epochs']} epochs, {wall:.0f} s)")
+            if summary["error"] < -3 * summary["stderr"]:
+                print("warning: F/N lies below the exact value by more than 3 standard errors: the variational "
+                      "bound is broken (RK4 steps too coarse?); do not use this number", file=sys.stderr)
+            write_json(out / "summary.json", summary)
+            if not args.no_plot:
+                from analysis.plots import plot_convergence
 
-            path = plot_convergence(log, exact, Path(args.out) / "convergence.png", title=f"Ising L={config['L']}")
-            print(f"wrote {path}")
+                path = plot_convergence(log, exact, out / "convergence.png", title=f"Ising L={config['L']}, β = {target.beta:.6g}",
+                                        exact_label="exact (Kaufman, finite L)")
+                print(f"wrote {path}")
+            resume = f"python -m models.ising --resume {out / 'checkpoint.pt'}"
+            if trainer.stop_reason == "signal":
+                print(f"interrupted by signal {trainer.stop_signal}; resume with: {resume}", file=sys.stderr)
+            elif trainer.stop_reason == "time":
+                print(f"stopped by the --max-minutes {args.max_minutes:g} budget after epoch {summary['epochs']} of "
+                      f"{config['epochs']}; continue with: {resume}")
+    finally:
+        folder.release()
     dist.cleanup()
     return summary
 
 
+def cli(argv: list[str] | None = None) -> int:
+    """:func:`main` for the shell; the exit status as in :mod:`latticeflow.cli`."""
+    return run_cli(main, build_parser(), argv)
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(cli())

@@ -50,7 +50,6 @@ exactly.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 import time
@@ -66,7 +65,16 @@ from torch import Tensor, nn  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 from latticeflow import distributed as dist  # noqa: E402
-from latticeflow.checkpoint import CheckpointError, load_checkpoint, save_checkpoint  # noqa: E402
+from latticeflow.checkpoint import check_kind, load_checkpoint, save_checkpoint  # noqa: E402
+from latticeflow.cli import (  # noqa: E402
+    checkpoint_file,
+    int_at_least,
+    nonnegative_float,
+    nonnegative_int,
+    positive_float,
+    positive_int,
+    run_cli,
+)
 from latticeflow.flow import MongeAmpereFlow  # noqa: E402
 from latticeflow.mnist import (  # noqa: E402
     PAPER_TEST_NLL,
@@ -80,6 +88,7 @@ from latticeflow.mnist import (  # noqa: E402
     split_train_validation,
 )
 from latticeflow.potentials import ConvPotential, MLPPotential, Potential  # noqa: E402
+from latticeflow.runs import RunFolder, claim_on_main, provenance, write_json  # noqa: E402
 from latticeflow.train import Trainer  # noqa: E402
 
 __all__ = [
@@ -142,6 +151,8 @@ DEFAULT: dict[str, Any] = {
 
 #: Keys a resumed run may change; any other explicit flag must agree with the checkpoint.
 RESUME_OVERRIDES = ("epochs", "patience", "eval_batch", "grad_checkpoint")
+#: Files a run writes besides checkpoint, log, config and summary (removed by --force with them).
+OUTPUTS = ("best.pt", *(f"{name}.{ext}" for name in ("samples", "gaussianization", "nll") for ext in ("png", "pdf")))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -493,6 +504,7 @@ class DensityTrainer(Trainer):
         if kwargs.get("generator") is not None and kwargs["generator"].device.type != "cpu":
             raise ValueError("the generator must be a CPU torch.Generator (dequantisation noise is drawn on the "
                              f"CPU), got one on {kwargs['generator'].device}")
+        kwargs.setdefault("kind", "mnist")
         super().__init__(model, optimizer, progress=False, checkpoint_every=1, **kwargs)
         self.flow: MongeAmpereFlow | WhitenedFlow = model.module if hasattr(model, "module") else model
         self.data = data
@@ -634,6 +646,16 @@ class DensityTrainer(Trainer):
     def postfix(self, record: dict[str, float]) -> dict[str, str]:
         return {"val": f"{record['validation_nll']:.1f}", "test": f"{record['test_nll']:.1f}"}
 
+    #: an epoch's record ends with the validation of its final state, so the state at the start of
+    #: the diverging epoch is the one a good loss vouches for (see Trainer.divergence)
+    verified_lag = 1
+
+    def loss_scale(self, record: dict[str, float]) -> float | None:
+        """Per-image standard deviation of the training NLL (from its standard error)."""
+        if "train_nll_stderr" not in record:
+            return None
+        return record["train_nll_stderr"] * math.sqrt(max(1, record.get("train_images", 1)))
+
     # ------------------------------------------------------------------ loop
     def fit(self, epochs: int, max_minutes: float | None = None) -> Any:
         """Train until ``epochs`` epochs in all, early stopping, ``max_minutes`` or a signal.
@@ -659,7 +681,7 @@ class DensityTrainer(Trainer):
                 # collective: every rank takes the same branch (signal or deadline on any rank)
                 stop_signal, late = self.agree_to_stop(self.deadline is not None and time.perf_counter() >= self.deadline)
                 if stop_signal is not None:
-                    self.stop_reason = "signal"
+                    self.stop_reason, self.stop_signal = "signal", stop_signal
                     break
                 if late:
                     self.stop_reason = "time"
@@ -668,7 +690,7 @@ class DensityTrainer(Trainer):
                 super().fit(self.epoch + 1)
                 stop_signal, late = self.agree_to_stop(self.deadline is not None and time.perf_counter() > self.deadline)
                 if stop_signal is not None:
-                    self.stop_reason = "signal"
+                    self.stop_reason, self.stop_signal = "signal", stop_signal
                     break
                 if late:
                     self.stop_reason = "time"
@@ -765,20 +787,20 @@ def make_figures(flow: MongeAmpereFlow | WhitenedFlow, log: Any, test_y: Tensor,
 # ---------------------------------------------------------------------------------------------
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     """Flags; config flags left out stay None (then the defaults, or the resumed checkpoint's, apply)."""
     d = DEFAULT
     p = argparse.ArgumentParser(prog="python -m models.mnist", description=__doc__.split("\n\n")[0])
     g = p.add_argument_group("model (defaults: the paper's configuration)")
     g.add_argument("--potential", choices=POTENTIALS, help=f"potential network [{d['potential']}]")
-    g.add_argument("--hidden", type=int, help=f"hidden units of the mlp potential [{d['hidden']}]")
+    g.add_argument("--hidden", type=positive_int, help=f"hidden units of the mlp potential [{d['hidden']}]")
     g.add_argument("--activation", choices=("softplus", "lncosh", "tanh"), help=f"[{d['activation']}]")
-    g.add_argument("--channels", type=int, help=f"channels of the conv potential [{d['channels']}]")
-    g.add_argument("--layers", type=int, help=f"layers (1 or 2) of the conv potential [{d['layers']}]")
-    g.add_argument("--kernel-size", type=int, help=f"kernel of the conv potential [{d['kernel_size']}]")
-    g.add_argument("--init-scale", type=float, help=f"std of the initial readout (0: identity flow) [{d['init_scale']}]")
-    g.add_argument("--n-steps", type=int, help=f"RK4 steps d [{d['n_steps']}]")
-    g.add_argument("--step-size", type=float, help=f"RK4 step ε [{d['step_size']}]")
+    g.add_argument("--channels", type=positive_int, help=f"channels of the conv potential [{d['channels']}]")
+    g.add_argument("--layers", type=int, choices=(1, 2), help=f"layers (1 or 2) of the conv potential [{d['layers']}]")
+    g.add_argument("--kernel-size", type=positive_int, help=f"kernel of the conv potential [{d['kernel_size']}]")
+    g.add_argument("--init-scale", type=nonnegative_float, help=f"std of the initial readout (0: identity flow) [{d['init_scale']}]")
+    g.add_argument("--n-steps", type=positive_int, help=f"RK4 steps d [{d['n_steps']}]")
+    g.add_argument("--step-size", type=positive_float, help=f"RK4 step ε [{d['step_size']}]")
     g.add_argument("--dtype", choices=tuple(DTYPES), help=f"[{d['dtype']}]")
     g.add_argument("--grad-checkpoint", action=argparse.BooleanOptionalAction,
                    help=f"recompute each RK4 step in the backward pass [{d['grad_checkpoint']}]")
@@ -789,32 +811,39 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         "full-covariance Gaussian instead of N(0, I); not in the paper "
                         f"[{d['whiten']}]")
     g = p.add_argument_group("training")
-    g.add_argument("--batch", type=int, help=f"global minibatch [{d['batch']}]")
-    g.add_argument("--lr", type=float, help=f"Adam learning rate [{d['lr']}]")
-    g.add_argument("--grad-clip", type=float, help="clip the gradient norm [none]")
-    g.add_argument("--epochs", type=int, help=f"maximum number of epochs [{d['epochs']}]")
-    g.add_argument("--patience", type=int, help=f"early stopping after this many epochs without a lower "
+    g.add_argument("--batch", type=positive_int, help=f"global minibatch [{d['batch']}]")
+    g.add_argument("--lr", type=positive_float, help=f"Adam learning rate [{d['lr']}]")
+    g.add_argument("--grad-clip", type=positive_float, help="clip the gradient norm [none]")
+    g.add_argument("--epochs", type=positive_int, help=f"maximum number of epochs [{d['epochs']}]")
+    g.add_argument("--patience", type=nonnegative_int, help=f"early stopping after this many epochs without a lower "
                                                 f"validation NLL; 0 disables [{d['patience']}]")
     g.add_argument("--seed", type=int, help=f"seed of the initialisation, shuffles and training noise [{d['seed']}]")
     g = p.add_argument_group("data")
     g.add_argument("--data-dir", default=None, help="folder with the IDX files [data/, then ../shared/data/mnist]")
-    g.add_argument("--n-train", type=int, help="train on the first N images of the training split (quick runs) [all]")
-    g.add_argument("--n-eval", type=int, help="evaluate on the first N validation and test images [all]")
-    g.add_argument("--n-validation", type=int, help=f"validation images split off the training file [{d['n_validation']}]")
+    g.add_argument("--n-train", type=int_at_least(2), help="train on the first N images of the training split (quick runs) [all]")
+    g.add_argument("--n-eval", type=int_at_least(2), help="evaluate on the first N validation and test images [all]")
+    g.add_argument("--n-validation", type=nonnegative_int, help=f"validation images split off the training file [{d['n_validation']}]")
     g.add_argument("--split-seed", type=int, help=f"seed of the train/validation split [{d['split_seed']}]")
     g.add_argument("--eval-seed", type=int, help=f"seed of the fixed validation/test noise [{d['eval_seed']}]")
-    g.add_argument("--eval-batch", type=int, help=f"images per evaluation integration [{d['eval_batch']}]")
+    g.add_argument("--eval-batch", type=positive_int, help=f"images per evaluation integration [{d['eval_batch']}]")
     g = p.add_argument_group("run")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:k [auto]")
     g.add_argument("--tf32", action="store_true", help="allow TF32 matmuls on GPUs")
-    g.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 on a busy shared CPU)")
-    g.add_argument("--out", default="runs/mnist", help="output folder [runs/mnist]")
-    g.add_argument("--resume", default=None, help="checkpoint.pt to resume from")
-    g.add_argument("--max-minutes", type=float, default=None, help="wall-clock budget (ends the epoch in progress)")
-    g.add_argument("--n-samples", type=int, default=100, help="generated images in the samples figure [100]")
+    g.add_argument("--threads", type=positive_int, default=None,
+                   help="torch CPU threads [chosen from the idle CPUs, printed at start]")
+    g.add_argument("--out", default=None, help="output folder [runs/mnist; with --resume: the checkpoint's folder]")
+    g.add_argument("--resume", type=checkpoint_file, default=None,
+                   help="continue the run of this checkpoint.pt (or run folder)")
+    g.add_argument("--force", action="store_true", help="replace the run already in --out (its files are deleted)")
+    g.add_argument("--max-minutes", type=positive_float, default=None, help="wall-clock budget (ends the epoch in progress)")
+    g.add_argument("--n-samples", type=positive_int, default=100, help="generated images in the samples figure [100]")
     g.add_argument("--no-plot", action="store_true", help="skip the figures")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 def config_from_args(args: argparse.Namespace, base: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -876,20 +905,36 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         MNISTFormatError, CheckpointError, ValueError: bad data, checkpoint or flags.
     """
     args = parse_args(argv)
-    device = dist.setup_run(args.device, args.threads, args.tf32)
-    base = load_checkpoint(args.resume, required=("config",))["config"] if args.resume else None
+    base = None
+    if args.resume:
+        state = load_checkpoint(args.resume, required=("config",))
+        check_kind(state, args.resume, "mnist")
+        base = state["config"]
+    out = Path(args.out) if args.out is not None else (args.resume.parent if args.resume else Path("runs/mnist"))
+    folder = RunFolder(out, resume=args.resume, force=args.force, outputs=OUTPUTS).check()
     config = config_from_args(args, base)
+    if args.resume and config["epochs"] <= int(state.get("epoch", 0)):
+        raise ValueError(f"{args.resume} is at epoch {state.get('epoch')} already; pass --epochs N with N > "
+                         f"{state.get('epoch')} to train further")
+    device = dist.setup_run(args.device, args.threads, args.tf32, verbose=not args.quiet)
     data = load_data(args.data_dir, config)
-    out = Path(args.out)
     # on resume the whitening buffers come from the checkpoint: no fit
     trainer = make_trainer(config, data, device, out, progress=not args.quiet, fit=not args.resume)
     if args.resume:
         trainer.load(args.resume)
+    claim_on_main(folder)  # set-up succeeded: only now is anything written
+    try:
+        return _train(args, config, data, trainer, device, out)
+    finally:
+        folder.release()
+
+
+def _train(args: argparse.Namespace, config: dict[str, Any], data: MNISTData, trainer: "DensityTrainer",
+           device: torch.device, out: Path) -> dict[str, Any]:
     flow = trainer.flow
     n_params = sum(p.numel() for p in flow.parameters())
     if dist.is_main():
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps({**config, "data_dir": str(data.directory)}, indent=2))
+        write_json(out / "config.json", {**config, "data_dir": str(data.directory)})
         print(f"MNIST from {data.directory}: {len(data.train)} / {len(data.validation)} / {len(data.test)} "
               f"train / validation / test images of {data.image_shape[0]}x{data.image_shape[1]}")
         print(f"Monge-Ampère flow{' behind the Gaussian-baseline whitening' if config['whiten'] else ''}: "
@@ -914,7 +959,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     test = {k: float(row[f"test_{k}"]) for k in keys}
     validation = {k: float(row[f"validation_{k}"]) for k in keys}
     summary = {"best_epoch": best_epoch, "epochs": int(log["epoch"].iloc[-1]), "stop_reason": trainer.stop_reason,
-               "wall_s": wall, "parameters": n_params,
+               "stop_signal": trainer.stop_signal, "wall_s": wall, "parameters": n_params,
+               "normalisation": "test_nll/validation_nll: nats per image in logit space (paper Table 1); "
+                                "bpd: bits per pixel in pixel space [0, 256)",
                **{f"test_{k}": v for k, v in test.items()}, **{f"validation_{k}": v for k, v in validation.items()}}
     if dist.is_main():
         print(f"stopped: {trainer.stop_reason} after epoch {summary['epochs']} ({wall:.0f} s); "
@@ -923,25 +970,26 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         print(_format_result("test      ", test))
         print("paper Table 1 (test NLL, nats, logit space): "
               + ", ".join(f"{k} {m} ± {e}" for k, (m, e) in PAPER_TEST_NLL.items()))
-        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+        write_json(out / "summary.json", {**summary, "provenance": provenance(device)})
         if not args.no_plot:
             test_y, _ = trainer.eval_sets["test"].fixed()
             reference = PAPER_TEST_NLL if data.dim == 784 else None
             for path in make_figures(flow, log, test_y, out, data.image_shape, n_samples=args.n_samples,
                                      seed=config["seed"], reference=reference):
                 print(f"wrote {path} (+ .pdf)")
+        resume = f"python -m models.mnist --resume {out / 'checkpoint.pt'}"
+        if trainer.stop_reason == "signal":
+            print(f"interrupted by signal {trainer.stop_signal}; resume with: {resume}", file=sys.stderr)
+        elif trainer.stop_reason == "time":
+            print(f"stopped by the --max-minutes {args.max_minutes:g} budget; continue with: {resume}")
     dist.cleanup()
     return summary
 
 
 def cli(argv: Sequence[str] | None = None) -> int:
-    """:func:`main` for the shell: known errors become one ``error:`` line and exit status 1."""
-    try:
-        main(argv)
-    except (FileNotFoundError, MNISTFormatError, CheckpointError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    return 0
+    """:func:`main` for the shell; the exit status as in :mod:`latticeflow.cli` (user errors: one
+    ``error:`` line and status 2; divergence 1; SIGINT 130, SIGTERM 143)."""
+    return run_cli(main, build_parser(), argv)
 
 
 if __name__ == "__main__":

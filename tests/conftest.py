@@ -12,6 +12,15 @@ def _seed():
     yield
 
 
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    # a driver's main() sets torch's thread count for its process (latticeflow.distributed.setup_run);
+    # in the test process that must not leak into the next test's floating-point results
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture
 def generator():
     return torch.Generator().manual_seed(2024)

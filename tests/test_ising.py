@@ -148,7 +148,9 @@ def test_spins():
         (dict(L=4, beta=float("inf")), ValueError, "beta must be a finite number > 0"),
         (dict(L=4, beta="hot"), ValueError, "beta must be a positive number or 'critical', got beta='hot'"),
         (dict(L=4, boundary="mobius"), ValueError, "boundary must be one of"),
-        (dict(L=4, J=0.0), ValueError, "J must be nonzero"),
+        (dict(L=4, J=0.0), ValueError, r"J must be a finite number > 0, got J=0.0"),
+        # regression: --J -1 was accepted, then the exact (Kaufman) value failed after training
+        (dict(L=4, J=-1.0), ValueError, r"J must be a finite number > 0, got J=-1.0"),
     ],
 )
 def test_bad_arguments(kwargs, exc, msg):

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from analysis.__main__ import main
+from analysis.__main__ import cli, main
 from analysis.report import ReportSettings, estimate_rows, load_model, run_report, write_csv
 from latticeflow import ising
 from latticeflow.checkpoint import CheckpointError, save_checkpoint
@@ -122,7 +122,7 @@ def test_wrong_lattice_size(checkpoint, tmp_path):
 
 def test_bad_files(checkpoint, tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        main([str(tmp_path / "nope.pt"), "--out", str(tmp_path), "--quiet"])
+        run_report(tmp_path / "nope.pt", tmp_path, verbose=False)
     junk = tmp_path / "junk.pt"
     junk.write_bytes(b"not a checkpoint")
     with pytest.raises(CheckpointError, match=f"checkpoint {junk} is unreadable"):
@@ -152,10 +152,18 @@ def test_bad_files(checkpoint, tmp_path):
     ("--independence", "1", "independence=1"),
     ("--L", "1", "L=1"),
 ])
-def test_bad_settings_fail_before_loading(tmp_path, flag, value, match):
-    # the checkpoint does not even exist: settings are checked first
-    with pytest.raises(ValueError, match=match):
-        main([str(tmp_path / "missing.pt"), "--out", str(tmp_path), flag, value, "--quiet"])
+def test_bad_settings_fail_before_loading(tmp_path, capsys, flag, value, match):
+    # the checkpoint is not a checkpoint at all: settings are checked first (by the parser, or by
+    # ReportSettings), one error line and exit status 2
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"junk")
+    try:
+        status = cli([str(junk), "--out", str(tmp_path), flag, value, "--quiet"])
+    except SystemExit as e:
+        status = e.code
+    err = capsys.readouterr().err
+    assert status == 2 and "unreadable" not in err
+    assert flag in err or match in err, err
 
 
 def test_api_errors(tmp_path):
@@ -172,6 +180,6 @@ def test_api_errors(tmp_path):
 def test_cli_prints_error_and_exits(checkpoint, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "analysis", str(checkpoint), "--out", str(tmp_path), "--L", "5"],
                           cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 1
-    assert proc.stderr.strip().startswith("error: checkpoint") and "L=3" in proc.stderr and "L=5" in proc.stderr
+    assert proc.returncode == 2
+    assert proc.stderr.strip().startswith("python -m analysis: error: checkpoint") and "L=3" in proc.stderr and "L=5" in proc.stderr
     assert "Traceback" not in proc.stderr

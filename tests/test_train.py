@@ -2,6 +2,7 @@
 
 import math
 
+import pandas as pd
 import pytest
 import torch
 
@@ -72,12 +73,82 @@ def test_resume_is_exact(tmp_path):
 
 
 def test_nan_stops_with_epoch_named_and_checkpoint_kept(tmp_path):
+    # regression: the message named epoch 12, the last good one, as the failing epoch (13)
     tr = _trainer(tmp_path, target=GaussianTarget(3, poison_after=12))
-    with pytest.raises(TrainingDiverged, match="non-finite loss at epoch 12.*last good checkpoint kept"):
+    with pytest.raises(TrainingDiverged, match=r"diverged at epoch 13 \(non-finite loss.*last good epoch 12"):
         tr.fit(40)
+    assert tr.stop_reason == "diverged"
+    # the checkpoint holds the state after epoch 11, whose step produced epoch 12's good loss
     state = load_checkpoint(tmp_path / "checkpoint.pt")
-    assert state["epoch"] == 10
+    assert state["epoch"] == 11 and len(state["log"]) == 11
     assert all(torch.isfinite(v).all() for v in state["model"].values())
+    assert len(pd.read_csv(tmp_path / "log.csv")) == 12  # every good epoch
+
+
+def test_nan_before_the_first_checkpoint_still_leaves_the_log(tmp_path):
+    # regression: a NaN before the first checkpoint left no log at all
+    tr = _trainer(tmp_path, target=GaussianTarget(3, poison_after=3))
+    with pytest.raises(TrainingDiverged, match="diverged at epoch 4"):
+        tr.fit(40)
+    assert len(pd.read_csv(tmp_path / "log.csv")) == 3
+    assert load_checkpoint(tmp_path / "checkpoint.pt")["epoch"] == 2
+
+
+class BlowUpTarget(GaussianTarget):
+    """The energy is multiplied by ``factor`` from call ``after`` on: a finite blow-up."""
+
+    def __init__(self, n, after, factor):
+        super().__init__(n)
+        self.after, self.factor = after, factor
+
+    def energy(self, x):
+        e = super().energy(x)
+        return e * self.factor if self.calls > self.after else e
+
+
+@pytest.mark.parametrize("after, factor, rule", [(30, 1e6, "jumped above its range"), (2, 30.0, "rose above the first")])
+def test_finite_blow_up_is_divergence(tmp_path, after, factor, rule):
+    # regression: --lr 10 drove F/N to 2e20 and the run ended with exit status 0 and the diverged weights
+    tr = _trainer(tmp_path, target=BlowUpTarget(3, after, factor), epochs=100)
+    with pytest.raises(TrainingDiverged, match=f"diverged at epoch {after + 1} .*{rule}"):
+        tr.fit(100)
+    assert len(tr.records) <= after and pd.read_csv(tmp_path / "log.csv")["loss"].max() < 100
+
+
+def test_ordinary_training_is_not_divergence(tmp_path):
+    # noisy but healthy: 400 epochs at a high learning rate, never flagged
+    tr = _trainer(tmp_path, epochs=400)
+    tr.fit(400)
+    assert tr.stop_reason == "epochs" and len(tr.records) == 400
+
+
+def test_batch_of_one_is_not_divergence(tmp_path):
+    # regression: --batch 1 was reported as divergence (the std of one sample is NaN)
+    torch.manual_seed(0)
+    flow = DiagonalGaussian(3)
+    opt = torch.optim.Adam(flow.parameters(), lr=0.01)
+    tr = VariationalTrainer(flow, GaussianTarget(3), opt, batch_size=1, progress=False)
+    log = tr.fit(5)
+    assert len(log) == 5 and log["std"].isna().all() and log["free_energy"].notna().all()
+
+
+@pytest.mark.parametrize("bad", [2.5, 0, -3, "8"])
+def test_batch_size_is_checked_not_truncated(bad):
+    flow = DiagonalGaussian(3)
+    with pytest.raises(ValueError, match="batch_size must be an integer >= 1"):
+        VariationalTrainer(flow, GaussianTarget(3), torch.optim.Adam(flow.parameters()), batch_size=bad)
+
+
+def test_checkpoint_has_the_mode_of_other_new_files(tmp_path):
+    # regression: checkpoint.pt was 0600 (mkstemp) beside 0644 outputs
+    import os
+    import stat
+
+    tr = _trainer(tmp_path)
+    tr.fit(5)
+    (tmp_path / "other").write_text("x")
+    mode = lambda name: stat.S_IMODE(os.stat(tmp_path / name).st_mode)  # noqa: E731
+    assert mode("checkpoint.pt") == mode("other") == mode("log.csv")
 
 
 def test_bad_checkpoints(tmp_path):
