@@ -109,7 +109,7 @@ def run_ma(args: argparse.Namespace, out: Path) -> dict:
             "--eval-batch", str(args.eval_batch), "--no-grad-checkpoint", "--out", str(out / "ma_flow"),
             *(["--threads", str(args.threads)] if args.threads else []),
             *(["--whiten"] if args.ma_whiten else []),
-            "--no-plot", "--quiet"]
+            "--no-plot", "--quiet", "--force"]  # a benchmark rerun replaces its own earlier result
     if args.data_dir:
         argv += ["--data-dir", args.data_dir]
     print("  python models/mnist.py " + " ".join(argv))

@@ -184,6 +184,30 @@ class RunFolder:
         self.release()
 
 
+def default_folder(kind: str, root: str | os.PathLike = "runs") -> Path:
+    """A new folder for a run given no ``--out``: ``runs/<kind>/<date>-<time>`` (with ``-2``, ``-3``
+    ... when that exists), so that an ordinary re-run never meets an earlier run's files."""
+    base = Path(root) / kind / time.strftime("%Y%m%d-%H%M%S")
+    path, k = base, 1
+    while path.exists():
+        k += 1
+        path = base.with_name(f"{base.name}-{k}")
+    return path
+
+
+def link_latest(folder: Path) -> None:
+    """Point ``<parent>/latest`` at ``folder`` (best effort: a symlink, skipped where unsupported)."""
+    link = folder.parent / "latest"
+    try:
+        if link.is_symlink() or not link.exists():
+            tmp = folder.parent / f".latest.{os.getpid()}"
+            tmp.unlink(missing_ok=True)
+            tmp.symlink_to(folder.name)
+            os.replace(tmp, link)
+    except OSError:
+        pass
+
+
 # ---------------------------------------------------------------------------------------------
 # Provenance and file modes
 # ---------------------------------------------------------------------------------------------

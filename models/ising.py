@@ -40,7 +40,7 @@ from latticeflow.checkpoint import check_kind, load_checkpoint
 from latticeflow.cli import (beta_value, checkpoint_file, int_at_least, nonnegative_float, nonnegative_int,
                              positive_float, positive_int, run_cli)
 from latticeflow.ising import critical
-from latticeflow.runs import RunFolder, claim_on_main, provenance, write_json
+from latticeflow.runs import RunFolder, claim_on_main, default_folder, link_latest, provenance, write_json
 from latticeflow.train import VariationalTrainer, cosine_schedule
 
 PAPER = {"L": 16, "hidden": 512, "n_steps": 50, "step_size": 0.1, "batch": 64, "lr": 1e-3,
@@ -115,7 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--schedule", choices=("cosine", "constant"), help=f"learning-rate schedule [{d['schedule']}]")
     g.add_argument("--seed", type=int, help=f"seed of the initialisation and the samples [{d['seed']}]")
     g = p.add_argument_group("run")
-    g.add_argument("--out", default=None, help="output folder [runs/ising; with --resume: the checkpoint's folder]")
+    g.add_argument("--out", default=None, help="output folder [a new runs/ising/<date>-<time>, linked as runs/ising/latest; with --resume: the "
+                        "checkpoint's folder]")
     g.add_argument("--resume", type=checkpoint_file, default=None,
                    help="continue the run of this checkpoint.pt (or run folder)")
     g.add_argument("--force", action="store_true", help="replace the run already in --out (its files are deleted)")
@@ -227,7 +228,8 @@ def main(argv: list[str] | None = None) -> dict:
         state = load_checkpoint(args.resume, required=("config",))
         check_kind(state, args.resume, "ising")
         base = state["config"]
-    out = Path(args.out) if args.out is not None else (args.resume.parent if args.resume else Path("runs/ising"))
+    # no --out: the checkpoint's own folder on resume, else a new dated folder runs/ising/<date>-<time>
+    out = Path(args.out) if args.out is not None else (args.resume.parent if args.resume else default_folder("ising"))
     folder = RunFolder(out, resume=args.resume, force=args.force, outputs=OUTPUTS).check()
     config = config_from_args(args, base)
     if args.resume and config["epochs"] <= int(state.get("epoch", 0)):
@@ -240,6 +242,8 @@ def main(argv: list[str] | None = None) -> dict:
         trainer.load(args.resume)
     exact = target.exact_free_energy()
     claim_on_main(folder)  # set-up succeeded: only now is anything written
+    if args.out is None and not args.resume and dist.is_main():
+        link_latest(out)
     try:
         if dist.is_main():
             write_json(out / "config.json", config)

@@ -88,7 +88,7 @@ from latticeflow.mnist import (  # noqa: E402
     split_train_validation,
 )
 from latticeflow.potentials import ConvPotential, MLPPotential, Potential  # noqa: E402
-from latticeflow.runs import RunFolder, claim_on_main, provenance, write_json  # noqa: E402
+from latticeflow.runs import RunFolder, claim_on_main, default_folder, link_latest, provenance, write_json  # noqa: E402
 from latticeflow.train import Trainer  # noqa: E402
 
 __all__ = [
@@ -831,7 +831,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--tf32", action="store_true", help="allow TF32 matmuls on GPUs")
     g.add_argument("--threads", type=positive_int, default=None,
                    help="torch CPU threads [chosen from the idle CPUs, printed at start]")
-    g.add_argument("--out", default=None, help="output folder [runs/mnist; with --resume: the checkpoint's folder]")
+    g.add_argument("--out", default=None, help="output folder [a new runs/mnist/<date>-<time>, linked as runs/mnist/latest; with --resume: the "
+                        "checkpoint's folder]")
     g.add_argument("--resume", type=checkpoint_file, default=None,
                    help="continue the run of this checkpoint.pt (or run folder)")
     g.add_argument("--force", action="store_true", help="replace the run already in --out (its files are deleted)")
@@ -910,7 +911,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         state = load_checkpoint(args.resume, required=("config",))
         check_kind(state, args.resume, "mnist")
         base = state["config"]
-    out = Path(args.out) if args.out is not None else (args.resume.parent if args.resume else Path("runs/mnist"))
+    # no --out: the checkpoint's own folder on resume, else a new dated folder runs/mnist/<date>-<time>
+    out = Path(args.out) if args.out is not None else (args.resume.parent if args.resume else default_folder("mnist"))
     folder = RunFolder(out, resume=args.resume, force=args.force, outputs=OUTPUTS).check()
     config = config_from_args(args, base)
     if args.resume and config["epochs"] <= int(state.get("epoch", 0)):
@@ -923,6 +925,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if args.resume:
         trainer.load(args.resume)
     claim_on_main(folder)  # set-up succeeded: only now is anything written
+    if args.out is None and not args.resume and dist.is_main():
+        link_latest(out)
     try:
         return _train(args, config, data, trainer, device, out)
     finally:

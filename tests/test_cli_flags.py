@@ -391,8 +391,11 @@ def test_out(driver: Driver, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
     monkeypatch.chdir(tmp_path)
     driver.module.main(driver.argv(tmp_path / "elsewhere"))
     assert all((tmp_path / "elsewhere" / f).is_file() for f in RUN_FILES) and not (tmp_path / "runs").exists()
-    driver.module.main(driver.argv(None))  # control: the default folder runs/<driver>
-    assert all((tmp_path / "runs" / driver.name / f).is_file() for f in RUN_FILES)
+    driver.module.main(driver.argv(None))  # control: a new dated folder runs/<driver>/<date>-<time>, linked as latest
+    latest = tmp_path / "runs" / driver.name / "latest"
+    assert latest.is_symlink() and all((latest / f).is_file() for f in RUN_FILES)
+    driver.module.main(driver.argv(None))  # an ordinary re-run gets its own folder: nothing is overwritten
+    assert len([p for p in (tmp_path / "runs" / driver.name).iterdir() if not p.is_symlink()]) == 2
 
 
 @covers(BOTH, "--resume")
