@@ -25,7 +25,8 @@ _D = ReportSettings()
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m analysis", description="Physics report on a trained Ising flow "
                                 "(free energies, observables, latent/physical HMC, independence sampler).",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                usage="%(prog)s CHECKPOINT [flags]   (--help lists them)")
     p.add_argument("checkpoint", type=checkpoint_file, help="checkpoint.pt written by models/ising.py (or its run folder)")
     p.add_argument("--out", default=None, help="report folder (default: <checkpoint folder>/report)")
     p.add_argument("--samples", type=int_at_least(2), default=_D.samples, help="i.i.d. flow samples for F and observables")

@@ -79,8 +79,10 @@ __all__ = [
     "transfer_matrix_log_z",
 ]
 
-CRITICAL_BETA: float = 0.5 * math.log(1.0 + math.sqrt(2.0))
-"""β_c = ½ ln(1 + √2) ≈ 0.4407 of the square-lattice Ising model with J = 1."""
+CRITICAL_BETA: float = 0.5 * math.log1p(math.sqrt(2.0))
+"""β_c = ½ ln(1 + √2) ≈ 0.4407 of the square-lattice Ising model with J = 1 (log1p: within half an ulp
+of the true value, where ln(1 + √2) rounds 1 + √2 first and lands one ulp low). The one definition;
+``latticeflow.critical`` is this number."""
 
 MAX_ENUMERATION_SITES = 20  # 2^20 ≈ 10⁶ states
 MAX_BETA_J = 150.0  # closed forms: sinh(2βJ)² must stay finite in float64

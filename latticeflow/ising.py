@@ -33,10 +33,11 @@ import torch
 from torch import Tensor
 
 from ._checks import check_batch, check_choice, check_finite, check_positive, check_size
+from .exact import CRITICAL_BETA
 from .lattice import SquareLattice
 
-critical: float = 0.5 * math.log1p(math.sqrt(2.0))
-"""β_c = ½ ln(1 + √2) of the square-lattice Ising model (J = 1)."""
+critical: float = CRITICAL_BETA
+"""β_c = ½ ln(1 + √2) of the square-lattice Ising model (J = 1): :data:`latticeflow.exact.CRITICAL_BETA`."""
 
 MIN_EIGENVALUE = 0.1  # smallest eigenvalue of M = K + αI (paper appendix B)
 
@@ -235,11 +236,11 @@ class IsingHS:
         return f"IsingHS({where}, beta={self.beta}, J={self.J}, alpha={self.alpha:.6g})"
 
 
-def ising(L: int = 16, beta: float | str = critical, J: float = 1.0, boundary: str = "periodic") -> IsingHS:
+def ising(L: int = 8, beta: float | str = critical, J: float = 1.0, boundary: str = "periodic") -> IsingHS:
     """The HS target of the nearest-neighbour Ising model on an L×L square lattice.
 
     Args:
-        L: linear size, integer >= 2.
+        L: linear size, integer >= 2 (default 8, as the built-in default run, IsingConfig).
         beta: inverse temperature > 0, or ``"critical"`` for β_c = ½ ln(1+√2).
         J: ferromagnetic coupling, finite and > 0 (the exact references are Kaufman's ferromagnet;
             the antiferromagnet on an even torus is the same model with one sublattice flipped).

@@ -35,88 +35,32 @@ import torch
 
 from latticeflow import distributed as dist
 from latticeflow import ising
-from latticeflow.build import DEFAULTS, DTYPES, GROUPS, MIXTURES, SYMMETRIZE, _kernel_size, build_flow, parse_init_scale
+from latticeflow.build import build_flow
 from latticeflow.checkpoint import check_kind, load_checkpoint
-from latticeflow.cli import (beta_value, checkpoint_file, int_at_least, nonnegative_float, nonnegative_int,
-                             positive_float, positive_int, run_cli)
-from latticeflow.ising import critical
+from latticeflow.cli import checkpoint_file, positive_float, positive_int, run_cli
+from latticeflow.config import ISING_DEFAULT, ISING_PAPER, IsingConfig, add_arguments, conflicts, given
 from latticeflow.runs import RunFolder, claim_on_main, default_folder, link_latest, provenance, write_json
 from latticeflow.train import VariationalTrainer, cosine_schedule
 
-PAPER = {"L": 16, "hidden": 512, "n_steps": 50, "step_size": 0.1, "batch": 64, "lr": 1e-3,
-         "activation": "lncosh", "bias": False, "time_dependent": False,
-         "init_scale": "linear", "potential": "mlp", "symmetrize": "random", "group": "space+z2", "epochs": 2000}
-
-# The built-in default (make run), and the configuration that reached the exact F/N best in
-# our measurements (README, "Results"): a D4-symmetric quadratic part that carries the Gaussian
-# part of the HS energy exactly, a translation-invariant D4/Z2-symmetric convolutional potential
-# (16 channels, 5×5 kernels: the local part of the energy, with an exact Laplacian), and a ln cosh
-# MLP averaged over the space group × Z2 (the global part), all linear in t; a short flow (T = 1),
-# a large batch and Adam at 1e-2 with a cosine decay. L=8 takes about 5 minutes on 2 cores
-# (error 3e-3); on L=4 the conv part does not pay for its cost (use --potential quadratic+mlp).
-DEFAULT = {"L": 8, "beta": "critical", "J": 1.0, "potential": "quadratic+conv+mlp", "hidden": 256,
-           "n_steps": 10, "step_size": 0.1, "batch": 256, "lr": 1e-2, "weight_decay": 0.0,
-           "epochs": 600, "warmup": 20, "symmetrize": "random", "group": "space+z2",
-           "activation": "lncosh", "time_dependent": True, "dtype": "float32", "seed": 0}
-
-
+#: Files a run writes besides checkpoint, log, config and summary (removed by --force with them).
+OUTPUTS = ("convergence.png", "convergence.pdf")
+#: Config keys a resumed run may change; every other explicit flag must agree with the checkpoint.
+RESUME_OVERRIDES = ("epochs",)
 # the largest RK4 step measured to keep the variational bound (README, Results: 0.2 broke it at L=4)
 MAX_SAFE_STEP = 0.1
 
-#: Every key of a run's config and its built-in value (the flow's settings default to build.DEFAULTS).
-CONFIG: dict = {**{k: DEFAULTS[k] for k in ("bias", "channels", "kernel_size", "conv_layers", "init_scale", "mixture",
-                                              "grad_checkpoint")},
-                **DEFAULT, "grad_clip": None, "schedule": "cosine"}
-#: Config keys a resumed run may change; every other explicit flag must agree with the checkpoint.
-RESUME_OVERRIDES = ("epochs",)
-#: Files a run writes besides checkpoint, log, config and summary (removed by --force with them).
-OUTPUTS = ("convergence.png", "convergence.pdf")
-
 
 def build_parser() -> argparse.ArgumentParser:
-    """The flags. Config flags default to None (then the preset, or the resumed checkpoint's value, applies)."""
-    p = argparse.ArgumentParser(prog="python -m models.ising", description=__doc__.split("\n\n")[0])
-    d = CONFIG
-    g = p.add_argument_group("model (defaults: the built-in default; --paper: the paper's appendix C)")
-    g.add_argument("--paper", action="store_true", help="the paper's hyperparameters (appendix C) as the defaults")
-    g.add_argument("--L", type=int_at_least(2), help=f"linear lattice size [{d['L']}]")
-    g.add_argument("--beta", type=beta_value, help=f"inverse temperature: a number > 0 or 'critical' [{d['beta']}]")
-    g.add_argument("--J", type=positive_float, help=f"ferromagnetic coupling > 0 [{d['J']}]")
-    g.add_argument("--potential", help=f"'+'-joined parts: mlp, quadratic, conv [{d['potential']}]")
-    g.add_argument("--hidden", type=positive_int, help=f"hidden width of the mlp potential [{d['hidden']}]")
-    g.add_argument("--activation", choices=("softplus", "lncosh", "tanh"), help=f"[{d['activation']}]")
-    g.add_argument("--bias", action=argparse.BooleanOptionalAction, default=None,
-                   help="biases in the mlp potential (--no-bias with lncosh: exactly Z2-even) [on]")
-    g.add_argument("--channels", type=positive_int, help=f"channels of the conv potential [{d['channels']}]")
-    g.add_argument("--conv-layers", type=int, choices=(1, 2), help=f"layers of the conv potential [{d['conv_layers']}]")
-    g.add_argument("--kernel-size", type=positive_int, help="odd kernel size of the conv potential, <= L "
-                   "[5, or the largest odd size <= L when L < 5]")
-    g.add_argument("--init-scale", type=parse_init_scale, help="std of the networks' initial readout weights (0: the "
-                   f"flow starts at the identity), or 'linear': U(±1/√h) like nn.Linear, as the original code "
-                   f"[{d['init_scale']}]")
-    g.add_argument("--time-dependent", action=argparse.BooleanOptionalAction, default=None,
-                   help=f"potentials depend linearly on t (paper section 6) [{d['time_dependent']}]")
-    g.add_argument("--n-steps", type=positive_int, help=f"RK4 steps d [{d['n_steps']}]")
-    g.add_argument("--step-size", type=positive_float, help=f"RK4 step ε [{d['step_size']}]")
-    g.add_argument("--symmetrize", choices=SYMMETRIZE, help=f"group averaging [{d['symmetrize']}]")
-    g.add_argument("--group", choices=GROUPS, help=f"symmetry group [{d['group']}]")
-    g.add_argument("--mixture", choices=MIXTURES,
-                   help=f"exact density symmetrisation by a group mixture (|G| times the cost) [{d['mixture']}]")
-    g.add_argument("--dtype", choices=tuple(DTYPES), help=f"[{d['dtype']}]")
-    g.add_argument("--grad-checkpoint", action=argparse.BooleanOptionalAction, default=None,
-                   help="recompute each RK4 step in backward (less memory) [off]")
-    g = p.add_argument_group("training")
-    g.add_argument("--batch", type=positive_int, help=f"global batch size [{d['batch']}]")
-    g.add_argument("--lr", type=positive_float, help=f"Adam learning rate [{d['lr']}]")
-    g.add_argument("--weight-decay", type=nonnegative_float, help=f"Adam weight decay [{d['weight_decay']}]")
-    g.add_argument("--epochs", type=positive_int, help=f"optimiser steps in all (on resume: may be raised) [{d['epochs']}]")
-    g.add_argument("--grad-clip", type=positive_float, help="clip the gradient norm at this value [none]")
-    g.add_argument("--warmup", type=nonnegative_int, help=f"learning-rate warm-up steps [{d['warmup']}]")
-    g.add_argument("--schedule", choices=("cosine", "constant"), help=f"learning-rate schedule [{d['schedule']}]")
-    g.add_argument("--seed", type=int, help=f"seed of the initialisation and the samples [{d['seed']}]")
+    """The flags: the config's fields (generated from :class:`~latticeflow.config.IsingConfig`,
+    defaulting to None so that the preset or the resumed checkpoint applies), then the run's."""
+    p = argparse.ArgumentParser(prog="python -m models.ising", description=__doc__.split("\n\n")[0],
+                                usage="%(prog)s [flags]   (--help lists them)")
+    p.add_argument("--paper", action="store_true", help="the paper's hyperparameters (appendix C) as the defaults")
+    add_arguments(p, IsingConfig, {"model": "model (defaults: the built-in default; --paper: the paper's appendix C)",
+                                   "training": "training"})
     g = p.add_argument_group("run")
-    g.add_argument("--out", default=None, help="output folder [a new runs/ising/<date>-<time>, linked as runs/ising/latest; with --resume: the "
-                        "checkpoint's folder]")
+    g.add_argument("--out", default=None, help="output folder [a new runs/ising/<date>-<time>, linked as "
+                                               "runs/ising/latest; with --resume: the checkpoint's folder]")
     g.add_argument("--resume", type=checkpoint_file, default=None,
                    help="continue the run of this checkpoint.pt (or run folder)")
     g.add_argument("--force", action="store_true", help="replace the run already in --out (its files are deleted)")
@@ -135,49 +79,30 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return build_parser().parse_args(argv)
 
 
-def _resolve(config: dict) -> dict:
-    """A config with resolved values: beta as a number (its name kept in beta_name), the actual kernel size."""
-    cfg = {**CONFIG, **config}
-    name = cfg.get("beta_name")
-    if isinstance(cfg["beta"], str):
-        name = "critical" if cfg["beta"].lower() in ("critical", "c", "beta_c") else name
-        cfg["beta"] = critical if name == "critical" else float(cfg["beta"])
-    cfg["beta_name"] = name if name == "critical" and cfg["beta"] == critical else None
-    if "conv" in str(cfg["potential"]).split("+"):
-        cfg["kernel_size"] = _kernel_size(cfg["kernel_size"], int(cfg["L"]))
-    if isinstance(cfg["init_scale"], (int, float)):
-        cfg["init_scale"] = float(cfg["init_scale"])
-    return cfg
-
-
-def config_from_args(args: argparse.Namespace, base: dict | None = None) -> dict:
+def config_from_args(args: argparse.Namespace, base: dict | IsingConfig | None = None) -> IsingConfig:
     """The run's config: the preset (``--paper`` or the built-in default), or a resumed checkpoint's
     config ``base``, updated by the flags given explicitly.
 
     Raises:
-        ValueError: on resume, a flag that conflicts with the checkpoint (only epochs may change).
+        ValueError: an invalid value; on resume, a flag that conflicts with the checkpoint (only
+            epochs may change).
     """
-    given = {k: v for k in CONFIG if (v := getattr(args, k, None)) is not None}
+    flags = given(args, IsingConfig)
     if base is None:
-        preset = {**CONFIG, **PAPER, "warmup": 0, "schedule": "constant"} if args.paper else CONFIG
-        return _resolve({**preset, **given})
-    base = _resolve(base)
+        return (ISING_PAPER if args.paper else ISING_DEFAULT).replace(**flags)
+    base = base if isinstance(base, IsingConfig) else IsingConfig.from_dict(base)
     if args.paper:
         raise ValueError("--paper chooses a model, and a resumed run keeps the checkpoint's")
-    new = _resolve({**base, **given})
-    conflicts = {k: (given[k], base.get(k)) for k in given if k not in RESUME_OVERRIDES and new[k] != base.get(k)}
-    if conflicts:
-        text = ", ".join(f"--{k.replace('_', '-')} {v} (checkpoint: {old})" for k, (v, old) in conflicts.items())
-        raise ValueError(f"{text}: a resumed run keeps the checkpoint's configuration; only "
-                         f"{', '.join('--' + k for k in RESUME_OVERRIDES)} and the run flags (--max-minutes, "
-                         f"--threads, --device, ...) may change")
-    return new
+    problem = conflicts(base, flags, RESUME_OVERRIDES)
+    if problem:
+        raise ValueError(problem)
+    return base.replace(**flags)
 
 
-def make_trainer(config: dict, device: torch.device, out_dir: str | None, progress: bool = True,
+def make_trainer(config: IsingConfig | dict, device: torch.device, out_dir: str | None, progress: bool = True,
                  checkpoint_every: int = 100) -> tuple[VariationalTrainer, object]:
-    """Target, flow, optimiser, schedule and trainer for a config dict."""
-    config = _resolve(config)
+    """Target, flow, optimiser, schedule and trainer for a config (an IsingConfig or its dict)."""
+    config = config if isinstance(config, IsingConfig) else IsingConfig.from_dict(config)
     target = ising(config["L"], config["beta"], J=config["J"])
     if float(config["step_size"]) > MAX_SAFE_STEP:
         warnings.warn(f"RK4 step {config['step_size']} > {MAX_SAFE_STEP}: the integrated ln p may be too inaccurate "
@@ -190,7 +115,7 @@ def make_trainer(config: dict, device: torch.device, out_dir: str | None, progre
     opt = torch.optim.Adam(flow.parameters(), lr=config["lr"], weight_decay=config["weight_decay"])
     sched = cosine_schedule(opt, config["epochs"], warmup=config["warmup"]) if config["schedule"] == "cosine" else None
     gen = dist.rank_generator(config["seed"], device)  # rank 0: seed itself; rank r: from (seed, r)
-    trainer = VariationalTrainer(model, target, opt, batch_size=config["batch"], scheduler=sched, config=config,
+    trainer = VariationalTrainer(model, target, opt, batch_size=config["batch"], scheduler=sched, config=config.to_dict(),
                                  grad_clip=config.get("grad_clip"),
                                  out_dir=out_dir, generator=gen, progress=progress, checkpoint_every=checkpoint_every,
                                  seed=config["seed"], kind="ising")
@@ -246,7 +171,7 @@ def main(argv: list[str] | None = None) -> dict:
         link_latest(out)
     try:
         if dist.is_main():
-            write_json(out / "config.json", config)
+            write_json(out / "config.json", config.to_dict())
             print(f"Ising L={config['L']} beta={target.beta:.10f}{' (critical)' if config['beta_name'] else ''}: "
                   f"N={target.N}, alpha={target.alpha:.6f}; exact -ln Z/N = {exact:.10f} (HS), "
                   f"{target.to_ising_free_energy(exact):.10f} (Ising); potential {config['potential']}, "
