@@ -13,6 +13,9 @@ The log importance weight of a sample is ln w_b = −E(x_b) − ln q(x_b), so th
 * Effective sample size (Kish), normalised: ESS = (Σ w)² / (B Σ w²) ∈ (0, 1]; it tends to
   1 / E_q[(p/q)²] and equals 1 exactly when q = p.
 
+The statistics themselves (standard error, Kish ESS, jackknife error) are defined once, in
+:mod:`latticeflow.stats`, which training uses too.
+
 Per-site values (divide by N) come from :meth:`Estimate.per_site`.
 
 Reference: Zhang, E & Wang, "Monge-Ampère Flow for Generative Modeling", arXiv:1809.10188.
@@ -24,7 +27,10 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 from scipy.special import logsumexp
+
+from latticeflow.stats import jackknife_stderr, kish_ess, standard_error
 
 __all__ = [
     "Estimate",
@@ -92,13 +98,8 @@ def format_with_error(value: float, stderr: float) -> str:
 
 # ---------------------------------------------------------------------- input checks
 def _as_float64(x: object) -> np.ndarray:
-    try:
-        import torch
-
-        if isinstance(x, torch.Tensor):
-            x = x.detach().cpu().double().numpy()
-    except ImportError:  # pragma: no cover - torch is a dependency
-        pass
+    if isinstance(x, torch.Tensor):
+        x = x.detach().cpu().double().numpy()
     return np.asarray(x, dtype=np.float64)
 
 
@@ -168,8 +169,7 @@ def variational_free_energy(logp: object, energy: object) -> Estimate:
     """
     lp, en = _check_samples(logp, energy)
     f = lp + en
-    stderr = float(f.std(ddof=1) / math.sqrt(f.size)) if f.size > 1 else math.nan
-    return Estimate(float(f.mean()), stderr)
+    return Estimate(float(f.mean()), standard_error(f))
 
 
 def importance_free_energy(logp: object, energy: object, n_blocks: int | None = None) -> Estimate:
@@ -202,23 +202,20 @@ def importance_free_energy(logp: object, energy: object, n_blocks: int | None = 
     sizes = np.array([idx.size for idx in blocks], dtype=np.float64)
     mask = ~np.eye(nb, dtype=bool)
     loo = np.array([logsumexp(block_lse[mask[k]]) for k in range(nb)]) - np.log(B - sizes)
-    theta = -loo
-    stderr = math.sqrt((nb - 1) / nb * np.sum((theta - theta.mean()) ** 2))
-    return Estimate(float(value), float(stderr))
+    return Estimate(float(value), float(jackknife_stderr(-loo)))
 
 
 def effective_sample_size(log_w: object) -> float:
-    """Normalised Kish effective sample size (Σ w)² / (B Σ w²) ∈ (0, 1].
+    """Normalised Kish effective sample size (Σ w)² / (B Σ w²) ∈ (0, 1]: :func:`latticeflow.stats.kish_ess`
+    of checked numpy or torch log weights.
 
     Args:
         log_w: log importance weights, shape (B,); −inf (zero weight) is allowed.
 
     Returns:
-        ESS / B as a float; 1 for constant weights.
+        ESS / B as a float; 1 (to rounding, never above) for constant weights.
 
     Raises:
         ValueError: empty, not 1-D, NaN or +inf entries, or all weights zero.
     """
-    lw = _check_log_weights(log_w)
-    # rounding can push a constant-weight ESS a hair above 1
-    return min(1.0, float(np.exp(2.0 * logsumexp(lw) - logsumexp(2.0 * lw) - math.log(lw.size))))
+    return float(kish_ess(torch.from_numpy(_check_log_weights(log_w))))

@@ -43,6 +43,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from latticeflow._checks import check_fraction, check_positive, check_size
+
 __all__ = [
     "HMCResult",
     "IndependenceResult",
@@ -129,28 +131,6 @@ def with_autograd(log_prob: Callable[[Tensor], Tensor]) -> LogProbAndGrad:
         return lp.detach(), g.detach()
 
     return log_prob_and_grad
-
-
-def _check_int(name: str, value: object, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {name}={value!r}")
-    return int(value)
-
-
-def _check_step_size(step_size: object) -> float:
-    if isinstance(step_size, bool) or not isinstance(step_size, (int, float, np.floating, np.integer)) or not (
-        math.isfinite(step_size) and step_size > 0
-    ):
-        raise ValueError(f"step_size must be a finite number > 0, got step_size={step_size!r}")
-    return float(step_size)
-
-
-def _check_target_accept(target_accept: object) -> float:
-    if isinstance(target_accept, bool) or not isinstance(target_accept, (int, float, np.floating)) or not (
-        0 < target_accept < 1
-    ):
-        raise ValueError(f"target_accept must lie strictly between 0 and 1, got target_accept={target_accept!r}")
-    return float(target_accept)
 
 
 def _check_x0(x0: object) -> Tensor:
@@ -261,11 +241,11 @@ def hmc(
         >>> res.samples.shape
         torch.Size([100, 8, 2])
     """
-    eps = _check_step_size(step_size)
-    n_leapfrog = _check_int("n_leapfrog", n_leapfrog, 1)
-    n_samples = _check_int("n_samples", n_samples, 1)
-    n_warmup = _check_int("n_warmup", n_warmup, 0)
-    delta = _check_target_accept(target_accept)
+    eps = check_positive("step_size", step_size)
+    n_leapfrog = check_size("n_leapfrog", n_leapfrog, 1)
+    n_samples = check_size("n_samples", n_samples, 1)
+    n_warmup = check_size("n_warmup", n_warmup, 0)
+    delta = check_fraction("target_accept", target_accept)
     if isinstance(jitter, bool) or not isinstance(jitter, (int, float, np.floating)) or not 0 <= jitter < 1:
         raise ValueError(f"jitter must lie in [0, 1), got jitter={jitter!r}")
     x = _check_x0(x0)

@@ -56,14 +56,17 @@ import math
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from latticeflow import exact
+from latticeflow._checks import check_fraction, check_positive, check_size
+from latticeflow.flow import Flow
 from latticeflow.ising import improved_spins, sample_spins
+from latticeflow.target import Target
 
 from .autocorr import integrated_time
 from .free_energy import (
@@ -87,6 +90,7 @@ __all__ = [
     "latent_log_prob",
     "neural_independence_sampler",
     "physical_hmc",
+    "quiet_integrated_time",
     "speedup",
 ]
 
@@ -95,41 +99,14 @@ TRACE_NAMES = ("abs_m", "energy", "m")
 MIN_CHAINS_FOR_CHAIN_JACKKNIFE = 8  # from 8 chains on, errors come from the spread between chains
 
 
-class Flow(Protocol):
-    """What this module needs from a flow (e.g. :class:`latticeflow.flow.MongeAmpereFlow`)."""
-
-    dim: int
-    n_steps: int
-
-    def forward_map(self, z: Tensor, generator: torch.Generator | None = None,
-                    noise: Sequence[Any] | None = None) -> tuple[Tensor, Tensor]: ...
-
-    def sample(self, n: int, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]: ...
-
-
-class Target(Protocol):
-    """An Ising HS target (:func:`latticeflow.ising`): energy, gradient, lattice, β, J, N."""
-
-    N: int
-
-    def energy(self, x: Tensor) -> Tensor: ...
-
-    def grad(self, x: Tensor) -> Tensor: ...
-
-
 # ---------------------------------------------------------------------- checks
-def _check_int(name: str, value: object, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {name}={value!r}")
-    return int(value)
-
-
 def _check_flow_target(flow: object, target: object) -> None:
-    if not callable(getattr(flow, "forward_map", None)) or not hasattr(flow, "dim"):
-        raise TypeError(f"flow must be a MongeAmpereFlow (with forward_map and dim), got {type(flow).__name__}")
-    if not callable(getattr(target, "energy", None)) or not hasattr(target, "N"):
-        raise TypeError(f"target must be an Ising HS target with energy(x) and N (latticeflow.ising), "
-                        f"got {type(target).__name__}")
+    if not isinstance(flow, Flow):
+        raise TypeError(f"flow must implement latticeflow.flow.Flow (a MongeAmpereFlow or SymmetricMixture), "
+                        f"got {type(flow).__name__}")
+    if not isinstance(target, Target):
+        raise TypeError(f"target must implement latticeflow.target.Target (energy(x) and N), such as the Ising HS "
+                        f"target of latticeflow.ising, got {type(target).__name__}")
     if int(flow.dim) != int(target.N):
         raise ValueError(f"flow and target dimensions differ: flow.dim={flow.dim}, target.N={target.N}")
 
@@ -144,34 +121,12 @@ def _check_lattice_target(target: object) -> None:
 def _check_hmc_settings(n_chains: object, n_samples: object, n_leapfrog: object, n_warmup: object,
                         target_accept: object, step_size: object) -> tuple[int, int, int, int, float, float]:
     """Validate HMC settings up front, before any flow work; returns them cleaned."""
-    n_chains = _check_int("n_chains", n_chains, 1)
-    n_samples = _check_int("n_samples", n_samples, 2)  # τ needs at least two time steps
-    n_leapfrog = _check_int("n_leapfrog", n_leapfrog, 1)
-    n_warmup = _check_int("n_warmup", n_warmup, 0)
-    if isinstance(target_accept, bool) or not isinstance(target_accept, (int, float, np.floating)) or not (
-        0 < target_accept < 1
-    ):
-        raise ValueError(f"target_accept must lie strictly between 0 and 1, got target_accept={target_accept!r}")
-    if isinstance(step_size, bool) or not isinstance(step_size, (int, float, np.floating, np.integer)) or not (
-        math.isfinite(step_size) and step_size > 0
-    ):
-        raise ValueError(f"step_size must be a finite number > 0, got step_size={step_size!r}")
-    return n_chains, n_samples, n_leapfrog, n_warmup, float(target_accept), float(step_size)
-
-
-def _flow_dtype(flow: object) -> torch.dtype:
-    dtype = getattr(flow, "dtype", None)
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    for p in flow.parameters():  # type: ignore[attr-defined]
-        if p.is_floating_point():
-            return p.dtype
-    return torch.get_default_dtype()
-
-
-def _flow_device(flow: object) -> torch.device:
-    device = getattr(flow, "device", None)
-    return device if isinstance(device, torch.device) else torch.device("cpu")
+    return (check_size("n_chains", n_chains, 1),
+            check_size("n_samples", n_samples, 2),  # τ needs at least two time steps
+            check_size("n_leapfrog", n_leapfrog, 1),
+            check_size("n_warmup", n_warmup, 0),
+            check_fraction("target_accept", target_accept),
+            check_positive("step_size", step_size))
 
 
 @contextlib.contextmanager
@@ -194,21 +149,18 @@ def frozen_noise(flow: Flow, batch: int, generator: torch.Generator | None = Non
 
     Passing them as ``noise=`` to every ``forward_map`` call makes z ↦ x one fixed bijection
     per row of the batch (one fixed random symmetry element per step and chain), which is
-    what latent HMC needs. Drawn in forward-time order like the flow itself draws them.
+    what latent HMC needs. The flow draws them (:meth:`~latticeflow.flow.Flow.draw_noise`),
+    in forward-time order like its own integrations.
 
     Args:
         flow: the flow.
-        batch: number of rows (chains) the tokens are for.
+        batch: number of rows (chains) the tokens are for, >= 1.
         generator: torch.Generator for the draw.
 
     Returns:
-        a list of ``flow.n_steps`` tokens, or None when the potential is deterministic.
+        a list of ``flow.n_steps`` tokens, or None when the flow is deterministic.
     """
-    batch = _check_int("batch", batch, 1)
-    pot = getattr(flow, "potential", None)
-    if pot is None or not getattr(pot, "stochastic", False):
-        return None
-    return [pot.resample(batch, generator) for _ in range(int(flow.n_steps))]
+    return flow.draw_noise(check_size("batch", batch, 1), generator)
 
 
 class PulledBackDensity:
@@ -265,8 +217,8 @@ def latent_log_prob(flow: Flow, target: Target, noise: Sequence[Any] | None = No
     constant −ln Z. If z follows π, then x(z) follows e^{−E}/Z whatever the flow.
 
     Args:
-        flow: a :class:`latticeflow.flow.MongeAmpereFlow` (float64 recommended).
-        target: an energy with ``energy(x) -> (C,)`` and ``N`` equal to ``flow.dim``.
+        flow: a :class:`latticeflow.flow.Flow` (float64 recommended).
+        target: a :class:`latticeflow.target.Target` with ``N`` equal to ``flow.dim``.
         noise: frozen per-step tokens from :func:`frozen_noise`; required when the flow's
             potential is stochastic (random symmetrisation), for the chain count used.
 
@@ -282,8 +234,7 @@ def latent_log_prob(flow: Flow, target: Target, noise: Sequence[Any] | None = No
         >>> res = hmc(density, torch.randn(8, 16, dtype=torch.float64), n_samples=100)
     """
     _check_flow_target(flow, target)
-    pot = getattr(flow, "potential", None)
-    if noise is None and pot is not None and getattr(pot, "stochastic", False):
+    if noise is None and flow.stochastic:
         raise ValueError("the flow's potential is stochastic (random symmetrisation): latent HMC needs one fixed "
                          "bijection per chain, so pass noise=frozen_noise(flow, n_chains, generator)")
     if noise is not None and len(list(noise)) != int(flow.n_steps):
@@ -385,8 +336,12 @@ def _traces(x: Tensor, lattice: object, J: float) -> dict[str, np.ndarray]:
     return {"m": mag["m"].reshape(n, C), "abs_m": mag["abs_m"].reshape(n, C), "energy": en["energy"].reshape(n, C)}
 
 
-def _integrated_time(series: np.ndarray) -> float:
-    """τ of a (n, C) trace without emcee's short-chain log warning (see ChainResult.tau_is_lower_bound)."""
+def quiet_integrated_time(series: np.ndarray) -> float:
+    """:func:`analysis.autocorr.integrated_time` of a (n, C) trace without emcee's short-chain log warning.
+
+    A chain shorter than 50τ makes emcee log a warning; :meth:`ChainResult.tau_is_lower_bound`
+    and the report's samplers table say so instead.
+    """
     log = logging.getLogger("emcee.autocorr")
     disabled, log.disabled = log.disabled, True
     try:
@@ -405,7 +360,7 @@ def _measure_chain(method: str, x: Tensor, target: Target, generator: torch.Gene
                    **info: Any) -> ChainResult:
     n, C, N = x.shape
     traces = _traces(x, target.lattice, target.J)
-    tau = {k: _integrated_time(v) for k, v in traces.items()}
+    tau = {k: quiet_integrated_time(v) for k, v in traces.items()}
     t = improved_spins(x.detach())
     if C >= MIN_CHAINS_FOR_CHAIN_JACKKNIFE:
         # chain-major, one jackknife block per chain: honest errors for independent chains
@@ -454,7 +409,7 @@ def latent_hmc(
     mapped to x = f(z) with the chain's frozen noise and to spins.
 
     Args:
-        flow: a MongeAmpereFlow in the dtype to compute in (float64 recommended).
+        flow: a :class:`latticeflow.flow.Flow` in the dtype to compute in (float64 recommended).
         target: the HS target (:func:`latticeflow.ising`), with lattice, beta and J.
         n_chains: C >= 1.
         n_samples: stored iterations per chain, >= 2.
@@ -475,7 +430,7 @@ def latent_hmc(
     _check_flow_target(flow, target)
     _check_lattice_target(target)
     start = time.perf_counter()
-    dtype, device = _flow_dtype(flow), _flow_device(flow)
+    dtype, device = flow.dtype, flow.device
     noise = frozen_noise(flow, n_chains, generator)
     density = latent_log_prob(flow, target, noise)
     z0 = torch.randn(n_chains, target.N, generator=generator, dtype=dtype, device=device)
@@ -574,8 +529,8 @@ def neural_independence_sampler(
     Raises:
         ValueError: n < 2, batch < 1, or a flow that does not fit the target.
     """
-    n = _check_int("n", n, 2)
-    batch = _check_int("batch", batch, 1)
+    n = check_size("n", n, 2)
+    batch = check_size("batch", batch, 1)
     _check_flow_target(flow, target)
     _check_lattice_target(target)
     start = time.perf_counter()
@@ -714,9 +669,9 @@ def flow_estimates(
     Raises:
         ValueError: n_samples < 2, batch < 1, or a flow that does not fit the target.
     """
-    n_samples = _check_int("n_samples", n_samples, 2)
-    batch = _check_int("batch", batch, 1)
-    n_spin_images = _check_int("n_spin_images", n_spin_images, 0)
+    n_samples = check_size("n_samples", n_samples, 2)
+    batch = check_size("batch", batch, 1)
+    n_spin_images = check_size("n_spin_images", n_spin_images, 0)
     _check_flow_target(flow, target)
     _check_lattice_target(target)
     start = time.perf_counter()

@@ -5,8 +5,9 @@
 results of MADE, Real NVP and MAF (Papamakarios et al., arXiv:1705.07057) as horizontal lines;
 (b) test digits flowing backward from t = T (data) to t = 0 (the base Gaussian).
 
-The functions take plain arrays (uint8 pixels from ``latticeflow.mnist.logit_to_pixels``) and
-a training log; the driver ``models/mnist.py`` computes them from the flow.
+The plotting functions take plain arrays (uint8 pixels from ``latticeflow.mnist.logit_to_pixels``)
+and a training log; :func:`make_figures` computes them from a trained model (what
+``models/mnist.py`` draws after training).
 """
 
 from __future__ import annotations
@@ -22,11 +23,11 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
-from latticeflow.mnist import tile_images  # noqa: E402
+from latticeflow.mnist import gaussianization_frames, inner_flow, logit_to_pixels, tile_images  # noqa: E402
 
 from .plots import _save  # noqa: E402
 
-__all__ = ["plot_gaussianization", "plot_nll_curves", "plot_samples"]
+__all__ = ["make_figures", "plot_gaussianization", "plot_nll_curves", "plot_samples"]
 
 _SETS = (("train", "C0"), ("validation", "C2"), ("test", "C1"))
 
@@ -161,3 +162,36 @@ def plot_nll_curves(log: pd.DataFrame | str | Path, path: str | Path,
     ax.legend(fontsize=8, loc="upper right")
     ax.grid(alpha=0.3, which="both")
     return _save(fig, path)
+
+
+@torch.no_grad()
+def make_figures(model: torch.nn.Module, log: pd.DataFrame, test_y: torch.Tensor, out_dir: str | Path,
+                 image_shape: tuple[int, int], n_samples: int = 100, seed: int = 0,
+                 reference: dict[str, tuple[float, float]] | None = None) -> list[Path]:
+    """Samples, the Gaussianisation of test digits (Fig. 3b) and the NLL curves (Fig. 3a) of a model.
+
+    Args:
+        model: the flow or an :class:`~latticeflow.mnist.AffineFlow` (samples and frames are shown
+            in data coordinates).
+        log: training log with the per-epoch NLL columns.
+        test_y: logit test images to flow backward, shape (B, D) (the first 10 are used).
+        out_dir: folder for ``samples``, ``gaussianization`` and ``nll`` (.png and .pdf).
+        image_shape: (rows, cols).
+        n_samples: number of generated images.
+        seed: seed of the latent draw.
+        reference: reference lines for the NLL plot (the paper's Table 1), None for none.
+
+    Returns:
+        the PNG paths.
+    """
+    out = Path(out_dir)
+    was_training = model.training
+    model.eval()
+    x, _ = model.sample(n_samples, generator=torch.Generator(device=model.device).manual_seed(seed))
+    paths = [plot_samples(logit_to_pixels(x.double().cpu()), out / "samples", image_shape,
+                          title=f"{n_samples} samples (T = {inner_flow(model).total_time:g})")]
+    times, frames = gaussianization_frames(model, test_y[:10])
+    paths.append(plot_gaussianization(logit_to_pixels(frames), times, out / "gaussianization", image_shape))
+    paths.append(plot_nll_curves(log, out / "nll", reference=reference))
+    model.train(was_training)
+    return paths

@@ -38,13 +38,13 @@ import pandas as pd
 import torch
 
 from latticeflow import ising
+from latticeflow._checks import check_choice, check_fraction, check_positive, check_size
 from latticeflow.build import build_flow
 from latticeflow.checkpoint import CheckpointError, check_kind, checkpoint_kind, load_checkpoint
-from latticeflow.flow import MongeAmpereFlow
+from latticeflow.flow import Flow
 from latticeflow.ising import IsingHS
 
 from .free_energy import Estimate, format_with_error
-from .latent import _integrated_time  # τ without emcee's short-chain log lines
 from .latent import (
     ChainResult,
     FlowEstimates,
@@ -52,6 +52,7 @@ from .latent import (
     latent_hmc,
     neural_independence_sampler,
     physical_hmc,
+    quiet_integrated_time,
     speedup,
 )
 
@@ -74,12 +75,6 @@ CSV_COLUMNS = ("quantity", "method", "value", "stderr", "exact", "deviation_sigm
 
 
 # ---------------------------------------------------------------------- settings
-def _check_int(name: str, value: object, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {name}={value!r}")
-    return int(value)
-
-
 @dataclass(frozen=True)
 class ReportSettings:
     """What to compute; validated on construction (ValueError quoting the bad value).
@@ -124,37 +119,38 @@ class ReportSettings:
     verbose: bool = True
 
     def __post_init__(self) -> None:
-        _check_int("samples", self.samples, 2)
-        _check_int("batch", self.batch, 1)
-        _check_int("hmc_samples", self.hmc_samples, 2)
-        _check_int("hmc_chains", self.hmc_chains, 1)
-        _check_int("hmc_leapfrog", self.hmc_leapfrog, 1)
-        _check_int("hmc_warmup", self.hmc_warmup, 0)
-        ta = self.target_accept
-        if isinstance(ta, bool) or not isinstance(ta, (int, float, np.floating)) or not 0 < ta < 1:
-            raise ValueError(f"target_accept must lie strictly between 0 and 1, got target_accept={ta!r}")
-        eps = self.step_size
-        if isinstance(eps, bool) or not isinstance(eps, (int, float, np.floating)) or not (
-            math.isfinite(eps) and eps > 0
-        ):
-            raise ValueError(f"step_size must be a finite number > 0, got step_size={eps!r}")
-        if _check_int("independence", self.independence, 0) == 1:
+        clean: dict[str, Any] = {}
+
+        def size(name: str, minimum: int) -> int:
+            clean[name] = check_size(name, getattr(self, name), minimum)
+            return clean[name]
+
+        for name, minimum in (("samples", 2), ("batch", 1), ("hmc_samples", 2), ("hmc_chains", 1),
+                              ("hmc_leapfrog", 1), ("hmc_warmup", 0)):
+            size(name, minimum)
+        clean["target_accept"] = check_fraction("target_accept", self.target_accept)
+        clean["step_size"] = check_positive("step_size", self.step_size)
+        if size("independence", 0) == 1:
             raise ValueError("independence must be 0 (skip) or a chain length >= 2, got independence=1")
-        if _check_int("sw_sweeps", self.sw_sweeps, 0) == 1:
+        if size("sw_sweeps", 0) == 1:
             raise ValueError("sw_sweeps must be 0 (skip) or at least 2, got sw_sweeps=1")
-        _check_int("sw_chains", self.sw_chains, 1)
-        _check_int("sw_thermalize", self.sw_thermalize, 0)
-        _check_int("seed", self.seed, 0)
+        for name, minimum in (("sw_chains", 1), ("sw_thermalize", 0), ("seed", 0)):
+            size(name, minimum)
         if self.L is not None:
-            _check_int("L", self.L, 2)
-        if self.dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {', '.join(map(repr, DTYPES))}; got dtype={self.dtype!r}")
+            size("L", 2)
+        check_choice("dtype", self.dtype, tuple(DTYPES))
+        for name, value in clean.items():  # a frozen dataclass: store the cleaned values (3.0 → 3) this way
+            object.__setattr__(self, name, value)
 
 
 # ---------------------------------------------------------------------- loading
 def load_model(checkpoint: str | os.PathLike, L: int | None = None,
-               dtype: torch.dtype = torch.float64) -> tuple[MongeAmpereFlow, IsingHS, dict[str, Any]]:
+               dtype: torch.dtype = torch.float64) -> tuple[Flow, IsingHS, dict[str, Any]]:
     """Rebuild the flow and target of a ``models/ising.py`` checkpoint.
+
+    The flow is whatever :func:`latticeflow.build.build_flow` makes of the checkpoint's config:
+    a :class:`~latticeflow.flow.MongeAmpereFlow`, or a
+    :class:`~latticeflow.mixture.SymmetricMixture` for a run trained with ``--mixture``.
 
     Args:
         checkpoint: path of ``checkpoint.pt``.
@@ -164,7 +160,7 @@ def load_model(checkpoint: str | os.PathLike, L: int | None = None,
             for the converted flow).
 
     Returns:
-        (flow in eval mode, target, the checkpoint dict).
+        (flow in eval mode, a :class:`~latticeflow.flow.Flow`; target; the checkpoint dict).
 
     Raises:
         FileNotFoundError: no such file.
@@ -274,8 +270,8 @@ def _sampler_row(r: ChainResult, reference: ChainResult | None) -> dict[str, Any
 
 def _cluster_row(run: Any) -> dict[str, Any]:
     n, C = run.m.shape
-    tau_m, tau_e = _integrated_time(run.series("abs_m")), _integrated_time(run.series("energy"))
-    tau_signed = _integrated_time(run.series("m"))
+    tau_m, tau_e = quiet_integrated_time(run.series("abs_m")), quiet_integrated_time(run.series("energy"))
+    tau_signed = quiet_integrated_time(run.series("m"))
     sps = run.seconds / (n * C)
     return {"method": "Swendsen-Wang", "chains": C, "samples_per_chain": n, "acceptance": 1.0,
             "step_size": math.nan, "n_leapfrog": 0, "tau_abs_m": tau_m, "tau_energy": tau_e, "tau_m": tau_signed,
@@ -395,7 +391,7 @@ def run_report(checkpoint: str | os.PathLike, out_dir: str | os.PathLike,
         cluster = cluster_chain(lat.L, target.beta, s.sw_sweeps, n_thermalize=s.sw_thermalize, seed=s.seed,
                                 n_chains=s.sw_chains)
         say(f"Swendsen-Wang: {s.sw_sweeps} sweeps × {s.sw_chains} chains, tau(|m|) = "
-            f"{_integrated_time(cluster.series('abs_m')):.3g} ({cluster.seconds:.1f} s)")
+            f"{quiet_integrated_time(cluster.series('abs_m')):.3g} ({cluster.seconds:.1f} s)")
 
     observables = {name: r.observables for name, r in chains.items()}
     if cluster is not None:

@@ -30,6 +30,7 @@ import numpy as np
 import scipy.sparse as sp
 from scipy.sparse.csgraph import connected_components
 
+from latticeflow._checks import check_positive, check_size
 from latticeflow.lattice import SquareLattice
 
 from .autocorr import integrated_time, mean_with_error
@@ -106,21 +107,6 @@ class ClusterChain:
         """
         moments = {k: self.series(k).reshape(-1) for k in ("m", "abs_m", "m2", "m4", "energy", "energy_sq")}
         return summarize(moments, self.N, beta=self.beta, n_blocks=n_blocks)
-
-
-# ---------------------------------------------------------------------- checks
-def _check_int(name: str, value: object, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {name}={value!r}")
-    return int(value)
-
-
-def _check_beta(beta: object) -> float:
-    if isinstance(beta, bool) or not isinstance(beta, (int, float, np.floating, np.integer)) or not (
-        math.isfinite(beta) and beta > 0
-    ):
-        raise ValueError(f"beta must be a finite number > 0, got beta={beta!r}")
-    return float(beta)
 
 
 # ---------------------------------------------------------------------- updates
@@ -208,11 +194,11 @@ def cluster_chain(
         >>> run = cluster_chain(L=16, beta=0.4406868, n_sweeps=2000, n_thermalize=200)
         >>> run.estimate("abs_m")  # doctest: +SKIP
     """
-    L = _check_int("L", L, 2)
-    beta = _check_beta(beta)
-    n_sweeps = _check_int("n_sweeps", n_sweeps, 1)
-    n_thermalize = _check_int("n_thermalize", n_thermalize, 0)
-    n_chains = _check_int("n_chains", n_chains, 1)
+    L = check_size("L", L, 2)
+    beta = check_positive("beta", beta)
+    n_sweeps = check_size("n_sweeps", n_sweeps, 1)
+    n_thermalize = check_size("n_thermalize", n_thermalize, 0)
+    n_chains = check_size("n_chains", n_chains, 1)
     if algorithm not in ALGORITHMS:
         raise ValueError(f"algorithm must be one of {', '.join(map(repr, ALGORITHMS))}; got algorithm={algorithm!r}")
     with warnings.catch_warnings():  # the doubled L=2 bonds are intended here (see module docstring)

@@ -45,11 +45,10 @@ import torch  # noqa: E402
 import latticeflow as lf  # noqa: E402
 from ising_speed import mlp_flops  # noqa: E402
 from latticeflow.build import build_flow as build_lattice_flow  # noqa: E402
-from latticeflow.mnist import DequantizedBatches  # noqa: E402
+from latticeflow.config import ISING_PAPER  # noqa: E402
+from latticeflow.mnist import MNIST_PAPER, DequantizedBatches  # noqa: E402
+from latticeflow.mnist import build_flow as build_mnist_flow  # noqa: E402
 from mnist_speed import iteration_flops, matmul_gflops, write_json  # noqa: E402
-from models.ising import PAPER as ISING_PAPER  # noqa: E402
-from models.mnist import DEFAULT as MNIST_PAPER  # noqa: E402
-from models.mnist import build_flow as build_mnist_flow  # noqa: E402
 
 Step = Callable[[], None]
 
@@ -89,12 +88,11 @@ def ising_case(device: torch.device, quick: bool) -> Case:
 
 def mnist_case(device: torch.device, quick: bool, grad_checkpoint: bool) -> Case:
     """The paper's MNIST configuration (tiny with ``quick``); synthetic pixels (the cost does not depend on them)."""
-    D, h, n, B = (64, 32, 4, 20) if quick else (784, MNIST_PAPER["hidden"], MNIST_PAPER["n_steps"], MNIST_PAPER["batch"])
-    config = {**MNIST_PAPER, "hidden": h, "n_steps": n, "batch": B, "dtype": "float32",
-              "grad_checkpoint": grad_checkpoint}
+    D, h, n, B = (64, 32, 4, 20) if quick else (784, MNIST_PAPER.hidden, MNIST_PAPER.n_steps, MNIST_PAPER.batch)
+    config = MNIST_PAPER.replace(hidden=h, n_steps=n, batch=B, dtype="float32", grad_checkpoint=grad_checkpoint)
     torch.manual_seed(0)
     flow = build_mnist_flow(config, D).to(device)
-    opt = torch.optim.Adam(flow.parameters(), lr=config["lr"])
+    opt = torch.optim.Adam(flow.parameters(), lr=config.lr)
     gen = torch.Generator().manual_seed(0)
     pixels = torch.randint(0, 256, (4 * B, D), generator=gen, dtype=torch.uint8)
     # a few dequantised batches, moved to the device once and cycled

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 import time
@@ -43,7 +42,16 @@ import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 from torch import Tensor  # noqa: E402
 
-from latticeflow.mnist import PAPER_TEST_NLL, DequantizedBatches, GaussianBaseline, nll_logit_to_bits_per_dim  # noqa: E402
+from latticeflow.mnist import (  # noqa: E402
+    MNIST_PAPER,
+    PAPER_TEST_NLL,
+    DequantizedBatches,
+    GaussianBaseline,
+    MNISTData,
+    load_data,
+    nll_logit_to_bits_per_dim,
+)
+from latticeflow.stats import standard_error  # noqa: E402
 from models import mnist as driver  # noqa: E402
 
 MODELS = ("gaussian", "maf", "ma")
@@ -53,13 +61,12 @@ def _stats(logp: Tensor, log_det: Tensor, D: int, seconds: float, params: int, n
     """Test NLL and bits/dim with standard errors from per-image log p_Y (B,) and logit log-Jacobians (B,)."""
     logp, log_det = logp.double(), log_det.double()
     bpd = nll_logit_to_bits_per_dim(logp, log_det, D)
-    n = logp.numel()
-    return {"nll": float(-logp.mean()), "nll_stderr": float(logp.std() / math.sqrt(n)), "bpd": float(bpd.mean()),
-            "bpd_stderr": float(bpd.std() / math.sqrt(n)), "images": n, "train_seconds": seconds,
+    return {"nll": float(-logp.mean()), "nll_stderr": standard_error(logp), "bpd": float(bpd.mean()),
+            "bpd_stderr": standard_error(bpd), "images": logp.numel(), "train_seconds": seconds,
             "parameters": params, "note": note}
 
 
-def run_gaussian(data: driver.MNISTData, eval_seed: int) -> dict:
+def run_gaussian(data: MNISTData, eval_seed: int) -> dict:
     t0 = time.perf_counter()
     train_y, _ = DequantizedBatches(data.train, seed=eval_seed, dtype=torch.float64).fixed()
     model = GaussianBaseline.fit(train_y)
@@ -69,7 +76,7 @@ def run_gaussian(data: driver.MNISTData, eval_seed: int) -> dict:
     return _stats(model.log_prob(y), log_det, D, seconds, D + D * (D + 1) // 2, "closed form, one noise draw")
 
 
-def run_maf(data: driver.MNISTData, args: argparse.Namespace) -> dict:
+def run_maf(data: MNISTData, args: argparse.Namespace) -> dict:
     try:
         import zuko
     except ImportError:
@@ -159,8 +166,7 @@ def main(argv: list[str] | None = None) -> dict:
         torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    cfg = {**driver.DEFAULT}
-    data = driver.load_data(args.data_dir, cfg)
+    data = load_data(args.data_dir, MNIST_PAPER)
     load = os.getloadavg()
     print(f"MNIST from {data.directory}: {len(data.train)} / {len(data.validation)} / {len(data.test)} images; "
           f"budget {args.minutes:g} min per trained model; torch threads {torch.get_num_threads()}, "

@@ -68,15 +68,14 @@ def _sync(device: torch.device) -> None:
 
 def child(args: argparse.Namespace) -> dict:
     """Run in a fresh process: time ``args.iters`` iterations of one variant, report memory."""
-    from latticeflow.mnist import DequantizedBatches
-    from models.mnist import DEFAULT, build_flow
+    from latticeflow.mnist import MNIST_PAPER, DequantizedBatches, build_flow
 
     device = torch.device(args.device)
-    config = {**DEFAULT, "hidden": args.hidden, "n_steps": args.n_steps, "step_size": args.step_size,
-              "batch": args.batch, "dtype": args.dtype, "grad_checkpoint": VARIANTS[args.child]}
+    config = MNIST_PAPER.replace(hidden=args.hidden, n_steps=args.n_steps, step_size=args.step_size, batch=args.batch,
+                                 dtype=args.dtype, grad_checkpoint=VARIANTS[args.child])
     torch.manual_seed(0)
     flow = build_flow(config, args.dim).to(device)
-    opt = torch.optim.Adam(flow.parameters(), lr=config["lr"])
+    opt = torch.optim.Adam(flow.parameters(), lr=config.lr)
     # synthetic pixels: the cost does not depend on the values (one softplus per hidden unit)
     gen = torch.Generator().manual_seed(0)
     pixels = torch.randint(0, 256, (args.batch * (args.iters + args.warmup), args.dim), generator=gen,

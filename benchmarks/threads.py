@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             for sp in spinners:
                 sp.kill()
                 sp.wait()
-    print(f"\n| machine | threads | s/epoch | chosen by the driver |\n|---|---|---:|---|")
+    print("\n| machine | threads | s/epoch | chosen by the driver |\n|---|---|---:|---|")
     for r in rows:
         print(f"| {r['scenario']} ({args.busy if r['scenario'] == 'busy' else 0} other job) | {r['threads']} | "
               f"{r['s_per_epoch']:.3f} | {r['chosen'] if r['threads'] == 'default' else ''} |")

@@ -20,7 +20,8 @@ from .exact import (
 )
 from . import ode
 from .build import build_flow, build_potential
-from .flow import MongeAmpereFlow
+from .config import ISING_DEFAULT, ISING_PAPER, IsingConfig
+from .flow import Flow, MongeAmpereFlow
 from .mixture import SymmetricMixture
 from .potentials import (
     AutogradPotential,
@@ -34,6 +35,7 @@ from .potentials import (
 from .train import Trainer, TrainingDiverged, VariationalTrainer
 from .ising import IsingHS, critical, improved_spins, ising, sample_spins
 from .lattice import SquareLattice
+from .target import Target
 from .symmetry import SymmetryGroup, point_group, space_group, spin_flip_group, translation_group
 
 __all__ = [
@@ -62,6 +64,11 @@ __all__ = [
     "TrainingDiverged",
     "VariationalTrainer",
     "build_flow",
+    "Flow",
+    "ISING_DEFAULT",
+    "ISING_PAPER",
+    "IsingConfig",
+    "Target",
     "build_potential",
     "ode",
     "IsingHS",

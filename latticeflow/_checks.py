@@ -51,6 +51,17 @@ def check_finite(name: str, value: object) -> float:
     return float(value)
 
 
+def check_fraction(name: str, value: object) -> float:
+    """Return ``value`` as a float if it is a real number strictly between 0 and 1.
+
+    Raises:
+        ValueError: ``value`` is not a number in the open interval (0, 1).
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 < value < 1:
+        raise ValueError(f"{name} must lie strictly between 0 and 1, got {name}={value!r}")
+    return float(value)
+
+
 def check_choice(name: str, value: object, choices: tuple[str, ...]) -> str:
     """Return ``value`` if it is one of ``choices``.
 
@@ -77,4 +88,23 @@ def check_batch(x: object, dim: int, name: str = "x") -> Tensor:
         x = x.unsqueeze(0)
     if x.dim() != 2 or x.shape[1] != dim:
         raise ValueError(f"{name} must have shape (B, {dim}), got shape={tuple(x.shape)}")
+    return x
+
+
+def check_points(x: object, dim: int, dtype: torch.dtype, name: str = "x") -> Tensor:
+    """Return ``x`` if it is a non-empty (B, dim) tensor of a flow's dtype (no conversion, no new axis).
+
+    Raises:
+        TypeError: ``x`` is not a torch.Tensor, or has another dtype than ``dtype``.
+        ValueError: ``x`` does not have shape (B, dim) with B >= 1.
+    """
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of shape (B, {dim}), got {type(x).__name__}")
+    if x.dtype != dtype:
+        raise TypeError(f"{name} must have the flow's dtype {dtype}, got dtype={x.dtype}; "
+                        f"convert it with .to({dtype}) or the flow with flow.to({x.dtype})")
+    if x.dim() != 2 or x.shape[1] != dim:
+        raise ValueError(f"{name} must have shape (B, {dim}), got shape={tuple(x.shape)}")
+    if x.shape[0] == 0:
+        raise ValueError(f"{name} must hold at least one sample, got shape={tuple(x.shape)}")
     return x

@@ -187,12 +187,6 @@ def local_share(global_batch: int) -> int:
     return global_batch // w
 
 
-def local_slice(global_batch: int) -> slice:
-    """Rows of a global batch owned by this rank."""
-    b = local_share(global_batch)
-    return slice(rank() * b, (rank() + 1) * b)
-
-
 def all_gather(t: Tensor) -> Tensor:
     """Concatenate a per-rank tensor (same shape on every rank) along dim 0, in rank order."""
     if not is_initialized():
@@ -209,13 +203,6 @@ def all_reduce_sum(t: Tensor) -> Tensor:
     out = t.detach().clone()
     tdist.all_reduce(out)
     return out
-
-
-def global_mean(t: Tensor) -> Tensor:
-    """Mean over all elements on all ranks (detached)."""
-    t = t.detach()
-    s = all_reduce_sum(torch.stack([t.sum(), torch.tensor(float(t.numel()), dtype=t.dtype, device=t.device)]))
-    return s[0] / s[1]
 
 
 def _comm_device() -> torch.device:

@@ -21,6 +21,9 @@ direction is integrated; an inverse integration uses them in reverse. So a run i
 exactly either by passing ``noise=flow.last_noise`` (the tokens of the latest integration)
 or by giving the inverse map a generator seeded like the forward one.
 
+Every flow-like object (this flow, :class:`~latticeflow.mixture.SymmetricMixture`) implements
+the small :class:`Flow` interface, which is all that training and the analysis use.
+
 Symbols: B batch, N dimension, ε step size, T total time.
 """
 
@@ -28,16 +31,16 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Protocol, Sequence, runtime_checkable
 
 import torch
 from torch import Tensor, nn
 
 from . import ode
-from ._checks import check_positive, check_size
+from ._checks import check_points, check_positive, check_size
 from .potentials import Potential, _check_potential
 
-__all__ = ["MongeAmpereFlow", "standard_normal_log_prob"]
+__all__ = ["Flow", "MongeAmpereFlow", "standard_normal_log_prob"]
 
 _LOG_2PI = math.log(2.0 * math.pi)
 
@@ -45,6 +48,63 @@ _LOG_2PI = math.log(2.0 * math.pi)
 def standard_normal_log_prob(z: Tensor) -> Tensor:
     """ln N(z; 0, I) for z of shape (B, N); returns shape (B,)."""
     return -0.5 * (z.square().sum(1) + z.shape[1] * _LOG_2PI)
+
+
+@runtime_checkable
+class Flow(Protocol):
+    """The interface of every flow-like object: a normalised density that samples itself.
+
+    Implemented by :class:`MongeAmpereFlow` and :class:`~latticeflow.mixture.SymmetricMixture`;
+    variational training (:class:`~latticeflow.train.VariationalTrainer`) uses ``sample``, and
+    the analysis (:mod:`analysis.latent`) uses the rest. ``isinstance(obj, Flow)`` checks
+    that the members exist, not their signatures.
+
+    Noise: a stochastic flow (random symmetrisation, Hutchinson Laplacians) integrates with one
+    noise token per step; ``draw_noise`` draws them (None for a deterministic flow), and passing
+    them as ``noise=`` replays one fixed map.
+
+    Attributes:
+        dim: N, the dimension of x.
+        n_steps: integration steps of the transport.
+        dtype: floating dtype of samples and parameters.
+        device: device of samples and parameters.
+        stochastic: whether the map depends on per-step noise tokens.
+    """
+
+    dim: int
+    n_steps: int
+
+    @property
+    def dtype(self) -> torch.dtype: ...
+
+    @property
+    def device(self) -> torch.device: ...
+
+    @property
+    def stochastic(self) -> bool: ...
+
+    def sample(self, n: int, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        """Samples x, shape (n, N), and their log densities ln p(x), shape (n,) (reparametrised)."""
+        ...
+
+    def log_prob(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """ln p(x) for x of shape (B, N); returns shape (B,)."""
+        ...
+
+    def forward_map(self, z: Tensor, generator: torch.Generator | None = None,
+                    noise: Sequence[Any] | None = None) -> tuple[Tensor, Tensor]:
+        """Latent z (B, N) ↦ (x (B, N), delta_logp (B,) = ln p(x) − ln p(z)), a bijection."""
+        ...
+
+    def inverse_map(self, x: Tensor, generator: torch.Generator | None = None,
+                    noise: Sequence[Any] | None = None) -> tuple[Tensor, Tensor]:
+        """x (B, N) ↦ (z (B, N), delta_logp (B,) = ln p(z) − ln p(x)), the inverse of ``forward_map``."""
+        ...
+
+    def draw_noise(self, batch: int, generator: torch.Generator | None = None,
+                   noise: Sequence[Any] | None = None) -> list[Any] | None:
+        """Per-step noise tokens for ``batch`` rows (``noise`` checked and returned if given; None if deterministic)."""
+        ...
 
 
 class MongeAmpereFlow(nn.Module):
@@ -60,7 +120,8 @@ class MongeAmpereFlow(nn.Module):
     ``n_steps``, ``step_size``, ``method`` and ``checkpoint`` are attributes that may be
     changed at any time (e.g. a finer grid at inference); the setters validate them.
 
-    dtype and device follow the potential's parameters (``flow.to(torch.float64)``).
+    dtype and device follow the potential's parameters (``flow.to(torch.float64)``). Implements
+    :class:`Flow`.
 
     Example:
         >>> from latticeflow.potentials import MLPPotential
@@ -131,26 +192,35 @@ class MongeAmpereFlow(nn.Module):
             return t.device
         return torch.device("cpu")
 
+    @property
+    def stochastic(self) -> bool:
+        """Whether the potential draws per-step noise tokens (then pass ``noise=`` to replay a map)."""
+        return bool(self.potential.stochastic)
+
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, n_steps={self.n_steps}, step_size={self.step_size}, method={self.method!r}, "
                 f"checkpoint={self.checkpoint}")
 
-    # ------------------------------------------------------------------ checks
-    def _check_x(self, x: object, name: str) -> Tensor:
-        if not isinstance(x, Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor of shape (B, {self.dim}), got {type(x).__name__}")
-        if x.dtype != self.dtype:
-            raise TypeError(f"{name} must have the flow's dtype {self.dtype}, got dtype={x.dtype}; "
-                            f"convert it with .to({self.dtype}) or the flow with flow.to({x.dtype})")
-        if x.dim() != 2 or x.shape[1] != self.dim:
-            raise ValueError(f"{name} must have shape (B, {self.dim}), got shape={tuple(x.shape)}")
-        if x.shape[0] == 0:
-            raise ValueError(f"{name} must hold at least one sample, got shape={tuple(x.shape)}")
-        return x
+    # ------------------------------------------------------------------ noise
+    def draw_noise(self, batch: int, generator: torch.Generator | None = None,
+                   noise: Sequence[Any] | None = None) -> list[Any] | None:
+        """Per-step noise tokens in forward-time order, or None for a deterministic potential.
 
-    def _draw_noise(self, batch: int, generator: torch.Generator | None,
-                    noise: Sequence[Any] | None) -> list[Any] | None:
-        """Per-step noise tokens in forward-time order, or None for a deterministic potential."""
+        Passing the tokens as ``noise=`` to :meth:`forward_map`, :meth:`inverse_map`,
+        :meth:`sample` or :meth:`log_prob` makes them use one fixed map (e.g. one fixed random
+        symmetry element per step and row, as latent HMC needs).
+
+        Args:
+            batch: number of rows the tokens are for (a token holds one draw per row).
+            generator: drives the draw.
+            noise: tokens to use instead: checked (one per step) and returned as a list.
+
+        Returns:
+            a list of ``n_steps`` tokens, or None when the potential is deterministic.
+
+        Raises:
+            ValueError: ``noise`` does not hold one token per step.
+        """
         if noise is not None:
             noise = list(noise)
             if len(noise) != self.n_steps:
@@ -207,8 +277,8 @@ class MongeAmpereFlow(nn.Module):
         Returns:
             x: shape (B, N); delta_logp: ln p(x, T) − ln p(z, 0) = −∫∇²φ dt, shape (B,).
         """
-        z = self._check_x(z, "z")
-        noise = self._draw_noise(z.shape[0], generator, noise)
+        z = check_points(z, self.dim, self.dtype, "z")
+        noise = self.draw_noise(z.shape[0], generator, noise)
         return self._integrate(z, z.new_zeros(z.shape[0]), True, noise, callback)
 
     def inverse_map(self, x: Tensor, generator: torch.Generator | None = None, noise: Sequence[Any] | None = None,
@@ -224,8 +294,8 @@ class MongeAmpereFlow(nn.Module):
         Returns:
             z: shape (B, N); delta_logp: ln p(z, 0) − ln p(x, T) = +∫∇²φ dt, shape (B,).
         """
-        x = self._check_x(x, "x")
-        noise = self._draw_noise(x.shape[0], generator, noise)
+        x = check_points(x, self.dim, self.dtype, "x")
+        noise = self.draw_noise(x.shape[0], generator, noise)
         return self._integrate(x, x.new_zeros(x.shape[0]), False, noise, callback)
 
     def sample(self, n: int, generator: torch.Generator | None = None,
@@ -242,7 +312,7 @@ class MongeAmpereFlow(nn.Module):
         """
         n = check_size("n", n)
         z = torch.randn(n, self.dim, generator=generator, dtype=self.dtype, device=self.device)
-        noise = self._draw_noise(n, generator, noise)
+        noise = self.draw_noise(n, generator, noise)
         return self._integrate(z, standard_normal_log_prob(z), True, noise, None)
 
     def log_prob(self, x: Tensor, generator: torch.Generator | None = None,
@@ -279,7 +349,7 @@ class MongeAmpereFlow(nn.Module):
         """
         n = check_size("n", n)
         z = torch.randn(n, self.dim, generator=generator, dtype=self.dtype, device=self.device)
-        noise = self._draw_noise(n, generator, None)
+        noise = self.draw_noise(n, generator)
         logp0 = standard_normal_log_prob(z)
         x, d_fwd = self._integrate(z, z.new_zeros(n), True, noise, None)
         z2, d_bwd = self._integrate(x, x.new_zeros(n), False, noise, None)

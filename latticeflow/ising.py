@@ -35,17 +35,12 @@ from torch import Tensor
 from ._checks import check_batch, check_choice, check_finite, check_positive, check_size
 from .exact import CRITICAL_BETA
 from .lattice import SquareLattice
+from .potentials.activations import log_cosh  # the one ln cosh; importable from here
 
 critical: float = CRITICAL_BETA
 """β_c = ½ ln(1 + √2) of the square-lattice Ising model (J = 1): :data:`latticeflow.exact.CRITICAL_BETA`."""
 
 MIN_EIGENVALUE = 0.1  # smallest eigenvalue of M = K + αI (paper appendix B)
-
-
-def log_cosh(x: Tensor) -> Tensor:
-    """ln cosh x without overflow: |x| + softplus(−2|x|) − ln 2."""
-    a = x.abs()
-    return a + torch.nn.functional.softplus(-2.0 * a) - math.log(2.0)
 
 
 def _check_beta(beta: object) -> float:

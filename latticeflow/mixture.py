@@ -21,21 +21,38 @@ error of up to ln 2 nats; for larger groups the cost grows with |G|, so keep G s
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import Tensor, nn
 
+from ._checks import check_points
 from .flow import MongeAmpereFlow
-from .symmetry import SymmetryGroup
+from .symmetry import SymmetryGroup, all_images, signed_permutation
+
+__all__ = ["SymmetricMixture"]
 
 
 class SymmetricMixture(nn.Module):
     """The mixture (1/|G|) Σ_g p(g·x) of a flow's density over a small group.
 
+    Implements :class:`~latticeflow.flow.Flow`: ``sample`` and ``log_prob`` are those of the
+    mixture p_G; ``forward_map``, ``inverse_map``, ``draw_noise``, ``stochastic``, ``n_steps``,
+    ``dtype`` and ``device`` are those of the underlying flow (see :meth:`forward_map`). Group
+    elements act through the group action of :mod:`latticeflow.symmetry` (the functions behind
+    :meth:`SymmetryGroup.act <latticeflow.symmetry.SymmetryGroup.act>`), with the group's tables
+    held as buffers so that they follow the module to its device.
+
     Args:
         flow: the underlying :class:`MongeAmpereFlow` (its parameters are this module's).
         group: a :class:`SymmetryGroup` acting on the flow's N sites; |G| extra cost.
+
+    Attributes:
+        flow: the underlying flow.
+        group: the group G.
+        dim: N.
+        order: |G|.
+        group_name: G's name.
 
     Example:
         >>> from latticeflow.potentials import MLPPotential
@@ -56,41 +73,97 @@ class SymmetricMixture(nn.Module):
         if group.dim != flow.dim:
             raise ValueError(f"group acts on N={group.dim} sites but the flow has dimension {flow.dim}")
         self.flow = flow
+        self.group = group
         self.dim = flow.dim
         self.order = group.order
         self.group_name = group.name
+        self.register_buffer("perms", group.perms.clone(), persistent=False)
+        self.register_buffer("inverse_perms", group.inverse_perms.clone(), persistent=False)
+        self.register_buffer("signs", group.signs.clone(), persistent=False)
+        # the elements other than the identity, whose images need a density evaluation when
+        # ln p(x) itself is already known (sampling)
         others = [g for g in range(group.order) if g != group.identity]
-        self.register_buffer("perms", group.perms[others].clone(), persistent=False)
-        self.register_buffer("signs", group.signs[others].clone(), persistent=False)
-        self.register_buffer("all_perms", group.perms.clone(), persistent=False)
-        self.register_buffer("all_signs", group.signs.clone(), persistent=False)
+        self.register_buffer("others", torch.tensor(others, dtype=torch.long), persistent=False)
 
+    # ------------------------------------------------------------------ the underlying flow's
     @property
     def potential(self) -> Any:
+        """The underlying flow's potential φ."""
         return self.flow.potential
 
-    def _images(self, x: Tensor, perms: Tensor, signs: Tensor) -> Tensor:
-        """All g·x for the given elements, stacked as (G'·B, N)."""
-        return (signs.to(x)[:, None, None] * x[:, perms].transpose(0, 1)).reshape(-1, x.shape[1])
+    @property
+    def n_steps(self) -> int:
+        """Integration steps of the underlying flow (settable, like the flow's)."""
+        return self.flow.n_steps
 
+    @n_steps.setter
+    def n_steps(self, value: int) -> None:
+        self.flow.n_steps = value
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The underlying flow's dtype."""
+        return self.flow.dtype
+
+    @property
+    def device(self) -> torch.device:
+        """The underlying flow's device."""
+        return self.flow.device
+
+    @property
+    def stochastic(self) -> bool:
+        """Whether the underlying flow draws per-step noise tokens."""
+        return self.flow.stochastic
+
+    def draw_noise(self, batch: int, generator: torch.Generator | None = None,
+                   noise: Sequence[Any] | None = None) -> list[Any] | None:
+        """The underlying flow's per-step noise tokens (see :meth:`MongeAmpereFlow.draw_noise`)."""
+        return self.flow.draw_noise(batch, generator, noise)
+
+    def forward_map(self, z: Tensor, generator: torch.Generator | None = None, noise: Sequence[Any] | None = None,
+                    callback: Callable[[int, float, Tensor, Tensor], None] | None = None) -> tuple[Tensor, Tensor]:
+        """The underlying flow's transport x = f(z), with delta_logp = ln p(x) − ln p(z) of the flow's p.
+
+        p_G is a mixture, not the image of N(0, I) under one map, so it has no transport of
+        its own; f is a bijection onto the same space, which is all that latent-space methods
+        need (latent HMC is exact for any bijection, and for a G-invariant target f and g∘f
+        are equally good). ``delta_logp`` is therefore the flow's, not ln p_G(x) − ln p(z).
+
+        Args:
+            z, generator, noise, callback: as in :meth:`MongeAmpereFlow.forward_map`.
+
+        Returns:
+            x: shape (B, N); delta_logp: shape (B,).
+        """
+        return self.flow.forward_map(z, generator=generator, noise=noise, callback=callback)
+
+    def inverse_map(self, x: Tensor, generator: torch.Generator | None = None, noise: Sequence[Any] | None = None,
+                    callback: Callable[[int, float, Tensor, Tensor], None] | None = None) -> tuple[Tensor, Tensor]:
+        """The underlying flow's inverse transport (see :meth:`forward_map`); returns z (B, N), delta_logp (B,)."""
+        return self.flow.inverse_map(x, generator=generator, noise=noise, callback=callback)
+
+    # ------------------------------------------------------------------ the mixture density
     def _mixture_logp(self, x: Tensor, logp_x: Tensor | None, noise: Any = None) -> Tensor:
         B = x.shape[0]
-        if logp_x is None:
-            perms, signs = self.all_perms, self.all_signs
-        else:
-            perms, signs = self.perms, self.signs
-        if perms.shape[0] == 0:
+        images = all_images(x, self.perms, self.signs.to(x.dtype)).transpose(0, 1)  # (G, B, N), every g·x
+        if logp_x is not None:
+            images = images[self.others]  # ln p(x) of the identity is known
+        n_images = images.shape[0]
+        if n_images == 0:
             terms = logp_x[None]
         else:
-            imgs = self._images(x, perms, signs)
             # replay the same per-step noise for every image so each term is the same density p_ξ
-            rep = None if noise is None else [_repeat_token(t, perms.shape[0]) for t in noise]
-            lp = self.flow.log_prob(imgs, noise=rep).reshape(perms.shape[0], B)
+            rep = None if noise is None else [_repeat_token(t, n_images) for t in noise]
+            lp = self.flow.log_prob(images.reshape(-1, x.shape[1]), noise=rep).reshape(n_images, B)
             terms = lp if logp_x is None else torch.cat([logp_x[None], lp])
         return torch.logsumexp(terms, dim=0) - math.log(self.order)
 
     def sample(self, n: int, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
         """Draw x ~ p_G with ln p_G(x); differentiable in the parameters (reparametrised).
+
+        Args:
+            n: number of samples.
+            generator: drives the flow's sample and noise, then the uniform element g.
 
         Returns:
             x: shape (n, N); logp: shape (n,).
@@ -99,16 +172,25 @@ class SymmetricMixture(nn.Module):
         noise = self.flow.last_noise
         logp_mix = self._mixture_logp(x, logp, noise)
         g = torch.randint(self.order, (n,), generator=generator, device=x.device)
-        x = self.all_signs.to(x)[g][:, None] * torch.gather(x, 1, self.all_perms[g])
+        x = signed_permutation(x, self.perms[g], self.inverse_perms[g], self.signs.to(x.dtype)[g][:, None])
         return x, logp_mix
 
     def log_prob(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        """ln p_G(x) = logsumexp_g ln p(g·x) − ln|G|, shape (B,)."""
-        x = self.flow._check_x(x, "x")
-        noise = self.flow._draw_noise(x.shape[0], generator, None)
+        """ln p_G(x) = logsumexp_g ln p(g·x) − ln|G|.
+
+        Args:
+            x: points, shape (B, N), in the flow's dtype.
+            generator: drives the per-step noise of a stochastic flow (one draw shared by all images).
+
+        Returns:
+            Log densities, shape (B,).
+        """
+        x = check_points(x, self.dim, self.dtype, "x")
+        noise = self.flow.draw_noise(x.shape[0], generator)
         return self._mixture_logp(x, None, noise)
 
     def forward(self, x: Tensor) -> Tensor:
+        """Alias for :meth:`log_prob` (so ``mixture(x)`` is a log density)."""
         return self.log_prob(x)
 
 

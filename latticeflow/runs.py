@@ -279,3 +279,64 @@ def claim_on_main(folder: RunFolder) -> None:
         raise error
     if failed:
         raise RunFolderError(f"rank 0 could not claim the output folder {folder.path}")
+
+
+# ---------------------------------------------------------------------------------------------
+# What every training driver does around its run
+# ---------------------------------------------------------------------------------------------
+
+
+class RunStart:
+    """The output folder and resumed checkpoint of a run, before anything is written.
+
+    Attributes:
+        out: the output folder (``--out``; on resume without it, the checkpoint's folder; else a new
+            ``runs/<kind>/<date>-<time>``).
+        folder: its :class:`RunFolder`, checked (claim it once set-up succeeded).
+        state: the resumed checkpoint (None for a fresh run); ``base`` its config.
+        default_out: whether ``out`` is a new default folder (linked as ``latest`` when claimed).
+    """
+
+    def __init__(self, kind: str, *, out: str | os.PathLike | None, resume: Path | None, force: bool,
+                 outputs: Iterable[str] = ()) -> None:
+        from .checkpoint import check_kind, load_checkpoint
+
+        self.kind, self.resume = kind, resume
+        self.state: dict[str, Any] | None = None
+        if resume is not None:
+            self.state = load_checkpoint(resume, required=("config",))
+            check_kind(self.state, resume, kind)
+        self.base: dict[str, Any] | None = self.state["config"] if self.state is not None else None
+        self.default_out = out is None and resume is None
+        self.out = Path(out) if out is not None else (resume.parent if resume is not None else default_folder(kind))
+        self.folder = RunFolder(self.out, resume=resume, force=force, outputs=outputs).check()
+
+    def check_epochs(self, epochs: int) -> None:
+        """On resume, refuse an epoch target the checkpoint has already reached.
+
+        Raises:
+            ValueError: naming the checkpoint's epoch.
+        """
+        done = int(self.state.get("epoch", 0)) if self.state is not None else 0
+        if self.state is not None and epochs <= done:
+            raise ValueError(f"{self.resume} is at epoch {done} already; pass --epochs N with N > {done} to train further")
+
+    def claim(self) -> None:
+        """Take the folder (rank 0; every rank learns the outcome) and link a default one as ``latest``."""
+        from . import distributed as dist
+
+        claim_on_main(self.folder)
+        if self.default_out and dist.is_main():
+            link_latest(self.out)
+
+    def release(self) -> None:
+        self.folder.release()
+
+    def say_how_it_ended(self, trainer: Any, max_minutes: float | None) -> None:
+        """Print why a run stopped early and the command that continues it (signals on stderr)."""
+        resume = f"python -m models.{self.kind} --resume {self.out / 'checkpoint.pt'}"
+        if trainer.stop_reason == "signal":
+            print(f"interrupted by signal {trainer.stop_signal}; resume with: {resume}", file=sys.stderr)
+        elif trainer.stop_reason == "time":
+            print(f"stopped by the --max-minutes {max_minutes:g} budget after epoch {trainer.epoch}; "
+                  f"continue with: {resume}")

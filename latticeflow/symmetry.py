@@ -17,11 +17,27 @@ Groups: ``translation_group`` (L² elements, periodic lattices), ``point_group``
 16L² for the full group of the periodic Ising model). On the L=2 torus several of these
 operations coincide as permutations (a translation by one site equals a reflection), so the
 distinct elements are fewer: the tables keep each distinct element once and say so.
+
+This module is also the one home of the D4 geometry and of the group action that the rest of
+the library uses:
+
+- :func:`d4_maps`: the 8 rotations and reflections of the square as maps of grid coordinates
+  (r, c) ↦ (r', c'), about the centre of an L×L grid (m = L − 1) or about the origin for
+  displacements taken mod L (m = 0). ``point_group`` is built from it, and so are
+  :func:`displacement_orbits` (the D4 orbits of displacements, for circulant and convolution
+  kernels) and :func:`d4_average` (the D4 average of k×k kernels).
+- :func:`signed_permutation` (one element per sample, differentiable with the inverse
+  permutation as its adjoint) and :func:`all_images` (every element on every sample): the
+  only code that applies a group element; :meth:`SymmetryGroup.act` and
+  ``potentials.Symmetrized`` call them.
+
+Symbols: B batch, N sites, G group order, L lattice size, k kernel size.
 """
 
 from __future__ import annotations
 
 from functools import cached_property
+from typing import Any
 
 import numpy as np
 import torch
@@ -55,7 +71,8 @@ class SymmetryGroup:
         ValueError: rows that are not permutations, signs not ±1, or no identity element.
     """
 
-    def __init__(self, perms: Tensor | np.ndarray, signs: Tensor | np.ndarray | None = None, name: str = "group"):
+    def __init__(self, perms: Tensor | np.ndarray, signs: Tensor | np.ndarray | None = None,
+                 name: str = "group") -> None:
         p = np.asarray(perms, dtype=np.int64)
         if p.ndim != 2:
             raise ValueError(f"perms must have shape (G, N), got shape={p.shape}")
@@ -141,15 +158,16 @@ class SymmetryGroup:
 
         Args:
             x: configurations, shape (B, N).
-            index: element per sample, shape (B,); None applies every element.
+            index: element per sample, LongTensor (B,); None applies every element.
 
         Returns:
-            (G, B, N) with all images if ``index`` is None, else (B, N).
+            (G, B, N) with all images if ``index`` is None (:func:`all_images`), else (B, N)
+            (:func:`signed_permutation`, differentiable any number of times).
         """
         signs = self.signs.to(x)
         if index is None:
-            return signs[:, None, None] * x[:, self.perms].transpose(0, 1)
-        return signs[index][:, None] * torch.gather(x, 1, self.perms[index])
+            return all_images(x, self.perms, signs).transpose(0, 1)
+        return signed_permutation(x, self.perms[index], self.inverse_perms[index], signs[index][:, None])
 
     def with_spin_flip(self) -> "SymmetryGroup":
         """The direct product with Z2 spin flip (x → −x): twice the order."""
@@ -175,6 +193,117 @@ class SymmetryGroup:
         return (encode(mapped) == encode(b)[None]).all(dim=1)
 
 
+# ---------------------------------------------------------------------- the action
+class _SignedPermutation(torch.autograd.Function):
+    """y = s ⊙ x[..., perm] along the last axis; its adjoint is s ⊙ y[..., inverse_perm], again a gather.
+
+    Autograd's gather backward is a scatter_add into zeros; for a permutation the inverse
+    gather is the same map, cheaper. The backward calls this Function again, so it is
+    differentiable any number of times.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, perm: Tensor, inverse_perm: Tensor, sign: Tensor | None) -> Tensor:
+        ctx.save_for_backward(perm, inverse_perm, sign if sign is not None else perm.new_empty(0))
+        ctx.has_sign = sign is not None
+        y = torch.gather(x, -1, perm.expand(x.shape))
+        return y * sign if sign is not None else y
+
+    @staticmethod
+    def backward(ctx: Any, dy: Tensor) -> tuple[Tensor | None, None, None, None]:
+        perm, inverse_perm, sign = ctx.saved_tensors
+        return _SignedPermutation.apply(dy, inverse_perm, perm, sign if ctx.has_sign else None), None, None, None
+
+
+def signed_permutation(x: Tensor, perm: Tensor, inverse_perm: Tensor, sign: Tensor | None = None) -> Tensor:
+    """Apply one group element per configuration: (g·x)_i = s_g · x[p_g[i]].
+
+    The adjoint (gradient pull-back gᵀ) is the same operation with ``perm`` and
+    ``inverse_perm`` swapped: ``signed_permutation(dy, inverse_perm, perm, sign)``.
+
+    Args:
+        x: configurations, shape (..., N); (B, N) for one element per sample.
+        perm: site permutations, broadcastable to x's shape, e.g. (B, N) rows ``perms[index]``,
+            or (G, N) for x of shape (B, G, N).
+        inverse_perm: the inverse permutations, same shape as ``perm``.
+        sign: ±1 broadcastable to x's shape (e.g. a column (B, 1)) in x's dtype, or None for
+            no spin flip.
+
+    Returns:
+        g·x, shape of x.
+    """
+    return _SignedPermutation.apply(x, perm, inverse_perm, sign)
+
+
+def all_images(x: Tensor, perms: Tensor, signs: Tensor | None = None) -> Tensor:
+    """Apply every group element to every configuration: y[b, g, i] = s_g · x[b, p_g[i]].
+
+    One index_select of the flattened (G·N,) table (its backward is one index_add).
+
+    Args:
+        x: configurations, shape (B, N).
+        perms: the group's permutation table, shape (G, N).
+        signs: ±1 per element, shape (G,), in x's dtype; None for no spin flip.
+
+    Returns:
+        All images, shape (B, G, N).
+    """
+    B, N = x.shape
+    y = x.index_select(1, perms.reshape(-1)).reshape(B, perms.shape[0], N)
+    return y * signs[None, :, None] if signs is not None else y
+
+
+# ---------------------------------------------------------------------- D4 geometry
+def d4_maps(r: Tensor, c: Tensor, m: int) -> list[tuple[Tensor, Tensor]]:
+    """The 8 elements of D4 as coordinate maps: element g reads the value at (r, c) from (rows_g, cols_g).
+
+    Applied to an image X (..., L, L), ``X[..., rows_g, cols_g]`` is its g-th image. Order:
+    the identity, the rotations by 90°, 180°, 270° (``torch.rot90(X, q)`` for q = 1, 2, 3),
+    then the reflections c → m − c, r → m − r, the transpose and the antitranspose.
+
+    Args:
+        r: row coordinates, an integer tensor of any shape.
+        c: column coordinates, same shape.
+        m: reflection offset: L − 1 for the sites of an L×L grid (D4 about its centre); 0 for
+            displacements, which the caller then reduces mod L (D4 about the origin).
+
+    Returns:
+        Eight pairs (rows_g, cols_g), each of the shape of r.
+    """
+    return [(r, c), (c, m - r), (m - r, m - c), (m - c, r), (r, m - c), (m - r, c), (c, r), (m - c, m - r)]
+
+
+def displacement_orbits(L1: int, L2: int, d4: bool) -> Tensor:
+    """Orbit label of every displacement (dr, dc) mod (L1, L2), shape (L1, L2), labels 0..n-1.
+
+    The orbits are under dr → −dr (always: a circulant matrix A_ij = a(r_i − r_j) is symmetric
+    iff a(dr) = a(−dr)) and, with ``d4``, under the 8 rotations and reflections of the square
+    about the origin (L1 = L2). Labels are numbered by the smallest flat code (dr·L2 + dc) in
+    each orbit.
+    """
+    r, c = torch.meshgrid(torch.arange(L1), torch.arange(L2), indexing="ij")
+    maps = d4_maps(r, c, 0)
+    images = maps if d4 else [maps[0], maps[2]]  # the identity and the 180° rotation (dr → −dr)
+    codes = torch.stack([(a % L1) * L2 + (b % L2) for a, b in images]).amin(0)
+    return torch.unique(codes.reshape(-1), return_inverse=True)[1].reshape(L1, L2)
+
+
+def d4_average(kernels: Tensor) -> Tensor:
+    """Average of a stack of square kernels (..., k, k) over the 8 elements of D4 (about the centre).
+
+    D4 = {rotations} × {1, transpose}: the sum runs over the four rotations (:func:`d4_maps`,
+    m = k − 1) of K and of Kᵀ, in this order, K + Kᵀ + R(K) + R(Kᵀ) + R²(K) + ...
+    """
+    k = kernels.shape[-1]
+    r, c = torch.meshgrid(torch.arange(k), torch.arange(k), indexing="ij")
+    rotations = d4_maps(r, c, k - 1)[:4]
+    kt = kernels.transpose(-1, -2)
+    out = kernels + kt
+    for rows, cols in rotations[1:]:
+        out = out + kernels[..., rows, cols] + kt[..., rows, cols]
+    return out / 8.0
+
+
 # ---------------------------------------------------------------------- constructors
 def _from_maps(lattice: SquareLattice, rows: Tensor, cols: Tensor, name: str) -> SymmetryGroup:
     """Group from site maps: element g takes its value at site i from (rows[g, i], cols[g, i])."""
@@ -185,11 +314,6 @@ def _check_lattice(lattice: object) -> SquareLattice:
     if not isinstance(lattice, SquareLattice):
         raise TypeError(f"expected a SquareLattice, got {type(lattice).__name__}; build one with SquareLattice(L)")
     return lattice
-
-
-def _d4_maps(L: int, r: Tensor, c: Tensor) -> list[tuple[Tensor, Tensor]]:
-    m = L - 1
-    return [(r, c), (c, m - r), (m - r, m - c), (m - c, r), (r, m - c), (m - r, c), (c, r), (m - c, m - r)]
 
 
 def translation_group(lattice: SquareLattice) -> SymmetryGroup:
@@ -212,7 +336,7 @@ def point_group(lattice: SquareLattice) -> SymmetryGroup:
     """The dihedral group D4 (4 rotations, 4 reflections) about the lattice centre: 8 elements."""
     lattice = _check_lattice(lattice)
     r, c = lattice.coords[:, 0], lattice.coords[:, 1]
-    maps = _d4_maps(lattice.L, r, c)
+    maps = d4_maps(r, c, lattice.L - 1)
     return _from_maps(lattice, torch.stack([m[0] for m in maps]), torch.stack([m[1] for m in maps]), "D4")
 
 

@@ -30,7 +30,7 @@ import math
 import signal
 import time
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Callable
 
 import pandas as pd
 import torch
@@ -41,6 +41,8 @@ from tqdm.auto import tqdm
 from . import distributed as dist
 from ._checks import check_size
 from .checkpoint import CheckpointError, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .stats import kish_ess  # one definition for training and the analysis; importable from here as before
+from .target import Target
 
 
 class TrainingDiverged(RuntimeError):
@@ -53,34 +55,15 @@ DIVERGENCE_MIN_HISTORY = 10
 DIVERGENCE_FACTOR = 10.0
 
 
-class Target(Protocol):
-    """What variational training needs from a physical target."""
-
-    N: int
-
-    def energy(self, x: Tensor) -> Tensor:  # (B, N) -> (B,)
-        ...
-
-
-class Sampler(Protocol):
-    """What variational training needs from a model: reparametrised samples with log density."""
-
-    def sample(self, n: int, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
-        ...
-
-
-def kish_ess(log_w: Tensor) -> Tensor:
-    """Normalised Kish effective sample size (Σw)² / (B Σw²) ∈ (0, 1], from log weights (B,)."""
-    log_w = log_w.double()
-    return torch.exp(2 * torch.logsumexp(log_w, 0) - torch.logsumexp(2 * log_w, 0)) / log_w.numel()
-
-
 class Trainer:
     """Epoch loop with logging, checkpoints, resume and interruption handling.
 
     Subclasses implement :meth:`run_epoch`, returning a dict of numbers for the log (it must
     contain ``"loss"``). The log is a pandas DataFrame (``trainer.log``), written to
-    ``out_dir/log.csv``; checkpoints go to ``out_dir/checkpoint.pt``.
+    ``out_dir/log.csv``; checkpoints go to ``out_dir/checkpoint.pt``. Hooks: :meth:`postfix`
+    (the bar's numbers), :meth:`before_epoch` (a stopping rule of the subclass, checked before
+    every epoch), :meth:`loss_scale` and :attr:`verified_lag` (the divergence rule), and
+    :attr:`deadline` (the budget, for ending an epoch early).
 
     Args:
         model: the module being trained.
@@ -137,6 +120,9 @@ class Trainer:
         #: the signal that stopped it (SIGINT 2, SIGTERM 15), for the exit status 128 + signal
         self.stop_signal: int | None = None
         self._snapshots: collections.deque = collections.deque(maxlen=2)
+        #: ``time.perf_counter()`` value at which the running :meth:`fit`'s ``max_minutes`` run out
+        #: (None without a budget and outside fit): :meth:`run_epoch` may end a long epoch early on it
+        self.deadline: float | None = None
 
     # ------------------------------------------------------------------ hooks
     def run_epoch(self, epoch: int) -> dict[str, float]:
@@ -144,6 +130,16 @@ class Trainer:
 
     def postfix(self, record: dict[str, float]) -> dict[str, str]:
         return {"loss": f"{record['loss']:.5g}"}
+
+    def before_epoch(self) -> str | None:
+        """A reason to stop before the next epoch runs (it becomes ``stop_reason``), or None to run it.
+
+        :meth:`fit` calls it before every epoch, the first one too (a resumed run may have met a
+        stopping rule already, e.g. early stopping). It must give the same verdict on every rank:
+        read it off the log, or take a collective decision with :meth:`agree_to_stop` (and then
+        set ``stop_signal`` when returning "signal"). The default never stops.
+        """
+        return None
 
     # ------------------------------------------------------------------ log
     @property
@@ -379,7 +375,9 @@ class Trainer:
 
         Stops early, with a checkpoint, when ``max_minutes`` of wall time pass
         (``stop_reason = "time"``) or on SIGINT/SIGTERM (``"signal"``, the signal number in
-        ``stop_signal``); ``"epochs"`` when all epochs ran.
+        ``stop_signal``); ``"epochs"`` when all epochs ran. Subclasses stop for reasons of their
+        own through :meth:`before_epoch` (e.g. ``"early stopping"``), and may end a long epoch
+        early once ``time.perf_counter()`` passes :attr:`deadline`.
 
         Raises:
             TrainingDiverged: the loss met the rule of :meth:`divergence`. The message names the
@@ -387,6 +385,7 @@ class Trainer:
                 vouches for (never the diverged weights).
         """
         start = time.perf_counter()
+        self.deadline = None if max_minutes is None else start + 60.0 * max_minutes
         wall0 = self.records[-1]["wall_time"] if self.records else 0.0
         restore_signals = self.catch_signals()
         bar = tqdm(total=epochs, initial=self.epoch, disable=not (self.progress and dist.is_main()),
@@ -395,6 +394,10 @@ class Trainer:
         self._snapshots: collections.deque = collections.deque(maxlen=2)
         try:
             while self.epoch < epochs:
+                reason = self.before_epoch()
+                if reason is not None:
+                    self.stop_reason = reason
+                    break
                 self._snapshots.append(self._snapshot())
                 record = self.run_epoch(self.epoch)
                 reason = self.divergence(record)
@@ -428,6 +431,7 @@ class Trainer:
         finally:
             bar.close()
             restore_signals()
+            self.deadline = None
         return self.log
 
 
@@ -534,6 +538,3 @@ def cosine_schedule(optimizer: torch.optim.Optimizer, epochs: int, warmup: int =
         return final_fraction + (1 - final_fraction) * 0.5 * (1 + math.cos(math.pi * p))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
-Callback = Callable[[Trainer, dict[str, float]], None]

@@ -36,10 +36,9 @@ import torch
 from latticeflow import distributed as dist
 from latticeflow import ising
 from latticeflow.build import build_flow
-from latticeflow.checkpoint import check_kind, load_checkpoint
 from latticeflow.cli import checkpoint_file, positive_float, positive_int, run_cli
 from latticeflow.config import ISING_DEFAULT, ISING_PAPER, IsingConfig, add_arguments, conflicts, given
-from latticeflow.runs import RunFolder, claim_on_main, default_folder, link_latest, provenance, write_json
+from latticeflow.runs import RunStart, provenance, write_json
 from latticeflow.train import VariationalTrainer, cosine_schedule
 
 #: Files a run writes besides checkpoint, log, config and summary (removed by --force with them).
@@ -146,29 +145,18 @@ def main(argv: list[str] | None = None) -> dict:
             conflicting flag on resume (nothing is written then).
         TrainingDiverged: the run diverged (log and a good checkpoint are kept).
     """
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    base = None
-    if args.resume:
-        state = load_checkpoint(args.resume, required=("config",))
-        check_kind(state, args.resume, "ising")
-        base = state["config"]
-    # no --out: the checkpoint's own folder on resume, else a new dated folder runs/ising/<date>-<time>
-    out = Path(args.out) if args.out is not None else (args.resume.parent if args.resume else default_folder("ising"))
-    folder = RunFolder(out, resume=args.resume, force=args.force, outputs=OUTPUTS).check()
-    config = config_from_args(args, base)
-    if args.resume and config["epochs"] <= int(state.get("epoch", 0)):
-        raise ValueError(f"{args.resume} is at epoch {state.get('epoch')} already; pass --epochs N with N > "
-                         f"{state.get('epoch')} to train further")
+    args = build_parser().parse_args(argv)
+    run = RunStart("ising", out=args.out, resume=args.resume, force=args.force, outputs=OUTPUTS)
+    out = run.out
+    config = config_from_args(args, run.base)
+    run.check_epochs(config.epochs)
     device = dist.setup_run(args.device, args.threads, args.tf32, verbose=not args.quiet)
     trainer, target = make_trainer(config, device, str(out), progress=not args.quiet,
                                    checkpoint_every=args.checkpoint_every)
     if args.resume:
         trainer.load(args.resume)
     exact = target.exact_free_energy()
-    claim_on_main(folder)  # set-up succeeded: only now is anything written
-    if args.out is None and not args.resume and dist.is_main():
-        link_latest(out)
+    run.claim()  # set-up succeeded: only now is anything written
     try:
         if dist.is_main():
             write_json(out / "config.json", config.to_dict())
@@ -198,14 +186,9 @@ def main(argv: list[str] | None = None) -> dict:
                 path = plot_convergence(log, exact, out / "convergence.png", title=f"Ising L={config['L']}, β = {target.beta:.6g}",
                                         exact_label="exact (Kaufman, finite L)")
                 print(f"wrote {path}")
-            resume = f"python -m models.ising --resume {out / 'checkpoint.pt'}"
-            if trainer.stop_reason == "signal":
-                print(f"interrupted by signal {trainer.stop_signal}; resume with: {resume}", file=sys.stderr)
-            elif trainer.stop_reason == "time":
-                print(f"stopped by the --max-minutes {args.max_minutes:g} budget after epoch {summary['epochs']} of "
-                      f"{config['epochs']}; continue with: {resume}")
+            run.say_how_it_ended(trainer, args.max_minutes)
     finally:
-        folder.release()
+        run.release()
     dist.cleanup()
     return summary
 

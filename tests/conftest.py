@@ -22,6 +22,15 @@ def _restore_threads():
 
 
 @pytest.fixture
+def float64():
+    """Run a test in float64 (use a module's ``pytestmark = pytest.mark.usefixtures("float64")``)."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)
+
+
+@pytest.fixture
 def generator():
     return torch.Generator().manual_seed(2024)
 

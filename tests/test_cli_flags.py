@@ -34,8 +34,10 @@ import pytest
 import torch
 
 import analysis.__main__ as am
+import analysis.mnist_plots as amp
 import latticeflow.distributed as lfdist
 import latticeflow.mnist as lfm
+import latticeflow.mnist.__main__ as lfm_cli
 import latticeflow.train as lftrain
 import models.ising as mi
 import models.mnist as mm
@@ -280,11 +282,11 @@ def mnist_build(argv: tuple[str, ...], dirs: SimpleNamespace) -> SimpleNamespace
     argv = tuple(str(dirs.other) if a == OTHER_DATA else a for a in argv)
     args = mm.parse_args(list(argv))
     cfg = mm.config_from_args(args)
-    data = mm.load_data(args.data_dir, cfg)
-    trainer = mm.make_trainer(cfg, data, "cpu", None, progress=False)
+    data = lfm.load_data(args.data_dir, cfg)
+    trainer = lfm.make_trainer(cfg, data, "cpu", None, progress=False)
     model = trainer.flow
-    flow = model.flow if isinstance(model, mm.WhitenedFlow) else model
-    return SimpleNamespace(cfg=cfg, data=data, trainer=trainer, model=model, flow=flow, pot=model.potential)
+    flow = lfm.inner_flow(model)  # the ODE flow, behind the whitening with --whiten
+    return SimpleNamespace(cfg=cfg, data=data, trainer=trainer, model=model, flow=flow, pot=flow.potential)
 
 
 CONV = ("--potential", "conv")
@@ -296,7 +298,8 @@ MNIST_CASES = table(
     Case("--hidden", ("--hidden", "6"), {"hidden": 6}, lambda b: b.pot.hidden, 6),
     Case("--activation", ("--activation", "tanh"), {"activation": "tanh"}, lambda b: b.pot.activation, "tanh"),
     Case("--channels", ("--channels", "3"), {"channels": 3}, lambda b: b.pot.channels, 3, control=CONV),
-    Case("--layers", ("--layers", "2"), {"layers": 2}, lambda b: b.pot.layers, 2, control=CONV),
+    Case("--conv-layers", ("--conv-layers", "2"), {"conv_layers": 2}, lambda b: b.pot.layers, 2, control=CONV),
+    Case("--layers", ("--layers", "2"), {"conv_layers": 2}, lambda b: b.pot.layers, 2, control=CONV),  # the old name
     Case("--kernel-size", ("--kernel-size", "3"), {"kernel_size": 3}, lambda b: b.pot.kernel_size, 3, control=CONV),
     Case("--init-scale", ("--init-scale", "0"), {"init_scale": 0.0}, lambda b: not b.pot.readout.any().item(), True),
     Case("--n-steps", ("--n-steps", "3"), {"n_steps": 3}, lambda b: b.flow.n_steps, 3),
@@ -308,8 +311,8 @@ MNIST_CASES = table(
     Case("--no-grad-checkpoint", ("--no-grad-checkpoint",), {"grad_checkpoint": False},
          lambda b: b.flow.checkpoint, False),
     Case("--whiten", ("--whiten",), {"whiten": True},
-         lambda b: (isinstance(b.model, mm.WhitenedFlow), bool(getattr(b.model, "log_det", 0) != 0)), (True, True)),
-    Case("--no-whiten", ("--no-whiten",), {"whiten": False}, lambda b: isinstance(b.model, mm.WhitenedFlow), False,
+         lambda b: (isinstance(b.model, lfm.AffineFlow), bool(getattr(b.model, "log_det", 0) != 0)), (True, True)),
+    Case("--no-whiten", ("--no-whiten",), {"whiten": False}, lambda b: isinstance(b.model, lfm.AffineFlow), False,
          control=("--whiten",)),
     # training
     Case("--batch", ("--batch", "10"), {"batch": 10}, lambda b: b.trainer.batch_size, 10),
@@ -351,7 +354,7 @@ def test_mnist_epochs(tmp_path: Path, mnist_dirs: SimpleNamespace) -> None:
 @covers("mnist", "--n-samples")
 def test_mnist_n_samples(tmp_path: Path, mnist_dirs: SimpleNamespace, monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[dict] = []
-    monkeypatch.setattr(mm, "make_figures", lambda *a, **k: calls.append(k) or [])  # no drawing
+    monkeypatch.setattr(amp, "make_figures", lambda *a, **k: calls.append(k) or [])  # no drawing
     mm.main(MNIST(mnist_dirs).argv(tmp_path / "control", plot=True))
     mm.main(MNIST(mnist_dirs).argv(tmp_path / "run", "--n-samples", "5", plot=True))
     assert [c["n_samples"] for c in calls] == [100, 5]
@@ -500,7 +503,8 @@ BAD_VALUES = [
                                    ["--potential", "conv", "--kernel-size", "2"],  # after parsing: even kernel
                                    ["--potential", "mlp+cnn"], ["--device", "tpu"])),
     *(("mnist", argv) for argv in (["--epochs", "0"], ["--batch", "0"], ["--threads", "0"], ["--max-minutes", "-1"],
-                                   ["--resume", EMPTY], ["--n-train", "1"], ["--layers", "3"], ["--init-scale", "-1"],
+                                   ["--resume", EMPTY], ["--n-train", "1"], ["--conv-layers", "3"], ["--layers", "3"],
+                                   ["--init-scale", "-1"],
                                    ["--data-dir", MISSING],  # after parsing
                                    ["--n-validation", "1000"], ["--device", "tpu"])),
 ]
@@ -601,16 +605,16 @@ def test_analysis_missing_checkpoint_exits_2(tmp_path: Path) -> None:
 
 @pytest.fixture
 def data_calls(monkeypatch: pytest.MonkeyPatch) -> list[tuple]:
-    """The data module's actions replaced by recorders (no network, no files)."""
+    """The data module's actions replaced by recorders (no network, no files), where its command line calls them."""
     calls: list[tuple] = []
-    monkeypatch.setattr(lfm, "download_mnist", lambda data_dir, mirrors, force: calls.append(
+    monkeypatch.setattr(lfm_cli, "download_mnist", lambda data_dir, mirrors, force: calls.append(
         ("download", data_dir, list(mirrors), force)) or Path("d"))
-    monkeypatch.setattr(lfm, "verify_checksums", lambda data_dir: calls.append(("verify", data_dir))
+    monkeypatch.setattr(lfm_cli, "verify_checksums", lambda data_dir: calls.append(("verify", data_dir))
                         or dict.fromkeys(lfm.MNIST_MD5, True))
-    monkeypatch.setattr(lfm, "find_mnist_dir", lambda data_dir: Path(data_dir or "data"))
-    monkeypatch.setattr(lfm, "_baseline_report", lambda data_dir, seed, noise_seed: calls.append(
+    monkeypatch.setattr(lfm_cli, "find_mnist_dir", lambda data_dir: Path(data_dir or "data"))
+    monkeypatch.setattr(lfm_cli, "baseline_report", lambda data_dir, seed, noise_seed: calls.append(
         ("baseline", data_dir, seed, noise_seed)) or "baseline")
-    monkeypatch.setattr(lfm.logging, "basicConfig", lambda **kwargs: None)
+    monkeypatch.setattr(lfm_cli.logging, "basicConfig", lambda **kwargs: None)
     return calls
 
 
@@ -640,19 +644,14 @@ def test_data_module_flag_reaches_its_action(flag: str, argv: list[str], control
 
 def test_data_module_bad_checksum_exits_1(data_calls: list[tuple], monkeypatch: pytest.MonkeyPatch,
                                           capsys: pytest.CaptureFixture) -> None:
-    monkeypatch.setattr(lfm, "verify_checksums", lambda data_dir: {**dict.fromkeys(lfm.MNIST_MD5, True),
+    monkeypatch.setattr(lfm_cli, "verify_checksums", lambda data_dir: {**dict.fromkeys(lfm.MNIST_MD5, True),
                                                                    next(iter(lfm.MNIST_MD5)): False})
     assert lfm.main(["--verify"]) == 1 and "BAD" in capsys.readouterr().out
 
 
 def _data_module_parser(monkeypatch: pytest.MonkeyPatch) -> argparse.ArgumentParser:
-    """The parser that latticeflow.mnist.main builds inside itself."""
-    seen: list[argparse.ArgumentParser] = []
-    real = argparse.ArgumentParser.parse_args
-    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", lambda self, *a, **k: seen.append(self) or real(self, *a, **k))
-    lfm.main(["--verify"])
-    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", real)
-    return seen[0]
+    """The parser of ``python -m latticeflow.mnist``."""
+    return lfm_cli.build_parser()
 
 
 # =============================================================================================

@@ -8,7 +8,7 @@ import scipy.linalg
 import torch
 from torch import nn
 
-from latticeflow import SquareLattice, point_group, space_group, spin_flip_group, translation_group
+from latticeflow import SquareLattice, space_group
 from latticeflow.flow import MongeAmpereFlow, standard_normal_log_prob
 from latticeflow.potentials import (
     AutogradPotential,
@@ -18,23 +18,9 @@ from latticeflow.potentials import (
     Symmetrized,
 )
 
-DT = torch.float64
-LAT3 = SquareLattice(3)
+from potential_helpers import DT, GROUPS, LAT3, randomize
 
-
-@pytest.fixture(autouse=True)
-def _float64():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(DT)
-    yield
-    torch.set_default_dtype(old)
-
-
-def randomize(pot: nn.Module, scale: float = 0.5) -> nn.Module:
-    with torch.no_grad():
-        for p in pot.parameters():
-            p.add_(scale * torch.randn_like(p))
-    return pot
+pytestmark = pytest.mark.usefixtures("float64")
 
 
 # ---------------------------------------------------------------------- closed forms
@@ -163,14 +149,6 @@ def test_step_grid_can_change_at_inference():
 
 
 # ---------------------------------------------------------------------- symmetry
-GROUPS = {
-    "translation": lambda: translation_group(LAT3),
-    "d4": lambda: point_group(LAT3),
-    "z2": lambda: spin_flip_group(9),
-    "space×z2": lambda: space_group(LAT3).with_spin_flip(),
-}
-
-
 @pytest.mark.parametrize("group_name", list(GROUPS))
 def test_exactly_symmetrized_flow_has_invariant_density(group_name):
     torch.manual_seed(11)
@@ -311,3 +289,30 @@ def test_bad_flow_inputs():
         flow.sample(0)
     with pytest.raises(ValueError, match=r"noise must hold one token per step \(2\), got 3"):
         flow.log_prob(torch.zeros(1, 3), noise=[None] * 3)
+
+
+# ---------------------------------------------------------------------- the Flow interface
+def test_flow_implements_the_interface():
+    from latticeflow.flow import Flow
+
+    flow = MongeAmpereFlow(MLPPotential(3, 2), n_steps=2)
+    assert isinstance(flow, Flow)
+    assert not isinstance(nn.Linear(3, 3), Flow)
+    assert flow.dim == 3 and flow.n_steps == 2 and flow.dtype == DT and flow.device == torch.device("cpu")
+    assert flow.stochastic is False and flow.draw_noise(5) is None
+
+
+def test_draw_noise_replays_a_stochastic_flow():
+    # the public noise draw: one token per step, drawn like the flow's own integrations draw them
+    flow = MongeAmpereFlow(Symmetrized(randomize(MLPPotential(9, 8)), space_group(LAT3), mode="random"), 3, 0.1)
+    assert flow.stochastic
+    noise = flow.draw_noise(4, torch.Generator().manual_seed(1))
+    assert len(noise) == 3
+    z = torch.randn(4, 9)
+    x1, d1 = flow.forward_map(z, noise=noise)
+    x2, d2 = flow.forward_map(z, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(x1, x2, rtol=0, atol=0)
+    torch.testing.assert_close(d1, d2, rtol=0, atol=0)
+    assert flow.draw_noise(4, noise=noise) == noise  # given tokens are checked and returned
+    with pytest.raises(ValueError, match=r"noise must hold one token per step \(3\), got 2"):
+        flow.draw_noise(4, noise=noise[:2])

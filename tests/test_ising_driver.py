@@ -6,7 +6,7 @@ import torch
 from latticeflow import ising
 from latticeflow.build import build_flow
 from latticeflow.potentials import ConvPotential, MLPPotential, Symmetrized
-from latticeflow.config import ISING_DEFAULT, ISING_PAPER, IsingConfig
+from latticeflow.config import ISING_DEFAULT, IsingConfig
 from models.ising import config_from_args, parse_args
 
 

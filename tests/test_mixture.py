@@ -63,3 +63,42 @@ def test_mixture_density_is_normalised_in_2d():
 def test_rejects_wrong_group_size():
     with pytest.raises(ValueError, match="N=9"):
         SymmetricMixture(_flow(4), spin_flip_group(9))
+
+
+# ---------------------------------------------------------------------- the Flow interface
+def test_mixture_implements_the_flow_interface():
+    from latticeflow.flow import Flow
+
+    flow = _flow(4, seed=5)
+    mix = SymmetricMixture(flow, spin_flip_group(4))
+    assert isinstance(mix, Flow) and isinstance(flow, Flow)
+    assert (mix.dim, mix.n_steps, mix.dtype, mix.device) == (4, 6, torch.float64, torch.device("cpu"))
+    assert mix.stochastic is False and mix.draw_noise(3) is None
+    mix.n_steps = 8  # settable, like the flow's: it is the flow's
+    assert flow.n_steps == 8
+    # forward_map / inverse_map are the underlying flow's bijection (a mixture has none of its own)
+    z = torch.randn(3, 4, dtype=torch.float64)
+    for a, b in zip(mix.forward_map(z), flow.forward_map(z)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    for a, b in zip(mix.inverse_map(z), flow.inverse_map(z)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_sample_applies_a_group_element_to_a_flow_sample():
+    # sampling = a flow sample, then one uniform element g through SymmetryGroup.act
+    group = point_group(SquareLattice(2)).with_spin_flip()
+    flow = _flow(4, seed=6)
+    mix = SymmetricMixture(flow, group)
+    x, _ = mix.sample(6, generator=torch.Generator().manual_seed(7))
+    gen = torch.Generator().manual_seed(7)
+    y, _ = flow.sample(6, generator=gen)
+    g = torch.randint(group.order, (6,), generator=gen)
+    torch.testing.assert_close(x, group.act(y, g), rtol=0, atol=0)
+
+
+def test_mixture_bad_input():
+    mix = SymmetricMixture(_flow(4), spin_flip_group(4))
+    with pytest.raises(TypeError, match=r"x must have the flow's dtype torch.float64, got dtype=torch.float32"):
+        mix.log_prob(torch.zeros(2, 4))
+    with pytest.raises(ValueError, match=r"x must have shape \(B, 4\), got shape=\(2, 3\)"):
+        mix.log_prob(torch.zeros(2, 3, dtype=torch.float64))

@@ -1,4 +1,5 @@
-"""Tests of latticeflow.mnist: IDX parsing, checksums, download, the MAF protocol, bits/dim."""
+"""Tests of latticeflow.mnist (files, protocol, baseline, the CLI): IDX parsing, checksums, download, the MAF
+protocol, bits/dim."""
 
 from __future__ import annotations
 
@@ -83,7 +84,7 @@ def write_set(directory: Path, arrays: dict[str, np.ndarray], gz: bool = True) -
 def tiny_md5(tiny: dict[str, np.ndarray], monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
     """Point the checksum table at the tiny files (the real MD5s are for the real MNIST)."""
     table = {NAMES[role]: hashlib.md5(idx_bytes(tiny[role])).hexdigest() for role in NAMES}
-    monkeypatch.setattr(mnist, "MNIST_MD5", table)
+    monkeypatch.setattr(mnist.files, "MNIST_MD5", table)  # where download and verify read it
     return table
 
 
@@ -290,7 +291,7 @@ def test_interrupted_download_leaves_no_partial_file(
     def fail(*args: object) -> None:
         raise KeyboardInterrupt  # e.g. Ctrl-C between writing and renaming
 
-    monkeypatch.setattr(mnist.os, "replace", fail)
+    monkeypatch.setattr(mnist.files.os, "replace", fail)
     with pytest.raises(KeyboardInterrupt):
         download_mnist(target, mirrors=[source.as_uri()])
     assert list(target.iterdir()) == []
@@ -351,7 +352,7 @@ def test_dequantize_noise_near_one_stays_in_bin(dtype: torch.dtype) -> None:
     # pixel bin, and to exactly 1.0 for pixel 255 (in float32 already for n = 1 - 2**-24)
     pixels = torch.tensor([0, 1, 100, 254, 255], dtype=torch.uint8)
     for n in (1 - 2.0**-53, 1 - 2.0**-24):
-        u = mnist._dequantize_with_noise(pixels, torch.full((5,), n, dtype=torch.float64), dtype)
+        u = mnist.protocol._dequantize_with_noise(pixels, torch.full((5,), n, dtype=torch.float64), dtype)
         assert (u < 1).all()
         torch.testing.assert_close(torch.floor(256 * u).to(torch.uint8), pixels, rtol=0, atol=0)
         torch.testing.assert_close(u.double(), (pixels.double() + 1) / 256, rtol=0, atol=2e-7)
@@ -530,3 +531,32 @@ def test_real_mnist_protocol(real_mnist: mnist.MNIST) -> None:
     torch.testing.assert_close(logit_to_pixels(y), splits["test"][:500], rtol=0, atol=0)
     # mostly-black images: log_det per pixel near E[-log u] = ln 256 + 1 for a black pixel
     assert 5.5 < log_det.mean().item() / 784 < 6.5
+
+
+# ---------------------------------------------------------------------------------------------
+# The package: its public names and its command line
+# ---------------------------------------------------------------------------------------------
+
+
+def test_the_package_keeps_every_name_of_the_old_module() -> None:
+    # regression: latticeflow/mnist.py became the package latticeflow/mnist/; code importing these kept working
+    old = ["DEFAULT_MIRRORS", "DequantizedBatches", "GaussianBaseline", "LAMBDA", "MNIST", "MNISTDownloadError",
+           "MNISTFormatError", "MNIST_FILES", "MNIST_MD5", "PAPER_TEST_NLL", "Whitening", "default_data_dir",
+           "dequantize", "download_mnist", "find_mnist_dir", "inverse_logit_transform", "load_idx", "load_mnist",
+           "logit_to_pixels", "logit_transform", "main", "nll_logit_to_bits_per_dim", "protocol_splits",
+           "split_train_validation", "tile_images", "train_validation_indices", "verify_checksums"]
+    assert set(old) <= set(mnist.__all__)
+    for name in mnist.__all__:
+        assert getattr(mnist, name) is not None, name
+    assert mnist.main is mnist.__main__.main
+
+
+def test_python_dash_m_runs_the_command_line_without_warnings() -> None:
+    import subprocess
+    import sys
+
+    repo = Path(mnist.__file__).resolve().parents[2]
+    proc = subprocess.run([sys.executable, "-W", "error", "-m", "latticeflow.mnist"], cwd=repo, capture_output=True,
+                          text=True, timeout=120, check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]  # no action: the help and status 2
+    assert "--download" in proc.stdout and "--baseline" in proc.stdout and proc.stderr == ""

@@ -114,6 +114,43 @@ def test_load_model_round_trip(checkpoint):
         assert torch.equal(p, q), k
 
 
+@pytest.fixture(scope="module")
+def mixture_checkpoint(tmp_path_factory):
+    """A 3-epoch ``models.ising --mixture z2`` run on L=2 (tiny flow): its model is a SymmetricMixture."""
+    from models.ising import main as train
+
+    out = tmp_path_factory.mktemp("ising_mixture")
+    threads = torch.get_num_threads()
+    try:
+        train(["--L", "2", "--epochs", "3", "--hidden", "4", "--n-steps", "2", "--batch", "16", "--mixture", "z2",
+               "--out", str(out), "--no-plot", "--quiet", "--threads", "1"])
+    finally:
+        torch.set_num_threads(threads)
+    return out / "checkpoint.pt"
+
+
+def test_report_on_a_mixture_checkpoint(mixture_checkpoint, tmp_path):
+    # regression: python -m analysis refused a --mixture checkpoint ("flow must be a
+    # MongeAmpereFlow (with forward_map and dim), got SymmetricMixture"): the mixture had no
+    # forward_map, n_steps or public noise draw, which latent HMC needs
+    from latticeflow.flow import Flow
+    from latticeflow.mixture import SymmetricMixture
+
+    flow, target, state = load_model(mixture_checkpoint)
+    assert isinstance(flow, SymmetricMixture) and isinstance(flow, Flow) and flow.dtype == torch.float64
+    assert target.N == 4 and state["config"]["mixture"] == "z2"
+    out = tmp_path / "report"
+    res = main([str(mixture_checkpoint), "--out", str(out), "--samples", "64", "--batch", "32", "--hmc-samples", "4",
+                "--hmc-chains", "2", "--hmc-leapfrog", "2", "--hmc-warmup", "4", "--independence", "64",
+                "--sw-sweeps", "10", "--quiet", "--no-plots", "--threads", "1"])
+    rows = read_csv(out / "estimates.csv")
+    assert {r["method"] for r in rows if r["quantity"] == "energy"} == {
+        "flow plain", "flow reweighted", "latent HMC", "physical HMC", "independence", "Swendsen-Wang"}
+    fe = res["flow"]
+    assert fe.free_energy_variational.value > target.exact_free_energy()  # the mixture's bound (eq. 7)
+    assert 0 < fe.ess <= 1
+
+
 # ---------------------------------------------------------------------- bad input
 def test_wrong_lattice_size(checkpoint, tmp_path):
     with pytest.raises(ValueError, match=rf"checkpoint {checkpoint} was trained for L=3, but L=4"):

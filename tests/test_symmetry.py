@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from latticeflow import SquareLattice, SymmetryGroup, point_group, space_group, spin_flip_group, translation_group
+from latticeflow.symmetry import all_images, d4_average, d4_maps, displacement_orbits, signed_permutation
 
 
 @pytest.mark.parametrize("L", [3, 4, 5])
@@ -103,3 +104,85 @@ def test_bad_inputs():
     lat = SquareLattice(3)
     with pytest.raises(ValueError, match="N=9"):
         point_group(lat).is_automorphism_of(SquareLattice(4))
+
+
+# ---------------------------------------------------------------------- D4 geometry
+@pytest.mark.parametrize("k", [1, 2, 3, 4])
+def test_d4_maps_are_rotations_and_reflections(k):
+    r, c = torch.meshgrid(torch.arange(k), torch.arange(k), indexing="ij")
+    X = torch.randn(2, k, k)
+    images = [X[:, rows, cols] for rows, cols in d4_maps(r, c, k - 1)]
+    # order: identity, rot90 by 1, 2, 3 quarter turns, flip columns, flip rows, transpose, antitranspose
+    expected = [X, *(torch.rot90(X, q, (1, 2)) for q in (1, 2, 3)), X.flip(2), X.flip(1), X.transpose(1, 2),
+                torch.rot90(X, 2, (1, 2)).transpose(1, 2)]
+    for got, want in zip(images, expected, strict=True):
+        assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("L", [2, 3, 4, 5])
+def test_point_group_is_d4_maps_on_the_lattice(L):
+    lat = SquareLattice(L)
+    r, c = lat.coords[:, 0], lat.coords[:, 1]
+    perms = torch.stack([rows * L + cols for rows, cols in d4_maps(r, c, L - 1)])
+    assert torch.equal(point_group(lat).perms, perms)
+
+
+@pytest.mark.parametrize("L, d4, n", [(4, True, 6), (4, False, 10), (5, True, 6), (5, False, 13), (1, True, 1)])
+def test_displacement_orbits(L, d4, n):
+    # Z_L×Z_L displacements: under d → −d, (L² + #self-inverse)/2 orbits; under D4, 6 for L = 4, 5
+    labels = displacement_orbits(L, L, d4)
+    assert labels.shape == (L, L) and int(labels.max()) + 1 == n and int(labels[0, 0]) == 0
+    r, c = torch.meshgrid(torch.arange(L), torch.arange(L), indexing="ij")
+    maps = d4_maps(r, c, 0)
+    for rows, cols in (maps if d4 else [maps[2]]):
+        assert torch.equal(labels[rows % L, cols % L], labels)  # constant on orbits
+
+
+def test_displacement_orbits_on_a_rectangle():
+    labels = displacement_orbits(2, 3, d4=False)
+    assert torch.equal(labels, labels[(-torch.arange(2)) % 2][:, (-torch.arange(3)) % 3])
+    assert int(labels.max()) + 1 == 4  # (6 + 2 self-inverse) / 2
+
+
+@pytest.mark.parametrize("k", [1, 3, 5])
+def test_d4_average_is_the_mean_over_the_group_and_a_projection(k):
+    K = torch.randn(3, k, k, dtype=torch.float64)
+    r, c = torch.meshgrid(torch.arange(k), torch.arange(k), indexing="ij")
+    mean = torch.stack([K[:, rows, cols] for rows, cols in d4_maps(r, c, k - 1)]).mean(0)
+    avg = d4_average(K)
+    torch.testing.assert_close(avg, mean, rtol=1e-15, atol=1e-15)
+    torch.testing.assert_close(d4_average(avg), avg, rtol=1e-15, atol=1e-15)
+    torch.testing.assert_close(avg, torch.rot90(avg, 1, (1, 2)), rtol=0, atol=1e-15)
+
+
+# ---------------------------------------------------------------------- the action
+def test_signed_permutation_adjoint_and_double_backward():
+    lat = SquareLattice(3)
+    g = space_group(lat).with_spin_flip()
+    idx = torch.randint(g.order, (5,))
+    perm, inv, sign = g.perms[idx], g.inverse_perms[idx], g.signs[idx][:, None]
+    x = torch.randn(5, lat.N, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(5, lat.N, dtype=torch.float64)
+    y = signed_permutation(x, perm, inv, sign)
+    torch.testing.assert_close(y, sign * torch.gather(x, 1, perm), rtol=0, atol=0)
+    # ⟨g·x, v⟩ = ⟨x, gᵀv⟩ and gᵀ undoes g
+    torch.testing.assert_close((y * v).sum(), (x * signed_permutation(v, inv, perm, sign)).sum())
+    torch.testing.assert_close(signed_permutation(y, inv, perm, sign), x, rtol=0, atol=0)
+    # differentiable twice: ∂²/∂x² of Σ (g·x)³ v is diagonal 6 (g·x) v pulled back
+    (gx,) = torch.autograd.grad((y**3 * v).sum(), x, create_graph=True)
+    (hx,) = torch.autograd.grad(gx.sum(), x)
+    want = signed_permutation(6 * y * v * signed_permutation(torch.ones_like(x), perm, inv, sign), inv, perm, sign)
+    torch.testing.assert_close(hx, want.detach())
+
+
+def test_all_images_and_their_pull_back():
+    lat = SquareLattice(3)
+    g = space_group(lat).with_spin_flip()
+    x = torch.randn(4, lat.N, dtype=torch.float64)
+    y = all_images(x, g.perms, g.signs)  # (B, G, N)
+    assert y.shape == (4, g.order, lat.N)
+    assert torch.equal(y.transpose(0, 1), g.act(x))
+    assert torch.equal(all_images(x, g.perms), all_images(x, g.perms, torch.ones(g.order, dtype=x.dtype)))
+    # each image pulled back by its own inverse (perm (G, N) broadcast over the batch) is x again
+    back = signed_permutation(y, g.inverse_perms, g.perms, g.signs[:, None])
+    assert torch.equal(back, x[:, None].expand_as(back))

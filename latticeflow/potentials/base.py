@@ -1,0 +1,241 @@
+"""The potential interface: φ(x, t) with its gradient and Laplacian, and sums of potentials.
+
+"Monge-Ampère Flow for Generative Modeling" (Zhang, E, Wang, arXiv:1809.10188) moves samples
+along dx/dt = ∇φ (eq. 2) while their log density changes as d ln p/dt = −∇²φ (eq. 3). A
+:class:`Potential` therefore returns the triple (φ (B,), ∇φ (B, N), ∇²φ (B,)); a
+:class:`SumPotential` φ = Σ_j φ_j adds the three term by term (the Laplacian is linear).
+
+Stochastic potentials are stateless: their randomness is an explicit ``noise`` token drawn by
+:meth:`Potential.resample` and passed to :meth:`Potential.forward`. Parameter-only constants
+are computed once per integration inside :meth:`Potential.shared_constants`.
+
+Also here: the small helpers the families share (time as a scalar or a column, readout
+weights w(t) = w + t·u and their initialisation).
+
+Symbols: B batch, N = dim sites, K readout size, t time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Any, Callable, Iterator
+
+import torch
+from torch import Tensor, nn
+
+from .._checks import check_batch
+
+__all__ = ["Evaluation", "Frame", "Noise", "Potential", "SumPotential"]
+
+Noise = Any  # opaque per-step randomness: None, an index tensor, probes, or a tuple of these
+Evaluation = tuple[Tensor | None, Tensor, Tensor]  # (phi or None, grad, laplacian)
+# (into, out_of, inner potential, inner noise): see Potential.step_frame
+Frame = tuple[Callable[[Tensor], Tensor], Callable[[Tensor], Tensor], "Potential", Any]
+
+
+# ---------------------------------------------------------------------- helpers
+def _time_col(t: Tensor | float) -> Tensor | float:
+    """t as a scalar or, for per-sample times of shape (B,), a column (B, 1) for broadcasting."""
+    if isinstance(t, Tensor) and t.dim() == 1:
+        return t[:, None]
+    return t
+
+
+def _is_scalar_time(t: Tensor | float) -> bool:
+    """True for a number or a 0-d tensor, False for per-sample times (B,)."""
+    return not (isinstance(t, Tensor) and t.dim() > 0)
+
+
+def _check_time(t: object, batch: int) -> None:
+    """t must be a finite number, a 0-d tensor or a tensor of shape (batch,)."""
+    if isinstance(t, Tensor):
+        if t.dim() > 1 or (t.dim() == 1 and t.shape[0] != batch):
+            raise ValueError(f"t must be a number, a 0-d tensor or shape ({batch},), got shape={tuple(t.shape)}")
+    elif isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t):
+        raise TypeError(f"t must be a finite number or a tensor, got t={t!r}")
+
+
+def _readout(w0: Tensor, w1: Tensor | None, t: Tensor | float) -> Tensor:
+    """Readout weights w(t) = w0 + t·w1: (K,) for a scalar t, (B, K) for t of shape (B,)."""
+    if w1 is None:
+        return w0
+    return w0 + _time_col(t) * w1
+
+
+def _initial_readout(n: int, init_scale: float | str) -> Tensor:
+    """Initial readout weights, shape (n,): init_scale·N(0, 1), or U(±1/√n) (nn.Linear's) for ``"linear"``."""
+    if init_scale == "linear":
+        return torch.empty(n).uniform_(-1.0 / math.sqrt(n), 1.0 / math.sqrt(n))
+    if isinstance(init_scale, str) or not (math.isfinite(init_scale) and init_scale >= 0):
+        raise ValueError(f"init_scale must be a finite number >= 0 or 'linear', got init_scale={init_scale!r}")
+    return init_scale * torch.randn(n)
+
+
+# ---------------------------------------------------------------------- base class
+class Potential(nn.Module):
+    """A scalar potential φ(x, t) on R^dim with analytic gradient and Laplacian.
+
+    Subclasses implement :meth:`_evaluate`; :meth:`forward` checks its input and calls it,
+    :meth:`grad_and_laplacian` is the unchecked hot path the integrator calls (it skips φ
+    where that saves work).
+
+    Attributes:
+        dim: N, the number of variables.
+    """
+
+    dim: int
+    # Parameter-only constants (e.g. ‖W_k‖²) shared by all stages of one integration; a dict
+    # only inside ``shared_constants``, None otherwise (then every call recomputes them).
+    _constants: dict[str, Tensor] | None = None
+
+    @contextlib.contextmanager
+    def shared_constants(self, enabled: bool = True) -> Iterator[None]:
+        """Compute parameter-only constants once for all evaluations inside the block.
+
+        The flow wraps each integration in it, so ‖W_k‖² is computed (differentiably) once
+        instead of once per RK stage. Not for use across optimiser steps, nor with gradient
+        checkpointing (the recomputation runs outside the block); ``enabled=False`` is a no-op.
+        """
+        mods = [m for m in self.modules() if isinstance(m, Potential)]
+        for m in mods:
+            m._constants = {} if enabled else None
+        try:
+            yield
+        finally:
+            for m in mods:
+                m._constants = None
+
+    def _shared(self, key: str, compute: Callable[[], Any]) -> Any:
+        """``compute()``, cached under ``key`` while ``shared_constants`` is active."""
+        cache = self._constants
+        if cache is None:
+            return compute()
+        value = cache.get(key)
+        if value is None:
+            value = cache[key] = compute()
+        return value
+
+    @property
+    def stochastic(self) -> bool:
+        """True if evaluations depend on a random ``noise`` token (see :meth:`resample`)."""
+        return False
+
+    def resample(self, batch: int, generator: torch.Generator | None = None) -> Noise:
+        """Draw the randomness for one integration step of ``batch`` samples.
+
+        Deterministic potentials return None. The flow calls this once per step (not per
+        RK stage) and passes the token to every stage of that step.
+
+        Args:
+            batch: number of samples B.
+            generator: torch.Generator for reproducible draws; None uses the global RNG.
+
+        Returns:
+            An opaque token for ``forward(..., noise=token)``, or None.
+        """
+        return None
+
+    def step_frame(self, noise: Noise) -> Frame | None:
+        """An orthogonal change of variables that turns this step's potential into a simpler one.
+
+        For a noise token that fixes φ(x) = ψ(Q x) over a whole step, returns
+        ``(into, out_of, ψ, ψ_noise)`` with into(x) = Q x and out_of(y) = Qᵀ y, so the
+        integrator can take the step in y = Q x (see ode.FramedDrift); None when there is
+        no such frame (the default).
+        """
+        return None
+
+    def forward(self, x: Tensor, t: Tensor | float = 0.0, noise: Noise = None) -> tuple[Tensor, Tensor, Tensor]:
+        """Value, gradient and Laplacian.
+
+        Args:
+            x: points, shape (B, N).
+            t: time, a number or a tensor of shape () or (B,).
+            noise: token from :meth:`resample` for stochastic potentials; None draws afresh.
+
+        Returns:
+            (phi (B,), grad (B, N), laplacian (B,)).
+
+        Raises:
+            TypeError: x is not a floating tensor.
+            ValueError: x does not have shape (B, N).
+        """
+        x = check_batch(x, self.dim)
+        _check_time(t, x.shape[0])
+        phi, grad, lap = self._evaluate(x, t, noise, True)
+        assert phi is not None
+        return phi, grad, lap
+
+    def grad_and_laplacian(self, x: Tensor, t: Tensor | float = 0.0, noise: Noise = None) -> tuple[Tensor, Tensor]:
+        """(∇φ (B, N), ∇²φ (B,)) without input checks: the integrator's hot path."""
+        _, grad, lap = self._evaluate(x, t, noise, False)
+        return grad, lap
+
+    def _evaluate(self, x: Tensor, t: Tensor | float, noise: Noise, value: bool) -> Evaluation:
+        """(phi or None if not ``value``, grad, laplacian); x (B, N) already checked."""
+        raise NotImplementedError
+
+    def __add__(self, other: "Potential") -> "SumPotential":
+        if not isinstance(other, Potential):
+            return NotImplemented
+        return SumPotential(self, other)
+
+
+def _check_potential(p: object, name: str = "potential") -> Potential:
+    """p if it is a Potential; a TypeError naming ``name`` and pointing to AutogradPotential otherwise."""
+    if not isinstance(p, Potential):
+        raise TypeError(f"{name} must be a Potential, got {type(p).__name__}; wrap a plain nn.Module "
+                        "in AutogradPotential(module, dim=N)")
+    return p
+
+
+# ---------------------------------------------------------------------- sums
+class SumPotential(Potential):
+    """φ = Σ_j φ_j: values, gradients and Laplacians add. Also written ``p + q``.
+
+    Args:
+        potentials: two or more potentials with the same ``dim`` (nested sums are flattened).
+
+    Noise: a tuple with one token per part (None for deterministic parts), or None if no
+    part is stochastic.
+    """
+
+    def __init__(self, *potentials: Potential) -> None:
+        super().__init__()
+        parts: list[Potential] = []
+        for i, p in enumerate(potentials):
+            _check_potential(p, f"potentials[{i}]")
+            parts.extend(p.parts if isinstance(p, SumPotential) else [p])
+        if not parts:
+            raise ValueError("SumPotential needs at least one potential, got none")
+        dims = [p.dim for p in parts]
+        if len(set(dims)) != 1:
+            raise ValueError(f"all potentials must have the same dim, got dims={dims}")
+        self.dim = dims[0]
+        self.parts = nn.ModuleList(parts)
+
+    @property
+    def stochastic(self) -> bool:
+        return any(p.stochastic for p in self.parts)
+
+    def resample(self, batch: int, generator: torch.Generator | None = None) -> tuple | None:
+        """One token per part (None for deterministic parts), or None if no part is stochastic."""
+        if not self.stochastic:
+            return None
+        return tuple(p.resample(batch, generator) for p in self.parts)
+
+    def _evaluate(self, x: Tensor, t: Tensor | float, noise: Noise, value: bool) -> Evaluation:
+        noises = noise if noise is not None else (None,) * len(self.parts)
+        if len(noises) != len(self.parts):
+            raise ValueError(f"noise must have one entry per part ({len(self.parts)}), got {len(noises)}")
+        phi = grad = lap = None
+        for p, n in zip(self.parts, noises):
+            f, g, l_ = p._evaluate(x, t, n, value)
+            if grad is None:
+                phi, grad, lap = f, g, l_
+            else:
+                grad, lap = grad + g, lap + l_
+                if value:
+                    phi = phi + f
+        return phi, grad, lap

@@ -1,0 +1,151 @@
+"""The quadratic potential φ(x) = ½ xᵀAx + bᵀx, whose flow is exactly Gaussian.
+
+"Monge-Ampère Flow for Generative Modeling" (Zhang, E, Wang, arXiv:1809.10188), appendix A:
+
+    ∇φ = Ax + b,      ∇²φ = tr A,
+
+the same Laplacian for every sample, so log p changes by exactly −t·tr A and
+x(t) = e^{At} x(0) + (e^{At} − 1)A⁻¹b. On a periodic L1×L2 lattice A is circulant,
+A_ij = a(r_i − r_j), with one parameter per orbit of displacements
+(``latticeflow.symmetry.displacement_orbits``), and is applied by a real 2D FFT:
+A x = irfft2(x̂ · â) (â is real because a(dr) = a(−dr)), tr A = N·a(0).
+
+Symbols: B batch, N = L1·L2 sites (or dim), t time.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from .._checks import check_choice, check_size
+from ..symmetry import displacement_orbits
+from .base import Evaluation, Noise, Potential, _is_scalar_time
+
+__all__ = ["QuadraticPotential"]
+
+
+def _lattice_shape(shape: object) -> tuple[int, int]:
+    """(L1, L2) from a pair of positive integers; ValueError naming the bad value otherwise."""
+    if isinstance(shape, (tuple, list)) and len(shape) == 2:
+        return check_size("L1", shape[0]), check_size("L2", shape[1])
+    raise ValueError(f"lattice_shape must be an int N or a pair (L1, L2), got {shape!r}")
+
+
+class QuadraticPotential(Potential):
+    """φ(x) = ½ xᵀAx + bᵀx with an exactly Gaussian flow (paper appendix A).
+
+    ∇φ = Ax + b and ∇²φ = tr A, the same for every sample, so log p changes by exactly
+    −t·tr A and x(t) = e^{At} x(0) + (e^{At} − 1)A⁻¹b.
+
+    On an L1×L2 periodic lattice (``lattice_shape=(L1, L2)``) A is circulant,
+    A_ij = a(r_i − r_j), with a kernel over displacement orbits: a(dr) = a(−dr) always
+    (``symmetric="translation"``), and also D4-invariant with ``symmetric="d4"`` (square
+    lattices). A is applied with a 2D real FFT in O(N log N), never as a dense matrix, and
+    tr A = N·a(0). The linear term is b = c·1 (translation invariant); ``linear=False`` drops
+    it, making φ Z2-even. ``symmetric="none"`` (the only choice when ``lattice_shape`` is an
+    int N) uses a dense symmetric A = (M + Mᵀ)/2 and a free b: O(N²) per sample.
+
+    Time dependence: every parameter θ becomes θ + t·θ', with θ' initialised at zero.
+    All parameters start at zero: the initial flow is the identity.
+
+    Args:
+        lattice_shape: (L1, L2) for a lattice, or an int N for an unstructured vector.
+        symmetric: ``"d4"``, ``"translation"`` or ``"none"``.
+        linear: include the linear term b.
+        time_dependent: parameters vary linearly in t.
+    """
+
+    def __init__(self, lattice_shape: int | tuple[int, int], symmetric: str = "d4", linear: bool = True,
+                 time_dependent: bool = False) -> None:
+        super().__init__()
+        self.symmetric = check_choice("symmetric", symmetric, ("d4", "translation", "none"))
+        if isinstance(lattice_shape, int) and not isinstance(lattice_shape, bool):
+            self.dim = check_size("lattice_shape", lattice_shape)
+            self.shape = None
+            if symmetric != "none":
+                raise ValueError(f"symmetric={symmetric!r} needs a lattice_shape (L1, L2), got the int "
+                                 f"lattice_shape={lattice_shape}; use symmetric='none' for a plain vector")
+        else:
+            self.shape = _lattice_shape(lattice_shape)
+            self.dim = self.shape[0] * self.shape[1]
+            if symmetric == "d4" and self.shape[0] != self.shape[1]:
+                raise ValueError(f"symmetric='d4' needs a square lattice, got lattice_shape={self.shape}")
+        self.linear = bool(linear)
+        self.time_dependent = bool(time_dependent)
+        N = self.dim
+        if self.symmetric == "none":
+            self.register_buffer("orbits", None)
+            n_a, b_shape = (N, N), (N,)
+        else:
+            orbits = displacement_orbits(*self.shape, d4=self.symmetric == "d4")
+            self.register_buffer("orbits", orbits, persistent=False)
+            n_a, b_shape = (int(orbits.max()) + 1,), ()
+        self.a = nn.Parameter(torch.zeros(n_a))
+        self.a_t = nn.Parameter(torch.zeros(n_a)) if self.time_dependent else None
+        self.b = nn.Parameter(torch.zeros(b_shape)) if self.linear else None
+        self.b_t = nn.Parameter(torch.zeros(b_shape)) if self.linear and self.time_dependent else None
+
+    def extra_repr(self) -> str:
+        shape = self.shape if self.shape is not None else self.dim
+        return (f"lattice_shape={shape}, symmetric={self.symmetric!r}, linear={self.linear}, "
+                f"time_dependent={self.time_dependent}")
+
+    def _param(self, p: Tensor, p_t: Tensor | None, t: Tensor | float) -> Tensor:
+        """θ(t) = θ + t·θ': shape of θ for a scalar t, (B, ...) for t of shape (B,)."""
+        if p_t is None:
+            return p
+        if _is_scalar_time(t):
+            return p + t * p_t
+        return p + t.reshape((-1,) + (1,) * p.dim()) * p_t  # (B, ...)
+
+    def kernel(self, t: Tensor | float = 0.0) -> Tensor:
+        """The circulant kernel a(dr) as an (L1, L2) image (row 0 of A); (B, L1, L2) for t of shape (B,)."""
+        if self.orbits is None:
+            raise ValueError("kernel() exists only for lattice potentials (symmetric='d4' or 'translation')")
+        return self._param(self.a, self.a_t, t)[..., self.orbits]
+
+    def _kernel_and_transform(self, t: Tensor | float) -> tuple[Tensor, Tensor]:
+        K = self.kernel(t)
+        return K, torch.fft.rfft2(K).real
+
+    def matrix(self, t: float = 0.0) -> Tensor:
+        """The dense matrix A, shape (N, N) (for tests and inspection; O(N²) memory)."""
+        if self.orbits is None:
+            M = self._param(self.a, self.a_t, t)
+            return 0.5 * (M + M.transpose(-1, -2))
+        L1, L2 = self.shape
+        K = self.kernel(t)
+        r, c = torch.meshgrid(torch.arange(L1), torch.arange(L2), indexing="ij")
+        r, c = r.reshape(-1), c.reshape(-1)
+        return K[(r[:, None] - r[None, :]) % L1, (c[:, None] - c[None, :]) % L2]
+
+    def _evaluate(self, x: Tensor, t: Tensor | float, noise: Noise, value: bool) -> Evaluation:
+        B, N = x.shape
+        if self.orbits is None:
+            A = self.matrix(t)
+            Ax = x @ A if A.dim() == 2 else torch.einsum("bij,bj->bi", A, x)
+            lap = torch.diagonal(A, dim1=-2, dim2=-1).sum(-1).expand(B)
+        else:
+            L1, L2 = self.shape
+            # K(dr) = K(−dr) makes its Fourier transform real: A x = irfft2(x̂ · K̂)
+            if self.a_t is None:
+                K, khat = self._shared("kernel", lambda: self._kernel_and_transform(0.0))
+            else:
+                K, khat = self._kernel_and_transform(t)
+            Ax = torch.fft.irfft2(torch.fft.rfft2(x.reshape(B, L1, L2)) * khat, s=(L1, L2)).reshape(B, N)
+            lap = (N * K[..., 0, 0]).expand(B)
+        grad = Ax
+        phi = 0.5 * (x * Ax).sum(1) if value else None
+        if self.b is not None:
+            b = self._param(self.b, self.b_t, t)
+            if self.orbits is None:
+                grad = grad + b
+                if value:
+                    phi = phi + (x * b).sum(1)
+            else:
+                b_col = b[:, None] if b.dim() == 1 else b
+                grad = grad + b_col
+                if value:
+                    phi = phi + b * x.sum(1)
+        return phi, grad, lap

@@ -1,0 +1,87 @@
+"""ConvPotential: invariances (translations, D4, Z2), the explicit-loop formula, kernels by FFT (float64)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from latticeflow import SquareLattice, point_group, space_group, translation_group
+from latticeflow.potentials import ConvPotential
+from latticeflow.potentials.conv import _d4_kernel_basis, _kernel_spectrum
+
+from potential_helpers import randomize
+
+pytestmark = pytest.mark.usefixtures("float64")
+
+LAT4 = SquareLattice(4)
+
+
+@pytest.mark.parametrize("layers", [1, 2])
+def test_conv_translation_d4_and_z2_invariance(layers):
+    pot = randomize(ConvPotential(4, channels=3, layers=layers, kernel_size=3, activation="lncosh", d4=True, z2=True))
+    x = torch.randn(2, 16)
+    phi = pot(x)[0]
+    group = space_group(LAT4).with_spin_flip()
+    images = group.act(x).reshape(-1, 16)  # (G·B, N)
+    torch.testing.assert_close(pot(images)[0].reshape(group.order, 2), phi.expand(group.order, 2),
+                               rtol=1e-12, atol=1e-12)
+    k = pot.kernels()
+    torch.testing.assert_close(k, torch.rot90(k, 1, (1, 2)), rtol=0, atol=1e-15)
+    torch.testing.assert_close(k, k.transpose(1, 2), rtol=0, atol=1e-15)
+
+
+def test_conv_without_d4_is_translation_invariant_only():
+    pot = randomize(ConvPotential(4, channels=3, kernel_size=3))
+    x = torch.randn(1, 16)
+    phi = pot(x)[0]
+    T = translation_group(LAT4)
+    torch.testing.assert_close(pot(T.act(x).reshape(-1, 16))[0], phi.expand(T.order), rtol=1e-12, atol=1e-12)
+    D = point_group(LAT4)
+    assert not torch.allclose(pot(D.act(x).reshape(-1, 16))[0], phi.expand(D.order), atol=1e-6)
+    assert not torch.allclose(pot(-x)[0], phi, atol=1e-6)
+
+
+def test_conv_matches_dense_formula():
+    # layers=1: φ = Σ_{c,s} w_c a(Σ_d K_c(d) x(s + d − 1) + b_c), written out with explicit loops
+    pot = randomize(ConvPotential(3, channels=2, kernel_size=3, activation="tanh"))
+    x = torch.randn(1, 9)
+    img = x.reshape(3, 3)
+    K = pot.kernels()
+    total = 0.0
+    for c in range(2):
+        for r in range(3):
+            for q in range(3):
+                h = sum(K[c, i, j] * img[(r + i - 1) % 3, (q + j - 1) % 3] for i in range(3) for j in range(3))
+                total = total + pot.readout[c] * torch.tanh(h + pot.conv_bias[c])
+    torch.testing.assert_close(pot(x)[0], total.reshape(1), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("L, k", [(5, 3), (6, 5), (7, 1)])
+def test_kernel_spectrum_is_circular_conv2d(L, k):
+    # the FFT embedding reproduces conv2d's circular cross-correlation
+    K = torch.randn(3, k, k)
+    x = torch.randn(2, 1, L, L)
+    h = torch.fft.irfft2(torch.fft.rfft2(x) * _kernel_spectrum(K, L), s=(L, L))
+    p = k // 2
+    ref = F.conv2d(F.pad(x, (p, p, p, p), mode="circular"), K[:, None])
+    torch.testing.assert_close(h, ref, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("k, J", [(1, 1), (3, 3), (5, 6)])
+def test_d4_kernel_basis_is_orthonormal_and_invariant(k, J):
+    basis = _d4_kernel_basis(k)  # (J, k²)
+    assert basis.shape == (J, k * k)
+    torch.testing.assert_close(basis @ basis.t(), torch.eye(J), rtol=0, atol=1e-15)
+    img = basis.reshape(J, k, k)
+    torch.testing.assert_close(img, torch.rot90(img, 1, (1, 2)), rtol=0, atol=0)
+    torch.testing.assert_close(img, img.transpose(1, 2), rtol=0, atol=0)
+
+
+def test_bad_conv_arguments():
+    with pytest.raises(ValueError, match="kernel_size must be odd and <= L=3"):
+        ConvPotential(3, kernel_size=5)
+    with pytest.raises(ValueError, match="kernel_size must be odd and <= L=4 .* got kernel_size=2"):
+        ConvPotential(4, kernel_size=2)
+    with pytest.raises(ValueError, match="z2=True needs an even activation"):
+        ConvPotential(4, z2=True, activation="softplus")
+    with pytest.raises(ValueError, match="layers must be 1 or 2"):
+        ConvPotential(4, layers=3)
