@@ -40,6 +40,8 @@ from collections.abc import Callable, Mapping
 import numpy as np
 import scipy.sparse as sp
 
+from latticeflow._checks import check_beta
+
 from .free_energy import Estimate
 
 __all__ = ["energy_moments", "magnetisation_moments", "measure", "summarize"]
@@ -107,13 +109,7 @@ def _check_J(J: object) -> float:
 
 
 def _check_beta(beta: object) -> float | None:
-    if beta is None:
-        return None
-    if isinstance(beta, bool) or not isinstance(beta, (int, float, np.floating, np.integer)) or not (
-        math.isfinite(beta) and beta > 0
-    ):
-        raise ValueError(f"beta must be a finite number > 0 or None, got beta={beta!r}")
-    return float(beta)
+    return check_beta(beta, optional=True)
 
 
 # ---------------------------------------------------------------------- per-sample moments

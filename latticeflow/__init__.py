@@ -34,6 +34,8 @@ from .potentials import (
 )
 from .train import Trainer, TrainingDiverged, VariationalTrainer
 from .ising import IsingHS, critical, improved_spins, ising, sample_spins
+from .phi4 import Phi4, phi4, phi4_hopping
+from .phi4_config import PHI4_DEFAULT, Phi4Config
 from .lattice import SquareLattice
 from .target import Target
 from .symmetry import SymmetryGroup, point_group, space_group, spin_flip_group, translation_group
@@ -72,6 +74,11 @@ __all__ = [
     "build_potential",
     "ode",
     "IsingHS",
+    "PHI4_DEFAULT",
+    "Phi4",
+    "Phi4Config",
+    "phi4",
+    "phi4_hopping",
     "SquareLattice",
     "SymmetryGroup",
     "critical",

@@ -62,6 +62,36 @@ def check_fraction(name: str, value: object) -> float:
     return float(value)
 
 
+#: names that stand for β_c = ½ ln(1 + √2)
+BETA_NAMES = ("critical", "c", "beta_c")
+
+
+def check_beta(beta: object, *, optional: bool = False) -> float | None:
+    """Return an inverse temperature as a float: a finite number > 0, a numeric string (from a
+    command line or a text file), or ``"critical"`` for β_c; None passes when ``optional``.
+
+    Raises:
+        ValueError: quoting the bad value.
+    """
+    if beta is None and optional:
+        return None
+    if isinstance(beta, str):
+        if beta.lower() in BETA_NAMES:
+            from .exact import CRITICAL_BETA
+
+            return CRITICAL_BETA
+        try:
+            return check_positive("beta", float(beta))
+        except ValueError:
+            raise ValueError(f"beta must be a positive number or 'critical', got beta={beta!r}") from None
+    try:
+        return check_positive("beta", beta)
+    except ValueError:
+        if optional:
+            raise ValueError(f"beta must be a finite number > 0 or None, got beta={beta!r}") from None
+        raise
+
+
 def check_choice(name: str, value: object, choices: tuple[str, ...]) -> str:
     """Return ``value`` if it is one of ``choices``.
 

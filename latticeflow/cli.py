@@ -137,3 +137,25 @@ def run_cli(main: Callable[[Sequence[str] | None], dict], parser: argparse.Argum
         print(f"{parser.prog}: error: {err}", file=sys.stderr)
         return EXIT_USAGE
     return exit_status(summary.get("stop_reason"), summary.get("stop_signal"))
+
+
+def add_run_arguments(parser: argparse.ArgumentParser, kind: str, *,
+                      resume: Callable[[str], Path] = checkpoint_file,
+                      resume_help: str = "continue the run of this checkpoint.pt (or run folder)",
+                      budget_help: str = "wall-clock budget (exit status 0)",
+                      plot_help: str = "skip the figures") -> argparse._ArgumentGroup:
+    """The flags every training driver shares (the "run" group): output folder, resume, force,
+    budget, device, TF32, threads, figures, progress bar. Returns the group, for driver-specific ones."""
+    g = parser.add_argument_group("run")
+    g.add_argument("--out", default=None, help=f"output folder [a new runs/{kind}/<date>-<time>, linked as "
+                                               f"runs/{kind}/latest; with --resume: the checkpoint's folder]")
+    g.add_argument("--resume", type=resume, default=None, help=resume_help)
+    g.add_argument("--force", action="store_true", help="replace the run already in --out (its files are deleted)")
+    g.add_argument("--max-minutes", type=positive_float, default=None, help=budget_help)
+    g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:k [auto]")
+    g.add_argument("--tf32", action="store_true", help="allow TF32 matmuls on GPUs")
+    g.add_argument("--threads", type=positive_int, default=None,
+                   help="torch CPU threads [chosen from the idle CPUs, printed at start]")
+    g.add_argument("--no-plot", action="store_true", help=plot_help)
+    g.add_argument("--quiet", action="store_true", help="no progress bar")
+    return g

@@ -224,20 +224,23 @@ class IsingConfig(Config):
     grad_clip: float | None = option(None, "clip the gradient norm at this value", parse=cli.positive_float,
                                      group="training", show="none")
     warmup: int = option(20, "learning-rate warm-up steps", parse=cli.nonnegative_int, group="training")
+    max_rollbacks: int = option(5, "recoveries from a diverged epoch: back to the last good state in memory, "
+                                "learning rate halved (0: stop at the first divergence)", parse=cli.nonnegative_int,
+                                group="training")
     schedule: str = option("cosine", "learning-rate schedule", choices=("cosine", "constant"), group="training")
     seed: int = option(0, "seed of the initialisation and the samples", parse=int, group="training")
     #: set from beta: "critical" when beta is β_c given by name (kept for config.json)
     beta_name: str | None = None
 
     def __post_init__(self) -> None:
-        from ._checks import check_positive, check_size
-        from .ising import _check_beta, critical
+        from ._checks import BETA_NAMES, check_beta, check_positive, check_size
+        from .exact import CRITICAL_BETA as critical
 
         set_ = object.__setattr__  # frozen: normalise once, here
         name = self.beta_name
-        if isinstance(self.beta, str) and self.beta.lower() in ("critical", "c", "beta_c"):
+        if isinstance(self.beta, str) and self.beta.lower() in BETA_NAMES:
             name = "critical"
-        beta = _check_beta(self.beta)
+        beta = check_beta(self.beta)
         set_(self, "beta", beta)
         set_(self, "beta_name", "critical" if name == "critical" and beta == critical else None)
         set_(self, "L", check_size("L", self.L, minimum=2))
@@ -247,6 +250,7 @@ class IsingConfig(Config):
         for key in ("hidden", "channels", "n_steps", "batch", "epochs"):
             set_(self, key, check_size(key, getattr(self, key)))
         set_(self, "warmup", check_size("warmup", self.warmup, minimum=0))
+        set_(self, "max_rollbacks", check_size("max_rollbacks", self.max_rollbacks, minimum=0))
         check_choice("activation", self.activation, ACTIVATIONS)
         check_choice("symmetrize", self.symmetrize, SYMMETRIZE)
         check_choice("group", self.group, GROUPS)

@@ -355,3 +355,57 @@ class MongeAmpereFlow(nn.Module):
         z2, d_bwd = self._integrate(x, x.new_zeros(n), False, noise, None)
         logp_model = standard_normal_log_prob(z2) - d_bwd
         return float((z - z2).abs().max()), float((logp0 + d_fwd - logp_model).abs().max())
+
+
+class WrappedFlow(nn.Module):
+    """Base of flows built around another flow ``self.flow`` (a symmetric mixture, an affine map in
+    front): the integration settings, dtype, device and noise are the inner flow's.
+
+    Subclasses define ``sample`` and ``log_prob`` (and, where they have their own, the maps).
+
+    Args:
+        flow: the inner flow (a :class:`Flow`); its parameters are this module's ``flow.*``.
+    """
+
+    def __init__(self, flow: nn.Module) -> None:
+        super().__init__()
+        self.flow = flow
+
+    @property
+    def dim(self) -> int:
+        """Dimension of the points, the inner flow's."""
+        return self.flow.dim
+
+    @property
+    def potential(self) -> Any:
+        """The inner flow's potential φ."""
+        return self.flow.potential
+
+    @property
+    def n_steps(self) -> int:
+        """Integration steps of the inner flow (settable, like the flow's)."""
+        return self.flow.n_steps
+
+    @n_steps.setter
+    def n_steps(self, value: int) -> None:
+        self.flow.n_steps = value
+
+    @property
+    def stochastic(self) -> bool:
+        """Whether the inner flow draws per-step noise tokens."""
+        return self.flow.stochastic
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The inner flow's dtype."""
+        return self.flow.dtype
+
+    @property
+    def device(self) -> torch.device:
+        """The inner flow's device."""
+        return self.flow.device
+
+    def draw_noise(self, batch: int, generator: torch.Generator | None = None,
+                   noise: Sequence[Any] | None = None) -> list[Any] | None:
+        """The inner flow's per-step noise tokens (see :meth:`MongeAmpereFlow.draw_noise`)."""
+        return self.flow.draw_noise(batch, generator, noise)

@@ -25,14 +25,13 @@ Reference: Zhang, E & Wang, "Monge-Ampère Flow for Generative Modeling", arXiv:
 from __future__ import annotations
 
 import math
-import numbers
 
 import networkx as nx
 import numpy as np
 import torch
 from torch import Tensor
 
-from ._checks import check_batch, check_choice, check_finite, check_positive, check_size
+from ._checks import check_batch, check_beta, check_choice, check_finite, check_positive, check_size
 from .exact import CRITICAL_BETA
 from .lattice import SquareLattice
 from .potentials.activations import log_cosh  # the one ln cosh; importable from here
@@ -44,15 +43,7 @@ MIN_EIGENVALUE = 0.1  # smallest eigenvalue of M = K + αI (paper appendix B)
 
 
 def _check_beta(beta: object) -> float:
-    if isinstance(beta, str):
-        if beta.lower() in ("critical", "c", "beta_c"):
-            return critical
-        try:  # a number typed on a command line or read from a text file
-            return check_positive("beta", float(beta))
-        except ValueError:
-            pass
-        raise ValueError(f"beta must be a positive number or 'critical', got beta={beta!r}")
-    return check_positive("beta", beta)
+    return check_beta(beta)  # type: ignore[return-value]
 
 
 class IsingHS:

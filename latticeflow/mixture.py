@@ -24,16 +24,16 @@ import math
 from typing import Any, Callable, Sequence
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from ._checks import check_points
-from .flow import MongeAmpereFlow
+from .flow import MongeAmpereFlow, WrappedFlow
 from .symmetry import SymmetryGroup, all_images, signed_permutation
 
 __all__ = ["SymmetricMixture"]
 
 
-class SymmetricMixture(nn.Module):
+class SymmetricMixture(WrappedFlow):
     """The mixture (1/|G|) Σ_g p(g·x) of a flow's density over a small group.
 
     Implements :class:`~latticeflow.flow.Flow`: ``sample`` and ``log_prob`` are those of the
@@ -64,7 +64,6 @@ class SymmetricMixture(nn.Module):
     """
 
     def __init__(self, flow: MongeAmpereFlow, group: SymmetryGroup) -> None:
-        super().__init__()
         if not isinstance(flow, MongeAmpereFlow):
             raise TypeError(f"flow must be a MongeAmpereFlow, got {type(flow).__name__}")
         if not isinstance(group, SymmetryGroup):
@@ -72,9 +71,8 @@ class SymmetricMixture(nn.Module):
                             "build one with spin_flip_group(N) or point_group(lattice)")
         if group.dim != flow.dim:
             raise ValueError(f"group acts on N={group.dim} sites but the flow has dimension {flow.dim}")
-        self.flow = flow
+        super().__init__(flow)  # n_steps, dtype, device, noise: the flow's (WrappedFlow)
         self.group = group
-        self.dim = flow.dim
         self.order = group.order
         self.group_name = group.name
         self.register_buffer("perms", group.perms.clone(), persistent=False)
@@ -85,41 +83,7 @@ class SymmetricMixture(nn.Module):
         others = [g for g in range(group.order) if g != group.identity]
         self.register_buffer("others", torch.tensor(others, dtype=torch.long), persistent=False)
 
-    # ------------------------------------------------------------------ the underlying flow's
-    @property
-    def potential(self) -> Any:
-        """The underlying flow's potential φ."""
-        return self.flow.potential
-
-    @property
-    def n_steps(self) -> int:
-        """Integration steps of the underlying flow (settable, like the flow's)."""
-        return self.flow.n_steps
-
-    @n_steps.setter
-    def n_steps(self, value: int) -> None:
-        self.flow.n_steps = value
-
-    @property
-    def dtype(self) -> torch.dtype:
-        """The underlying flow's dtype."""
-        return self.flow.dtype
-
-    @property
-    def device(self) -> torch.device:
-        """The underlying flow's device."""
-        return self.flow.device
-
-    @property
-    def stochastic(self) -> bool:
-        """Whether the underlying flow draws per-step noise tokens."""
-        return self.flow.stochastic
-
-    def draw_noise(self, batch: int, generator: torch.Generator | None = None,
-                   noise: Sequence[Any] | None = None) -> list[Any] | None:
-        """The underlying flow's per-step noise tokens (see :meth:`MongeAmpereFlow.draw_noise`)."""
-        return self.flow.draw_noise(batch, generator, noise)
-
+    # ------------------------------------------------------------------ the underlying flow's maps
     def forward_map(self, z: Tensor, generator: torch.Generator | None = None, noise: Sequence[Any] | None = None,
                     callback: Callable[[int, float, Tensor, Tensor], None] | None = None) -> tuple[Tensor, Tensor]:
         """The underlying flow's transport x = f(z), with delta_logp = ln p(x) − ln p(z) of the flow's p.

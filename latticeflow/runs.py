@@ -30,8 +30,8 @@ from pathlib import Path
 from typing import Any, Iterable
 
 LOCK_NAME = ".lock"
-#: Files every driver writes; a folder holding any of them holds a run.
-RUN_FILES = ("checkpoint.pt", "log.csv", "config.json", "summary.json")
+#: Files every driver writes (a β sweep: its manifest and table); a folder holding any of them holds a run.
+RUN_FILES = ("checkpoint.pt", "log.csv", "config.json", "summary.json", "sweep.json", "sweep.csv")
 
 
 class RunFolderError(ValueError):

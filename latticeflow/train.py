@@ -85,6 +85,12 @@ class Trainer:
         seed: the run's seed, for such fresh streams (default: ``config["seed"]``, else 0).
         kind: what the checkpoints hold ("ising", "mnist"), recorded so that a driver handed the
             other driver's checkpoint can say so.
+        max_rollbacks: recoveries allowed per run: when an epoch meets the divergence rule, go back
+            to the last state a good loss vouches for (kept in memory), multiply the learning rate
+            by ``rollback_lr_factor``, draw fresh samples and go on; every rollback is printed, kept
+            in ``rollbacks`` (and the checkpoint) and counted in the log's ``rollbacks`` column.
+            Once they are used up, the run stops as diverged. 0: stop at the first divergence.
+        rollback_lr_factor: the learning-rate factor of each rollback, in (0, 1).
     """
 
     def __init__(
@@ -101,6 +107,8 @@ class Trainer:
         rank_streams: bool = False,
         seed: int | None = None,
         kind: str | None = None,
+        max_rollbacks: int = 0,
+        rollback_lr_factor: float = 0.5,
     ) -> None:
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
         self.config = dict(config or {})
@@ -120,6 +128,13 @@ class Trainer:
         #: the signal that stopped it (SIGINT 2, SIGTERM 15), for the exit status 128 + signal
         self.stop_signal: int | None = None
         self._snapshots: collections.deque = collections.deque(maxlen=2)
+        self.max_rollbacks = check_size("max_rollbacks", max_rollbacks, minimum=0)
+        if not 0 < rollback_lr_factor < 1:
+            raise ValueError(f"rollback_lr_factor must lie in (0, 1), got rollback_lr_factor={rollback_lr_factor!r}")
+        self.rollback_lr_factor = float(rollback_lr_factor)
+        #: every rollback: {"epoch": the diverged epoch, "back_to": the epoch resumed from, "reason", "lr_factor"}
+        self.rollbacks: list[dict[str, Any]] = []
+        self._rolled_back_to: dict[str, Any] | None = None
         #: ``time.perf_counter()`` value at which the running :meth:`fit`'s ``max_minutes`` run out
         #: (None without a budget and outside fit): :meth:`run_epoch` may end a long epoch early on it
         self.deadline: float | None = None
@@ -183,6 +198,7 @@ class Trainer:
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
             "rng": rng,
             "log": self.records,
+            "rollbacks": self.rollbacks,
         }
 
     def save(self, path: str | Path | None = None) -> Path | None:
@@ -239,6 +255,7 @@ class Trainer:
             set_rng_state(state["rng"], self.generator)
         self.epoch = int(state["epoch"])
         self.records = list(state["log"])
+        self.rollbacks = list(state.get("rollbacks") or [])
 
     # ------------------------------------------------------------------ loop
     def _on_signal(self, signum, frame) -> None:  # noqa: ARG002
@@ -349,16 +366,49 @@ class Trainer:
         self.epoch = int(snap["epoch"])
         del self.records[self.epoch:]
 
+    def _verified_snapshot(self) -> dict[str, Any] | None:
+        """The in-memory state a good loss vouches for (see :attr:`verified_lag`), if finite."""
+        snaps = self._snapshots
+        if len(snaps) < self.verified_lag:
+            # just after a rollback: the state rolled back to is vouched for (with the lowered rate)
+            return self._rolled_back_to
+        snap = snaps[-self.verified_lag]
+        ok = all(torch.isfinite(v).all() for v in snap["model"].values() if v.is_floating_point())
+        return snap if ok else None
+
+    def _scale_lr(self, factor: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] *= factor
+        if self.scheduler is not None and hasattr(self.scheduler, "base_lrs"):
+            self.scheduler.base_lrs = [b * factor for b in self.scheduler.base_lrs]
+
+    def _roll_back(self, reason: str) -> bool:
+        """Recover from a divergence (see ``max_rollbacks``); False when no recovery is left."""
+        snap = self._verified_snapshot()
+        if len(self.rollbacks) >= self.max_rollbacks or snap is None:
+            return False
+        bad = self.epoch + 1
+        fresh = self.generator.get_state()  # go on with new samples, not the ones that led here
+        self._restore_snapshot(snap)
+        self.generator.set_state(fresh)
+        self._scale_lr(self.rollback_lr_factor)
+        self._snapshots.clear()
+        self._rolled_back_to = self._snapshot()
+        factor = self.rollback_lr_factor ** (len(self.rollbacks) + 1)
+        self.rollbacks.append({"epoch": bad, "back_to": self.epoch, "reason": reason, "lr_factor": factor})
+        if dist.is_main():
+            print(f"\nrollback {len(self.rollbacks)} of {self.max_rollbacks}: epoch {bad} diverged ({reason}); "
+                  f"back to the state after epoch {self.epoch}, learning rate x{factor:g} of the schedule's")
+        return True
+
     def _diverged(self, reason: str, record: dict[str, float]) -> None:
         """Keep the log up to the last good epoch and a verified checkpoint, then raise."""
         bad = self.epoch + 1
         self._write_log()  # every good epoch, whether or not a checkpoint was written since
         where = f"the log up to epoch {self.epoch} is in {self.out_dir / 'log.csv'}" if self.out_dir else ""
-        snaps = self._snapshots
-        finite = len(snaps) >= self.verified_lag and all(
-            torch.isfinite(v).all() for v in snaps[-self.verified_lag]["model"].values() if v.is_floating_point())
-        if self.out_dir is not None and finite:
-            self._restore_snapshot(snaps[-self.verified_lag])
+        snap = self._verified_snapshot()
+        if self.out_dir is not None and snap is not None:
+            self._restore_snapshot(snap)
             self.save()
             where += (f"; {self.last_checkpoint} holds the state after epoch {self.epoch}, the last one a good "
                       f"loss vouches for")
@@ -366,8 +416,9 @@ class Trainer:
             where += f"; last good checkpoint kept at {self.last_checkpoint}"
         self.stop_reason = "diverged"
         shown = {k: round(v, 6) if isinstance(v, float) else v for k, v in record.items()}
-        raise TrainingDiverged(f"training diverged at epoch {bad} ({reason}; {shown}); last good epoch {bad - 1}"
-                               + (f"; {where}" if where else ""))
+        tried = f"; after {len(self.rollbacks)} rollback(s)" if self.rollbacks else ""
+        raise TrainingDiverged(f"training diverged at epoch {bad} ({reason}; {shown}){tried}; last good epoch "
+                               f"{bad - 1}" + (f"; {where}" if where else ""))
 
     # ------------------------------------------------------------------ loop
     def fit(self, epochs: int, max_minutes: float | None = None) -> pd.DataFrame:
@@ -392,6 +443,7 @@ class Trainer:
                    dynamic_ncols=True, leave=False)
         self.stop_reason = "epochs"
         self._snapshots: collections.deque = collections.deque(maxlen=2)
+        self._rolled_back_to: dict[str, Any] | None = None
         try:
             while self.epoch < epochs:
                 reason = self.before_epoch()
@@ -402,10 +454,14 @@ class Trainer:
                 record = self.run_epoch(self.epoch)
                 reason = self.divergence(record)
                 if reason is not None:
+                    if self._roll_back(reason):
+                        continue
                     self._diverged(reason, record)
                 self.epoch += 1
                 record = {"epoch": self.epoch, **record, "lr": self.optimizer.param_groups[0]["lr"],
                           "wall_time": wall0 + time.perf_counter() - start}
+                if self.max_rollbacks:
+                    record["rollbacks"] = len(self.rollbacks)
                 self.records.append(record)
                 if self.scheduler is not None:
                     self.scheduler.step()

@@ -8,6 +8,7 @@ Ising model and prints the variational F/N next to the exact (Kaufman) value. Wr
     python -m models.ising --paper                 # the paper's configuration (L=16, h=512, ...)
     python -m models.ising --L 16 --potential quadratic+mlp --epochs 3000
     python -m models.ising --resume runs/ising/checkpoint.pt
+    python -m models.ising --L 8 --beta 0.30:0.60:16   # a sweep over β (latticeflow.sweep): sweep.csv, sweep.png
     torchrun --nproc_per_node=2 models/ising.py --L 8   # data-parallel over 2 processes
 
 Data parallel (torchrun): ``--batch`` is the global batch; each of the W ranks draws
@@ -25,28 +26,22 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-import warnings
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script (e.g. by torchrun): make the repo importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch
-
 from latticeflow import distributed as dist
-from latticeflow import ising
-from latticeflow.build import build_flow
-from latticeflow.cli import checkpoint_file, positive_float, positive_int, run_cli
+from latticeflow.build import make_trainer
+from latticeflow.cli import add_run_arguments, checkpoint_file, positive_int, run_cli
 from latticeflow.config import ISING_DEFAULT, ISING_PAPER, IsingConfig, add_arguments, conflicts, given
 from latticeflow.runs import RunStart, provenance, write_json
-from latticeflow.train import VariationalTrainer, cosine_schedule
+from latticeflow.sweep import MANIFEST, BetaGrid, beta_or_grid
 
 #: Files a run writes besides checkpoint, log, config and summary (removed by --force with them).
 OUTPUTS = ("convergence.png", "convergence.pdf")
 #: Config keys a resumed run may change; every other explicit flag must agree with the checkpoint.
-RESUME_OVERRIDES = ("epochs",)
-# the largest RK4 step measured to keep the variational bound (README, Results: 0.2 broke it at L=4)
-MAX_SAFE_STEP = 0.1
+RESUME_OVERRIDES = ("epochs", "max_rollbacks")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -57,21 +52,84 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--paper", action="store_true", help="the paper's hyperparameters (appendix C) as the defaults")
     add_arguments(p, IsingConfig, {"model": "model (defaults: the built-in default; --paper: the paper's appendix C)",
                                    "training": "training"})
-    g = p.add_argument_group("run")
-    g.add_argument("--out", default=None, help="output folder [a new runs/ising/<date>-<time>, linked as "
-                                               "runs/ising/latest; with --resume: the checkpoint's folder]")
-    g.add_argument("--resume", type=checkpoint_file, default=None,
-                   help="continue the run of this checkpoint.pt (or run folder)")
-    g.add_argument("--force", action="store_true", help="replace the run already in --out (its files are deleted)")
-    g.add_argument("--max-minutes", type=positive_float, default=None, help="wall-clock budget (exit status 0)")
+    _accept_beta_grids(p)
+    s = p.add_argument_group("sweep (a β grid: --beta 0.30:0.60:16, or 0.3,0.4,critical)")
+    s.add_argument("--warm-epochs", type=positive_int, default=None,
+                   help="epochs of each β after the first, warm-started from the previous β [--epochs / 4]")
+    s.add_argument("--samples", type=positive_int, default=None,
+                   help="flow samples measured per β (free energies, U/N, C/N, ...) [4096]")
+    g = add_run_arguments(p, "ising", resume=_run_to_resume,
+                          resume_help="continue the run of this checkpoint.pt (or run folder, or sweep folder)",
+                          plot_help="skip the convergence figure")
     g.add_argument("--checkpoint-every", type=positive_int, default=100, help="epochs between checkpoints [100]")
-    g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:k [auto]")
-    g.add_argument("--tf32", action="store_true", help="allow TF32 matmuls on GPUs")
-    g.add_argument("--threads", type=positive_int, default=None,
-                   help="torch CPU threads [chosen from the idle CPUs, printed at start]")
-    g.add_argument("--no-plot", action="store_true", help="skip the convergence figure")
-    g.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
+
+
+def _accept_beta_grids(parser: argparse.ArgumentParser) -> None:
+    """``--beta`` (generated from the config) also takes a grid, which makes the run a sweep."""
+    action = next(a for a in parser._actions if a.dest == "beta")
+    action.type = beta_or_grid
+    action.help = action.help.replace(" [", "; or a grid for a sweep: start:stop:n, a comma list, both [", 1)
+
+
+def _run_to_resume(text: str) -> Path:
+    """``--resume``: a checkpoint (or run folder), or a sweep folder (its manifest)."""
+    path = Path(text)
+    if (path / MANIFEST).is_file():
+        return path / MANIFEST
+    if path.name == MANIFEST and path.is_file():
+        return path
+    return checkpoint_file(text)
+
+
+def run_sweep(args: argparse.Namespace) -> dict:
+    """The sweep of ``--beta GRID`` (or ``--resume SWEEP_FOLDER``): :func:`latticeflow.sweep.sweep`.
+
+    Raises:
+        ValueError: a bad value, an occupied folder, a resume with other settings (nothing written).
+    """
+    from latticeflow.runs import default_folder, link_latest
+    from latticeflow.sweep import read_manifest, sweep
+
+    grid = args.beta if isinstance(args.beta, BetaGrid) else None
+    args.beta = None
+    resume = args.resume is not None
+    if resume:
+        manifest = read_manifest(args.resume)
+        if args.paper:
+            raise ValueError("--paper chooses a model, and a resumed sweep keeps its own")
+        base, flags = IsingConfig.from_dict(manifest["config"]), given(args, IsingConfig)
+        new = base.replace(**flags)
+        bad = [f"--{k.replace('_', '-')} {getattr(new, k)} (sweep: {getattr(base, k)})" for k in flags
+               if getattr(new, k) != getattr(base, k)]
+        if bad:
+            raise ValueError(f"{', '.join(bad)}: a resumed sweep keeps its configuration ({args.resume})")
+        config, out = None, args.resume.parent
+        if args.out is not None and Path(args.out).resolve() != out.resolve():
+            raise ValueError(f"a sweep resumes in its own folder {out}, not --out {args.out}")
+    else:
+        config = config_from_args(args)
+        out = Path(args.out) if args.out else default_folder("ising-sweep")
+    device = dist.setup_run(args.device, args.threads, args.tf32, verbose=not args.quiet)
+    if dist.world_size() > 1:
+        raise ValueError("a β sweep runs in one process; start it without torchrun")
+    table = sweep(config, grid, out=out, warm_epochs=args.warm_epochs, samples=args.samples,
+                  max_minutes=args.max_minutes, resume=resume, force=args.force, device=device,
+                  progress=not args.quiet, verbose=True, plot=not args.no_plot,
+                  checkpoint_every=args.checkpoint_every, make_trainer=make_trainer)
+    if args.out is None and not resume:
+        link_latest(out)
+    reason = table.attrs["stop_reason"]
+    written = [str(out / n) for n in ("sweep.csv", "sweep.png") if len(table) and (out / n).is_file()]
+    print(f"{len(table.attrs['finished'])} of {len(table.attrs['betas'])} β measured in {table.attrs['wall_s']:.0f} s"
+          + (f"; wrote {' and '.join(written)}" if written else ""))
+    if reason == "signal":
+        print(f"interrupted by signal {table.attrs['stop_signal']}; resume with: python -m models.ising --resume {out}",
+              file=sys.stderr)
+    elif reason == "time":
+        print(f"stopped by the --max-minutes budget; continue with: python -m models.ising --resume {out}")
+    return {"stop_reason": "epochs" if reason == "finished" else reason, "stop_signal": table.attrs["stop_signal"],
+            "table": table}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -96,29 +154,6 @@ def config_from_args(args: argparse.Namespace, base: dict | IsingConfig | None =
     if problem:
         raise ValueError(problem)
     return base.replace(**flags)
-
-
-def make_trainer(config: IsingConfig | dict, device: torch.device, out_dir: str | None, progress: bool = True,
-                 checkpoint_every: int = 100) -> tuple[VariationalTrainer, object]:
-    """Target, flow, optimiser, schedule and trainer for a config (an IsingConfig or its dict)."""
-    config = config if isinstance(config, IsingConfig) else IsingConfig.from_dict(config)
-    target = ising(config["L"], config["beta"], J=config["J"])
-    if float(config["step_size"]) > MAX_SAFE_STEP:
-        warnings.warn(f"RK4 step {config['step_size']} > {MAX_SAFE_STEP}: the integrated ln p may be too inaccurate "
-                      "for a variational bound, and training exploits that (at L=4, steps of 0.2 gave an F/N "
-                      "2e-2 below the exact value; README, Results)", stacklevel=2)
-    torch.manual_seed(config["seed"])
-    flow = build_flow(config, target.lattice).to(device)
-    # DDP(SampleModule(flow)) under torchrun, so that DDP averages the gradients of the draws
-    model = dist.wrap_sampler(flow, device)
-    opt = torch.optim.Adam(flow.parameters(), lr=config["lr"], weight_decay=config["weight_decay"])
-    sched = cosine_schedule(opt, config["epochs"], warmup=config["warmup"]) if config["schedule"] == "cosine" else None
-    gen = dist.rank_generator(config["seed"], device)  # rank 0: seed itself; rank r: from (seed, r)
-    trainer = VariationalTrainer(model, target, opt, batch_size=config["batch"], scheduler=sched, config=config.to_dict(),
-                                 grad_clip=config.get("grad_clip"),
-                                 out_dir=out_dir, generator=gen, progress=progress, checkpoint_every=checkpoint_every,
-                                 seed=config["seed"], kind="ising")
-    return trainer, target
 
 
 def summarize(log, target, window: int = 50) -> dict:
@@ -146,6 +181,10 @@ def main(argv: list[str] | None = None) -> dict:
         TrainingDiverged: the run diverged (log and a good checkpoint are kept).
     """
     args = build_parser().parse_args(argv)
+    if isinstance(args.beta, BetaGrid) or (args.resume is not None and args.resume.name == MANIFEST):
+        return run_sweep(args)
+    if args.warm_epochs is not None or args.samples is not None:
+        raise ValueError("--warm-epochs and --samples belong to a sweep: give --beta a grid (e.g. 0.3:0.6:8)")
     run = RunStart("ising", out=args.out, resume=args.resume, force=args.force, outputs=OUTPUTS)
     out = run.out
     config = config_from_args(args, run.base)
@@ -169,7 +208,8 @@ def main(argv: list[str] | None = None) -> dict:
         log = trainer.fit(config["epochs"], max_minutes=args.max_minutes)
         wall = time.perf_counter() - t0
         summary = {"epochs": int(log["epoch"].iloc[-1]) if len(log) else 0, "stop_reason": trainer.stop_reason,
-                   "stop_signal": trainer.stop_signal, "wall_s": wall, **summarize(log, target),
+                   "stop_signal": trainer.stop_signal, "wall_s": wall, "rollbacks": trainer.rollbacks,
+                   **summarize(log, target),
                    "provenance": provenance(device)}
         if dist.is_main():
             print(f"F/N (mean of epochs {summary['window']['epochs'][0]}-{summary['window']['epochs'][1]}) = "

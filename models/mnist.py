@@ -45,7 +45,7 @@ if __package__ in (None, ""):  # run as a script (e.g. by torchrun): make the re
 import torch  # noqa: E402
 
 from latticeflow import distributed as dist  # noqa: E402
-from latticeflow.cli import checkpoint_file, positive_float, positive_int, run_cli  # noqa: E402
+from latticeflow.cli import add_run_arguments, positive_int, run_cli  # noqa: E402
 from latticeflow.config import add_arguments, given  # noqa: E402
 from latticeflow.mnist import (  # noqa: E402
     MNIST_PAPER,
@@ -85,20 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
                                          help="the old name of --conv-layers")
     groups[titles["data"]].add_argument("--data-dir", default=None,
                                         help="folder with the IDX files [data/, then ../shared/data/mnist]")
-    g = p.add_argument_group("run")
-    g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:k [auto]")
-    g.add_argument("--tf32", action="store_true", help="allow TF32 matmuls on GPUs")
-    g.add_argument("--threads", type=positive_int, default=None,
-                   help="torch CPU threads [chosen from the idle CPUs, printed at start]")
-    g.add_argument("--out", default=None, help="output folder [a new runs/mnist/<date>-<time>, linked as runs/mnist/latest; "
-                                               "with --resume: the checkpoint's folder]")
-    g.add_argument("--resume", type=checkpoint_file, default=None,
-                   help="continue the run of this checkpoint.pt (or run folder)")
-    g.add_argument("--force", action="store_true", help="replace the run already in --out (its files are deleted)")
-    g.add_argument("--max-minutes", type=positive_float, default=None, help="wall-clock budget (ends the epoch in progress)")
+    g = add_run_arguments(p, "mnist", budget_help="wall-clock budget (ends the epoch in progress)")
     g.add_argument("--n-samples", type=positive_int, default=100, help="generated images in the samples figure [100]")
-    g.add_argument("--no-plot", action="store_true", help="skip the figures")
-    g.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
 

@@ -28,7 +28,6 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Callable
 
-import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -44,6 +43,7 @@ import models.mnist as mm
 from analysis.report import ReportSettings
 from latticeflow.mixture import SymmetricMixture
 from latticeflow.potentials import ConvPotential, MLPPotential, Symmetrized
+from mnist_helpers import write_mnist
 
 # =============================================================================================
 # 0. Shared helpers
@@ -193,6 +193,7 @@ ISING_CASES = table(
     Case("--warmup", ("--warmup", "2"), {"warmup": 2}, _lr_factor(0), 0.5),
     Case("--schedule", ("--schedule", "constant"), {"schedule": "constant"}, lambda b: b.trainer.scheduler is None, True),
     Case("--grad-clip", ("--grad-clip", "0.5"), {"grad_clip": 0.5}, lambda b: b.trainer.grad_clip, 0.5),
+    Case("--max-rollbacks", ("--max-rollbacks", "2"), {"max_rollbacks": 2}, lambda b: b.trainer.max_rollbacks, 2),
     Case("--seed", ("--seed", "3"), {"seed": 3},
          lambda b: (b.trainer.seed, b.trainer.generator.initial_seed()), (3, 3)),
     Case("--seed", ("--seed", "4"), {"seed": 4}, lambda b: b.mlp.weight.flatten()[:4].tolist(), CHANGED),
@@ -230,6 +231,20 @@ def test_ising_checkpoint_every(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     assert saved == [2, 3]
 
 
+@covers("ising", "--warm-epochs", "--samples")
+def test_ising_sweep_flags(tmp_path: Path) -> None:
+    # a β grid makes the run a sweep (latticeflow.sweep; more in tests/test_sweep.py)
+    def sweep(out: Path, *extra: str) -> tuple[list[int], set[int]]:
+        mi.main(ISING.argv(out, "--epochs", "4", "--beta", "0.3,0.4", *extra))
+        logs = [len(pd.read_csv(out / d / "log.csv")) for d in ("b00_0.300000", "b01_0.400000")]
+        return logs, set(pd.read_csv(out / "sweep.csv")["n_samples"])
+
+    assert sweep(tmp_path / "control") == ([4, 1], {4096})  # defaults: --epochs / 4, 4096 samples
+    assert sweep(tmp_path / "run", "--warm-epochs", "2", "--samples", "16") == ([4, 2], {16})
+    assert exit_status(mi.cli, ISING.argv(tmp_path / "single", "--samples", "16")) == 2  # a sweep's flag, one β
+    assert not (tmp_path / "single").exists()
+
+
 # =============================================================================================
 # 2. python -m models.mnist: config and data flags → config, data sets, model, trainer
 # =============================================================================================
@@ -237,28 +252,7 @@ def test_ising_checkpoint_every(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
 N_TRAIN, N_TEST, N_VALIDATION = 200, 50, 50
 
 
-def _idx(array: np.ndarray, magic: int) -> bytes:
-    array = np.asarray(array, dtype=np.uint8)
-    return magic.to_bytes(4, "big") + b"".join(int(n).to_bytes(4, "big") for n in array.shape) + array.tobytes()
-
-
-def _blobs(rng: np.random.Generator, n: int) -> np.ndarray:
-    """Dark 8x8 images with one bright 3x3 square (as tests/test_mnist_model.py)."""
-    x = np.zeros((n, 8, 8), dtype=np.uint8)
-    for i in range(n):
-        r, c = rng.integers(0, 6, size=2)
-        x[i, r : r + 3, c : c + 3] = rng.integers(120, 256)
-    return x
-
-
-def _write_mnist(d: Path, n_train: int, n_test: int, seed: int) -> Path:
-    d.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    (d / "train-images-idx3-ubyte").write_bytes(_idx(_blobs(rng, n_train), 0x803))
-    (d / "train-labels-idx1-ubyte").write_bytes(_idx(rng.integers(0, 10, n_train), 0x801))
-    (d / "t10k-images-idx3-ubyte").write_bytes(_idx(_blobs(rng, n_test), 0x803))
-    (d / "t10k-labels-idx1-ubyte").write_bytes(_idx(rng.integers(0, 10, n_test), 0x801))
-    return d
+_write_mnist = write_mnist  # tiny 8x8 IDX files (tests/mnist_helpers.py)
 
 
 @pytest.fixture(scope="module")

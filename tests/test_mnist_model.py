@@ -20,34 +20,15 @@ import models.mnist as mm
 from latticeflow.checkpoint import load_checkpoint, save_checkpoint
 from latticeflow.flow import Flow, standard_normal_log_prob
 from latticeflow.mnist import AffineFlow, DensityTrainer, MNISTConfig
+from mnist_helpers import write_mnist
 
 D = 64  # 8x8 images
 N_TRAIN, N_TEST, N_VALIDATION = 200, 50, 50
 
 
-def _idx(array: np.ndarray, magic: int) -> bytes:
-    array = np.asarray(array, dtype=np.uint8)
-    return magic.to_bytes(4, "big") + b"".join(int(n).to_bytes(4, "big") for n in array.shape) + array.tobytes()
-
-
-def _blobs(rng: np.random.Generator, n: int) -> np.ndarray:
-    """Dark 8x8 images with one bright 3x3 square: structured enough to learn something."""
-    x = np.zeros((n, 8, 8), dtype=np.uint8)
-    for i in range(n):
-        r, c = rng.integers(0, 6, size=2)
-        x[i, r : r + 3, c : c + 3] = rng.integers(120, 256)
-    return x
-
-
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    d = tmp_path_factory.mktemp("mnist_tiny")
-    rng = np.random.default_rng(7)
-    (d / "train-images-idx3-ubyte").write_bytes(_idx(_blobs(rng, N_TRAIN), 0x803))
-    (d / "train-labels-idx1-ubyte").write_bytes(_idx(rng.integers(0, 10, N_TRAIN), 0x801))
-    (d / "t10k-images-idx3-ubyte").write_bytes(_idx(_blobs(rng, N_TEST), 0x803))
-    (d / "t10k-labels-idx1-ubyte").write_bytes(_idx(rng.integers(0, 10, N_TEST), 0x801))
-    return d
+    return write_mnist(tmp_path_factory.mktemp("mnist_tiny"), N_TRAIN, N_TEST, seed=7)
 
 
 def _argv(data_dir: Path, out: Path, *extra: str) -> list[str]:

@@ -19,8 +19,8 @@ def test_entry_point_is_a_driver_cli(name):
     assert callable(getattr(importlib.import_module(module), func))
 
 
-def test_entry_points_name_the_three_drivers():
-    assert set(SCRIPTS) == {"latticeflow-ising", "latticeflow-mnist", "latticeflow-report"}
+def test_entry_points_name_the_drivers():
+    assert set(SCRIPTS) == {"latticeflow-ising", "latticeflow-mnist", "latticeflow-report", "latticeflow-phi4"}
 
 
 def test_an_entry_point_runs_outside_the_repository(tmp_path):

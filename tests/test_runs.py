@@ -236,7 +236,7 @@ def test_divergence_exits_1_and_keeps_a_good_checkpoint(tmp_path, capsys):
     # regression: --lr 10 drove F/N to 2e20 and ended with exit code 0 and the diverged weights saved
     out = tmp_path / "run"
     status = mi.cli(["--L", "4", "--hidden", "16", "--potential", "quadratic+mlp", "--lr", "10", "--epochs", "300",
-                     "--out", str(out), "--quiet", "--no-plot", "--threads", "1"])
+                     "--out", str(out), "--quiet", "--no-plot", "--threads", "1", "--max-rollbacks", "0"])
     err = capsys.readouterr().err
     assert status == 1 and "training diverged at epoch" in err
     bad = int(err.split("diverged at epoch ")[1].split()[0])
@@ -245,6 +245,23 @@ def test_divergence_exits_1_and_keeps_a_good_checkpoint(tmp_path, capsys):
     state = load_checkpoint(out / "checkpoint.pt")
     assert all(torch.isfinite(v).all() for v in state["model"].values())
     assert not (out / "summary.json").exists() and not (out / LOCK_NAME).exists()
+
+
+def test_lr_10_is_rolled_back_instead_of_ruining_the_run(tmp_path, capsys):
+    # the same --lr 10 run with the default recovery: every rollback printed and logged; it either
+    # recovers (exit 0, finite F/N, rollbacks in summary.json) or stops as diverged after the last one
+    out = tmp_path / "run"
+    status = mi.cli(["--L", "4", "--hidden", "16", "--potential", "quadratic+mlp", "--lr", "10", "--epochs", "150",
+                     "--out", str(out), "--quiet", "--no-plot", "--threads", "1"])
+    text = capsys.readouterr()
+    assert "rollback 1 of 5" in text.out
+    log = pd.read_csv(out / "log.csv")
+    assert log["free_energy_hs"].abs().max() < 10 and log["rollbacks"].iloc[-1] >= 1
+    if status == 0:
+        s = json.loads((out / "summary.json").read_text())
+        assert len(s["rollbacks"]) == log["rollbacks"].iloc[-1] and s["epochs"] == 150
+    else:
+        assert status == 1 and "after 5 rollback(s)" in text.err
 
 
 def test_budget_stop_says_so_and_exits_0(tmp_path, capsys):

@@ -115,6 +115,55 @@ def test_finite_blow_up_is_divergence(tmp_path, after, factor, rule):
     assert len(tr.records) <= after and pd.read_csv(tmp_path / "log.csv")["loss"].max() < 100
 
 
+class OneBadEpochTarget(GaussianTarget):
+    """The energy is multiplied by 1e6 on call ``at`` only: a transient blow-up."""
+
+    def __init__(self, n, at):
+        super().__init__(n)
+        self.at = at
+
+    def energy(self, x):
+        e = super().energy(x)
+        return e * 1e6 if self.calls == self.at else e
+
+
+def test_a_transient_blow_up_is_rolled_back_and_training_goes_on(tmp_path, capsys):
+    # regression (L=32 at the L=16 recipe): F/N jumped to 8e6, nothing stopped it, the diverged weights were saved
+    tr = _trainer(tmp_path, target=OneBadEpochTarget(3, at=30), epochs=60, max_rollbacks=2)
+    lr_before = None
+    log = tr.fit(60)
+    assert tr.stop_reason == "epochs" and len(log) == 60 and log["epoch"].tolist() == list(range(1, 61))
+    assert len(tr.rollbacks) == 1
+    rb = tr.rollbacks[0]
+    # epoch 30 blew up: back to the state after epoch 28, whose step produced epoch 29's good loss
+    assert rb["epoch"] == 30 and rb["back_to"] == 28 and rb["lr_factor"] == 0.5 and "jumped" in rb["reason"]
+    assert log["loss"].max() < 100 and log["rollbacks"].iloc[-1] == 1 and log["rollbacks"].iloc[27] == 0
+    assert "rollback 1 of 2: epoch 30 diverged" in capsys.readouterr().out
+    # the learning rate is halved from there on: the same schedule step gives half the rate
+    ref = _trainer(tmp_path / "ref", epochs=60)
+    ref_log = ref.fit(60)
+    assert log["lr"].iloc[40] == pytest.approx(0.5 * ref_log["lr"].iloc[40], rel=1e-12)
+    assert lr_before is None
+    state = load_checkpoint(tmp_path / "checkpoint.pt")
+    assert state["rollbacks"] == tr.rollbacks
+
+
+def test_recovery_that_keeps_failing_stops_with_a_clear_message(tmp_path):
+    tr = _trainer(tmp_path, target=BlowUpTarget(3, 30, 1e6), epochs=100, max_rollbacks=3)
+    with pytest.raises(TrainingDiverged, match=r"after 3 rollback\(s\)"):
+        tr.fit(100)
+    assert len(tr.rollbacks) == 3 and tr.stop_reason == "diverged"
+    assert all(torch.isfinite(v).all() for v in load_checkpoint(tmp_path / "checkpoint.pt")["model"].values())
+
+
+@pytest.mark.parametrize("bad", [{"max_rollbacks": -1}, {"max_rollbacks": 1.5}, {"rollback_lr_factor": 1.0},
+                                 {"rollback_lr_factor": 0.0}])
+def test_rollback_settings_are_checked(bad):
+    flow = DiagonalGaussian(3)
+    with pytest.raises(ValueError, match=next(iter(bad))):
+        VariationalTrainer(flow, GaussianTarget(3), torch.optim.Adam(flow.parameters()), **bad)
+
+
 def test_ordinary_training_is_not_divergence(tmp_path):
     # noisy but healthy: 400 epochs at a high learning rate, never flagged
     tr = _trainer(tmp_path, epochs=400)

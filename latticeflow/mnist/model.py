@@ -32,7 +32,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-from ..flow import MongeAmpereFlow
+from ..flow import MongeAmpereFlow, WrappedFlow
 from ..potentials import ConvPotential, MLPPotential, Potential
 from .baseline import Whitening, fit_whitening
 from .config import MNISTConfig, as_config
@@ -77,7 +77,7 @@ def build_flow(config: MNISTConfig | dict[str, Any], dim: int,
     return flow.to(cfg.torch_dtype)
 
 
-class AffineFlow(nn.Module):
+class AffineFlow(WrappedFlow):
     """A flow behind a fixed affine map: ln p(y) = ln p_flow(y') + ln|det Σ^{-1/2}|, y' = Σ^{-1/2}(y − μ).
 
     The map is exactly invertible (y = Σ^{1/2} y' + μ) and has no parameters: μ, Σ^{-1/2},
@@ -105,8 +105,7 @@ class AffineFlow(nn.Module):
     log_det: Tensor
 
     def __init__(self, flow: nn.Module, whitening: Whitening | None = None) -> None:
-        super().__init__()
-        self.flow = flow
+        super().__init__(flow)  # dim, n_steps, dtype, device, noise: the inner flow's (WrappedFlow)
         D = flow.dim
         if whitening is None:
             eye = torch.eye(D, dtype=torch.float64)
@@ -120,37 +119,7 @@ class AffineFlow(nn.Module):
                                  f"got {tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__}")
             self.register_buffer(name, value.detach().to(device=flow.device, dtype=flow.dtype).clone())
 
-    # ------------------------------------------------------------------ the flow interface
-    @property
-    def dim(self) -> int:
-        """D."""
-        return self.flow.dim
-
-    @property
-    def n_steps(self) -> int:
-        """Integration steps of the inner flow (the affine map takes none)."""
-        return self.flow.n_steps
-
-    @property
-    def stochastic(self) -> bool:
-        """Whether the inner flow draws per-step noise tokens."""
-        return self.flow.stochastic
-
-    @property
-    def dtype(self) -> torch.dtype:
-        """The inner flow's dtype (the buffers follow it)."""
-        return self.flow.dtype
-
-    @property
-    def device(self) -> torch.device:
-        """The inner flow's device."""
-        return self.flow.device
-
-    def draw_noise(self, batch: int, generator: torch.Generator | None = None,
-                   noise: Sequence[Any] | None = None) -> list[Any] | None:
-        """The inner flow's per-step noise tokens (the affine map draws none)."""
-        return self.flow.draw_noise(batch, generator, noise)
-
+    # ------------------------------------------------------------------ the affine map
     def whiten(self, y: Tensor) -> Tensor:
         """y' = Σ^{-1/2}(y − μ) for points y of shape (B, D) (row vectors; Σ^{-1/2} is symmetric)."""
         return (y - self.mean) @ self.inv_sqrt

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .._checks import check_size
 from . import files
 from .config import MNISTConfig, as_config
 from .files import MNISTFormatError, load_mnist
@@ -73,9 +74,7 @@ PAPER_TEST_NLL: dict[str, tuple[float, float]] = {
 
 
 def _check_int(name: str, value: object, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {name}={value!r}")
-    return int(value)
+    return check_size(name, value, minimum=minimum)
 
 
 def _check_lam(lam: object) -> float:

@@ -1,0 +1,215 @@
+"""Thermodynamics across temperatures: per-β estimates from a trained flow, exact curves, the figure.
+
+Notation as in :mod:`analysis.observables`: β the inverse temperature, N = L² sites, H(s) =
+−J Σ_bonds s_i s_j, m = Σ s_i / N. For one β and a flow q trained against the HS target,
+:func:`estimate_rows` draws B i.i.d. samples x ∼ q and reports, per site:
+
+* F/N: the variational F_q = ⟨ln q + E⟩ (paper eq. 7, an upper bound) and the importance-
+  weighted F_IS = −ln⟨w⟩, ln w = −E − ln q (jackknife error), in both normalisations (−ln Z_HS/N,
+  the loss, and −ln Z_Ising/N = the HS value + (ln Z_HS − ln Z_Ising)/N); the Kish ESS of w;
+* U/N = ⟨H⟩/N, C/N = β² (⟨H²⟩ − ⟨H⟩²)/N, ⟨|m|⟩, ⟨m²⟩, Binder U₄ = 1 − ⟨m⁴⟩/(3⟨m²⟩²),
+  χ = βN(⟨m²⟩ − ⟨|m|⟩²): self-normalised importance averages Σ w O / Σ w of the improved
+  (Rao-Blackwellised) conditional moments E[O(s) | x] of the spins s ∼ p(s | x) (they average
+  to the Ising Boltzmann averages, since the HS joint density's marginal in s is Boltzmann);
+
+next to the exact values of the same finite periodic lattice (Kaufman: F/N, U/N, C/N;
+enumeration for N ≤ 16: the magnetisation moments) and Onsager's infinite-lattice F/N and U/N.
+:func:`plot_sweep` draws F/N, U/N and C/N against β with the dense exact curves and a residual
+panel in units of σ.
+
+Reference: Zhang, E & Wang, "Monge-Ampère Flow for Generative Modeling", arXiv:1809.10188
+(section 4.2 and appendix B); B. Kaufman, Phys. Rev. 76, 1232 (1949); L. Onsager, Phys. Rev.
+65, 117 (1944).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import torch  # noqa: E402
+
+from latticeflow import exact  # noqa: E402
+from latticeflow.ising import IsingHS, critical  # noqa: E402
+
+from .free_energy import Estimate  # noqa: E402
+from .latent import flow_estimates  # noqa: E402
+
+__all__ = ["COLUMNS", "QUANTITIES", "estimate_rows", "exact_curves", "plot_sweep"]
+
+#: Columns of the tidy table (``sweep.csv``): one row per (β, quantity, method).
+COLUMNS = ("beta", "beta_name", "L", "quantity", "normalisation", "method", "value", "stderr", "exact",
+           "deviation_sigma", "onsager", "ess", "n_samples", "epochs", "warm_start_from", "train_s", "measure_s")
+#: quantity → (label, observable key of :func:`analysis.observables.measure`)
+QUANTITIES = {"energy": "U/N", "specific_heat": "C/N", "abs_m": "⟨|m|⟩", "m2": "⟨m²⟩", "binder": "Binder U₄",
+              "susceptibility": "χ = βN(⟨m²⟩ − ⟨|m|⟩²)", "susceptibility_m2": "χ₀ = βN⟨m²⟩"}
+
+
+def _row(quantity: str, normalisation: str, method: str, est: Estimate | float, exact_value: float | None,
+         onsager: float | None = None) -> dict[str, Any]:
+    value, err = (est.value, est.stderr) if isinstance(est, Estimate) else (float(est), math.nan)
+    ex = math.nan if exact_value is None else float(exact_value)
+    dev = math.nan
+    if math.isfinite(ex) and math.isfinite(err):
+        dev = Estimate(value, err).deviation(ex)
+    return {"quantity": quantity, "normalisation": normalisation, "method": method, "value": value, "stderr": err,
+            "exact": ex, "deviation_sigma": dev, "onsager": math.nan if onsager is None else float(onsager)}
+
+
+def estimate_rows(flow: torch.nn.Module, target: IsingHS, n_samples: int = 4096, batch: int = 512,
+                  generator: torch.Generator | None = None, dtype: torch.dtype = torch.float64) -> list[dict[str, Any]]:
+    """The tidy rows of one β: free energies, ESS and reweighted observables against exact values.
+
+    The flow is measured in ``dtype`` (a float64 copy by default, as ``python -m analysis`` does:
+    the estimates are exact for the converted flow, which differs from the trained one by rounding).
+
+    Args:
+        flow: the trained flow (left unchanged).
+        target: its HS target on a periodic L×L lattice, with beta and J.
+        n_samples: B >= 2 i.i.d. flow samples.
+        batch: samples per flow call.
+        generator: torch.Generator of the samples.
+        dtype: precision of the measurement.
+
+    Returns:
+        rows with the keys ``quantity``, ``normalisation`` ("hs", "ising" or "" for observables),
+        ``method`` ("variational", "importance", "reweighted", "flow"), ``value``, ``stderr``,
+        ``exact`` (NaN where unknown), ``deviation_sigma`` = (value − exact)/stderr, ``onsager``
+        (the infinite lattice, NaN where not applicable) and ``ess``, ``n_samples``, ``measure_s``.
+    """
+    model = copy.deepcopy(flow).to(dtype).eval()
+    fe = flow_estimates(model, target, n_samples=n_samples, batch=batch, generator=generator, n_spin_images=0)
+    ref = fe.exact
+    beta, J = float(target.beta), float(target.J)
+    f_inf = -exact.onsager_log_z(beta, J)
+    u_inf = exact.onsager_internal_energy(beta, J)
+    rows = [
+        _row("free_energy", "hs", "variational", fe.free_energy_variational, ref.get("free_energy_hs")),
+        _row("free_energy", "hs", "importance", fe.free_energy_importance, ref.get("free_energy_hs")),
+        _row("free_energy", "ising", "variational", fe.free_energy_variational_ising, ref.get("free_energy_ising"), f_inf),
+        _row("free_energy", "ising", "importance", fe.free_energy_importance_ising, ref.get("free_energy_ising"), f_inf),
+    ]
+    for key in QUANTITIES:
+        onsager = u_inf if key == "energy" else None
+        rows.append(_row(key, "", "reweighted", fe.observables_reweighted[key], ref.get(key), onsager))
+        rows.append(_row(key, "", "flow", fe.observables[key], ref.get(key), onsager))
+    for r in rows:
+        r.update(ess=fe.ess, n_samples=fe.n_samples, measure_s=fe.seconds)
+    return rows
+
+
+# ---------------------------------------------------------------------- exact curves
+def exact_curves(L: int, betas: np.ndarray, J: float = 1.0) -> pd.DataFrame:
+    """Kaufman's finite-L F/N (Ising normalisation), U/N and C/N, and Onsager's F/N, U/N, C/N on ``betas``.
+
+    Onsager's C/N = −β² dU/dβ is a centred finite difference of his U/N (it diverges
+    logarithmically at β_c, where the curve is drawn as it comes).
+
+    Args:
+        L: linear size of the periodic lattice.
+        betas: inverse temperatures > 0, shape (n,), increasing.
+        J: coupling.
+
+    Returns:
+        columns ``beta``, ``free_energy``, ``energy``, ``specific_heat`` (Kaufman, finite L) and
+        ``onsager_free_energy``, ``onsager_energy``, ``onsager_specific_heat``.
+    """
+    betas = np.asarray(betas, dtype=np.float64)
+    f = [exact.kaufman_free_energy(L, b, J) for b in betas]
+    u = [exact.kaufman_internal_energy(L, b, J) for b in betas]
+    c = [exact.kaufman_specific_heat(L, b, J) for b in betas]
+    h = 1e-5
+    fi = [-exact.onsager_log_z(b, J) for b in betas]
+    ui = [exact.onsager_internal_energy(b, J) for b in betas]
+    ci = [-(b**2) * (exact.onsager_internal_energy(b + h, J) - exact.onsager_internal_energy(b - h, J)) / (2 * h)
+          for b in betas]
+    return pd.DataFrame({"beta": betas, "free_energy": f, "energy": u, "specific_heat": c,
+                         "onsager_free_energy": fi, "onsager_energy": ui, "onsager_specific_heat": ci})
+
+
+# ---------------------------------------------------------------------- the figure
+_PANELS = (("free_energy", "F/N  (−ln Z_Ising/N)"), ("energy", "U/N"), ("specific_heat", "C/N"))
+
+
+def _pick(table: pd.DataFrame, quantity: str, method: str, normalisation: str = "") -> pd.DataFrame:
+    sel = table[(table["quantity"] == quantity) & (table["method"] == method)]
+    if quantity == "free_energy":
+        sel = sel[sel["normalisation"] == (normalisation or "ising")]
+    return sel.sort_values("beta")
+
+
+def plot_sweep(table: pd.DataFrame, path: str | Path, *, L: int, J: float = 1.0, title: str = "",
+               n_dense: int = 200) -> Path:
+    """F/N, U/N and C/N against β: estimates with error bars on the exact finite-L curves, residuals in σ.
+
+    Top row: Kaufman's curves of the same L (thick), Onsager's infinite lattice (thin grey), the
+    importance-weighted F/N and the reweighted U/N, C/N with one-σ error bars, and the variational
+    F/N (open markers, an upper bound). Bottom row: (estimate − exact)/σ with ±1σ and ±2σ bands.
+    Writes ``path`` as PNG and PDF.
+
+    Args:
+        table: tidy rows as written to ``sweep.csv`` (see :data:`COLUMNS`).
+        path: output path (its suffix is replaced by .png and .pdf).
+        L: linear size (for the exact curves).
+        J: coupling.
+        title: figure title.
+        n_dense: points of the exact curves.
+
+    Returns:
+        the PNG path.
+    """
+    if len(table) == 0:
+        raise ValueError("plot_sweep needs at least one β in the table, got an empty table")
+    betas = np.sort(table["beta"].unique())
+    span = max(betas[-1] - betas[0], 0.1)
+    lo, hi = max(betas[0] - 0.05 * span, 1e-3), betas[-1] + 0.05 * span
+    dense = exact_curves(L, np.linspace(lo, hi, n_dense), J)
+    fig, axes = plt.subplots(2, 3, figsize=(12, 5.6), sharex=True, gridspec_kw={"height_ratios": [3, 1.2]})
+    for k, (q, label) in enumerate(_PANELS):
+        ax, res = axes[0, k], axes[1, k]
+        ax.plot(dense["beta"], dense[f"onsager_{q}"], color="0.55", lw=0.8, label="Onsager, L = ∞")
+        ax.plot(dense["beta"], dense[q], color="k", lw=1.6, label=f"Kaufman, L = {L}")
+        method = "importance" if q == "free_energy" else "reweighted"
+        est = _pick(table, q, method)
+        ax.errorbar(est["beta"], est["value"], yerr=est["stderr"], fmt="o", ms=4, color="C3", capsize=2,
+                    label="flow, importance-weighted" if q == "free_energy" else "flow, reweighted")
+        if q == "free_energy":
+            var = _pick(table, q, "variational")
+            ax.errorbar(var["beta"], var["value"], yerr=var["stderr"], fmt="o", ms=5, mfc="none", color="C0",
+                        capsize=2, label="flow, variational (bound)")
+        if q == "specific_heat":
+            finite = dense["specific_heat"].to_numpy()
+            top = max(np.nanmax(finite), np.nanmax(est["value"] + est["stderr"]) if len(est) else 0.0)
+            ax.set_ylim(0.0, 1.3 * top)  # Onsager's log divergence would flatten the finite-L curve
+        ax.axvline(critical / J, color="0.8", lw=0.8, ls=":")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.25)
+        sigma = est["deviation_sigma"].to_numpy(dtype=float)
+        res.axhspan(-2, 2, color="0.93")
+        res.axhspan(-1, 1, color="0.85")
+        res.axhline(0.0, color="k", lw=0.8)
+        res.plot(est["beta"], sigma, "o", ms=4, color="C3")
+        finite_sigma = sigma[np.isfinite(sigma)]
+        bound = max(3.0, 1.15 * float(np.abs(finite_sigma).max())) if finite_sigma.size else 3.0
+        res.set_ylim(-bound, bound)
+        res.set_ylabel("(est − exact)/σ")
+        res.set_xlabel("β")
+        res.grid(alpha=0.25)
+    axes[0, 0].legend(fontsize=7, loc="best")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path.with_suffix(".png"), dpi=150, bbox_inches="tight")
+    fig.savefig(path.with_suffix(".pdf"), bbox_inches="tight")
+    plt.close(fig)
+    return path.with_suffix(".png")

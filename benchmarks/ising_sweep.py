@@ -1,0 +1,70 @@
+"""Thermodynamic curves across β in one run: wall time and the error per β against Kaufman.
+
+Runs ``python -m models.ising --beta GRID`` (a warm-started sweep, :mod:`latticeflow.sweep`) and
+prints, per β: epochs, training seconds, the variational and importance-weighted F/N minus the
+exact finite-L value (Ising normalisation), the reweighted U/N and C/N minus exact, each also in
+units of its standard error, and the ESS. Extra flags go to the driver.
+
+    python benchmarks/ising_sweep.py                                   # L=8, 0.3 0.4 β_c 0.5 0.6, ~10 min on 1 core
+    python benchmarks/ising_sweep.py --out runs/sweep_l8 -- --epochs 600 --warm-epochs 200
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import pandas as pd  # noqa: E402
+
+from models import ising as driver  # noqa: E402
+
+DEFAULT_FLAGS = ["--L", "8", "--beta", "0.3,0.4,critical,0.5,0.6", "--epochs", "300", "--warm-epochs", "100"]
+
+
+def per_beta(table: pd.DataFrame) -> pd.DataFrame:
+    """One row per β: errors against the exact finite-L values, in absolute terms and in σ."""
+    rows = []
+    for beta, g in table.groupby("beta"):
+        def pick(q: str, method: str, norm: str = "") -> pd.Series:
+            sel = g[(g["quantity"] == q) & (g["method"] == method)]
+            if norm:
+                sel = sel[sel["normalisation"] == norm]
+            return sel.iloc[0]
+
+        fv, fi = pick("free_energy", "variational", "ising"), pick("free_energy", "importance", "ising")
+        u, c = pick("energy", "reweighted"), pick("specific_heat", "reweighted")
+        rows.append({"beta": beta, "epochs": int(fv["epochs"]), "train_s": float(fv["train_s"]),
+                     "measure_s": float(fv["measure_s"]), "ess": float(fv["ess"]),
+                     "F_var-exact": fv["value"] - fv["exact"], "F_IS-exact": fi["value"] - fi["exact"],
+                     "F_IS_sigma": fi["deviation_sigma"], "U-exact": u["value"] - u["exact"],
+                     "U_sigma": u["deviation_sigma"], "C-exact": c["value"] - c["exact"], "C_sigma": c["deviation_sigma"]})
+    return pd.DataFrame(rows)
+
+
+def main(argv: list[str] | None = None) -> pd.DataFrame:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", default="benchmarks/results/ising_sweep/l8", help="sweep folder [%(default)s]")
+    p.add_argument("--threads", default="1", help="torch threads [%(default)s]")
+    p.add_argument("flags", nargs="*", help="more driver flags (after --), e.g. -- --epochs 600")
+    args = p.parse_args(argv)
+    flags = [*DEFAULT_FLAGS, *args.flags, "--out", args.out, "--threads", args.threads, "--quiet"]
+    if Path(args.out, "sweep.json").is_file():
+        flags += ["--force"]
+    print("python -m models.ising " + " ".join(flags), flush=True)
+    t0 = time.perf_counter()
+    summary = driver.main(flags)
+    wall = time.perf_counter() - t0
+    out = per_beta(summary["table"])
+    with pd.option_context("display.width", 200, "display.float_format", "{:.4g}".format):
+        print(out.to_string(index=False))
+    print(f"wall time {wall:.0f} s ({summary['stop_reason']}); figure {Path(args.out) / 'sweep.png'}")
+    out.to_csv(Path(args.out) / "per_beta.csv", index=False)
+    return out
+
+
+if __name__ == "__main__":
+    main()

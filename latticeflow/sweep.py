@@ -1,0 +1,512 @@
+"""Every temperature: one flow per β on a grid, warm-started from its neighbour, against Kaufman.
+
+A sweep trains the Ising flow of one :class:`~latticeflow.config.IsingConfig` at every β of a
+grid (fixed L), from high temperature (small β) down. The first β trains from scratch for
+``config.epochs``; each next β starts from the previous β's trained weights and trains for
+``warm_epochs`` (fewer) with a fresh optimiser and schedule: neighbouring β have similar
+densities, so most of the work is shared. After training, each β is measured from i.i.d. flow
+samples (:func:`analysis.thermo.estimate_rows`: variational and importance-weighted F/N in both
+normalisations, ESS, reweighted U/N, C/N, ⟨|m|⟩, ⟨m²⟩, U₄, χ) next to Kaufman's exact values
+of the same L.
+
+Folder layout (``out``):
+
+    sweep.json                 the manifest: config, grid, warm epochs, samples, β folders
+    sweep.csv                  tidy table, one row per (β, quantity, method) (rewritten after each β)
+    sweep.png / sweep.pdf      F/N, U/N, C/N against β with the exact curves and residuals in σ
+    b00_0.300000/ ...          one ordinary run per β: checkpoint.pt, log.csv, config.json,
+                               summary.json, and estimates.csv once measured (a finished β)
+
+Nothing is lost on interruption: each β is a run with its own checkpoint; resuming (``resume=True``,
+or ``python -m models.ising --resume OUT``) skips the finished β, continues an unfinished one from
+its checkpoint and warm-starts the rest. The ``max_minutes`` budget covers the whole sweep; a
+sweep stopped by it, or by SIGINT/SIGTERM, keeps every finished β.
+
+Left out (issue #13's other options): a β-conditioned potential trained once for all β, and
+annealing one flow through the grid; data-parallel (torchrun) sweeps.
+
+Example:
+    >>> from latticeflow import IsingConfig
+    >>> from latticeflow.sweep import parse_beta_grid, sweep
+    >>> table = sweep(IsingConfig(L=4, potential="quadratic+mlp", epochs=300),
+    ...               parse_beta_grid("0.3:0.5:3,critical"), out="runs/sweep_l4")
+    >>> table[table.quantity == "energy"][["beta", "method", "value", "stderr", "exact"]]
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import signal
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+
+from ._checks import check_size
+from .build import make_trainer
+from .checkpoint import load_checkpoint
+from .config import IsingConfig
+from .exact import CRITICAL_BETA
+from .runs import RunFolder, RunFolderError, provenance, write_json
+from .train import VariationalTrainer
+
+__all__ = ["MANIFEST", "BetaGrid", "beta_folder", "beta_or_grid", "parse_beta_grid", "read_manifest", "sweep"]
+
+#: The sweep's own files in its folder (``--force`` removes them and the β folders the manifest names).
+MANIFEST = "sweep.json"
+SWEEP_FILES = (MANIFEST, "sweep.csv", "sweep.png", "sweep.pdf")
+#: A finished β: its estimates are written last.
+ESTIMATES = "estimates.csv"
+_CRITICAL_NAMES = ("critical", "c", "beta_c")
+#: i.i.d. flow samples measured per β
+DEFAULT_SAMPLES = 4096
+_MAX_POINTS = 1000
+
+
+# ---------------------------------------------------------------------------------------------
+# The grid
+# ---------------------------------------------------------------------------------------------
+
+
+def _grid_number(text: str, where: str) -> float:
+    t = text.strip()
+    if t.lower() in _CRITICAL_NAMES:
+        return CRITICAL_BETA
+    try:
+        value = float(t)
+    except ValueError:
+        raise ValueError(f"β grid {where}: {text.strip()!r} is not a number or 'critical'") from None
+    if not math.isfinite(value):
+        raise ValueError(f"β grid {where}: β must be finite, got {text.strip()!r}")
+    if value <= 0:
+        raise ValueError(f"β grid {where}: β must be > 0, got {text.strip()!r}")
+    return value
+
+
+def parse_beta_grid(spec: str | float | Iterable[float | str]) -> tuple[float, ...]:
+    """The β grid of a sweep, sorted increasing (high temperature first).
+
+    A string holds comma-separated items, each a number > 0, ``critical`` (β_c = ½ ln(1+√2)), or
+    a range ``start:stop:n`` of n evenly spaced points from start to stop inclusive (start and
+    stop may be ``critical``). A sequence of numbers or ``"critical"`` is checked the same way.
+
+    Args:
+        spec: e.g. ``"0.30:0.60:16"``, ``"0.3,0.4,critical,0.5"``, ``"0.3:0.4:3,critical"``,
+            ``[0.3, "critical"]``.
+
+    Returns:
+        the distinct β values, increasing; β_c appears as exactly :data:`latticeflow.critical`.
+
+    Raises:
+        ValueError: an empty grid, an item that does not parse, β ≤ 0 or not finite, a range with
+            n < 1 (or n > 1 points all equal), a duplicated β (naming it), more than 1000 points.
+
+    Example:
+        >>> parse_beta_grid("0.3:0.5:3,critical")
+        (0.3, 0.4, 0.44068679350977147, 0.5)
+    """
+    if isinstance(spec, str):
+        items = [s for s in spec.split(",")]
+        if not spec.strip() or all(not s.strip() for s in items):
+            raise ValueError(f"β grid is empty, got {spec!r}; give e.g. 0.30:0.60:16 or 0.3,0.4,critical")
+        values: list[float] = []
+        for k, item in enumerate(items):
+            where = f"item {k + 1} of {spec!r}"
+            if not item.strip():
+                raise ValueError(f"β grid {where} is empty (a stray comma?)")
+            if ":" in item:
+                parts = item.split(":")
+                if len(parts) != 3:
+                    raise ValueError(f"β grid {where}: a range is start:stop:n, got {item.strip()!r}")
+                start, stop = _grid_number(parts[0], where), _grid_number(parts[1], where)
+                try:
+                    n = int(parts[2])
+                except ValueError:
+                    raise ValueError(f"β grid {where}: the number of points n in start:stop:n must be an "
+                                     f"integer >= 1, got {parts[2].strip()!r}") from None
+                if not 1 <= n <= _MAX_POINTS:
+                    raise ValueError(f"β grid {where}: the number of points n in start:stop:n must be in "
+                                     f"[1, {_MAX_POINTS}], got {n}")
+                # 12 significant digits: 0.4, not 0.39999999999999997 (β_c, an end point, stays exact)
+                values.extend(float(v) if v == CRITICAL_BETA else float(f"{v:.12g}") for v in np.linspace(start, stop, n))
+                if n > 1 and start == stop:
+                    raise ValueError(f"β grid {where}: a range of {n} points from {start:g} to {stop:g} repeats β")
+                if n == 1 and start != stop:
+                    raise ValueError(f"β grid {where}: one point from {start:g} to {stop:g} is ambiguous; "
+                                     f"give the point itself")
+            else:
+                values.append(_grid_number(item, where))
+    else:
+        if isinstance(spec, (int, float)):
+            spec = [spec]
+        values = []
+        for k, v in enumerate(spec):
+            where = f"item {k + 1}"
+            if isinstance(v, str):
+                values.append(_grid_number(v, where))
+            elif isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)):
+                raise ValueError(f"β grid {where}: expected a number or 'critical', got {v!r}")
+            else:
+                values.append(_grid_number(repr(float(v)), where))
+        if not values:
+            raise ValueError("β grid is empty; give at least one β > 0")
+    if len(values) > _MAX_POINTS:
+        raise ValueError(f"β grid has {len(values)} points, more than {_MAX_POINTS}")
+    ordered = sorted(values)
+    for a, b in zip(ordered, ordered[1:]):
+        if math.isclose(a, b, rel_tol=1e-9, abs_tol=0.0):
+            raise ValueError(f"β grid repeats β = {a:.10g}" + (" (critical)" if a == CRITICAL_BETA or b == CRITICAL_BETA else "")
+                             + "; every β may appear once")
+    return tuple(ordered)
+
+
+class BetaGrid(tuple):
+    """A parsed β grid (increasing floats): what ``--beta`` gives for a grid instead of one β."""
+
+
+def beta_or_grid(text: str) -> float | str | BetaGrid:
+    """An argparse ``type`` for ``--beta``: one β exactly as :func:`latticeflow.cli.beta_value` reads
+    it, or, for text with ``,`` or ``:``, a :class:`BetaGrid` (see :func:`parse_beta_grid`)."""
+    import argparse
+
+    from .cli import beta_value
+
+    if "," not in text and ":" not in text:
+        return beta_value(text)
+    try:
+        return BetaGrid(parse_beta_grid(text))
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def beta_folder(index: int, beta: float) -> str:
+    """The folder name of the ``index``-th β of a sweep, e.g. ``b03_0.440687``."""
+    return f"b{index:02d}_{beta:.6f}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Building one β's run
+# ---------------------------------------------------------------------------------------------
+
+#: ``make_trainer(config, device, out_dir, progress=..., checkpoint_every=...) -> (trainer, target)``,
+#: as :func:`models.ising.make_trainer` (the command line passes that one).
+TrainerFactory = Callable[..., tuple[VariationalTrainer, Any]]
+
+
+def _make_trainer(config: IsingConfig, device: torch.device, out_dir: str | None, progress: bool = False,
+                  checkpoint_every: int = 100) -> tuple[VariationalTrainer, Any]:
+    """The library's trainer of one β (:func:`latticeflow.build.make_trainer`)."""
+    return make_trainer(config, device, out_dir, progress=progress, checkpoint_every=checkpoint_every)
+
+
+def _beta_config(config: IsingConfig, beta: float, warm: bool, warm_epochs: int) -> IsingConfig:
+    """The config of one β: β by name when critical; warm starts train ``warm_epochs`` with a short warm-up."""
+    cfg = config.replace(beta="critical" if beta == CRITICAL_BETA else beta, beta_name=None)
+    if warm:
+        cfg = cfg.replace(epochs=warm_epochs, warmup=min(cfg.warmup, warm_epochs // 4))
+    return cfg
+
+
+# ---------------------------------------------------------------------------------------------
+# Stop requests between β
+# ---------------------------------------------------------------------------------------------
+
+
+class _Signals:
+    """SIGINT/SIGTERM noted (not raised) while the sweep runs outside a trainer's fit."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self) -> "_Signals":
+        try:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._note)
+        except ValueError:  # not the main thread
+            pass
+        return self
+
+    def _note(self, signum: int, frame: Any) -> None:  # noqa: ARG002
+        self.signum = signum
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, h in self._old.items():
+            signal.signal(sig, h)
+
+
+# ---------------------------------------------------------------------------------------------
+# The sweep
+# ---------------------------------------------------------------------------------------------
+
+
+def _manifest(config: IsingConfig, betas: Sequence[float], warm_epochs: int, samples: int) -> dict[str, Any]:
+    return {"kind": "ising-sweep", "config": config.to_dict(), "betas": list(betas),
+            "beta_names": ["critical" if b == CRITICAL_BETA else None for b in betas],
+            "warm_epochs": warm_epochs, "samples": samples,
+            "runs": [beta_folder(k, b) for k, b in enumerate(betas)],
+            "order": "increasing β (high temperature first); each β after the first starts from the previous "
+                     "one's weights"}
+
+
+def read_manifest(folder: str | Path) -> dict[str, Any]:
+    """The manifest of the sweep in ``folder``.
+
+    Raises:
+        ValueError: no sweep there, or an unreadable manifest (naming the file).
+    """
+    path = Path(folder)
+    path = path if path.name == MANIFEST else path / MANIFEST
+    if not path.is_file():
+        raise ValueError(f"{path.parent} holds no sweep (no {MANIFEST})")
+    try:
+        m = json.loads(path.read_text())
+        IsingConfig.from_dict(m["config"])
+        parse_beta_grid(m["betas"])
+        if m.get("kind") != "ising-sweep":
+            raise KeyError("kind")
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{path} is not a readable sweep manifest ({type(e).__name__}: {e})") from None
+    return m
+
+
+def _check_resume(manifest: dict[str, Any], config: IsingConfig | None, betas: Sequence[float] | None,
+                  warm_epochs: int | None, samples: int | None, path: Path) -> None:
+    """Refuse a resume whose settings differ from the manifest's (naming each)."""
+    bad = []
+    if config is not None and config.to_dict() != IsingConfig.from_dict(manifest["config"]).to_dict():
+        old = IsingConfig.from_dict(manifest["config"]).to_dict()
+        bad += [f"{k}={v!r} (sweep: {old[k]!r})" for k, v in config.to_dict().items() if old.get(k) != v]
+    if betas is not None and list(betas) != list(manifest["betas"]):
+        bad.append(f"β grid {list(betas)} (sweep: {manifest['betas']})")
+    if warm_epochs is not None and warm_epochs != manifest["warm_epochs"]:
+        bad.append(f"warm_epochs={warm_epochs} (sweep: {manifest['warm_epochs']})")
+    if samples is not None and samples != manifest["samples"]:
+        bad.append(f"samples={samples} (sweep: {manifest['samples']})")
+    if bad:
+        raise ValueError(f"{', '.join(bad)}: a resumed sweep keeps the settings of {path / MANIFEST}")
+
+
+def _default_measure(flow: torch.nn.Module, target: Any, n_samples: int, generator: torch.Generator) -> list[dict]:
+    from analysis.thermo import estimate_rows  # the analysis layer measures; the library only orchestrates
+
+    return estimate_rows(flow, target, n_samples=n_samples, generator=generator)
+
+
+def _collect(folder: Path | None, done: dict[int, pd.DataFrame]) -> pd.DataFrame:
+    frames = [done[k] for k in sorted(done)]
+    if not frames:
+        from analysis.thermo import COLUMNS
+
+        return pd.DataFrame(columns=list(COLUMNS))
+    table = pd.concat(frames, ignore_index=True)
+    if folder is not None:
+        tmp = folder / f"sweep.csv.{id(table)}.tmp"
+        table.to_csv(tmp, index=False)
+        tmp.replace(folder / "sweep.csv")
+    return table
+
+
+def sweep(config: IsingConfig | None, betas: str | Sequence[float | str] | None, *, out: str | Path | None = None,
+          warm_epochs: int | None = None, samples: int | None = None, max_minutes: float | None = None,
+          resume: bool = False, force: bool = False, device: str | torch.device = "cpu", progress: bool = False,
+          verbose: bool = False, plot: bool = True, checkpoint_every: int = 100,
+          make_trainer: TrainerFactory | None = None) -> pd.DataFrame:
+    """Train and measure the flow at every β of a grid (fixed L), warm-starting each β from the last.
+
+    Args:
+        config: the run's configuration (its ``beta`` is ignored; ``epochs`` trains the first β).
+        betas: the grid, as :func:`parse_beta_grid` takes it (a string or a sequence).
+        out: the sweep's folder (see the module docstring); None: nothing is written, no resume.
+        warm_epochs: epochs of each warm-started β (default: a quarter of ``config.epochs``, at least 1).
+        samples: i.i.d. flow samples measured per β, >= 2 (default 4096).
+        max_minutes: wall-clock budget of the whole sweep, counted from the end of set-up (None: none;
+            like a single run, at least one epoch runs). A β cut off by it keeps its checkpoint and
+            is continued on resume; a β whose training ended is still measured.
+        resume: continue the sweep in ``out`` (its manifest's settings; ``config``, ``betas``,
+            ``warm_epochs`` and ``samples`` must be None or agree). Finished β are read back.
+        force: replace a sweep (or run) already in ``out``: the sweep's files and the β folders its
+            manifest names are deleted first.
+        device: torch device.
+        progress: tqdm bars while training.
+        verbose: print one line per β.
+        plot: write ``sweep.png``/``.pdf`` (needs ``out``).
+        checkpoint_every: epochs between checkpoints of each β.
+        make_trainer: how a β's trainer is built (default: as ``models.ising`` builds it, one process).
+
+    Returns:
+        the tidy table of :data:`analysis.thermo.COLUMNS` (one row per β, quantity, method; the β
+        measured so far), with ``attrs``: ``stop_reason`` ("finished", "time", "signal"),
+        ``stop_signal``, ``out`` (the folder or None), ``betas`` (the grid), ``finished`` (β measured),
+        ``wall_s``.
+
+    Raises:
+        ValueError: a bad grid or setting, an occupied ``out`` (nothing written), a resume without a
+            sweep there or with other settings.
+        TrainingDiverged: a β diverged (every finished β is kept, and the β's log and checkpoint).
+    """
+    t0 = time.perf_counter()
+    folder = Path(out) if out is not None else None
+    if resume:
+        if folder is None:
+            raise ValueError("resume needs the sweep's folder (out)")
+        manifest = read_manifest(folder)
+        grid = None if betas is None else parse_beta_grid(betas)
+        _check_resume(manifest, config, grid, warm_epochs, samples, folder)
+        config = IsingConfig.from_dict(manifest["config"])
+        grid = tuple(float(b) for b in manifest["betas"])
+        warm_epochs, samples = int(manifest["warm_epochs"]), int(manifest["samples"])
+    else:
+        if not isinstance(config, IsingConfig):
+            raise TypeError(f"config must be an IsingConfig, got {type(config).__name__}")
+        if betas is None:
+            raise ValueError("a sweep needs a β grid (betas)")
+        grid = parse_beta_grid(betas)
+        warm_epochs = check_size("warm_epochs", warm_epochs) if warm_epochs is not None else max(1, config.epochs // 4)
+        samples = check_size("samples", samples if samples is not None else DEFAULT_SAMPLES, 2)
+        manifest = _manifest(config, grid, warm_epochs, samples)
+    if max_minutes is not None and not (isinstance(max_minutes, (int, float)) and max_minutes > 0):
+        raise ValueError(f"max_minutes must be a number > 0 or None, got max_minutes={max_minutes!r}")
+    device = torch.device(device)
+    make = make_trainer or _make_trainer
+    runs = [folder / name for name in manifest["runs"]] if folder is not None else [None] * len(grid)
+
+    if not resume:  # a config that cannot build its flow fails here, before anything is written
+        make(_beta_config(config, grid[0], False, warm_epochs), device, None, progress=False)
+    root: RunFolder | None = None
+    if folder is not None:
+        old = folder / MANIFEST
+        root = RunFolder(folder, resume=old if resume else None, force=force, outputs=SWEEP_FILES).check()
+        old_runs = []
+        if not resume:
+            if force and old.is_file():
+                try:
+                    old_runs = [folder / n for n in json.loads(old.read_text()).get("runs", [])]
+                except (OSError, ValueError):
+                    old_runs = []
+            # a fresh sweep never continues β folders it did not write (a sweep without its manifest)
+            clash = [r for r in runs if r.is_dir() and any(r.iterdir())]
+            if clash and not force:
+                raise RunFolderError(f"{folder} already holds β runs ({', '.join(r.name for r in clash)}): continue "
+                                     f"a sweep with --resume {folder}, choose another --out, or replace it with --force")
+            old_runs += [r for r in clash if r not in old_runs]
+        root.claim()  # set-up succeeded: only now is anything written
+        for path in old_runs:  # --force: the old sweep's β runs (only the folders its manifest names)
+            if path.is_dir() and path.parent == folder:
+                shutil.rmtree(path)
+        if not resume:
+            write_json(folder / MANIFEST, manifest)
+    done: dict[int, pd.DataFrame] = {}
+    stop_reason, stop_signal = "finished", None
+    deadline = None if max_minutes is None else time.perf_counter() + 60.0 * max_minutes  # after set-up
+    trained = False
+    try:
+        with _Signals() as sigs:
+            prev_state: dict[str, torch.Tensor] | None = None
+            prev_name: str | None = None
+            for k, (beta, run) in enumerate(zip(grid, runs)):
+                name = manifest["runs"][k]
+                if run is not None and (run / ESTIMATES).is_file():  # finished before: read back
+                    done[k] = pd.read_csv(run / ESTIMATES)
+                    prev_name = name
+                    prev_state = None  # loaded lazily from its checkpoint if the next β needs it
+                    continue
+                if sigs.signum is not None:
+                    stop_reason, stop_signal = "signal", sigs.signum
+                    break
+                remaining = None if deadline is None else (deadline - time.perf_counter()) / 60.0
+                if remaining is not None and remaining <= 0:
+                    if trained:
+                        stop_reason = "time"
+                        break
+                    remaining = 1e-9  # like a single run, a sweep trains at least one epoch per invocation
+                warm = k > 0
+                cfg = _beta_config(config, beta, warm, warm_epochs)
+                ckpt = run / "checkpoint.pt" if run is not None else None
+                sub: RunFolder | None = None
+                if run is not None:
+                    # a β folder without a checkpoint holds nothing worth keeping (killed before its first one)
+                    sub = RunFolder(run, resume=ckpt if ckpt.is_file() else None, force=True).claim()
+                try:
+                    trainer, target = make(cfg, device, str(run) if run is not None else None, progress=progress,
+                                           checkpoint_every=checkpoint_every)
+                    if ckpt is not None and ckpt.is_file():
+                        trainer.load(ckpt)
+                        how = f"resumed at epoch {trainer.epoch}"
+                    elif warm:
+                        if prev_state is None:
+                            prev_state = load_checkpoint(runs[k - 1] / "checkpoint.pt", required=("model",))["model"]
+                        trainer.flow.load_state_dict(prev_state)
+                        how = f"warm start from {prev_name}"
+                    else:
+                        how = "from scratch"
+                    if run is not None:
+                        write_json(run / "config.json", {**cfg.to_dict(), "warm_start_from": prev_name if warm else None})
+                    if verbose:
+                        print(f"β = {beta:.6f}{' (critical)' if beta == CRITICAL_BETA else ''} [{k + 1}/{len(grid)}]: "
+                              f"{cfg.epochs} epochs, {how}", flush=True)
+                    log = trainer.fit(cfg.epochs, max_minutes=remaining)
+                    trained = True
+                    train_s = float(log["wall_time"].iloc[-1]) if len(log) else 0.0
+                    if run is not None:
+                        write_json(run / "summary.json", {"beta": beta, "epochs": trainer.epoch,
+                                                          "stop_reason": trainer.stop_reason,
+                                                          "warm_start_from": prev_name if warm else None,
+                                                          "train_s": train_s, "provenance": provenance(device)})
+                    if trainer.stop_reason == "signal":
+                        stop_reason, stop_signal = "signal", trainer.stop_signal
+                        break
+                    if trainer.stop_reason == "time":
+                        stop_reason = "time"
+                        break
+                    where = next(trainer.flow.parameters()).device
+                    gen = torch.Generator(device=where).manual_seed(1_000_003 * (config.seed + 1) + k)
+                    rows = _default_measure(trainer.flow, target, samples, gen)
+                    table = pd.DataFrame(rows)
+                    table.insert(0, "beta", beta)
+                    table.insert(1, "beta_name", "critical" if beta == CRITICAL_BETA else "")
+                    table.insert(2, "L", config.L)
+                    table["epochs"] = trainer.epoch
+                    table["warm_start_from"] = prev_name if warm else ""
+                    table["train_s"] = train_s
+                    if run is not None:
+                        tmp = run / f"{ESTIMATES}.tmp"
+                        table.to_csv(tmp, index=False)
+                        tmp.replace(run / ESTIMATES)  # atomic: a β is finished exactly when this exists
+                    done[k] = table
+                    prev_state = {n: v.detach().clone() for n, v in trainer.flow.state_dict().items()}
+                    prev_name = name
+                    if verbose:
+                        _say(table, beta)
+                    _collect(folder, done)
+                finally:
+                    if sub is not None:
+                        sub.release()
+        table = _collect(folder, done)
+        if folder is not None and plot and len(table):
+            from analysis.thermo import plot_sweep
+
+            plot_sweep(table, folder / "sweep.png", L=config.L, J=config.J,
+                       title=f"Ising L={config.L}: flow (warm-started sweep) against Kaufman")
+    finally:
+        if root is not None:
+            root.release()
+    table.attrs.update(stop_reason=stop_reason, stop_signal=stop_signal, out=str(folder) if folder else None,
+                       finished=[grid[k] for k in sorted(done)], betas=list(grid), wall_s=time.perf_counter() - t0)
+    return table
+
+
+def _say(table: pd.DataFrame, beta: float) -> None:
+    """One line per finished β: F/N (importance), U/N, C/N with errors and deviations in σ."""
+    parts = []
+    for q, label, method, norm in (("free_energy", "F/N", "importance", "ising"), ("energy", "U/N", "reweighted", ""),
+                                   ("specific_heat", "C/N", "reweighted", "")):
+        r = table[(table.quantity == q) & (table.method == method) & (table.normalisation.fillna("") == norm)].iloc[0]
+        parts.append(f"{label} {r.value:.5f}±{r.stderr:.5f} (exact {r.exact:.5f}, {r.deviation_sigma:+.1f}σ)")
+    ess = float(table["ess"].iloc[0])
+    print(f"  β = {beta:.6f}: " + "; ".join(parts) + f"; ESS {ess:.3f}", flush=True)

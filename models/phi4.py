@@ -1,0 +1,236 @@
+"""Variational φ⁴ field theory with a Monge-Ampère flow, and neural MCMC with the trained flow.
+
+Trains a flow by reverse KL (eq. 7 of Zhang, E & Wang, arXiv:1809.10188) against the φ⁴ action
+on the periodic L×L lattice (:mod:`latticeflow.phi4`), prints the variational F/N (against the
+exact value for the free theory, λ = 0), then runs independence Metropolis with the flow as the
+proposal (Albergo, Kanwar & Shanahan, arXiv:1904.12072) and prints its acceptance rate and the
+observables. Writes ``log.csv``, ``checkpoint.pt``, ``config.json``, ``summary.json`` and
+``convergence.png`` to ``--out``.
+
+    python -m models.phi4                                   # L=6, m²=−4, λ=6.975 (the standard point)
+    python -m models.phi4 --L 4 --m2 1 --lam 0              # the free theory: F/N against the exact value
+    python -m models.phi4 --L 8 --kappa 0.2 --lam-tilde 0.5 # the hopping form
+    python -m models.phi4 --resume runs/phi4/latest --epochs 3000
+
+One process (no torchrun). Exit statuses as ``python -m models.ising``: 0 finished (or stopped by
+--max-minutes), 1 diverged, 2 a user error (one ``error:`` line, nothing written), 130/143 after SIGINT/SIGTERM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+import warnings
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make the repo importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch
+
+from latticeflow import distributed as dist
+from latticeflow.build import build_flow
+from latticeflow.cli import checkpoint_file, positive_float, positive_int, run_cli
+from latticeflow.config import add_arguments, conflicts, given
+from latticeflow.phi4 import Phi4, observables
+from latticeflow.phi4_config import PHI4_DEFAULT, Phi4Config
+from latticeflow.runs import RunStart, provenance, write_json
+from latticeflow.train import VariationalTrainer, cosine_schedule
+
+OUTPUTS = ("convergence.png", "convergence.pdf")
+RESUME_OVERRIDES = ("epochs",)
+# the largest RK4 step measured to keep the variational bound (as models.ising; README, Results)
+MAX_SAFE_STEP = 0.1
+SCALARS = ("m", "abs_m", "m2", "chi", "binder", "xi", "action_density")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The flags: :class:`~latticeflow.phi4_config.Phi4Config`'s fields, then the run's."""
+    p = argparse.ArgumentParser(prog="python -m models.phi4", description=__doc__.split("\n\n")[0],
+                                usage="%(prog)s [flags]   (--help lists them)")
+    add_arguments(p, Phi4Config, {"model": "model (target and flow)", "training": "training"})
+    g = p.add_argument_group("run")
+    g.add_argument("--out", default=None, help="output folder [a new runs/phi4/<date>-<time>, linked as "
+                                               "runs/phi4/latest; with --resume: the checkpoint's folder]")
+    g.add_argument("--resume", type=checkpoint_file, default=None, help="continue the run of this checkpoint.pt (or folder)")
+    g.add_argument("--force", action="store_true", help="replace the run already in --out (its files are deleted)")
+    g.add_argument("--max-minutes", type=positive_float, default=None, help="wall-clock budget (exit status 0)")
+    g.add_argument("--checkpoint-every", type=positive_int, default=100, help="epochs between checkpoints [100]")
+    g.add_argument("--mcmc-samples", type=positive_int, default=8192,
+                   help="proposals of the neural MCMC chain after training [8192]")
+    g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:k [auto]")
+    g.add_argument("--tf32", action="store_true", help="allow TF32 matmuls on GPUs")
+    g.add_argument("--threads", type=positive_int, default=None,
+                   help="torch CPU threads [chosen from the idle CPUs, printed at start]")
+    g.add_argument("--no-plot", action="store_true", help="skip the convergence figure")
+    g.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p
+
+
+def config_from_args(args: argparse.Namespace, base: dict | None = None) -> Phi4Config:
+    """The default updated by the explicit flags, or on resume the checkpoint's config (only --epochs may change).
+
+    Raises:
+        ValueError: an invalid value or a conflicting flag on resume.
+    """
+    flags = given(args, Phi4Config)
+    if base is None:
+        return PHI4_DEFAULT.replace(**flags)
+    cfg = Phi4Config.from_dict(base)
+    problem = conflicts(cfg, flags, RESUME_OVERRIDES)
+    if problem:
+        raise ValueError(problem)
+    return cfg.replace(**flags)
+
+
+def make_trainer(config: Phi4Config, device: torch.device, out_dir: str | None, progress: bool = True,
+                 checkpoint_every: int = 100) -> tuple[VariationalTrainer, Phi4]:
+    """Target, flow (built by :func:`~latticeflow.build.build_flow`), Adam, schedule and trainer."""
+    target = config.target()
+    if config.step_size > MAX_SAFE_STEP:
+        warnings.warn(f"RK4 step {config.step_size} > {MAX_SAFE_STEP}: the integrated ln p may be too inaccurate for a "
+                      "variational bound and for the neural MCMC weights (README, Results)", stacklevel=2)
+    torch.manual_seed(config.seed)
+    flow = build_flow(config.flow_config(), target.lattice).to(device)
+    opt = torch.optim.Adam(flow.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    sched = cosine_schedule(opt, config.epochs, warmup=config.warmup) if config.schedule == "cosine" else None
+    gen = dist.rank_generator(config.seed, device)
+    trainer = VariationalTrainer(flow, target, opt, batch_size=config.batch, scheduler=sched, config=config.to_dict(),
+                                 grad_clip=config.grad_clip, out_dir=out_dir, generator=gen, progress=progress,
+                                 checkpoint_every=checkpoint_every, seed=config.seed, kind="phi4")
+    return trainer, target
+
+
+def draw(flow: torch.nn.Module, target: Phi4, n: int, batch: int,
+         generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """n flow samples in batches: x (n, N), ln q (n,), S (n,), float64 on the CPU."""
+    xs, lqs = [], []
+    flow.eval()
+    for start in range(0, n, batch):
+        x, lq = flow.sample(min(batch, n - start), generator=generator)
+        xs.append(x.detach().double().cpu())
+        lqs.append(lq.detach().double().cpu())
+    x, lq = torch.cat(xs), torch.cat(lqs)
+    return x, lq, target.energy(x)
+
+
+def neural_mcmc(flow: torch.nn.Module, target: Phi4, n: int, batch: int,
+                generator: torch.Generator | None = None, seed: int = 0) -> dict:
+    """Independence Metropolis with the flow as proposal: acceptance rate, the chain's observables, and the
+    reweighted (w = e^{−S − ln q}) observables and ln Z estimate of the same proposals.
+
+    Args:
+        generator: drives the flow's samples (on the flow's device); ``seed`` the accept/reject draws (CPU).
+    """
+    from analysis.hmc import independence_metropolis
+
+    x, lq, S = draw(flow, target, n, batch, generator)
+    chain = independence_metropolis(x, lq, -S, generator=torch.Generator().manual_seed(seed))
+    lw = -S - lq
+    log_z = float(torch.logsumexp(lw, 0) - math.log(n))
+    return {"acceptance": chain.acceptance_rate, "n": n,
+            "chain": observables(chain.samples, target), "reweighted": observables(x, target, log_weights=lw),
+            "free_energy_reweighted": -log_z / target.N}
+
+
+def _scalars(obs: dict) -> dict:
+    return {k: obs[k] for k in SCALARS} | {k + "_err": obs[k + "_err"] for k in SCALARS} | {"ess": obs["ess"]}
+
+
+def summarize(log, target: Phi4, window: int = 50) -> dict:
+    """F/N over the last ``window`` epochs in the target's own normalisation, against the exact value (λ = 0)."""
+    last = log.iloc[-min(window, len(log)):]
+    col = next(c for c in last.columns if c.startswith("free_energy"))
+    f = float(last[col].mean())
+    try:
+        exact = target.exact_free_energy()
+    except ValueError:
+        exact = None
+    return {"free_energy": f, "stderr": float(last[col].std() / len(last) ** 0.5) if len(last) > 1 else float("nan"),
+            "exact": exact, "error": None if exact is None else f - exact, "ess": float(last["ess"].mean()),
+            "normalisation": f"per site, -ln Z/N of the {target.form} form",
+            "window": {"epochs": [int(last["epoch"].iloc[0]), int(last["epoch"].iloc[-1])], "n": len(last)}}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Train (or resume) one run, then run neural MCMC; returns the summary.
+
+    Raises:
+        ValueError: a bad value, an occupied output folder, a foreign checkpoint or a conflicting flag
+            (nothing is written then).
+        TrainingDiverged: the run diverged (log and a good checkpoint are kept).
+    """
+    args = build_parser().parse_args(argv)
+    if args.resume is None:
+        config_from_args(args)  # bad values fail before the output folder is even looked at
+    run = RunStart("phi4", out=args.out, resume=args.resume, force=args.force, outputs=OUTPUTS)
+    out = run.out
+    config = config_from_args(args, run.base)
+    run.check_epochs(config.epochs)
+    device = dist.setup_run(args.device, args.threads, args.tf32, verbose=not args.quiet)
+    trainer, target = make_trainer(config, device, str(out), progress=not args.quiet,
+                                   checkpoint_every=args.checkpoint_every)
+    if args.resume:
+        trainer.load(args.resume)
+    summary0 = {"exact": None}
+    try:
+        summary0["exact"] = target.exact_free_energy()
+    except ValueError:
+        pass
+    run.claim()  # set-up succeeded: only now is anything written
+    try:
+        write_json(out / "config.json", config.to_dict())
+        exact = summary0["exact"]
+        print(f"phi4 {target!r} (kappa={target.kappa:.6g}, lam_tilde={target.lam_tilde:.6g}): N={target.N}; "
+              + (f"exact -ln Z/N = {exact:.10f}" if exact is not None else "no exact ln Z (lam > 0)")
+              + f"; potential {config.potential}, {sum(p.numel() for p in trainer.flow.parameters())} parameters"
+              + (f"; resumed at epoch {trainer.epoch}" if args.resume else "") + f"; writing to {out}")
+        t0 = time.perf_counter()
+        log = trainer.fit(config.epochs, max_minutes=args.max_minutes)
+        wall = time.perf_counter() - t0
+        summary = {"epochs": int(log["epoch"].iloc[-1]) if len(log) else 0, "stop_reason": trainer.stop_reason,
+                   "stop_signal": trainer.stop_signal, "wall_s": wall, **summarize(log, target)}
+        err = "" if exact is None else f"; exact {exact:.6f}, error {summary['error']:.2e}"
+        print(f"F/N (mean of epochs {summary['window']['epochs'][0]}-{summary['window']['epochs'][1]}) = "
+              f"{summary['free_energy']:.6f} ± {summary['stderr']:.6f}{err};  ESS = {summary['ess']:.3f}  "
+              f"({summary['epochs']} epochs, {wall:.0f} s)")
+        if exact is not None and summary["error"] < -3 * summary["stderr"]:
+            print("warning: F/N lies below the exact value by more than 3 standard errors: the variational "
+                  "bound is broken (RK4 steps too coarse?); do not use this number", file=sys.stderr)
+        if trainer.stop_reason in (None, "done", "time", "epochs"):
+            gen = torch.Generator(device=device).manual_seed(config.seed + 1)
+            t1 = time.perf_counter()
+            mc = neural_mcmc(trainer.flow, target, args.mcmc_samples, config.batch, gen, seed=config.seed + 2)
+            summary["neural_mcmc"] = {"acceptance": mc["acceptance"], "n": mc["n"], "wall_s": time.perf_counter() - t1,
+                                      "free_energy_reweighted": mc["free_energy_reweighted"],
+                                      "chain": _scalars(mc["chain"]), "reweighted": _scalars(mc["reweighted"])}
+            c, r = mc["chain"], mc["reweighted"]
+            print(f"neural MCMC: acceptance {mc['acceptance']:.3f} over {mc['n']} proposals; reweighted F/N = "
+                  f"{mc['free_energy_reweighted']:.6f} (ESS {r['ess']:.3f})")
+            for k in SCALARS:
+                print(f"  {k:15s} chain {c[k]:.5f} ± {c[k + '_err']:.5f}   reweighted {r[k]:.5f} ± {r[k + '_err']:.5f}")
+        summary["provenance"] = provenance(device)
+        write_json(out / "summary.json", summary)
+        if not args.no_plot:
+            from analysis.plots import plot_convergence
+
+            col = next(c for c in log.columns if c.startswith("free_energy"))
+            plog = log.rename(columns={col: "free_energy_hs"}) if col != "free_energy_hs" else log
+            path = plot_convergence(plog, exact, out / "convergence.png", title=f"phi4 {target!r}",
+                                    exact_label="exact (free theory)")
+            print(f"wrote {path}")
+        run.say_how_it_ended(trainer, args.max_minutes)
+    finally:
+        run.release()
+    return summary
+
+
+def cli(argv: list[str] | None = None) -> int:
+    """:func:`main` for the shell; the exit status as in :mod:`latticeflow.cli`."""
+    return run_cli(main, build_parser(), argv)
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

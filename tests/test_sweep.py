@@ -1,0 +1,227 @@
+"""β sweeps (latticeflow.sweep, analysis.thermo, python -m models.ising --beta GRID).
+
+The physics check is end to end on L=3 (N = 9: 512 states), where brute-force enumeration gives
+every exact value: a small flow trained for a few hundred steps, importance-reweighted, must land
+within 4 standard errors of the enumeration's F/N, U/N, C/N, ⟨|m|⟩ and ⟨m²⟩ at each β, and the
+Kaufman column of the table must equal the enumeration.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+import latticeflow.train as lftrain
+import models.ising as mi
+from latticeflow import IsingConfig, critical, enumerate_ising, ising
+from latticeflow.build import build_flow
+from latticeflow.checkpoint import load_checkpoint
+from latticeflow.sweep import ESTIMATES, MANIFEST, beta_folder, parse_beta_grid, sweep
+
+
+@pytest.fixture(autouse=True)
+def _one_thread(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+
+
+# a tiny flow: these tests are about the sweep's bookkeeping, not accuracy
+TINY = IsingConfig(L=3, potential="mlp", hidden=4, n_steps=2, batch=16, epochs=6, warmup=0, symmetrize="none")
+TINY_ARGV = ["--L", "3", "--potential", "mlp", "--hidden", "4", "--n-steps", "2", "--batch", "16", "--epochs", "6",
+             "--warmup", "0", "--symmetrize", "none", "--quiet", "--threads", "1"]
+
+
+# ---------------------------------------------------------------------- the grid
+@pytest.mark.parametrize(("spec", "expected"), [
+    ("0.30:0.60:4", (0.3, 0.4, 0.5, 0.6)),  # 0.4, not 0.39999999999999997
+    ("0.3,0.4,critical,0.5", (0.3, 0.4, critical, 0.5)),
+    ("0.5, 0.3", (0.3, 0.5)),  # sorted: high temperature first
+    ("0.3:0.4:2,critical", (0.3, 0.4, critical)),
+    ("0.3:critical:2", (0.3, critical)),  # β_c as an end point stays exactly β_c
+    ("0.25", (0.25,)),
+    ([0.6, "critical"], (critical, 0.6)),
+])
+def test_parse_beta_grid(spec: object, expected: tuple) -> None:
+    got = parse_beta_grid(spec)
+    assert got == expected and all(type(b) is float for b in got)
+
+
+@pytest.mark.parametrize(("spec", "message"), [
+    ("", "empty"), (",", "empty"), ("0.3,,0.4", "stray comma"), ([], "empty"),
+    ("0,0.3", "> 0"), ("-0.2", "> 0"), ("inf", "finite"), ("nan", "finite"), ([0.3, float("nan")], "finite"),
+    ("0.3,0.3", "repeats"), ("critical,0.44068679350977147", "repeats"), ("0.3:0.3:2", "repeats"),
+    ("0.3:0.6", "start:stop:n"), ("0.3:0.6:x", "integer"), ("0.3:0.6:0", "number of points"), ("hot", "not a number"),
+    ("0.3;0.4", "not a number"),
+])
+def test_bad_beta_grid_is_one_clear_line(spec: object, message: str) -> None:
+    with pytest.raises(ValueError, match=message) as err:
+        parse_beta_grid(spec)
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("bad", ["0.3,0.3", "0,0.4", "0.3:0.6", "inf,0.3", "0.3,,", ",", "0.3:0.6:-2", "0.3,hot"])
+def test_bad_grid_on_the_command_line_exits_2_and_writes_nothing(bad: str, tmp_path: Path,
+                                                                 capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "out"
+    try:
+        status = mi.cli([*TINY_ARGV, "--beta", bad, "--out", str(out)])
+    except SystemExit as e:  # argparse rejects the value
+        status = e.code
+    assert status == 2 and not out.exists()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "error:" in err[-1] and "--beta" in err[-1]
+
+
+def test_single_beta_is_unchanged_and_refuses_sweep_flags(tmp_path: Path) -> None:
+    args = mi.parse_args(["--beta", "0.3"])
+    assert args.beta == 0.3 and mi.parse_args(["--beta", "critical"]).beta == "critical"
+    assert mi.cli([*TINY_ARGV, "--beta", "0.3", "--warm-epochs", "2", "--out", str(tmp_path / "x")]) == 2
+    assert not (tmp_path / "x").exists()
+
+
+# ---------------------------------------------------------------------- physics, end to end
+def test_sweep_l3_agrees_with_enumeration(tmp_path: Path) -> None:
+    """L=3, two β: reweighted U/N, C/N, |m|, m² and the importance-weighted F/N within 4σ of enumeration."""
+    torch.set_num_threads(1)
+    cfg = IsingConfig(L=3, potential="quadratic+mlp", hidden=16, batch=256, epochs=150, symmetrize="none", seed=1)
+    betas = (0.3, critical)
+    table = sweep(cfg, betas, out=tmp_path / "s", warm_epochs=60, samples=2048)
+    assert table.attrs["stop_reason"] == "finished" and table.attrs["finished"] == list(betas)
+    assert set(table["beta"]) == set(betas)
+    for beta in betas:
+        en = enumerate_ising(ising(3, beta).couplings())  # the Boltzmann averages of all 512 states
+        exact = {"energy": en.energy / beta, "specific_heat": en.specific_heat, "abs_m": en.abs_m, "m2": en.m2,
+                 "free_energy": -en.log_z / 9}
+        rows = table[table["beta"] == beta]
+        for q, value in exact.items():
+            method = "importance" if q == "free_energy" else "reweighted"
+            sel = rows[(rows["quantity"] == q) & (rows["method"] == method)]
+            if q == "free_energy":
+                sel = sel[sel["normalisation"] == "ising"]
+            r = sel.iloc[0]
+            assert r["exact"] == pytest.approx(value, rel=1e-9, abs=1e-12), (beta, q)  # Kaufman = enumeration
+            assert abs(r["value"] - value) < 4 * r["stderr"], (beta, q, r["value"], r["stderr"], value)
+            assert r["stderr"] < 0.05 * max(abs(value), 0.1), (beta, q, r["stderr"])  # and not vacuous
+        var = rows[(rows["quantity"] == "free_energy") & (rows["method"] == "variational")]
+        assert (var["value"] > var["exact"] - 3 * var["stderr"]).all()  # the variational bound
+    # the figure and the tidy table
+    for name in ("sweep.png", "sweep.pdf", "sweep.csv", MANIFEST):
+        assert (tmp_path / "s" / name).stat().st_size > 500, name
+    csv = pd.read_csv(tmp_path / "s" / "sweep.csv")
+    assert len(csv) == len(table) and {"beta", "quantity", "method", "value", "stderr", "exact",
+                                       "deviation_sigma", "ess"} <= set(csv.columns)
+    assert set(csv["quantity"]) >= {"free_energy", "energy", "specific_heat", "abs_m", "m2", "binder",
+                                    "susceptibility"}
+
+
+# ---------------------------------------------------------------------- warm starts
+def test_warm_start_reuses_the_previous_betas_weights(tmp_path: Path) -> None:
+    torch.set_num_threads(1)
+    cfg = TINY.replace(init_scale=0.0, epochs=8, lr=1e-2)  # zero readouts at initialisation
+    sweep(cfg, (0.3, 0.5), out=tmp_path, warm_epochs=1, samples=16, plot=False)
+    first = load_checkpoint(tmp_path / beta_folder(0, 0.3) / "checkpoint.pt")["model"]
+    second = load_checkpoint(tmp_path / beta_folder(1, 0.5) / "checkpoint.pt")["model"]
+    torch.manual_seed(cfg.seed)
+    fresh = build_flow(cfg.replace(beta=0.5), ising(3, 0.5).lattice).state_dict()
+    # one Adam step moves each weight by at most about lr from where it started ...
+    step = max(float((second[k] - first[k]).abs().max()) for k in first)
+    assert step <= 1.01e-2
+    # ... and training the first β moved its weights much further from a fresh start
+    assert max(float((first[k] - fresh[k]).abs().max()) for k in first) > 3e-2
+    cfg1 = json.loads((tmp_path / beta_folder(1, 0.5) / "config.json").read_text())
+    assert cfg1["warm_start_from"] == beta_folder(0, 0.3) and cfg1["epochs"] == 1 and cfg1["beta"] == 0.5
+
+
+# ---------------------------------------------------------------------- interruption, resume, budget
+def test_interrupted_sweep_resumes_without_losing_a_beta(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    out = tmp_path / "sweep"
+    real = lftrain.VariationalTrainer.run_epoch
+
+    def interrupt_second_beta(self, epoch):  # Ctrl-C during the 2nd epoch of β = critical
+        if self.target.beta == critical and epoch == 1:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(self, epoch)
+
+    monkeypatch.setattr(lftrain.VariationalTrainer, "run_epoch", interrupt_second_beta)
+    argv = [*TINY_ARGV, "--beta", "0.3,critical,0.6", "--warm-epochs", "4", "--samples", "32", "--out", str(out),
+            "--no-plot"]
+    assert mi.cli(argv) == 130
+    first = out / beta_folder(0, 0.3)
+    assert (first / ESTIMATES).is_file() and not (out / beta_folder(1, critical) / ESTIMATES).exists()
+    assert load_checkpoint(out / beta_folder(1, critical) / "checkpoint.pt")["epoch"] == 2
+    kept = (first / ESTIMATES).read_bytes(), (first / "checkpoint.pt").read_bytes()
+    assert len(pd.read_csv(out / "sweep.csv")["beta"].unique()) == 1
+
+    monkeypatch.setattr(lftrain.VariationalTrainer, "run_epoch", real)
+    assert mi.cli(["--out", str(out), "--beta", "0.3,0.6", "--quiet"]) == 2  # occupied: --resume or --force
+    assert mi.cli(["--resume", str(out), "--hidden", "8", "--quiet"]) == 2  # another model: refused
+    assert mi.cli(["--resume", str(out), "--quiet", "--threads", "1"]) == 0
+    assert ((first / ESTIMATES).read_bytes(), (first / "checkpoint.pt").read_bytes()) == kept  # not redone
+    log = pd.read_csv(out / beta_folder(1, critical) / "log.csv")
+    assert log["epoch"].tolist() == [1, 2, 3, 4]  # continued from its checkpoint: no epoch lost or repeated
+    table = pd.read_csv(out / "sweep.csv")
+    assert sorted(table["beta"].unique()) == [0.3, critical, 0.6]
+    assert (out / "sweep.png").is_file()
+
+
+def test_budget_stops_the_sweep_and_resume_finishes_it(tmp_path: Path) -> None:
+    table = sweep(TINY.replace(epochs=2000), (0.3, 0.4), out=tmp_path, samples=16, max_minutes=1e-4, plot=False)
+    assert table.attrs["stop_reason"] == "time" and table.attrs["finished"] == []
+    epoch = load_checkpoint(tmp_path / beta_folder(0, 0.3) / "checkpoint.pt")["epoch"]
+    assert 1 <= epoch < 2000
+    with pytest.raises(ValueError, match="keeps the settings"):
+        sweep(None, (0.3, 0.5), out=tmp_path, resume=True)
+    assert json.loads((tmp_path / MANIFEST).read_text())["betas"] == [0.3, 0.4]
+
+
+def test_force_replaces_a_sweep_and_only_its_folders(tmp_path: Path) -> None:
+    sweep(TINY.replace(epochs=2), (0.3, 0.4), out=tmp_path, samples=16, plot=False)
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="--force"):
+        sweep(TINY.replace(epochs=2), (0.5,), out=tmp_path, samples=16, plot=False)
+    table = sweep(TINY.replace(epochs=2), (0.5,), out=tmp_path, samples=16, plot=False, force=True)
+    assert list(table["beta"].unique()) == [0.5] and (tmp_path / "notes.txt").read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == [beta_folder(0, 0.5)]
+    # β runs without their manifest are not continued by a fresh sweep (another config may have written them)
+    for name in (MANIFEST, "sweep.csv"):
+        (tmp_path / name).unlink()
+    with pytest.raises(ValueError, match="already holds β runs"):
+        sweep(TINY.replace(epochs=2), (0.5,), out=tmp_path, samples=16, plot=False)
+
+
+def test_in_memory_sweep_returns_the_table(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    table = sweep(TINY.replace(epochs=2), "0.3,0.4", samples=16)
+    assert table.attrs["out"] is None and not list(tmp_path.iterdir())
+    assert np.isfinite(table["exact"][table["quantity"] == "energy"]).all()
+    assert set(table["warm_start_from"].fillna("")) == {"", beta_folder(0, 0.3)}
+    assert math.isfinite(float(table["onsager"][table["quantity"] == "energy"].iloc[0]))
+
+
+# ---------------------------------------------------------------------- exact curves and the figure
+def test_exact_curves_are_kaufman_and_onsager() -> None:
+    from analysis.thermo import exact_curves
+    from latticeflow import kaufman_free_energy, kaufman_specific_heat, onsager_internal_energy
+
+    curves = exact_curves(4, np.array([0.3, 0.6]))
+    assert curves["free_energy"].tolist() == [kaufman_free_energy(4, 0.3), kaufman_free_energy(4, 0.6)]
+    assert curves["specific_heat"].iloc[1] == kaufman_specific_heat(4, 0.6)
+    # Onsager's C/N = −β² dU/dβ by a centred difference: check against a coarser one
+    h = 1e-3
+    coarse = -0.36 * (onsager_internal_energy(0.6 + h) - onsager_internal_energy(0.6 - h)) / (2 * h)
+    assert curves["onsager_specific_heat"].iloc[1] == pytest.approx(coarse, rel=1e-4)  # O(h²) apart
+
+
+def test_plot_sweep_refuses_an_empty_table(tmp_path: Path) -> None:
+    from analysis.thermo import COLUMNS, plot_sweep
+
+    with pytest.raises(ValueError, match="at least one β"):
+        plot_sweep(pd.DataFrame(columns=list(COLUMNS)), tmp_path / "f.png", L=4)
+    assert not list(tmp_path.iterdir())
