@@ -42,6 +42,7 @@ from latticeflow.ising import IsingHS, critical  # noqa: E402
 
 from .free_energy import Estimate  # noqa: E402
 from .latent import flow_estimates  # noqa: E402
+from .plots import _save  # noqa: E402
 
 __all__ = ["COLUMNS", "QUANTITIES", "estimate_rows", "exact_curves", "plot_sweep"]
 
@@ -207,9 +208,4 @@ def plot_sweep(table: pd.DataFrame, path: str | Path, *, L: int, J: float = 1.0,
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path.with_suffix(".png"), dpi=150, bbox_inches="tight")
-    fig.savefig(path.with_suffix(".pdf"), bbox_inches="tight")
-    plt.close(fig)
-    return path.with_suffix(".png")
+    return _save(fig, path)  # PNG and PDF

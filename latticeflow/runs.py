@@ -332,6 +332,16 @@ class RunStart:
     def release(self) -> None:
         self.folder.release()
 
+    @staticmethod
+    def warn_if_bound_broken(error: float | None, stderr: float) -> bool:
+        """Warn (stderr) when a variational F/N lies below the exact value by more than 3 standard
+        errors: an upper bound cannot, so the integration is too coarse to trust. Returns whether it did."""
+        broken = error is not None and error < -3 * stderr
+        if broken:
+            print("warning: F/N lies below the exact value by more than 3 standard errors: the variational "
+                  "bound is broken (RK4 steps too coarse?); do not use this number", file=sys.stderr)
+        return broken
+
     def say_how_it_ended(self, trainer: Any, max_minutes: float | None) -> None:
         """Print why a run stopped early and the command that continues it (signals on stderr)."""
         resume = f"python -m models.{self.kind} --resume {self.out / 'checkpoint.pt'}"

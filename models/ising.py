@@ -216,9 +216,7 @@ def main(argv: list[str] | None = None) -> dict:
                   f"{summary['free_energy_hs']:.6f} ± {summary['stderr']:.6f} (HS; exact {exact:.6f}, error "
                   f"{summary['error']:.2e}) = {summary['free_energy_ising']:.6f} (Ising; exact "
                   f"{summary['exact_ising']:.6f});  ESS = {summary['ess']:.3f}  ({summary['epochs']} epochs, {wall:.0f} s)")
-            if summary["error"] < -3 * summary["stderr"]:
-                print("warning: F/N lies below the exact value by more than 3 standard errors: the variational "
-                      "bound is broken (RK4 steps too coarse?); do not use this number", file=sys.stderr)
+            run.warn_if_bound_broken(summary["error"], summary["stderr"])
             write_json(out / "summary.json", summary)
             if not args.no_plot:
                 from analysis.plots import plot_convergence

@@ -196,9 +196,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"F/N (mean of epochs {summary['window']['epochs'][0]}-{summary['window']['epochs'][1]}) = "
               f"{summary['free_energy']:.6f} ± {summary['stderr']:.6f}{err};  ESS = {summary['ess']:.3f}  "
               f"({summary['epochs']} epochs, {wall:.0f} s)")
-        if exact is not None and summary["error"] < -3 * summary["stderr"]:
-            print("warning: F/N lies below the exact value by more than 3 standard errors: the variational "
-                  "bound is broken (RK4 steps too coarse?); do not use this number", file=sys.stderr)
+        run.warn_if_bound_broken(summary["error"] if exact is not None else None, summary["stderr"])
         if trainer.stop_reason in (None, "done", "time", "epochs"):
             gen = torch.Generator(device=device).manual_seed(config.seed + 1)
             t1 = time.perf_counter()
