@@ -139,8 +139,16 @@ def _y_limits(ax: plt.Axes, f: np.ndarray, exact: float | None) -> None:
     lo, hi = float(vals.min()), float(vals.max())
     late_lo, late_hi = float(late.min()), float(late.max())
     late_span = max(late_hi - late_lo, 1e-12 * max(abs(lo), abs(hi), 1.0))
-    if max(hi - late_hi, late_lo - lo) > _OUTLIER_RATIO * late_span:
-        ax.set_yscale("symlog", linthresh=max(abs(late_lo), abs(late_hi), late_span))
+    linthresh = max(abs(late_lo), abs(late_hi), late_span)
+    # symlog only pays when the outliers span decades beyond the late values (e.g. a blow-up to 1e6);
+    # an early F/N of −1.0 against a late −2.32 reads best on a plain linear axis
+    if max(hi - late_hi, late_lo - lo) > _OUTLIER_RATIO * late_span and max(abs(lo), abs(hi)) > 10 * linthresh:
+        ax.set_yscale("symlog", linthresh=linthresh)
+        # ticks at 1, 2, 5 × 10^k: decades alone leave a range like [−2.4, −0.9] unlabelled
+        from matplotlib.ticker import ScalarFormatter, SymmetricalLogLocator
+
+        ax.yaxis.set_major_locator(SymmetricalLogLocator(base=10, linthresh=linthresh, subs=[1.0, 2.0, 5.0]))
+        ax.yaxis.set_major_formatter(ScalarFormatter())
     if hi == lo:
         lo, hi = lo - max(0.01 * abs(lo), 1e-3), hi + max(0.01 * abs(hi), 1e-3)
     t = ax.yaxis.get_transform()
