@@ -44,7 +44,7 @@ def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> Path:
 
 
 #: Which driver writes which kind of checkpoint (named in errors when one is handed to the other).
-DRIVERS = {"ising": "python -m models.ising", "mnist": "python -m models.mnist"}
+DRIVERS = {"ising": "python -m models.ising", "mnist": "python -m models.mnist", "phi4": "python -m models.phi4"}
 
 
 def checkpoint_kind(state: dict[str, Any]) -> str | None:
@@ -65,7 +65,7 @@ def check_kind(state: dict[str, Any], path: str | os.PathLike, kind: str) -> Non
     """Raise :class:`CheckpointError` naming the file and its kind when it is not a ``kind`` checkpoint."""
     found = checkpoint_kind(state)
     if found != kind:
-        names = {"ising": "an Ising checkpoint", "mnist": "an MNIST checkpoint"}
+        names = {"ising": "an Ising checkpoint", "mnist": "an MNIST checkpoint", "phi4": "a φ⁴ checkpoint"}
         what = names.get(found, f"a {found} checkpoint") if found else "not a checkpoint of a known kind"
         hint = f" (written by {DRIVERS[found]}; resume it there)" if found in DRIVERS else ""
         raise CheckpointError(f"{path} is {what}{hint}, not {names.get(kind, f'a {kind} checkpoint')}")

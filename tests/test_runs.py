@@ -337,3 +337,10 @@ def test_the_thread_count_is_printed_at_start(tmp_path, capsys):
     assert mi.cli(["--L", "3", "--hidden", "4", "--n-steps", "2", "--batch", "8", "--epochs", "1", "--out",
                    str(tmp_path / "r"), "--no-plot"]) == 0
     assert "threads: " in capsys.readouterr().out
+
+
+def test_a_phi4_checkpoint_is_named_by_the_ising_tools(tmp_path, capsys):
+    phi4 = save_checkpoint({"format": "latticeflow-checkpoint-1", "kind": "phi4", "config": {"L": 3}, "model": {},
+                            "epoch": 1}, tmp_path / "p" / "checkpoint.pt")
+    assert mi.cli(["--resume", str(phi4), "--epochs", "5", "--quiet"]) == 2
+    assert "is a φ⁴ checkpoint (written by python -m models.phi4" in capsys.readouterr().err
