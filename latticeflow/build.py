@@ -109,8 +109,10 @@ MAX_SAFE_STEP = 0.1
 
 
 def make_trainer(config: IsingConfig | dict[str, Any], device: torch.device | str = "cpu", out_dir: Any = None,
-                 progress: bool = True, checkpoint_every: int = 100) -> tuple[Any, Any]:
-    """Target, flow, Adam, schedule and :class:`~latticeflow.train.VariationalTrainer` of an Ising run.
+                 progress: bool = True, checkpoint_every: int = 100, *, target: Any = None, kind: str = "ising",
+                 saved_config: dict[str, Any] | None = None,
+                 max_rollbacks: int | None = None) -> tuple[Any, Any]:
+    """Target, flow, Adam, schedule and :class:`~latticeflow.train.VariationalTrainer` of a variational run.
 
     Under torchrun the flow is wrapped as ``DDP(SampleModule(flow))`` and every rank draws with its
     own generator (see :mod:`latticeflow.distributed`).
@@ -121,6 +123,11 @@ def make_trainer(config: IsingConfig | dict[str, Any], device: torch.device | st
         out_dir: the run's folder for log and checkpoints (None: in memory only).
         progress: show a progress bar.
         checkpoint_every: epochs between checkpoints.
+        target: another lattice model's target (default: the Ising target of ``config``), whose
+            lattice the flow is built on; ``config`` then gives the flow and the training.
+        kind: the checkpoints' kind (see :func:`latticeflow.checkpoint.checkpoint_kind`).
+        saved_config: the dict checkpoints store (default: ``config.to_dict()``).
+        max_rollbacks: overrides ``config.max_rollbacks``.
 
     Returns:
         (trainer, target).
@@ -133,7 +140,7 @@ def make_trainer(config: IsingConfig | dict[str, Any], device: torch.device | st
 
     config = config if isinstance(config, IsingConfig) else IsingConfig.from_dict(config)
     device = torch.device(device)
-    target = ising(config.L, config.beta, J=config.J)
+    target = target if target is not None else ising(config.L, config.beta, J=config.J)
     if config.step_size > MAX_SAFE_STEP:
         warnings.warn(f"RK4 step {config.step_size} > {MAX_SAFE_STEP}: the integrated ln p may be too inaccurate "
                       "for a variational bound, and training exploits that (at L=4, steps of 0.2 gave an F/N "
@@ -144,8 +151,9 @@ def make_trainer(config: IsingConfig | dict[str, Any], device: torch.device | st
     opt = torch.optim.Adam(flow.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     sched = cosine_schedule(opt, config.epochs, warmup=config.warmup) if config.schedule == "cosine" else None
     gen = dist.rank_generator(config.seed, device)  # rank 0: the seed itself; rank r: from (seed, r)
-    trainer = VariationalTrainer(model, target, opt, batch_size=config.batch, scheduler=sched, config=config.to_dict(),
+    trainer = VariationalTrainer(model, target, opt, batch_size=config.batch, scheduler=sched,
+                                 config=saved_config if saved_config is not None else config.to_dict(),
                                  grad_clip=config.grad_clip, out_dir=out_dir, generator=gen, progress=progress,
-                                 checkpoint_every=checkpoint_every, seed=config.seed, kind="ising",
-                                 max_rollbacks=config.max_rollbacks)
+                                 checkpoint_every=checkpoint_every, seed=config.seed, kind=kind,
+                                 max_rollbacks=config.max_rollbacks if max_rollbacks is None else max_rollbacks)
     return trainer, target

@@ -22,7 +22,6 @@ import argparse
 import math
 import sys
 import time
-import warnings
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: make the repo importable
@@ -31,18 +30,16 @@ if __package__ in (None, ""):  # run as a script: make the repo importable
 import torch
 
 from latticeflow import distributed as dist
-from latticeflow.build import build_flow
-from latticeflow.cli import checkpoint_file, positive_float, positive_int, run_cli
+from latticeflow.build import make_trainer as build_make_trainer
+from latticeflow.cli import add_run_arguments, positive_int, run_cli
 from latticeflow.config import add_arguments, conflicts, given
 from latticeflow.phi4 import Phi4, observables
 from latticeflow.phi4_config import PHI4_DEFAULT, Phi4Config
 from latticeflow.runs import RunStart, provenance, write_json
-from latticeflow.train import VariationalTrainer, cosine_schedule
+from latticeflow.train import VariationalTrainer
 
 OUTPUTS = ("convergence.png", "convergence.pdf")
 RESUME_OVERRIDES = ("epochs",)
-# the largest RK4 step measured to keep the variational bound (as models.ising; README, Results)
-MAX_SAFE_STEP = 0.1
 SCALARS = ("m", "abs_m", "m2", "chi", "binder", "xi", "action_density")
 
 
@@ -51,21 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m models.phi4", description=__doc__.split("\n\n")[0],
                                 usage="%(prog)s [flags]   (--help lists them)")
     add_arguments(p, Phi4Config, {"model": "model (target and flow)", "training": "training"})
-    g = p.add_argument_group("run")
-    g.add_argument("--out", default=None, help="output folder [a new runs/phi4/<date>-<time>, linked as "
-                                               "runs/phi4/latest; with --resume: the checkpoint's folder]")
-    g.add_argument("--resume", type=checkpoint_file, default=None, help="continue the run of this checkpoint.pt (or folder)")
-    g.add_argument("--force", action="store_true", help="replace the run already in --out (its files are deleted)")
-    g.add_argument("--max-minutes", type=positive_float, default=None, help="wall-clock budget (exit status 0)")
+    g = add_run_arguments(p, "phi4", plot_help="skip the convergence figure")
     g.add_argument("--checkpoint-every", type=positive_int, default=100, help="epochs between checkpoints [100]")
     g.add_argument("--mcmc-samples", type=positive_int, default=8192,
                    help="proposals of the neural MCMC chain after training [8192]")
-    g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:k [auto]")
-    g.add_argument("--tf32", action="store_true", help="allow TF32 matmuls on GPUs")
-    g.add_argument("--threads", type=positive_int, default=None,
-                   help="torch CPU threads [chosen from the idle CPUs, printed at start]")
-    g.add_argument("--no-plot", action="store_true", help="skip the convergence figure")
-    g.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
 
@@ -87,20 +73,10 @@ def config_from_args(args: argparse.Namespace, base: dict | None = None) -> Phi4
 
 def make_trainer(config: Phi4Config, device: torch.device, out_dir: str | None, progress: bool = True,
                  checkpoint_every: int = 100) -> tuple[VariationalTrainer, Phi4]:
-    """Target, flow (built by :func:`~latticeflow.build.build_flow`), Adam, schedule and trainer."""
-    target = config.target()
-    if config.step_size > MAX_SAFE_STEP:
-        warnings.warn(f"RK4 step {config.step_size} > {MAX_SAFE_STEP}: the integrated ln p may be too inaccurate for a "
-                      "variational bound and for the neural MCMC weights (README, Results)", stacklevel=2)
-    torch.manual_seed(config.seed)
-    flow = build_flow(config.flow_config(), target.lattice).to(device)
-    opt = torch.optim.Adam(flow.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    sched = cosine_schedule(opt, config.epochs, warmup=config.warmup) if config.schedule == "cosine" else None
-    gen = dist.rank_generator(config.seed, device)
-    trainer = VariationalTrainer(flow, target, opt, batch_size=config.batch, scheduler=sched, config=config.to_dict(),
-                                 grad_clip=config.grad_clip, out_dir=out_dir, generator=gen, progress=progress,
-                                 checkpoint_every=checkpoint_every, seed=config.seed, kind="phi4")
-    return trainer, target
+    """Target, flow, Adam, schedule and trainer: the library's :func:`~latticeflow.build.make_trainer`
+    with the φ⁴ target and the config's flow and training fields (no rollbacks, as before)."""
+    return build_make_trainer(config.flow_config(), device, out_dir, progress, checkpoint_every,
+                              target=config.target(), kind="phi4", saved_config=config.to_dict(), max_rollbacks=0)
 
 
 def draw(flow: torch.nn.Module, target: Phi4, n: int, batch: int,
