@@ -13,8 +13,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from latticeflow.cli import (checkpoint_file, fraction, int_at_least, nonnegative_int, positive_float, positive_int,
-                             run_cli)
+from latticeflow.cli import (checkpoint_file, fraction, int_at_least, nonnegative_float, nonnegative_int, positive_float,
+                             positive_int, run_cli)
 from latticeflow.distributed import setup_run
 
 from .report import ReportSettings, run_report
@@ -38,10 +38,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target-accept", type=fraction, default=_D.target_accept, help="HMC acceptance aimed at")
     p.add_argument("--step-size", type=positive_float, default=_D.step_size, help="initial leapfrog step")
     p.add_argument("--skip-hmc", action="store_true", help="skip latent and physical HMC")
+    p.add_argument("--skip-latent-hmc", action="store_true", help="skip latent HMC only (the costly one)")
     p.add_argument("--independence", type=nonnegative_int, default=_D.independence,
                    help="independence-sampler chain length (0: skip)")
     p.add_argument("--sw-sweeps", type=nonnegative_int, default=_D.sw_sweeps, help="Swendsen-Wang sweeps per chain (0: skip)")
     p.add_argument("--sw-chains", type=positive_int, default=_D.sw_chains, help="Swendsen-Wang chains")
+    p.add_argument("--chain-seconds", type=nonnegative_float, default=_D.chain_seconds,
+                   help="sampling-time budget per HMC sampler for running chains on until R-hat <= 1.01 and "
+                        "n >= 50 tau (0: no extension)")
+    p.add_argument("--rk4-check", type=nonnegative_int, default=_D.rk4_check,
+                   help="flow samples whose integrated ln q is checked against the exact RK4-map density "
+                        "(sets the free energies' systematic error; 0: skip)")
     p.add_argument("--seed", type=int, default=_D.seed)
     p.add_argument("--L", type=int_at_least(2), default=None, help="expected lattice size (error if the checkpoint differs)")
     p.add_argument("--dtype", default=_D.dtype, choices=["float64", "float32"], help="precision of the analysis")
@@ -62,8 +69,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     settings = ReportSettings(samples=args.samples, batch=args.batch, hmc_samples=args.hmc_samples,
                               hmc_chains=args.hmc_chains, hmc_leapfrog=args.hmc_leapfrog, hmc_warmup=args.hmc_warmup,
                               target_accept=args.target_accept, step_size=args.step_size, skip_hmc=args.skip_hmc,
+                              skip_latent_hmc=args.skip_latent_hmc,
                               independence=args.independence, sw_sweeps=args.sw_sweeps, sw_chains=args.sw_chains,
-                              seed=args.seed, L=args.L, dtype=args.dtype, plots=not args.no_plots,
+                              chain_seconds=args.chain_seconds, rk4_check=args.rk4_check, seed=args.seed, L=args.L,
+                              dtype=args.dtype, plots=not args.no_plots,
                               verbose=not args.quiet)
     out = args.out if args.out is not None else Path(args.checkpoint).parent / "report"
     return run_report(args.checkpoint, out, settings)

@@ -69,6 +69,7 @@ from latticeflow.ising import improved_spins, sample_spins
 from latticeflow.target import Target
 
 from .autocorr import integrated_time
+from .diagnostics import Verdict, chain_verdict, importance_diagnostics, split_rhat
 from .free_energy import (
     Estimate,
     effective_sample_size,
@@ -86,9 +87,11 @@ __all__ = [
     "exact_reference",
     "flow_estimates",
     "frozen_noise",
+    "integration_error",
     "latent_hmc",
     "latent_log_prob",
     "neural_independence_sampler",
+    "overdispersed_start",
     "physical_hmc",
     "quiet_integrated_time",
     "speedup",
@@ -127,6 +130,13 @@ def _check_hmc_settings(n_chains: object, n_samples: object, n_leapfrog: object,
             check_size("n_warmup", n_warmup, 0),
             check_fraction("target_accept", target_accept),
             check_positive("step_size", step_size))
+
+
+def _check_start(start: object, n_chains: int, N: int) -> Tensor:
+    if not torch.is_tensor(start) or tuple(start.shape) != (n_chains, N):
+        shape = tuple(start.shape) if torch.is_tensor(start) else type(start).__name__
+        raise ValueError(f"start must be a tensor of shape (n_chains, N) = ({n_chains}, {N}), got {shape}")
+    return start.detach()
 
 
 @contextlib.contextmanager
@@ -267,6 +277,13 @@ class ChainResult:
         seconds: wall time of the sampling phase (without warm-up), including the z ↦ x map.
         total_seconds: wall time of everything (warm-up and measurement included).
         z: latent states for latent HMC, shape (n, C, N); None otherwise.
+        rhat: rank-normalised split-R̂ of the traces (same keys as ``tau``), across chains
+            started from over-dispersed points (:mod:`analysis.diagnostics`).
+        verdict: whether the estimates can be used (:class:`~analysis.diagnostics.Verdict`):
+            R̂ ≤ 1.01 and a chain of at least 50τ for |m| and E (the independence sampler
+            also needs usable importance weights).
+        burn_in: stored iterations discarded after the step-size warm-up, when the chains
+            were extended to converge (the first half of all iterations then).
     """
 
     method: str
@@ -284,6 +301,9 @@ class ChainResult:
     seconds: float
     total_seconds: float
     z: Tensor | None = field(default=None, repr=False)
+    rhat: dict[str, float] = field(default_factory=dict)
+    verdict: Verdict = field(default_factory=lambda: Verdict(False, "not diagnosed"))
+    burn_in: int = 0
 
     @property
     def n_samples(self) -> int:
@@ -356,11 +376,20 @@ def _n_blocks(n: int, tau: float) -> int:
     return int(min(50, max(2, n // length)))
 
 
-def _measure_chain(method: str, x: Tensor, target: Target, generator: torch.Generator | None,
-                   **info: Any) -> ChainResult:
-    n, C, N = x.shape
+def _diagnose(x: Tensor, target: Target) -> tuple[dict[str, np.ndarray], dict[str, float], dict[str, float], Verdict]:
+    """Traces, τ, split-R̂ and the chain verdict of stored states x (n, C, N)."""
     traces = _traces(x, target.lattice, target.J)
     tau = {k: quiet_integrated_time(v) for k, v in traces.items()}
+    rhat = {k: split_rhat(v) for k, v in traces.items()}
+    return traces, tau, rhat, chain_verdict(int(x.shape[0]), rhat, tau)
+
+
+def _measure_chain(method: str, x: Tensor, target: Target, generator: torch.Generator | None,
+                   extra_verdict: Verdict | None = None, **info: Any) -> ChainResult:
+    n, C, N = x.shape
+    traces, tau, rhat, verdict = _diagnose(x, target)
+    if extra_verdict is not None:
+        verdict = Verdict.combine(verdict, extra_verdict)
     t = improved_spins(x.detach())
     if C >= MIN_CHAINS_FOR_CHAIN_JACKKNIFE:
         # chain-major, one jackknife block per chain: honest errors for independent chains
@@ -372,7 +401,7 @@ def _measure_chain(method: str, x: Tensor, target: Target, generator: torch.Gene
     obs = measure(t, target.lattice, beta=target.beta, J=target.J, n_blocks=n_blocks)
     spins = sample_spins(x.detach(), generator)
     return ChainResult(method=method, x=x.detach(), spins=spins, m=traces["m"], abs_m=traces["abs_m"],
-                       energy=traces["energy"], tau=tau, observables=obs, **info)
+                       energy=traces["energy"], tau=tau, observables=obs, rhat=rhat, verdict=verdict, **info)
 
 
 class _Timer:
@@ -391,6 +420,55 @@ class _Timer:
         return (time.perf_counter() - self.t0) * n / (n - 1)
 
 
+@dataclass
+class _Sampled:
+    x: Tensor  # kept states mapped to the HS field, (n, C, N)
+    states: Tensor  # kept chain states (z for latent HMC, x for physical HMC)
+    acceptance_rate: float
+    step_size: float
+    seconds: float  # sampling time, warm-up excluded, z ↦ x mapping included
+    burn_in: int
+
+
+def _hmc_until_converged(density: Any, start: Tensor, to_x: Any, target: Target, n_samples: int, n_leapfrog: int,
+                         n_warmup: int, target_accept: float, generator: torch.Generator | None, step_size: float,
+                         max_seconds: float | None) -> _Sampled:
+    """HMC with step adaptation, then sampling; extended until the chains converge or time is up.
+
+    After the first ``n_samples`` iterations the chains are diagnosed (:func:`_diagnose`).
+    While the verdict fails and another round fits into ``max_seconds`` (a round doubles the
+    iterations, so it costs about as much as all sampling so far), the chains continue from
+    their last states with the frozen step, and the first half of all iterations becomes
+    burn-in. ``max_seconds=None`` runs one round only.
+    """
+    timer = _Timer()
+    res = hmc(density, start, n_samples=n_samples, n_leapfrog=n_leapfrog, step_size=step_size, n_warmup=n_warmup,
+              target_accept=target_accept, generator=generator, callback=timer)
+    seconds = timer.sampling_seconds(n_samples)
+    t = time.perf_counter()
+    states, xs = [res.samples], [to_x(res.samples)]
+    seconds += time.perf_counter() - t
+    accepted, total, step, final = res.acceptance_rate * n_samples, n_samples, res.step_size, res.final
+    burn = 0
+    while max_seconds is not None and 2 * seconds <= max_seconds:
+        if _diagnose(torch.cat(xs)[burn:], target)[3].reliable:
+            break
+        t = time.perf_counter()
+        more = hmc(density, final, n_samples=total, n_leapfrog=n_leapfrog, step_size=step, n_warmup=0,
+                   target_accept=target_accept, generator=generator)
+        states.append(more.samples)
+        xs.append(to_x(more.samples))
+        seconds += time.perf_counter() - t
+        accepted += more.acceptance_rate * total
+        final, total = more.final, 2 * total
+        burn = total // 2
+    return _Sampled(x=torch.cat(xs)[burn:], states=torch.cat(states)[burn:], acceptance_rate=accepted / total,
+                    step_size=step, seconds=seconds, burn_in=burn)
+
+
+OVERDISPERSION = 2.0  # latent HMC: half the chains start from N(0, 2²I), the other half from N(0, I)
+
+
 def latent_hmc(
     flow: Flow,
     target: Target,
@@ -401,23 +479,30 @@ def latent_hmc(
     target_accept: float = 0.65,
     generator: torch.Generator | None = None,
     step_size: float = 0.1,
+    max_seconds: float | None = None,
+    start: Tensor | None = None,
 ) -> ChainResult:
     """HMC in the flow's latent space (Li & Wang 2018), measured on the Ising model.
 
-    C chains start from z ~ N(0, I) (the pulled-back density is close to it for a good
-    flow), adapt the step size during ``n_warmup`` iterations, then store n states; each is
-    mapped to x = f(z) with the chain's frozen noise and to spins.
+    C chains start from over-dispersed points (z ~ N(0, I) for half of them and N(0, 2²I)
+    for the others: the pulled-back density is close to N(0, I) for a good flow, so split-R̂
+    can see chains that have not forgotten their start), adapt the step size during
+    ``n_warmup`` iterations, then store n states; each is mapped to x = f(z) with the chain's
+    frozen noise and to spins. With ``max_seconds`` the chains run on (doubling) until R̂ and
+    τ pass (:mod:`analysis.diagnostics`) or the time is up.
 
     Args:
         flow: a :class:`latticeflow.flow.Flow` in the dtype to compute in (float64 recommended).
         target: the HS target (:func:`latticeflow.ising`), with lattice, beta and J.
         n_chains: C >= 1.
-        n_samples: stored iterations per chain, >= 2.
+        n_samples: stored iterations per chain, >= 2 (the least; more when extended).
         n_leapfrog: leapfrog steps per trajectory, >= 1.
         n_warmup: step-size adaptation iterations, >= 0.
         target_accept: acceptance probability aimed at, in (0, 1).
         generator: torch.Generator for noise tokens, starts, momenta and spins.
         step_size: initial leapfrog step > 0.
+        max_seconds: sampling-time budget for extending the chains (None: no extension).
+        start: starting latent states (C, N) instead of the over-dispersed draw.
 
     Returns:
         a :class:`ChainResult` (method ``"latent HMC"``, with ``z``).
@@ -427,26 +512,46 @@ def latent_hmc(
     """
     n_chains, n_samples, n_leapfrog, n_warmup, target_accept, step_size = _check_hmc_settings(
         n_chains, n_samples, n_leapfrog, n_warmup, target_accept, step_size)
+    max_seconds = None if max_seconds is None else check_positive("max_seconds", max_seconds)
     _check_flow_target(flow, target)
     _check_lattice_target(target)
-    start = time.perf_counter()
+    t_start = time.perf_counter()
     dtype, device = flow.dtype, flow.device
     noise = frozen_noise(flow, n_chains, generator)
     density = latent_log_prob(flow, target, noise)
-    z0 = torch.randn(n_chains, target.N, generator=generator, dtype=dtype, device=device)
-    timer = _Timer()
-    res = hmc(density, z0, n_samples=n_samples, n_leapfrog=n_leapfrog, step_size=step_size, n_warmup=n_warmup,
-              target_accept=target_accept, generator=generator, callback=timer)
-    sampling = timer.sampling_seconds(n_samples)
-    t_map = time.perf_counter()
-    z = res.samples
-    x = torch.stack([density.transform(z[k]) for k in range(n_samples)])  # (n, C, N)
-    sampling += time.perf_counter() - t_map
-    out = _measure_chain("latent HMC", x, target, generator, acceptance_rate=res.acceptance_rate,
-                         step_size=res.step_size, n_leapfrog=n_leapfrog, evals_per_sample=float(n_leapfrog),
-                         seconds=sampling, total_seconds=0.0, z=z)
-    out.total_seconds = time.perf_counter() - start
+    if start is None:
+        z0 = torch.randn(n_chains, target.N, generator=generator, dtype=dtype, device=device)
+        z0[::2] *= OVERDISPERSION
+    else:
+        z0 = _check_start(start, n_chains, target.N).to(dtype=dtype, device=device)
+
+    def to_x(z: Tensor) -> Tensor:
+        return torch.stack([density.transform(z[k]) for k in range(z.shape[0])])  # (n, C, N)
+
+    run = _hmc_until_converged(density, z0, to_x, target, n_samples, n_leapfrog, n_warmup, target_accept,
+                               generator, step_size, max_seconds)
+    out = _measure_chain("latent HMC", run.x, target, generator, acceptance_rate=run.acceptance_rate,
+                         step_size=run.step_size, n_leapfrog=n_leapfrog, evals_per_sample=float(n_leapfrog),
+                         seconds=run.seconds, total_seconds=0.0, z=run.states, burn_in=run.burn_in)
+    out.total_seconds = time.perf_counter() - t_start
     return out
+
+
+def overdispersed_start(target: Target, n_chains: int, generator: torch.Generator | None = None,
+                        dtype: torch.dtype = torch.float64) -> Tensor:
+    """Starting HS fields x = M s for physical HMC, over-dispersed with respect to e^{−E}.
+
+    Chain c starts from the conditional mean M s = (K + αI) s of the spins s: all up (c ≡ 0 mod 4), all
+    down (c ≡ 1 mod 4), or random ±1 (the others), so that the chains span both ordered
+    states and the disordered one whatever β is. Needs ``target.couplings()`` (K) and
+    ``target.alpha``.
+    """
+    K = torch.as_tensor(np.asarray(target.couplings()), dtype=dtype)
+    K = K + float(target.alpha) * torch.eye(target.N, dtype=dtype)
+    s = torch.randint(0, 2, (n_chains, target.N), generator=generator).to(dtype) * 2 - 1
+    s[0::4] = 1.0
+    s[1::4] = -1.0
+    return s @ K
 
 
 def physical_hmc(
@@ -459,15 +564,18 @@ def physical_hmc(
     generator: torch.Generator | None = None,
     step_size: float = 0.1,
     dtype: torch.dtype = torch.float64,
+    max_seconds: float | None = None,
+    start: Tensor | None = None,
 ) -> ChainResult:
     """The baseline: HMC directly on the HS energy E(x), with the analytic gradient.
 
-    Same settings and measurements as :func:`latent_hmc`; chains start from x ~ N(0, I).
+    Same settings, measurements and extension rule as :func:`latent_hmc`; chains start from
+    :func:`overdispersed_start` unless ``start`` (C, N) is given.
 
     Args:
         target: the HS target, with lattice, beta and J.
-        n_chains, n_samples, n_leapfrog, n_warmup, target_accept, generator, step_size: as in
-            :func:`latent_hmc`.
+        n_chains, n_samples, n_leapfrog, n_warmup, target_accept, generator, step_size,
+            max_seconds, start: as in :func:`latent_hmc`.
         dtype: floating dtype of the chains.
 
     Returns:
@@ -478,16 +586,19 @@ def physical_hmc(
     """
     n_chains, n_samples, n_leapfrog, n_warmup, target_accept, step_size = _check_hmc_settings(
         n_chains, n_samples, n_leapfrog, n_warmup, target_accept, step_size)
+    max_seconds = None if max_seconds is None else check_positive("max_seconds", max_seconds)
     _check_lattice_target(target)
-    start = time.perf_counter()
-    x0 = torch.randn(n_chains, target.N, generator=generator, dtype=dtype)
-    timer = _Timer()
-    res = hmc(from_energy(target), x0, n_samples=n_samples, n_leapfrog=n_leapfrog, step_size=step_size,
-              n_warmup=n_warmup, target_accept=target_accept, generator=generator, callback=timer)
-    out = _measure_chain("physical HMC", res.samples, target, generator, acceptance_rate=res.acceptance_rate,
-                         step_size=res.step_size, n_leapfrog=n_leapfrog, evals_per_sample=float(n_leapfrog),
-                         seconds=timer.sampling_seconds(n_samples), total_seconds=0.0)
-    out.total_seconds = time.perf_counter() - start
+    t_start = time.perf_counter()
+    if start is None:
+        x0 = overdispersed_start(target, n_chains, generator, dtype)
+    else:
+        x0 = _check_start(start, n_chains, target.N).to(dtype)
+    run = _hmc_until_converged(from_energy(target), x0, lambda x: x, target, n_samples, n_leapfrog, n_warmup,
+                               target_accept, generator, step_size, max_seconds)
+    out = _measure_chain("physical HMC", run.x, target, generator, acceptance_rate=run.acceptance_rate,
+                         step_size=run.step_size, n_leapfrog=n_leapfrog, evals_per_sample=float(n_leapfrog),
+                         seconds=run.seconds, total_seconds=0.0, burn_in=run.burn_in)
+    out.total_seconds = time.perf_counter() - t_start
     return out
 
 
@@ -537,7 +648,8 @@ def neural_independence_sampler(
     x, lq, energy = _draw(flow, target, n, batch, generator)
     chain = independence_metropolis(x, lq, -energy, generator)
     seconds = time.perf_counter() - start
-    out = _measure_chain("independence", chain.samples[:, None, :], target, generator,
+    weights = importance_diagnostics(log_weights(lq, energy)).verdict
+    out = _measure_chain("independence", chain.samples[:, None, :], target, generator, extra_verdict=weights,
                          acceptance_rate=chain.acceptance_rate, step_size=math.nan, n_leapfrog=0,
                          evals_per_sample=1.0, seconds=seconds, total_seconds=0.0)
     out.total_seconds = time.perf_counter() - start
@@ -561,6 +673,58 @@ def speedup(fast: ChainResult, slow: ChainResult, name: str = "abs_m") -> dict[s
         "seconds": slow.effective_seconds(name) / fast.effective_seconds(name),
         "evals": slow.effective_evals(name) / fast.effective_evals(name),
     }
+
+
+# ---------------------------------------------------------------------- the integrator's density error
+def _row_of(token: Any, i: int) -> Any:
+    """Row i of a (nested) per-step noise token: tensors sliced along the batch axis."""
+    if torch.is_tensor(token):
+        return token[i:i + 1]
+    if isinstance(token, tuple) and hasattr(token, "_fields"):  # a NamedTuple such as SymmetryDraw
+        return type(token)(*(_row_of(t, i) for t in token))
+    if isinstance(token, (list, tuple)):
+        return type(token)(_row_of(t, i) for t in token)
+    return token
+
+
+def integration_error(flow: Flow, n: int, generator: torch.Generator | None = None) -> dict[str, Tensor]:
+    """The flow's integrated ln q against the exact density of its RK4 map, on n fresh samples.
+
+    The flow's ln q(x) is the RK4 integral of −∇²φ along the path; the sample x is the RK4
+    map z ↦ x, whose exact density (given the same per-step noise) is
+    ln N(z) − ln|det ∂x/∂z|, computed here from the full Jacobian by autograd (N backward
+    passes per sample). Their difference δ enters the importance weights as e^{−δ} and the
+    variational free energy as ⟨δ⟩: every free energy is off by at most max|δ|/N.
+
+    Args:
+        flow: the flow (float64 recommended: the Jacobian's log-determinant is then exact to ~1e-12).
+        n: number of samples, >= 1.
+        generator: torch.Generator for z and the noise tokens.
+
+    Returns:
+        dict with ``x`` (n, N), ``logq_integrated`` (n,), ``logq_exact`` (n,) and ``delta``
+        = integrated − exact (n,).
+    """
+    from latticeflow.flow import standard_normal_log_prob
+
+    n = check_size("n", n, 1)
+    z = torch.randn(n, flow.dim, generator=generator, dtype=flow.dtype, device=flow.device)
+    noise = flow.draw_noise(n, generator)
+    with torch.no_grad(), _parameters_frozen(flow):
+        x, dlogp = flow.forward_map(z, noise=noise)
+    logq_int = standard_normal_log_prob(z) + dlogp  # delta_logp = ln q(x) − ln N(z)
+    logdet = torch.empty(n, dtype=z.dtype)
+    with _parameters_frozen(flow):
+        for i in range(n):  # one sample's Jacobian, with its own noise tokens
+            tokens = None if noise is None else _row_of(noise, i)
+
+            def one(zi: Tensor, tokens: Any = tokens) -> Tensor:
+                return flow.forward_map(zi.unsqueeze(0), noise=tokens)[0].squeeze(0)
+
+            jac = torch.autograd.functional.jacobian(one, z[i])
+            logdet[i] = torch.linalg.slogdet(jac)[1]
+    logq_exact = standard_normal_log_prob(z) - logdet
+    return {"x": x, "logq_integrated": logq_int, "logq_exact": logq_exact, "delta": logq_int - logq_exact}
 
 
 # ---------------------------------------------------------------------- exact references
@@ -619,6 +783,8 @@ class FlowEstimates:
         log_weights: ln w = −E − ln q, shape (B,).
         spins: a few sampled spin configurations, shape (k, L, L), for figures.
         seconds: wall time of sampling and measuring.
+        importance: :func:`analysis.diagnostics.importance_diagnostics` of the log-weights
+            (Pareto k̂, Kish ESS, Var ln w and the verdict on every reweighted estimate).
     """
 
     n_samples: int
@@ -634,6 +800,7 @@ class FlowEstimates:
     log_weights: np.ndarray = field(repr=False)
     spins: np.ndarray = field(repr=False)
     seconds: float = 0.0
+    importance: Any = None
 
 
 def _shifted(e: Estimate, offset: float) -> Estimate:
@@ -701,5 +868,6 @@ def flow_estimates(
         log_weights=lw,
         spins=spins[:k].reshape(k, L, L).cpu().numpy() if L * L == N else np.empty((0, 0, 0)),
         seconds=time.perf_counter() - start,
+        importance=importance_diagnostics(lw),
     )
 

@@ -44,11 +44,13 @@ from latticeflow.checkpoint import CheckpointError, check_kind, checkpoint_kind,
 from latticeflow.flow import Flow
 from latticeflow.ising import IsingHS
 
+from .diagnostics import Verdict, chain_verdict, split_rhat
 from .free_energy import Estimate, format_with_error
 from .latent import (
     ChainResult,
     FlowEstimates,
     flow_estimates,
+    integration_error,
     latent_hmc,
     neural_independence_sampler,
     physical_hmc,
@@ -56,7 +58,7 @@ from .latent import (
     speedup,
 )
 
-__all__ = ["ReportSettings", "estimate_rows", "load_model", "render_markdown", "run_report", "write_csv"]
+__all__ = ["ReportSettings", "compute_estimates", "estimate_rows", "load_model", "render_markdown", "run_report", "write_csv"]
 
 OBSERVABLES = ("energy", "specific_heat", "abs_m", "m2", "binder", "susceptibility")
 LABELS = {
@@ -71,7 +73,10 @@ LABELS = {
     "susceptibility": r"χ = βN(⟨m²⟩ − ⟨\|m\|⟩²)",
 }
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
-CSV_COLUMNS = ("quantity", "method", "value", "stderr", "exact", "deviation_sigma")
+CSV_COLUMNS = ("quantity", "method", "value", "stderr", "systematic", "exact", "deviation_sigma", "reliable",
+               "reason")
+PLAIN = Verdict(False, "plain flow average: biased by the flow's error (use a reweighted or Monte Carlo row)")
+BOUND = Verdict(False, "upper bound: F_q ≥ F by construction; the error bar is that of F_q, not of F")
 
 
 # ---------------------------------------------------------------------- settings
@@ -92,6 +97,12 @@ class ReportSettings:
         sw_sweeps: Swendsen-Wang sweeps per chain (0 skips it); sw_chains chains after
             sw_thermalize discarded sweeps.
         skip_hmc: skip both HMC runs.
+        skip_latent_hmc: skip latent HMC only (it costs a flow pass and its gradient per leapfrog step).
+        chain_seconds: sampling-time budget per HMC sampler for running the chains on
+            (doubling) until R̂ ≤ 1.01 and n ≥ 50τ (0: no extension; the verdict still applies).
+        rk4_check: flow samples whose integrated ln q is checked against the exact density of
+            the RK4 map (full Jacobian); max|δ|/N becomes the free energies' systematic error
+            (0 skips the check, and the free energies then carry no integrator error).
         seed: seed of all random streams.
         L: expected lattice size (None: take the checkpoint's).
         dtype: ``"float64"`` (default) or ``"float32"``: the precision of the analysis.
@@ -112,6 +123,9 @@ class ReportSettings:
     sw_chains: int = 8
     sw_thermalize: int = 200
     skip_hmc: bool = False
+    skip_latent_hmc: bool = False
+    chain_seconds: float = 60.0
+    rk4_check: int = 8
     seed: int = 0
     L: int | None = None
     dtype: str = "float64"
@@ -134,7 +148,9 @@ class ReportSettings:
             raise ValueError("independence must be 0 (skip) or a chain length >= 2, got independence=1")
         if size("sw_sweeps", 0) == 1:
             raise ValueError("sw_sweeps must be 0 (skip) or at least 2, got sw_sweeps=1")
-        for name, minimum in (("sw_chains", 1), ("sw_thermalize", 0), ("seed", 0)):
+        if not isinstance(self.chain_seconds, (int, float)) or not self.chain_seconds >= 0:
+            raise ValueError(f"chain_seconds must be a number >= 0, got chain_seconds={self.chain_seconds!r}")
+        for name, minimum in (("sw_chains", 1), ("sw_thermalize", 0), ("seed", 0), ("rk4_check", 0)):
             size(name, minimum)
         if self.L is not None:
             size("L", 2)
@@ -194,28 +210,38 @@ def load_model(checkpoint: str | os.PathLike, L: int | None = None,
 
 
 # ---------------------------------------------------------------------- tables
-def _row(quantity: str, method: str, est: Estimate | float, exact: float | None) -> dict[str, Any]:
+def _row(quantity: str, method: str, est: Estimate | float, exact: float | None, verdict: Verdict,
+         systematic: float = 0.0) -> dict[str, Any]:
     value, err = (est.value, est.stderr) if isinstance(est, Estimate) else (float(est), math.nan)
     ex = math.nan if exact is None else float(exact)
     dev = math.nan
-    if math.isfinite(ex) and math.isfinite(err) and err > 0:
-        dev = (value - ex) / err
-    return {"quantity": quantity, "method": method, "value": value, "stderr": err, "exact": ex,
-            "deviation_sigma": dev}
+    total = math.hypot(err, systematic) if math.isfinite(err) else math.nan
+    if math.isfinite(ex) and math.isfinite(total) and total > 0:
+        dev = (value - ex) / total
+    return {"quantity": quantity, "method": method, "value": value, "stderr": err, "systematic": systematic,
+            "exact": ex, "deviation_sigma": dev, "reliable": verdict.reliable, "reason": verdict.reason}
 
 
 def estimate_rows(flow: FlowEstimates, chains: dict[str, dict[str, Estimate]] | None = None,
-                  exact: dict[str, float] | None = None) -> list[dict[str, Any]]:
-    """The comparison table: one row per (quantity, method).
+                  exact: dict[str, float] | None = None, verdicts: dict[str, Verdict] | None = None,
+                  systematic: float = 0.0) -> list[dict[str, Any]]:
+    """The comparison table: one row per (quantity, method), each with its verdict.
 
     Args:
         flow: the flow estimates.
         chains: method name → observables dict (e.g. ``ChainResult.observables``).
         exact: exact references; default ``flow.exact``.
+        verdicts: method name → :class:`~analysis.diagnostics.Verdict` of the chains (a chain
+            without one is marked unreliable: it was not diagnosed).
+        systematic: the integrator's systematic error of the free energies per site
+            (max|δ|/N from :func:`analysis.latent.integration_error`); the deviation divides by
+            √(stderr² + systematic²).
 
     Returns:
-        list of dicts with keys quantity, method, value, stderr, exact, deviation_sigma
-        (NaN where unknown).
+        list of dicts with keys quantity, method, value, stderr, systematic, exact,
+        deviation_sigma (NaN where unknown), reliable and reason (why not, "" when reliable).
+        Plain flow averages and the variational bound are never reliable estimates of the
+        target; importance-sampling rows follow the weights' diagnostics (``flow.importance``).
 
     Raises:
         TypeError: flow is not a FlowEstimates.
@@ -223,18 +249,24 @@ def estimate_rows(flow: FlowEstimates, chains: dict[str, dict[str, Estimate]] | 
     if not isinstance(flow, FlowEstimates):
         raise TypeError(f"flow must be a FlowEstimates (analysis.latent.flow_estimates), got {type(flow).__name__}")
     ex = dict(flow.exact if exact is None else exact)
+    weights = flow.importance.verdict if flow.importance is not None else Verdict(False, "weights not diagnosed")
     rows = [
-        _row("free_energy_hs", "flow variational", flow.free_energy_variational, ex.get("free_energy_hs")),
-        _row("free_energy_hs", "flow importance", flow.free_energy_importance, ex.get("free_energy_hs")),
-        _row("free_energy_ising", "flow variational", flow.free_energy_variational_ising, ex.get("free_energy_ising")),
-        _row("free_energy_ising", "flow importance", flow.free_energy_importance_ising, ex.get("free_energy_ising")),
-        _row("ess", "flow importance", flow.ess, None),
+        _row("free_energy_hs", "flow variational", flow.free_energy_variational, ex.get("free_energy_hs"), BOUND,
+             systematic),
+        _row("free_energy_hs", "flow importance", flow.free_energy_importance, ex.get("free_energy_hs"), weights,
+             systematic),
+        _row("free_energy_ising", "flow variational", flow.free_energy_variational_ising, ex.get("free_energy_ising"),
+             BOUND, systematic),
+        _row("free_energy_ising", "flow importance", flow.free_energy_importance_ising, ex.get("free_energy_ising"),
+             weights, systematic),
+        _row("ess", "flow importance", flow.ess, None, Verdict(True)),
     ]
     methods = {"flow plain": flow.observables, "flow reweighted": flow.observables_reweighted, **(chains or {})}
+    judged = {"flow plain": PLAIN, "flow reweighted": weights, **(verdicts or {})}
     for q in OBSERVABLES:
         for method, obs in methods.items():
             if q in obs:
-                rows.append(_row(q, method, obs[q], ex.get(q)))
+                rows.append(_row(q, method, obs[q], ex.get(q), judged.get(method, Verdict(False, "not diagnosed"))))
     return rows
 
 
@@ -261,6 +293,8 @@ def _sampler_row(r: ChainResult, reference: ChainResult | None) -> dict[str, Any
         "evals_per_sample": r.evals_per_sample, "seconds_per_sample": r.seconds_per_sample,
         "effective_seconds_abs_m": r.effective_seconds("abs_m"),
         "speedup_seconds_abs_m": math.nan, "speedup_evals_abs_m": math.nan,
+        "rhat_abs_m": r.rhat.get("abs_m", math.nan), "rhat_energy": r.rhat.get("energy", math.nan),
+        "burn_in": r.burn_in, "reliable": r.verdict.reliable, "reason": r.verdict.reason,
     }
     if reference is not None:
         s = speedup(r, reference, "abs_m")
@@ -268,16 +302,25 @@ def _sampler_row(r: ChainResult, reference: ChainResult | None) -> dict[str, Any
     return row
 
 
+def cluster_verdict(run: Any) -> tuple[Verdict, dict[str, float], dict[str, float]]:
+    """Verdict, τ and split-R̂ of a Swendsen-Wang run's |m| and E traces."""
+    names = ("abs_m", "energy", "m")
+    tau = {k: quiet_integrated_time(run.series(k)) for k in names}
+    rhat = {k: split_rhat(run.series(k)) for k in names}
+    return chain_verdict(int(run.m.shape[0]), rhat, tau), tau, rhat
+
+
 def _cluster_row(run: Any) -> dict[str, Any]:
     n, C = run.m.shape
-    tau_m, tau_e = quiet_integrated_time(run.series("abs_m")), quiet_integrated_time(run.series("energy"))
-    tau_signed = quiet_integrated_time(run.series("m"))
+    verdict, tau, rhat = cluster_verdict(run)
     sps = run.seconds / (n * C)
     return {"method": "Swendsen-Wang", "chains": C, "samples_per_chain": n, "acceptance": 1.0,
-            "step_size": math.nan, "n_leapfrog": 0, "tau_abs_m": tau_m, "tau_energy": tau_e, "tau_m": tau_signed,
-            "tau_lower_bound": n < 50 * max(tau_m, tau_e), "evals_per_sample": 1.0,
-            "seconds_per_sample": sps, "effective_seconds_abs_m": tau_m * sps,
-            "speedup_seconds_abs_m": math.nan, "speedup_evals_abs_m": math.nan}
+            "step_size": math.nan, "n_leapfrog": 0, "tau_abs_m": tau["abs_m"], "tau_energy": tau["energy"],
+            "tau_m": tau["m"], "tau_lower_bound": n < 50 * max(tau["abs_m"], tau["energy"]), "evals_per_sample": 1.0,
+            "seconds_per_sample": sps, "effective_seconds_abs_m": tau["abs_m"] * sps,
+            "speedup_seconds_abs_m": math.nan, "speedup_evals_abs_m": math.nan,
+            "rhat_abs_m": rhat["abs_m"], "rhat_energy": rhat["energy"], "burn_in": 0,
+            "reliable": verdict.reliable, "reason": verdict.reason}
 
 
 def _fmt(x: float, digits: int = 4) -> str:
@@ -296,36 +339,127 @@ def render_markdown(header: dict[str, Any], rows: list[dict[str, Any]], samplers
     lines = [f"# Flow report: Ising L={header['L']}, β={header['beta']:.10g}, J={header['J']:g}", ""]
     for k, v in header.items():
         lines.append(f"- **{k}**: {v}")
+    bad = [r for r in rows if not r["reliable"] and r["method"] not in ("flow plain", "flow variational")]
     lines += ["", "## Estimates (per site)", "",
-              "Deviation = (estimate − exact)/σ. Plain flow averages are biased by the flow's error; "
-              "reweighted, Monte Carlo and importance estimates are exact within their errors.", "",
-              "| quantity | method | estimate ± error | exact | deviation (σ) |", "|---|---|---|---|---|"]
+              "Deviation = (estimate − exact)/σ with σ = √(stderr² + systematic²); the systematic error is the "
+              "integrator's (RK4) error of ln q, measured on fresh samples. **use?** says whether the error bar "
+              "can be trusted (R̂ ≤ 1.01 and chains ≥ 50τ for Monte Carlo; Pareto k̂ ≤ 0.7 and Kish ESS ≥ 100 for "
+              "importance weights; see analysis/diagnostics.py). Plain flow averages are biased by the flow's "
+              "error and the variational F is an upper bound: neither estimates the target.", ""]
+    if bad:
+        lines += ["**Do not use** these numbers (their error bars are not to be trusted):", ""]
+        lines += [f"- {LABELS.get(r['quantity'], r['quantity'])}, {r['method']}: {r['reason']}" for r in bad]
+        lines += [""]
+    lines += ["| quantity | method | estimate ± error | systematic | exact | deviation (σ) | use? |",
+              "|---|---|---|---|---|---|---|"]
     for r in rows:
         est = format_with_error(r["value"], r["stderr"]) if math.isfinite(r["stderr"]) else _fmt(r["value"], 6)
+        use = "yes" if r["reliable"] else f"**no**: {r['reason']}"
         lines.append(f"| {LABELS.get(r['quantity'], r['quantity'])} | {r['method']} | {est} | "
-                     f"{_fmt(r['exact'], 10)} | {_fmt(r['deviation_sigma'], 2)} |")
+                     f"{_fmt(r.get('systematic', 0.0), 2)} | {_fmt(r['exact'], 10)} | "
+                     f"{_fmt(r['deviation_sigma'], 2)} | {use} |")
     if samplers:
         lines += ["", "## Samplers", "",
                   "τ in stored samples (HMC: trajectories; SW: sweeps); cost of an independent sample = "
                   "τ × seconds per sample; speed-up relative to physical HMC (> 1: cheaper). τ(m) of the "
                   "signed magnetisation measures tunnelling between the ±m modes. "
-                  "'τ lower bound' marks chains shorter than 50τ (for |m| or E).", "",
+                  "'τ lower bound' marks chains shorter than 50τ (for |m| or E). Split-R̂ across chains "
+                  "started from over-dispersed points; burn-in: iterations dropped when the chains were run on "
+                  "to converge.", "",
                   r"| method | chains × samples | acceptance | step | τ(\|m\|) | τ(E) | τ(m) | τ lower bound | "
-                  r"evals/sample | s/sample | τ·s (\|m\|) | speed-up (s) | speed-up (evals) |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                  r"R̂(\|m\|) | R̂(E) | burn-in | "
+                  r"evals/sample | s/sample | τ·s (\|m\|) | speed-up (s) | speed-up (evals) | use? |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for s in samplers:
             lines.append(
                 f"| {s['method']} | {s['chains']} × {s['samples_per_chain']} | {_fmt(s['acceptance'], 3)} | "
                 f"{_fmt(s['step_size'], 3)} | {_fmt(s['tau_abs_m'], 3)} | {_fmt(s['tau_energy'], 3)} | "
                 f"{_fmt(s['tau_m'], 3)} | "
-                f"{_fmt(s['tau_lower_bound'])} | {_fmt(s['evals_per_sample'], 3)} | "
+                f"{_fmt(s['tau_lower_bound'])} | {_fmt(s['rhat_abs_m'], 4)} | {_fmt(s['rhat_energy'], 4)} | "
+                f"{_fmt(s['burn_in'])} | {_fmt(s['evals_per_sample'], 3)} | "
                 f"{_fmt(s['seconds_per_sample'], 3)} | "
                 f"{_fmt(s['effective_seconds_abs_m'], 3)} | {_fmt(s['speedup_seconds_abs_m'], 3)} | "
-                f"{_fmt(s['speedup_evals_abs_m'], 3)} |")
+                f"{_fmt(s['speedup_evals_abs_m'], 3)} | {'yes' if s['reliable'] else '**no**: ' + s['reason']} |")
     if figures:
         lines += ["", "## Figures", ""]
         lines += [f"![{p.stem}]({p.name})" for p in figures]
     return "\n".join(lines) + "\n"
+
+
+def compute_estimates(flow: Flow, target: IsingHS, settings: ReportSettings | None = None) -> dict[str, Any]:
+    """Every estimate of the report for an in-memory flow and target, with verdicts; nothing written.
+
+    Args:
+        flow: the flow (float64 recommended).
+        target: its Ising HS target.
+        settings: a :class:`ReportSettings` (default: the defaults).
+
+    Returns:
+        dict with ``rows`` (:func:`estimate_rows`), ``samplers`` (sampler table rows), ``flow``
+        (FlowEstimates), ``chains`` (method → ChainResult), ``cluster`` (the SW run or None)
+        and ``rk4`` (the integrator check: samples, mean, max_abs, systematic, seconds; or None).
+    """
+    s = settings if settings is not None else ReportSettings()
+    say = print if s.verbose else (lambda *a, **k: None)
+    N = target.N
+
+    def gen(k: int) -> torch.Generator:
+        return torch.Generator().manual_seed(s.seed * 1000 + k)
+
+    fe = flow_estimates(flow, target, n_samples=s.samples, batch=s.batch, generator=gen(1))
+    say(f"flow samples ({s.samples}, {fe.seconds:.1f} s): F_var/N = {fe.free_energy_variational}, "
+        f"F_IS/N = {fe.free_energy_importance}, exact = {fe.exact.get('free_energy_hs', float('nan')):.8f}, "
+        f"ESS = {fe.ess:.3f}, Pareto k = {fe.importance.pareto_k:.3g}")
+    systematic, rk4 = 0.0, None
+    if s.rk4_check:
+        t_rk4 = time.perf_counter()
+        delta = integration_error(flow, s.rk4_check, gen(5))["delta"].detach().cpu().numpy()
+        systematic = float(np.abs(delta).max()) / N
+        rk4 = {"samples": s.rk4_check, "mean": float(delta.mean()), "max_abs": float(np.abs(delta).max()),
+               "systematic": systematic, "seconds": time.perf_counter() - t_rk4}
+        say(f"RK4 density check on {s.rk4_check} samples ({rk4['seconds']:.1f} s): ln q integrated − exact "
+            f"mean {rk4['mean']:+.2e}, max |.| {rk4['max_abs']:.2e} nats: free energies get a systematic error "
+            f"of {systematic:.2e} per site")
+    chains: dict[str, ChainResult] = {}
+    if not s.skip_hmc:
+        hmc_args = dict(n_chains=s.hmc_chains, n_samples=s.hmc_samples, n_leapfrog=s.hmc_leapfrog,
+                        n_warmup=s.hmc_warmup, target_accept=s.target_accept, step_size=s.step_size,
+                        max_seconds=s.chain_seconds or None)
+        if not s.skip_latent_hmc:
+            chains["latent HMC"] = latent_hmc(flow, target, generator=gen(2), **hmc_args)
+        chains["physical HMC"] = physical_hmc(target, generator=gen(3), dtype=DTYPES[s.dtype], **hmc_args)
+    if s.independence:
+        chains["independence"] = neural_independence_sampler(flow, target, s.independence, generator=gen(4),
+                                                              batch=s.batch)
+    for name, r in chains.items():
+        say(f"{name}: acceptance {r.acceptance_rate:.3f}, tau(|m|) = {r.tau['abs_m']:.3g}, "
+            f"tau(E) = {r.tau['energy']:.3g}, R-hat(|m|) = {r.rhat.get('abs_m', math.nan):.4g}, "
+            f"{r.n_samples} samples after {r.burn_in} burn-in, {r.seconds_per_sample * 1e3:.3g} ms/sample "
+            f"({r.total_seconds:.1f} s)" + ("" if r.verdict.reliable else f"; NOT RELIABLE: {r.verdict.reason}"))
+    cluster = None
+    lat = target.lattice
+    if s.sw_sweeps and lat.periodic and target.J == 1.0:
+        from .wolff import cluster_chain
+
+        cluster = cluster_chain(lat.L, target.beta, s.sw_sweeps, n_thermalize=s.sw_thermalize, seed=s.seed,
+                                n_chains=s.sw_chains)
+        say(f"Swendsen-Wang: {s.sw_sweeps} sweeps × {s.sw_chains} chains, tau(|m|) = "
+            f"{quiet_integrated_time(cluster.series('abs_m')):.3g} ({cluster.seconds:.1f} s)")
+
+    observables = {name: r.observables for name, r in chains.items()}
+    verdicts = {name: r.verdict for name, r in chains.items()}
+    if cluster is not None:
+        observables["Swendsen-Wang"] = cluster.observables(n_blocks=min(50, s.sw_sweeps))
+        verdicts["Swendsen-Wang"] = cluster_verdict(cluster)[0]
+    rows = estimate_rows(fe, observables, verdicts=verdicts, systematic=systematic)
+    unusable = [r for r in rows if not r["reliable"] and r["method"] not in ("flow plain", "flow variational")]
+    for r in unusable:
+        say(f"do not use: {r['quantity']} from {r['method']}: {r['reason']}")
+    reference = chains.get("physical HMC")
+    samplers = [_sampler_row(r, reference if r is not reference else None) for r in chains.values()]
+    if cluster is not None:
+        samplers.append(_cluster_row(cluster))
+    return {"rows": rows, "samplers": samplers, "flow": fe, "chains": chains, "cluster": cluster, "rk4": rk4}
 
 
 # ---------------------------------------------------------------------- the whole report
@@ -363,44 +497,12 @@ def run_report(checkpoint: str | os.PathLike, out_dir: str | os.PathLike,
     say(f"{checkpoint}: Ising L={target.lattice.L} beta={target.beta:.6g} J={target.J:g}, "
         f"{cfg.get('potential', '?')} potential, {n_params} parameters, epoch {state.get('epoch', '?')}")
 
-    def gen(k: int) -> torch.Generator:
-        return torch.Generator().manual_seed(s.seed * 1000 + k)
-
     t0 = time.perf_counter()
-    fe = flow_estimates(flow, target, n_samples=s.samples, batch=s.batch, generator=gen(1))
-    say(f"flow samples ({s.samples}, {fe.seconds:.1f} s): F_var/N = {fe.free_energy_variational}, "
-        f"F_IS/N = {fe.free_energy_importance}, exact = {fe.exact.get('free_energy_hs', float('nan')):.8f}, "
-        f"ESS = {fe.ess:.3f}")
-    chains: dict[str, ChainResult] = {}
-    if not s.skip_hmc:
-        hmc_args = dict(n_chains=s.hmc_chains, n_samples=s.hmc_samples, n_leapfrog=s.hmc_leapfrog,
-                        n_warmup=s.hmc_warmup, target_accept=s.target_accept, step_size=s.step_size)
-        chains["latent HMC"] = latent_hmc(flow, target, generator=gen(2), **hmc_args)
-        chains["physical HMC"] = physical_hmc(target, generator=gen(3), dtype=DTYPES[s.dtype], **hmc_args)
-    if s.independence:
-        chains["independence"] = neural_independence_sampler(flow, target, s.independence, generator=gen(4),
-                                                              batch=s.batch)
-    for name, r in chains.items():
-        say(f"{name}: acceptance {r.acceptance_rate:.3f}, tau(|m|) = {r.tau['abs_m']:.3g}, "
-            f"tau(E) = {r.tau['energy']:.3g}, {r.seconds_per_sample * 1e3:.3g} ms/sample ({r.total_seconds:.1f} s)")
-    cluster = None
+    res = compute_estimates(flow, target, s)
+    fe, chains, cluster, rows, samplers, rk4 = (res[k] for k in ("flow", "chains", "cluster", "rows", "samplers",
+                                                                 "rk4"))
+    systematic = 0.0 if rk4 is None else rk4["systematic"]
     lat = target.lattice
-    if s.sw_sweeps and lat.periodic and target.J == 1.0:
-        from .wolff import cluster_chain
-
-        cluster = cluster_chain(lat.L, target.beta, s.sw_sweeps, n_thermalize=s.sw_thermalize, seed=s.seed,
-                                n_chains=s.sw_chains)
-        say(f"Swendsen-Wang: {s.sw_sweeps} sweeps × {s.sw_chains} chains, tau(|m|) = "
-            f"{quiet_integrated_time(cluster.series('abs_m')):.3g} ({cluster.seconds:.1f} s)")
-
-    observables = {name: r.observables for name, r in chains.items()}
-    if cluster is not None:
-        observables["Swendsen-Wang"] = cluster.observables(n_blocks=min(50, s.sw_sweeps))
-    rows = estimate_rows(fe, observables)
-    reference = chains.get("physical HMC")
-    samplers = [_sampler_row(r, reference if r is not reference else None) for r in chains.values()]
-    if cluster is not None:
-        samplers.append(_cluster_row(cluster))
 
     figures: list[Path] = []
     if s.plots:
@@ -427,6 +529,12 @@ def run_report(checkpoint: str | os.PathLike, out_dir: str | os.PathLike,
               "potential": cfg.get("potential", "?"), "parameters": n_params, "epoch": state.get("epoch", "?"),
               "n_steps × step_size": f"{cfg.get('n_steps', '?')} × {cfg.get('step_size', '?')}",
               "analysis dtype": s.dtype, "flow samples": s.samples, "seed": s.seed,
+              "importance weights": f"Pareto k̂ = {fe.importance.pareto_k:.3g} (usable ≤ {fe.importance.k_max:.2g}), "
+                                    f"Kish ESS = {fe.importance.ess:.1f} of {fe.n_samples}, "
+                                    f"Var ln w = {fe.importance.log_weight_variance:.3g}",
+              "RK4 density check": ("skipped (free energies carry no integrator error)" if rk4 is None else
+                                    f"{rk4['samples']} samples: ln q integrated − exact mean {rk4['mean']:+.2e}, "
+                                    f"max {rk4['max_abs']:.2e} nats → systematic {systematic:.2e} per site"),
               "wall time": f"{time.perf_counter() - t0:.1f} s"}
     files = [write_csv(rows, out / "estimates.csv", CSV_COLUMNS)]
     if samplers:
@@ -436,4 +544,4 @@ def run_report(checkpoint: str | os.PathLike, out_dir: str | os.PathLike,
     files += [md] + figures
     say(f"wrote {md}")
     return {"rows": rows, "samplers": samplers, "flow": fe, "chains": chains, "cluster": cluster, "files": files,
-            "settings": s}
+            "settings": s, "rk4": rk4}

@@ -20,42 +20,16 @@ import math
 import torch
 
 from analysis.free_energy import importance_free_energy, variational_free_energy
+from analysis.latent import integration_error
 from analysis.report import load_model
-from latticeflow.flow import standard_normal_log_prob
-
-
-def _take(token, i: int):
-    """Row i of a (nested) per-step noise token: tensors sliced along the batch axis."""
-    if torch.is_tensor(token):
-        return token[i:i + 1]
-    if isinstance(token, tuple) and hasattr(token, "_fields"):  # a NamedTuple such as SymmetryDraw
-        return type(token)(*(_take(t, i) for t in token))
-    if isinstance(token, (list, tuple)):
-        return type(token)(_take(t, i) for t in token)
-    return token
 
 
 def exact_and_integrated(flow, target, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(energies, integrated ln p, exact ln p of the RK4 map) of n samples, float64."""
-    gen = torch.Generator().manual_seed(seed)
-    z = torch.randn(n, flow.dim, generator=gen, dtype=torch.float64)
-    noise = flow.draw_noise(n, gen)
+    r = integration_error(flow, n, torch.Generator().manual_seed(seed))
     with torch.no_grad():
-        x, dlogp = flow.forward_map(z, noise=noise)
-    logp_int = standard_normal_log_prob(z) + dlogp  # forward_map: delta_logp = ln p(x) − ln p(z)
-    logdet = torch.empty(n, dtype=torch.float64)
-    for i in range(n):  # the Jacobian of one sample's map, with its own noise tokens
-        tokens = None if noise is None else _take(noise, i)
-
-        def one(zi: torch.Tensor) -> torch.Tensor:
-            return flow.forward_map(zi.unsqueeze(0), noise=tokens)[0].squeeze(0)
-
-        J = torch.autograd.functional.jacobian(one, z[i])
-        logdet[i] = torch.linalg.slogdet(J)[1]
-    logp_exact = standard_normal_log_prob(z) - logdet
-    with torch.no_grad():
-        energy = target.energy(x)
-    return energy, logp_int, logp_exact
+        energy = target.energy(r["x"])
+    return energy, r["logq_integrated"], r["logq_exact"]
 
 
 def main(argv: list[str] | None = None) -> dict:

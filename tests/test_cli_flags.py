@@ -540,6 +540,9 @@ ANALYSIS_FLAGS = [  # flag, argv, ReportSettings field, expected (the default di
     ("--target-accept", ["--target-accept", "0.8"], "target_accept", 0.8),
     ("--step-size", ["--step-size", "0.2"], "step_size", 0.2),
     ("--skip-hmc", ["--skip-hmc"], "skip_hmc", True),
+    ("--skip-latent-hmc", ["--skip-latent-hmc"], "skip_latent_hmc", True),
+    ("--chain-seconds", ["--chain-seconds", "0"], "chain_seconds", 0.0),
+    ("--rk4-check", ["--rk4-check", "0"], "rk4_check", 0),
     ("--independence", ["--independence", "0"], "independence", 0),
     ("--sw-sweeps", ["--sw-sweeps", "0"], "sw_sweeps", 0),
     ("--sw-chains", ["--sw-chains", "2"], "sw_chains", 2),
@@ -581,7 +584,8 @@ def test_analysis_threads(report_calls: SimpleNamespace, monkeypatch: pytest.Mon
 
 
 @pytest.mark.parametrize("bad", [["--samples", "1"], ["--target-accept", "1.5"], ["--sw-sweeps", "1"],
-                                 ["--threads", "0"], ["--dtype", "float16"], ["--independence", "1"]],
+                                 ["--threads", "0"], ["--dtype", "float16"], ["--independence", "1"],
+                                 ["--chain-seconds", "-1"], ["--rk4-check", "-2"]],
                          ids=lambda a: " ".join(a))
 def test_analysis_bad_value_exits_2(bad: list[str], report_calls: SimpleNamespace) -> None:
     assert exit_status(am.cli, [str(report_calls.checkpoint), *bad]) == 2

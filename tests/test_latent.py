@@ -21,6 +21,7 @@ from analysis.latent import (
     latent_hmc,
     latent_log_prob,
     neural_independence_sampler,
+    overdispersed_start,
     physical_hmc,
     quiet_integrated_time,
     speedup,
@@ -124,7 +125,7 @@ def test_identity_flow_is_physical(L, generator):
     torch.testing.assert_close(lp, -target.energy(z), rtol=0, atol=1e-12)
     torch.testing.assert_close(g, -target.grad(z), rtol=0, atol=1e-12)
 
-    kw = dict(n_chains=4, n_samples=20, n_leapfrog=3, n_warmup=8)
+    kw = dict(n_chains=4, n_samples=20, n_leapfrog=3, n_warmup=8, start=overdispersed_start(target, 4, generator))
     lat = latent_hmc(flow, target, generator=torch.Generator().manual_seed(5), **kw)
     phy = physical_hmc(target, generator=torch.Generator().manual_seed(5), **kw)
     torch.testing.assert_close(lat.x, phy.x, rtol=0, atol=1e-9)

@@ -18,7 +18,8 @@ from latticeflow.checkpoint import CheckpointError, save_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = ["--samples", "256", "--batch", "128", "--hmc-samples", "30", "--hmc-chains", "4", "--hmc-leapfrog", "3",
-         "--hmc-warmup", "10", "--independence", "256", "--sw-sweeps", "100", "--quiet", "--threads", "1"]
+         "--hmc-warmup", "10", "--independence", "256", "--sw-sweeps", "100", "--quiet", "--threads", "1",
+         "--chain-seconds", "0.5"]
 
 
 @pytest.fixture(scope="module")
@@ -57,16 +58,29 @@ def test_report_end_to_end(checkpoint, tmp_path):
                  "spins.png", "hmc_abs_m.png", "hmc_energy.pdf", "convergence.png"):
         assert (out / name).is_file(), name
     rows = read_csv(out / "estimates.csv")
-    assert list(rows[0]) == ["quantity", "method", "value", "stderr", "exact", "deviation_sigma"]
+    assert list(rows[0]) == ["quantity", "method", "value", "stderr", "systematic", "exact", "deviation_sigma",
+                             "reliable", "reason"]
     target = ising(3, "critical")
     exact_hs = target.exact_free_energy()
     fe_is = next(r for r in rows if r["quantity"] == "free_energy_hs" and r["method"] == "flow importance")
     assert float(fe_is["exact"]) == pytest.approx(exact_hs, abs=1e-9)
     value, err = float(fe_is["value"]), float(fe_is["stderr"])
     assert value == pytest.approx(res["flow"].free_energy_importance.value)
-    assert float(fe_is["deviation_sigma"]) == pytest.approx((value - exact_hs) / err)
+    # the RK4 check's max |δ|/N is the free energies' systematic error, added in quadrature
+    sys_err = float(fe_is["systematic"])
+    assert sys_err == pytest.approx(res["rk4"]["max_abs"] / target.N) and 0 < sys_err < 1e-3
+    assert float(fe_is["deviation_sigma"]) == pytest.approx((value - exact_hs) / math.hypot(err, sys_err))
     fe_var = next(r for r in rows if r["quantity"] == "free_energy_hs" and r["method"] == "flow variational")
     assert float(fe_var["value"]) > exact_hs  # variational bound (eq. 7)
+    # a bound and plain flow averages never count as estimates of the target; the others carry their verdict
+    assert fe_var["reliable"] == "False" and "upper bound" in fe_var["reason"]
+    assert all(r["reliable"] == "False" and "biased" in r["reason"] for r in rows if r["method"] == "flow plain")
+    for r in rows:
+        assert (r["reliable"] == "True") == (r["reason"] == ""), r
+    weights = res["flow"].importance.verdict
+    assert {r["reliable"] for r in rows if r["method"] == "flow reweighted"} == {str(weights.reliable)}
+    for name, chain in res["chains"].items():
+        assert {r["reason"] for r in rows if r["method"] == name} == {chain.verdict.reason}
     ising_row = next(r for r in rows if r["quantity"] == "free_energy_ising" and r["method"] == "flow importance")
     assert float(ising_row["value"]) - value == pytest.approx(target.log_z_offset / target.N, abs=1e-9)
     energy_methods = {r["method"] for r in rows if r["quantity"] == "energy"}
@@ -82,7 +96,10 @@ def test_report_end_to_end(checkpoint, tmp_path):
     assert float(lat["speedup_seconds_abs_m"]) == pytest.approx(
         res["chains"]["physical HMC"].effective_seconds() / chain.effective_seconds(), rel=1e-6)
     md = (out / "report.md").read_text()
-    assert "| quantity | method | estimate ± error | exact | deviation (σ) |" in md
+    assert "| quantity | method | estimate ± error | systematic | exact | deviation (σ) | use? |" in md
+    unusable = [r for r in rows if r["reliable"] == "False" and r["method"] not in ("flow plain", "flow variational")]
+    assert ("**Do not use**" in md) == bool(unusable)  # 30 HMC samples of 4 chains: some are unusable
+    assert unusable and all(f"{r['method']}: {r['reason']}" in md for r in unusable)
     assert f"{exact_hs:.10g}" in md and "## Samplers" in md and "![magnetisation](magnetisation.png)" in md
     # every Markdown table row has as many cells as its header (|m| must not split a cell)
     tables = [[ln for ln in block.splitlines() if ln.startswith("|")] for block in md.split("\n\n")]
@@ -142,7 +159,7 @@ def test_report_on_a_mixture_checkpoint(mixture_checkpoint, tmp_path):
     out = tmp_path / "report"
     res = main([str(mixture_checkpoint), "--out", str(out), "--samples", "64", "--batch", "32", "--hmc-samples", "4",
                 "--hmc-chains", "2", "--hmc-leapfrog", "2", "--hmc-warmup", "4", "--independence", "64",
-                "--sw-sweeps", "10", "--quiet", "--no-plots", "--threads", "1"])
+                "--sw-sweeps", "10", "--quiet", "--no-plots", "--threads", "1", "--chain-seconds", "0.5"])
     rows = read_csv(out / "estimates.csv")
     assert {r["method"] for r in rows if r["quantity"] == "energy"} == {
         "flow plain", "flow reweighted", "latent HMC", "physical HMC", "independence", "Swendsen-Wang"}
