@@ -40,18 +40,21 @@ def test_chain_verdict_names_each_failure():
 def test_importance_diagnostics_known_tails():
     rng = np.random.default_rng(1)
     B = 20000
-    good = importance_diagnostics(0.3 * rng.normal(size=B))  # log-normal weights: light tail
+    good = importance_diagnostics(0.3 * rng.normal(size=B))  # log-normal weights: light tail, ESS/B ≈ e^(−0.09)
     assert good.verdict.reliable and good.pareto_k < 0.3
     w = rng.normal(size=B)
     assert good.ess == pytest.approx(np.exp(0.3 * w).sum() ** 2 / np.exp(0.6 * w).sum(), rel=0.05)
     for k in (0.6, 0.9):  # w = U^(−k) has a Pareto tail of index k
         d = importance_diagnostics(-k * np.log(rng.uniform(size=B)))
         assert d.pareto_k == pytest.approx(k, abs=0.12)
-        assert not d.verdict.reliable and "Pareto k̂" in d.verdict.reason
+        assert not d.verdict.reliable and ("Pareto k̂" in d.verdict.reason) == (k > 0.7)
     assert importance_diagnostics(np.zeros(200)).verdict.reliable  # equal weights: a perfect proposal
     few = importance_diagnostics(np.zeros(20))
     assert not few.verdict.reliable and f"Kish ESS 20 < {MIN_EFFECTIVE_SAMPLES:.0f}" in few.verdict.reason
     assert not importance_diagnostics([0.0, math.inf, 1.0]).verdict.reliable
+    wide = importance_diagnostics(1.0 * rng.normal(size=B))  # log-normal σ=1: light tail but ESS/B ≈ e^(−1)
+    assert wide.pareto_k < 0.7 and wide.ess / B == pytest.approx(math.exp(-1), rel=0.1)
+    assert not wide.verdict.reliable and "Kish ESS/B" in wide.verdict.reason
 
 
 def test_overdispersed_start_spans_both_ordered_states():

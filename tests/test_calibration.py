@@ -1,0 +1,63 @@
+"""Calibration: the report's error bars cover the exact values, or the report says not to use them.
+
+At L=3 and L=4 every observable is exact (enumeration, Kaufman). One flow per lattice is trained
+in memory and frozen barely, partly and well trained; the report runs with several seeds on each
+(24 repeats in all, small settings). The z-scores of the estimates marked reliable must behave
+like a standard normal: ≥ 90 % within 2σ and none beyond 4σ. The larger study behind the
+README's coverage table is benchmarks/calibration.py.
+"""
+
+import numpy as np
+import pytest
+import torch
+
+from analysis.calibration import coverage, trained_stages, zscores
+from analysis.report import ReportSettings
+from latticeflow.config import ISING_DEFAULT
+
+STAGES = {"barely trained": 3, "partly trained": 40, "well trained": 300}
+SEEDS = range(4)
+SETTINGS = ReportSettings(samples=2048, batch=1024, hmc_chains=8, hmc_samples=100, hmc_warmup=50, hmc_leapfrog=5,
+                          skip_latent_hmc=True, chain_seconds=3.0, independence=2048, sw_sweeps=400, sw_chains=4,
+                          sw_thermalize=50, rk4_check=2, plots=False, verbose=False)
+
+
+@pytest.fixture(scope="module")
+def z():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # one thread: the same numbers on every machine
+    try:
+        frames = []
+        for L in (3, 4):
+            config = ISING_DEFAULT.replace(L=L, potential="quadratic+mlp", hidden=32, epochs=max(STAGES.values()),
+                                           seed=L)
+            for stage, _, flow, target in trained_stages(config, STAGES):
+                frames.append(zscores(flow, target, SEEDS, SETTINGS, L=L, stage=stage))
+    finally:
+        torch.set_num_threads(threads)
+    import pandas as pd
+
+    return pd.concat(frames, ignore_index=True)
+
+
+def test_reliable_error_bars_cover_the_exact_values(z):
+    assert z["seed"].nunique() * z.groupby(["L", "stage"]).ngroups >= 20  # ≥ 20 repeats
+    ok = z[z["reliable"]]
+    a = np.abs(ok["z"].to_numpy())
+    assert len(a) >= 200
+    assert (a < 2).mean() >= 0.90, coverage(z)
+    assert (a > 4).sum() == 0, ok.loc[ok["z"].abs() > 4]
+
+
+def test_the_verdicts_are_needed_and_not_blanket(z):
+    by_method = coverage(z, "method")
+    # Monte Carlo with converged chains is usable nearly always...
+    for method in ("physical HMC", "Swendsen-Wang"):
+        assert by_method.loc[method, "reliable"] >= 0.75 * (by_method.loc[method, ["reliable", "unreliable"]].sum())
+    # ...a barely trained flow's importance weights never are...
+    barely = z[(z["stage"] == "barely trained") & z["method"].isin(["flow reweighted", "flow importance"])]
+    assert len(barely) and not barely["reliable"].any()
+    assert barely["reason"].str.contains("Pareto k̂").all() and barely["reason"].str.contains("Kish ESS/B").all()
+    # ...and the flags catch estimates whose error bars would mislead: some flagged rows lie beyond 4σ
+    assert (z.loc[~z["reliable"], "z"].abs() > 4).any()
+
