@@ -108,6 +108,30 @@ def build_flow(config: IsingConfig | dict[str, Any], lattice: SquareLattice) -> 
 MAX_SAFE_STEP = 0.1
 
 
+def start_at_best_gaussian(flow: Any, target: Any) -> dict[str, Any]:
+    """Set the flow's quadratic part so that the flow starts at the target's best Gaussian.
+
+    The other parts start near zero (``init_scale``), so the initial flow is close to the map
+    N(0, I) → N(0, Σ*) with Σ* from ``target.best_gaussian()`` (closed form; for the Ising HS
+    target at β_c its F/N is about 0.14 above exact, against about 0.95 for the identity map).
+
+    Returns:
+        the ``best_gaussian`` dict.
+
+    Raises:
+        ValueError: a flow without a quadratic part, or a target without ``best_gaussian``.
+    """
+    potential = getattr(flow, "potential", None)
+    parts = getattr(potential, "parts", [potential])
+    quads = [p for p in parts if isinstance(p, QuadraticPotential)]
+    if not quads or not callable(getattr(target, "best_gaussian", None)):
+        raise ValueError("quadratic_init='gaussian' needs a potential with a quadratic part and a target with "
+                         "best_gaussian() (the periodic Ising HS target)")
+    best = target.best_gaussian()
+    quads[0].set_covariance(best["spectrum"], float(flow.n_steps * flow.step_size))
+    return best
+
+
 def make_trainer(config: IsingConfig | dict[str, Any], device: torch.device | str = "cpu", out_dir: Any = None,
                  progress: bool = True, checkpoint_every: int = 100, *, target: Any = None, kind: str = "ising",
                  saved_config: dict[str, Any] | None = None,
@@ -146,7 +170,10 @@ def make_trainer(config: IsingConfig | dict[str, Any], device: torch.device | st
                       "for a variational bound, and training exploits that (at L=4, steps of 0.2 gave an F/N "
                       "2e-2 below the exact value; README, Results)", stacklevel=2)
     torch.manual_seed(config.seed)
-    flow = build_flow(config, target.lattice).to(device)
+    flow = build_flow(config, target.lattice)
+    if config.quadratic_init == "gaussian":
+        start_at_best_gaussian(flow, target)
+    flow = flow.to(device)
     model = dist.wrap_sampler(flow, device)  # DDP(SampleModule(flow)) under torchrun: DDP averages the draws' gradients
     opt = torch.optim.Adam(flow.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     sched = cosine_schedule(opt, config.epochs, warmup=config.warmup) if config.schedule == "cosine" else None

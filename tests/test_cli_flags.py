@@ -41,8 +41,9 @@ import latticeflow.train as lftrain
 import models.ising as mi
 import models.mnist as mm
 from analysis.report import ReportSettings
+from latticeflow.ising import ising
 from latticeflow.mixture import SymmetricMixture
-from latticeflow.potentials import ConvPotential, MLPPotential, Symmetrized
+from latticeflow.potentials import ConvPotential, MLPPotential, QuadraticPotential, Symmetrized
 from mnist_helpers import write_mnist
 
 # =============================================================================================
@@ -136,6 +137,7 @@ def ising_build(argv: tuple[str, ...]) -> SimpleNamespace:
         cfg=cfg, trainer=trainer, target=target, flow=flow, inner=inner,
         mlp=next((p for p in inner if isinstance(p, MLPPotential)), None),
         conv=next((p for p in inner if isinstance(p, ConvPotential)), None),
+        quad=next((p for p in inner if isinstance(p, QuadraticPotential)), None),
         sym=next((p for p in parts if isinstance(p, Symmetrized)), None))
 
 
@@ -164,6 +166,11 @@ ISING_CASES = table(
          lambda b: (not b.mlp.readout.any().item(), not b.conv.readout.any().item()), (True, True)),
     Case("--init-scale", ("--init-scale", "linear"), {"init_scale": "linear"},  # U(±1/√4), not 1e-3·N(0, 1)
          lambda b: b.mlp.readout.abs().max().item() > 0.05, True),
+    Case("--quadratic-init", ("--quadratic-init", "gaussian"), {"quadratic_init": "gaussian"},
+         # A = ln(Σ*)/(2T): the top eigenvalue of A·2T is ln of the best Gaussian's top variance (zero: A = 0)
+         lambda b: round(float(torch.linalg.eigvalsh(b.quad.matrix().detach().double()).max()) * 2 * b.flow.n_steps
+                         * b.flow.step_size, 6),
+         round(math.log(float(ising(4, "critical").best_gaussian()["spectrum"].max())), 6)),
     Case("--time-dependent", ("--time-dependent",), {"time_dependent": True},
          lambda b: (b.mlp.readout_t is not None, b.conv.readout_t is not None), (True, True),
          control=("--no-time-dependent",)),

@@ -105,6 +105,36 @@ class QuadraticPotential(Potential):
             raise ValueError("kernel() exists only for lattice potentials (symmetric='d4' or 'translation')")
         return self._param(self.a, self.a_t, t)[..., self.orbits]
 
+    @torch.no_grad()
+    def set_covariance(self, spectrum: Tensor, T: float) -> None:
+        """Set A so that the flow of this potential alone maps N(0, I) to N(0, Σ) in time T.
+
+        x(T) = e^{AT} z has covariance e^{2AT}: A = ln(Σ)/(2T), with Σ circulant of eigenvalues
+        ``spectrum`` (an (L1, L2) tensor in FFT order, all > 0, invariant under this
+        potential's symmetry). The linear and time-dependent parts are set to zero.
+
+        Raises:
+            ValueError: a non-lattice potential, a spectrum of the wrong shape or not positive,
+                or T <= 0.
+        """
+        if self.orbits is None:
+            raise ValueError("set_covariance needs a lattice potential (symmetric='d4' or 'translation')")
+        spec = torch.as_tensor(spectrum, dtype=torch.float64)
+        if tuple(spec.shape) != tuple(self.shape) or not bool((spec > 0).all()):
+            raise ValueError(f"spectrum must be a positive tensor of shape {tuple(self.shape)}, got shape "
+                             f"{tuple(spec.shape)}")
+        if not T > 0:
+            raise ValueError(f"T must be > 0, got T={T!r}")
+        kernel = torch.fft.ifft2(torch.log(spec) / (2.0 * T)).real  # a(dr), an (L1, L2) image
+        orbits = self.orbits.reshape(-1)
+        n = int(orbits.max()) + 1
+        total = torch.zeros(n, dtype=torch.float64).index_add_(0, orbits, kernel.reshape(-1))
+        count = torch.zeros(n, dtype=torch.float64).index_add_(0, orbits, torch.ones_like(kernel.reshape(-1)))
+        self.a.copy_((total / count).to(self.a))
+        for p in (self.a_t, self.b, self.b_t):
+            if p is not None:
+                p.zero_()
+
     def _kernel_and_transform(self, t: Tensor | float) -> tuple[Tensor, Tensor]:
         K = self.kernel(t)
         return K, torch.fft.rfft2(K).real
