@@ -258,8 +258,12 @@ def test_independence_sampler_is_unbiased(exact_l2):
     target, en = exact_l2
     flow = fitted_gaussian_flow(target, mlp_scale=0.3)
     res = neural_independence_sampler(flow, target, 6000, generator=torch.Generator().manual_seed(13), batch=2000)
-    assert res.n_chains == 1 and res.n_samples == 6000
+    assert res.n_chains == 8 and res.n_samples == 750  # 6000 proposals in 8 independent chains
     assert 0.2 < res.acceptance_rate < 1.0
+    one = neural_independence_sampler(flow, target, 6000, generator=torch.Generator().manual_seed(13), batch=2000,
+                                      n_chains=1)
+    assert one.n_chains == 1 and one.n_samples == 6000
+    within(one.observables["m2"], en.m2)
     within(res.observables["m2"], en.m2)
     within(res.observables["energy"], en.energy / target.beta)
     assert res.tau["abs_m"] < 20
