@@ -624,14 +624,15 @@ def neural_independence_sampler(
     n: int,
     generator: torch.Generator | None = None,
     batch: int = 1024,
-    n_chains: int = 8,
+    n_chains: int = 4,
 ) -> ChainResult:
     """Independence Metropolis with flow samples as proposals (paper section 4.2).
 
     The n proposals are split into C = ``n_chains`` consecutive streams, each driving its own
-    chain: the error bars then come from the spread between independent chains (the
-    jackknife over chains, as for HMC) and split-R̂ compares them, instead of trusting one
-    chain's τ, which heavy-tailed weights make long and hard to estimate.
+    chain, so that split-R̂ can compare independent chains. The error bars come from
+    jackknife blocks of at least 2τ across all chains; with C >= 8 from the spread between
+    chains (which, with 8 blocks, gave heavier-tailed z-scores: std 1.24 against 1.07 for one
+    chain over 30 seeds on a trained L=3 flow).
 
     Args:
         flow: the flow (its ``sample`` gives x and ln q).
@@ -739,6 +740,44 @@ def integration_error(flow: Flow, n: int, generator: torch.Generator | None = No
             logdet[i] = torch.linalg.slogdet(jac)[1]
     logq_exact = standard_normal_log_prob(z) - logdet
     return {"x": x, "logq_integrated": logq_int, "logq_exact": logq_exact, "delta": logq_int - logq_exact}
+
+
+# ---------------------------------------------------------------------- the target side of the weights
+@torch.no_grad()
+def target_side_free_energy(flow: Flow, target: Target, chain: ChainResult, max_samples: int = 1024,
+                            generator: torch.Generator | None = None, batch: int = 512) -> Estimate:
+    """−ln Z/N from the target's own samples (a Markov chain), through the flow's density.
+
+    For x ~ e^{−E}/Z (and, for a random-symmetrised flow, fresh noise tokens t ~ p(t)),
+    E[q(x | t)·e^{E(x)}] = 1/Z exactly, whatever q, since q is normalised. So
+    −ln Z = ln mean(e^{−ln w}) with ln w = −E − ln q evaluated on target samples: the
+    mirror image of the importance-weighted estimate from flow samples. When the flow misses
+    part of the target (mode collapse), flow samples never see it and their estimate is too
+    high, with an error bar that looks fine; target samples do land there and this estimate
+    is not fooled. :func:`analysis.report.compute_estimates` compares the two.
+
+    Args:
+        flow: the flow.
+        target: the target the chain sampled.
+        chain: a :class:`ChainResult` of the target (physical or latent HMC); up to
+            ``max_samples`` states are used, evenly thinned, grouped by chain for the error.
+        max_samples: states evaluated (each costs one backward flow pass).
+        generator: torch.Generator for the noise tokens.
+        batch: states per flow call.
+
+    Returns:
+        an :class:`Estimate` of −ln Z/N with a jackknife error over chains (over time blocks
+        for fewer than 8 chains).
+    """
+    n, C, N = chain.x.shape
+    step = max(1, math.ceil(n * C / max_samples))
+    x = chain.x.transpose(0, 1)[:, ::step].reshape(-1, N)  # chain-major, each chain thinned alike
+    lq = torch.cat([flow.log_prob(x[i:i + batch].to(flow.dtype), generator=generator) for i in range(0, len(x), batch)])
+    lw = (-target.energy(x.to(flow.dtype)) - lq).double().cpu().numpy()
+    blocks = C if C >= MIN_CHAINS_FOR_CHAIN_JACKKNIFE else min(20, max(2, len(lw) // 2))
+    # −ln Z = ln ⟨e^{−ln w}⟩_p: the importance estimate of ln⟨e^{u}⟩ with u = −ln w, sign flipped
+    est = importance_free_energy(np.zeros_like(lw), lw, n_blocks=blocks)  # −ln⟨e^{−lw}⟩
+    return Estimate(-est.value / N, est.stderr / N)
 
 
 # ---------------------------------------------------------------------- exact references

@@ -29,7 +29,7 @@ import math
 import os
 import time
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +51,7 @@ from .latent import (
     FlowEstimates,
     flow_estimates,
     integration_error,
+    target_side_free_energy,
     latent_hmc,
     neural_independence_sampler,
     physical_hmc,
@@ -75,6 +76,7 @@ LABELS = {
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 CSV_COLUMNS = ("quantity", "method", "value", "stderr", "systematic", "exact", "deviation_sigma", "reliable",
                "reason")
+CROSS_CHECK_SIGMA = 3.0  # flow-side and target-side −ln Z/N must agree within this (see compute_estimates)
 PLAIN = Verdict(False, "plain flow average: biased by the flow's error (use a reweighted or Monte Carlo row)")
 BOUND = Verdict(False, "upper bound: F_q ≥ F by construction; the error bar is that of F_q, not of F")
 
@@ -397,7 +399,12 @@ def compute_estimates(flow: Flow, target: IsingHS, settings: ReportSettings | No
     Returns:
         dict with ``rows`` (:func:`estimate_rows`), ``samplers`` (sampler table rows), ``flow``
         (FlowEstimates), ``chains`` (method → ChainResult), ``cluster`` (the SW run or None)
-        and ``rk4`` (the integrator check: samples, mean, max_abs, systematic, seconds; or None).
+        ``rk4`` (the integrator check: samples, mean, max_abs, systematic, seconds; or None) and
+        ``cross_check`` (−ln Z/N from the first converged HMC chain's samples through the flow's
+        density, :func:`analysis.latent.target_side_free_energy`: chain, value, stderr and
+        deviation_sigma from the flow-side importance estimate; or None). Beyond
+        :data:`CROSS_CHECK_SIGMA` the flow misses part of the target, and every importance
+        estimate (reweighted, importance-weighted F, independence sampler) is marked unusable.
     """
     s = settings if settings is not None else ReportSettings()
     say = print if s.verbose else (lambda *a, **k: None)
@@ -446,6 +453,22 @@ def compute_estimates(flow: Flow, target: IsingHS, settings: ReportSettings | No
         say(f"Swendsen-Wang: {s.sw_sweeps} sweeps × {s.sw_chains} chains, tau(|m|) = "
             f"{quiet_integrated_time(cluster.series('abs_m')):.3g} ({cluster.seconds:.1f} s)")
 
+    cross = None
+    reference_chain = next((chains[k] for k in ("physical HMC", "latent HMC") if k in chains and chains[k].verdict.reliable),
+                           None)
+    if reference_chain is not None:
+        fp = target_side_free_energy(flow, target, reference_chain, generator=gen(6), batch=s.batch)
+        fq = fe.free_energy_importance
+        z = (fq.value - fp.value) / math.hypot(fq.stderr, fp.stderr)
+        cross = {"chain": reference_chain.method, "value": fp.value, "stderr": fp.stderr, "deviation_sigma": z}
+        say(f"target-side check ({reference_chain.method} samples through the flow's density): −ln Z/N = {fp}, "
+            f"flow-side {fq}: {z:+.1f}σ")
+        if abs(z) > CROSS_CHECK_SIGMA:
+            miss = Verdict(False, f"the flow misses part of the target: −ln Z/N from {reference_chain.method} samples "
+                                  f"is {fp}, {z:+.1f}σ from the flow samples' {fq}")
+            fe.importance = replace(fe.importance, verdict=Verdict.combine(fe.importance.verdict, miss))
+            if "independence" in chains:
+                chains["independence"].verdict = Verdict.combine(chains["independence"].verdict, miss)
     observables = {name: r.observables for name, r in chains.items()}
     verdicts = {name: r.verdict for name, r in chains.items()}
     if cluster is not None:
@@ -459,7 +482,8 @@ def compute_estimates(flow: Flow, target: IsingHS, settings: ReportSettings | No
     samplers = [_sampler_row(r, reference if r is not reference else None) for r in chains.values()]
     if cluster is not None:
         samplers.append(_cluster_row(cluster))
-    return {"rows": rows, "samplers": samplers, "flow": fe, "chains": chains, "cluster": cluster, "rk4": rk4}
+    return {"rows": rows, "samplers": samplers, "flow": fe, "chains": chains, "cluster": cluster, "rk4": rk4,
+            "cross_check": cross}
 
 
 # ---------------------------------------------------------------------- the whole report
@@ -502,6 +526,7 @@ def run_report(checkpoint: str | os.PathLike, out_dir: str | os.PathLike,
     fe, chains, cluster, rows, samplers, rk4 = (res[k] for k in ("flow", "chains", "cluster", "rows", "samplers",
                                                                  "rk4"))
     systematic = 0.0 if rk4 is None else rk4["systematic"]
+    cross = res["cross_check"]
     lat = target.lattice
 
     figures: list[Path] = []
@@ -532,6 +557,11 @@ def run_report(checkpoint: str | os.PathLike, out_dir: str | os.PathLike,
               "importance weights": f"Pareto k̂ = {fe.importance.pareto_k:.3g} (usable ≤ {fe.importance.k_max:.2g}), "
                                     f"Kish ESS = {fe.importance.ess:.1f} of {fe.n_samples}, "
                                     f"Var ln w = {fe.importance.log_weight_variance:.3g}",
+              "target-side check": ("no converged HMC chain to check against" if cross is None else
+                                    f"−ln Z/N from {cross['chain']} samples through the flow's density "
+                                    f"{format_with_error(cross['value'], cross['stderr'])}, "
+                                    f"{cross['deviation_sigma']:+.1f}σ from the flow samples' (> {CROSS_CHECK_SIGMA:g}σ: "
+                                    f"the flow misses part of the target; importance estimates marked unusable)"),
               "RK4 density check": ("skipped (free energies carry no integrator error)" if rk4 is None else
                                     f"{rk4['samples']} samples: ln q integrated − exact mean {rk4['mean']:+.2e}, "
                                     f"max {rk4['max_abs']:.2e} nats → systematic {systematic:.2e} per site"),
@@ -544,4 +574,4 @@ def run_report(checkpoint: str | os.PathLike, out_dir: str | os.PathLike,
     files += [md] + figures
     say(f"wrote {md}")
     return {"rows": rows, "samplers": samplers, "flow": fe, "chains": chains, "cluster": cluster, "files": files,
-            "settings": s, "rk4": rk4}
+            "settings": s, "rk4": rk4, "cross_check": cross}

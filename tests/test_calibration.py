@@ -57,7 +57,12 @@ def test_the_verdicts_are_needed_and_not_blanket(z):
     # ...a barely trained flow's importance weights never are...
     barely = z[(z["stage"] == "barely trained") & z["method"].isin(["flow reweighted", "flow importance"])]
     assert len(barely) and not barely["reliable"].any()
-    assert barely["reason"].str.contains("Pareto k̂").all() and barely["reason"].str.contains("Kish ESS/B").all()
+    assert barely["reason"].str.contains("Kish ESS/B").all()
     # ...and the flags catch estimates whose error bars would mislead: some flagged rows lie beyond 4σ
     assert (z.loc[~z["reliable"], "z"].abs() > 4).any()
+    # a flow that misses part of the target passes every test on its own samples (here the L=4 flow at
+    # 300 epochs, seed 1: ESS/B 0.61, k̂ 0.30, reweighted |m| 15σ off); the target side catches it
+    missed = z[z["reason"].str.contains("misses part of the target")]
+    assert len(missed) and (missed["z"].abs() > 4).any()
+
 

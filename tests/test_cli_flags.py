@@ -166,11 +166,14 @@ ISING_CASES = table(
          lambda b: (not b.mlp.readout.any().item(), not b.conv.readout.any().item()), (True, True)),
     Case("--init-scale", ("--init-scale", "linear"), {"init_scale": "linear"},  # U(±1/√4), not 1e-3·N(0, 1)
          lambda b: b.mlp.readout.abs().max().item() > 0.05, True),
+    Case("--quadratic-init", ("--quadratic-init", "zero"), {"quadratic_init": "zero"},
+         lambda b: float(b.quad.a.abs().max()), 0.0, control=("--quadratic-init", "gaussian")),
     Case("--quadratic-init", ("--quadratic-init", "gaussian"), {"quadratic_init": "gaussian"},
          # A = ln(Σ*)/(2T): the top eigenvalue of A·2T is ln of the best Gaussian's top variance (zero: A = 0)
          lambda b: round(float(torch.linalg.eigvalsh(b.quad.matrix().detach().double()).max()) * 2 * b.flow.n_steps
                          * b.flow.step_size, 6),
-         round(math.log(float(ising(4, "critical").best_gaussian()["spectrum"].max())), 6)),
+         round(math.log(float(ising(4, "critical").best_gaussian()["spectrum"].max())), 6),
+         control=("--quadratic-init", "zero")),
     Case("--time-dependent", ("--time-dependent",), {"time_dependent": True},
          lambda b: (b.mlp.readout_t is not None, b.conv.readout_t is not None), (True, True),
          control=("--no-time-dependent",)),

@@ -25,7 +25,7 @@ import torch
 import models.ising as mi
 from latticeflow import distributed as dist
 from latticeflow import ising
-from latticeflow.build import build_flow
+from latticeflow.build import build_flow, start_at_best_gaussian
 from latticeflow.checkpoint import load_checkpoint
 from latticeflow.train import VariationalTrainer, kish_ess
 
@@ -48,6 +48,8 @@ def reference(config: dict, worlds: list[int]) -> tuple[dict[str, torch.Tensor],
     target = ising(config["L"], config["beta"], J=config["J"])
     torch.manual_seed(config["seed"])
     flow = build_flow(config, target.lattice)
+    if config["quadratic_init"] == "gaussian":
+        start_at_best_gaussian(flow, target)  # as make_trainer does
     opt = torch.optim.Adam(flow.parameters(), lr=config["lr"], weight_decay=config["weight_decay"])
     gens: dict[int, torch.Generator] = {}
     rows = []

@@ -60,5 +60,10 @@ def test_the_config_flag_starts_training_at_the_best_gaussian():
     assert first == pytest.approx(target.best_gaussian()["free_energy"], abs=0.02)
     trainer0, _ = make_trainer(config.replace(quadratic_init="zero"), progress=False)
     assert trainer0.fit(1)["free_energy_hs"].iloc[0] > first + 0.3  # the identity map starts far higher
-    with pytest.raises(ValueError, match="quadratic part"):
-        make_trainer(config.replace(potential="mlp"), progress=False)
+    assert ISING_DEFAULT.quadratic_init == "gaussian"  # the default
+    # no quadratic part, or a target without a Gaussian fit: nothing to set, nothing changed
+    mlp, target = make_trainer(config.replace(potential="mlp"), progress=False)
+    assert start_at_best_gaussian(mlp.flow, target) is None
+    from latticeflow.phi4 import phi4
+
+    assert start_at_best_gaussian(build_flow(config, target.lattice), phi4(4, m2=-4.0, lam=6.975)) is None

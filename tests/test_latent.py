@@ -25,6 +25,7 @@ from analysis.latent import (
     physical_hmc,
     quiet_integrated_time,
     speedup,
+    target_side_free_energy,
 )
 from latticeflow import ising
 from latticeflow.exact import enumerate_ising, kaufman_internal_energy, kaufman_specific_heat
@@ -258,7 +259,7 @@ def test_independence_sampler_is_unbiased(exact_l2):
     target, en = exact_l2
     flow = fitted_gaussian_flow(target, mlp_scale=0.3)
     res = neural_independence_sampler(flow, target, 6000, generator=torch.Generator().manual_seed(13), batch=2000)
-    assert res.n_chains == 8 and res.n_samples == 750  # 6000 proposals in 8 independent chains
+    assert res.n_chains == 4 and res.n_samples == 1500  # 6000 proposals in 4 independent chains
     assert 0.2 < res.acceptance_rate < 1.0
     one = neural_independence_sampler(flow, target, 6000, generator=torch.Generator().manual_seed(13), batch=2000,
                                       n_chains=1)
@@ -396,3 +397,15 @@ def test_hmc_wrapper_matches_from_energy_for_identity(generator):
     a = hmc(latent_log_prob(flow, target), x0, n_samples=5, generator=torch.Generator().manual_seed(1))
     b = hmc(from_energy(target), x0, n_samples=5, generator=torch.Generator().manual_seed(1))
     torch.testing.assert_close(a.samples, b.samples, rtol=0, atol=1e-10)
+
+
+def test_target_side_free_energy_matches_exact(exact_l2):
+    # E_p[q(x) e^{E(x)}] = 1/Z for any normalised q: −ln Z from a chain of the target itself
+    target, _ = exact_l2
+    flow = fitted_gaussian_flow(target, mlp_scale=0.3)
+    chain = physical_hmc(target, n_chains=8, n_samples=400, n_leapfrog=5, n_warmup=50,
+                         generator=torch.Generator().manual_seed(2))
+    est = target_side_free_energy(flow, target, chain, max_samples=2000, generator=torch.Generator().manual_seed(3))
+    exact = target.exact_free_energy()
+    assert 0 < est.stderr < 0.02
+    assert abs(est.value - exact) < 4 * est.stderr
