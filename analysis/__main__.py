@@ -33,7 +33,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=positive_int, default=_D.batch, help="flow samples per call")
     p.add_argument("--hmc-samples", type=int_at_least(2), default=_D.hmc_samples, help="stored HMC iterations per chain")
     p.add_argument("--hmc-chains", type=positive_int, default=_D.hmc_chains, help="HMC chains")
-    p.add_argument("--hmc-leapfrog", type=positive_int, default=_D.hmc_leapfrog, help="leapfrog steps per trajectory")
+    p.add_argument("--hmc-leapfrog", type=positive_int, default=_D.hmc_leapfrog,
+                   help="leapfrog steps per trajectory of physical HMC")
+    p.add_argument("--latent-leapfrog", type=positive_int, default=_D.latent_leapfrog,
+                   help="leapfrog steps per trajectory of latent HMC (short trajectories are cheaper per "
+                        "independent sample there)")
     p.add_argument("--hmc-warmup", type=nonnegative_int, default=_D.hmc_warmup, help="step-size adaptation iterations")
     p.add_argument("--target-accept", type=fraction, default=_D.target_accept, help="HMC acceptance aimed at")
     p.add_argument("--step-size", type=positive_float, default=_D.step_size, help="initial leapfrog step")
@@ -67,7 +71,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     setup_run("cpu", args.threads, verbose=not args.quiet)
     settings = ReportSettings(samples=args.samples, batch=args.batch, hmc_samples=args.hmc_samples,
-                              hmc_chains=args.hmc_chains, hmc_leapfrog=args.hmc_leapfrog, hmc_warmup=args.hmc_warmup,
+                              hmc_chains=args.hmc_chains, hmc_leapfrog=args.hmc_leapfrog,
+                              latent_leapfrog=args.latent_leapfrog, hmc_warmup=args.hmc_warmup,
                               target_accept=args.target_accept, step_size=args.step_size, skip_hmc=args.skip_hmc,
                               skip_latent_hmc=args.skip_latent_hmc,
                               independence=args.independence, sw_sweeps=args.sw_sweeps, sw_chains=args.sw_chains,

@@ -546,6 +546,7 @@ ANALYSIS_FLAGS = [  # flag, argv, ReportSettings field, expected (the default di
     ("--hmc-samples", ["--hmc-samples", "10"], "hmc_samples", 10),
     ("--hmc-chains", ["--hmc-chains", "2"], "hmc_chains", 2),
     ("--hmc-leapfrog", ["--hmc-leapfrog", "3"], "hmc_leapfrog", 3),
+    ("--latent-leapfrog", ["--latent-leapfrog", "7"], "latent_leapfrog", 7),
     ("--hmc-warmup", ["--hmc-warmup", "5"], "hmc_warmup", 5),
     ("--target-accept", ["--target-accept", "0.8"], "target_accept", 0.8),
     ("--step-size", ["--step-size", "0.2"], "step_size", 0.2),
