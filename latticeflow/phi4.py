@@ -224,6 +224,40 @@ class Phi4:
         return {"m": 0.0, "abs_m": math.sqrt(2 * m2 / math.pi), "m2": m2, "chi": chi, "binder": 0.0,
                 "xi": math.sqrt(xi2), "action_density": 0.5 + self.shift}
 
+    def best_gaussian(self, tol: float = 1e-13) -> dict[str, Any]:
+        """The translation-invariant Gaussian q = N(0, Σ) closest to e^{−S} in reverse KL (Hartree).
+
+        With S = ½ φᵀMφ + g Σ_x φ_x⁴ + N s and Σ of Fourier eigenvalues s_k, v = ⟨φ_x²⟩_q =
+        mean_k s_k: F = ½ Σ_k s_k M_k + 3 g N v² − ½ Σ_k ln s_k − (N/2)(1 + ln 2π) + N s, and
+        ∂F/∂s_k = 0 gives s_k = 1/(M_k + 12 g v), self-consistent in v (bisection). For g = 0
+        it is the free theory itself (F exact); for g > 0 it is the mean-field (Hartree) mass
+        M_k + 12gv > 0, which exists even where M_0 < 0 (m² < 0). The flow's quadratic part can
+        start here (:func:`latticeflow.build.start_at_best_gaussian`).
+
+        Returns:
+            dict with ``spectrum`` (s_k, (L, L) float64 in FFT order), ``v`` and ``free_energy``
+            (F/N of q, an upper bound of −ln Z/N).
+        """
+        M, g = self.spectrum(), float(self.quartic)
+        if g == 0:
+            spec = 1.0 / M
+        else:
+            def excess(v: float) -> float:  # mean_k s_k(v) − v, decreasing in v where M_k + 12gv > 0
+                return float((1.0 / (M + 12 * g * v)).mean()) - v
+
+            lo = max(0.0, -float(M.min()) / (12 * g)) * (1 + 1e-12) + 1e-300
+            hi = max(lo * 2, 1.0)
+            while excess(hi) > 0:
+                hi *= 2
+            while hi - lo > tol * hi:
+                mid = 0.5 * (lo + hi)
+                lo, hi = (mid, hi) if excess(mid) > 0 else (lo, mid)
+            spec = 1.0 / (M + 12 * g * hi)
+        v = float(spec.mean())
+        F = (0.5 * float((spec * M).sum()) + 3 * g * self.N * v**2 - 0.5 * float(torch.log(spec).sum())
+             - 0.5 * self.N * (1 + math.log(2 * math.pi))) / self.N + self.shift
+        return {"spectrum": spec, "v": v, "free_energy": F}
+
     def sample_free(self, n: int, generator: torch.Generator | None = None) -> Tensor:
         """Exact samples of the free theory: φ = M^{−1/2} z by FFT, shape (n, N), float64."""
         mk = self._check_free()

@@ -311,7 +311,10 @@ class Trainer:
            hi + :data:`DIVERGENCE_FACTOR` · max(hi − lo, 1e-3·|hi|);
         3. a rise: the loss exceeds the first epoch's loss by :data:`DIVERGENCE_FACTOR` times that
            epoch's per-sample standard deviation (``loss_std`` of the record, see
-           :meth:`loss_scale`; |first loss| when the trainer logs none).
+           :meth:`loss_scale`; |first loss| when the trainer logs none), taken as at least 1 nat:
+           a flow that starts exact (a Gaussian target and the closed-form Gaussian start) has
+           a standard deviation of 0, and Adam's first steps away from the optimum are no
+           divergence.
 
         Only the loss is tested: other columns may legitimately be NaN (a standard deviation of
         a batch of one). The rule reads the log, so it continues across resumes, and every rank
@@ -331,6 +334,7 @@ class Trainer:
             first = self.records[0]
             scale = self.loss_scale(first)
             scale = scale if scale is not None and math.isfinite(scale) and scale > 0 else abs(first["loss"])
+            scale = max(scale, 1.0)
             limit = first["loss"] + DIVERGENCE_FACTOR * scale
             if loss > limit:
                 return (f"loss {loss:.6g} rose above the first epoch's {first['loss']:.6g} by more than "

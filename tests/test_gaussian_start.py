@@ -64,6 +64,37 @@ def test_the_config_flag_starts_training_at_the_best_gaussian():
     # no quadratic part, or a target without a Gaussian fit: nothing to set, nothing changed
     mlp, target = make_trainer(config.replace(potential="mlp"), progress=False)
     assert start_at_best_gaussian(mlp.flow, target) is None
-    from latticeflow.phi4 import phi4
+    assert start_at_best_gaussian(build_flow(config, target.lattice), object()) is None  # no best_gaussian
 
-    assert start_at_best_gaussian(build_flow(config, target.lattice), phi4(4, m2=-4.0, lam=6.975)) is None
+
+def test_phi4_best_gaussian_is_exact_for_the_free_theory_and_stationary_otherwise():
+    from latticeflow.phi4 import phi4, phi4_hopping
+
+    free = phi4(8, m2=0.5, lam=0.0)
+    best = free.best_gaussian()
+    assert best["free_energy"] == pytest.approx(free.exact_free_energy(), abs=1e-12)
+    torch.testing.assert_close(best["spectrum"], 1 / free.spectrum())
+    for target in (phi4(6, m2=-4.0, lam=6.975), phi4_hopping(6, kappa=0.3, lam_tilde=0.02)):
+        best = target.best_gaussian()
+        M, g, N = target.spectrum().reshape(-1), target.quartic, target.N
+
+        def F(log_s):
+            s = log_s.exp()
+            v = s.mean()
+            return (0.5 * (s * M).sum() + 3 * g * N * v**2 - 0.5 * log_s.sum()
+                    - 0.5 * N * (1 + math.log(2 * math.pi))) / N + target.shift
+
+        log_s = best["spectrum"].reshape(-1).log().requires_grad_(True)
+        (grad,) = torch.autograd.grad(F(log_s), log_s)
+        assert F(log_s).item() == pytest.approx(best["free_energy"], abs=1e-12)
+        assert grad.abs().max().item() < 1e-9
+        assert (best["spectrum"] > 0).all()
+    # the φ⁴ driver's flow starts there too
+    target = phi4(6, m2=-4.0, lam=6.975)
+    config = ISING_DEFAULT.replace(L=6, potential="quadratic", n_steps=4, step_size=0.25)
+    flow = build_flow(config, target.lattice).double()
+    assert start_at_best_gaussian(flow, target) is not None
+    with torch.no_grad():
+        x, logq = flow.sample(20000, generator=torch.Generator().manual_seed(1))
+        f = variational_free_energy(logq.numpy(), target.energy(x).numpy()).per_site(target.N)
+    assert abs(f.value - target.best_gaussian()["free_energy"]) < 4 * f.stderr
