@@ -53,6 +53,9 @@ class Phi4Config(Config):
                                      show="5, or the largest odd size <= L when L < 5")
     conv_layers: int = option(1, "layers of the conv potential", parse=int, choices=(1, 2))
     init_scale: float = option(1e-3, "std of the networks' initial readout weights", parse=cli.nonnegative_float)
+    quadratic_init: str = option("zero", "start of the quadratic part: 'zero' (the identity map) or 'gaussian' "
+                                 "(the closed-form Hartree Gaussian, Phi4.best_gaussian; not yet measured as a "
+                                 "default here)", choices=("zero", "gaussian"))
     time_dependent: bool = option(True, "potentials depend linearly on t (paper section 6)")
     n_steps: int = option(10, "RK4 steps d", parse=cli.positive_int)
     step_size: float = option(0.1, "RK4 step ε", parse=cli.positive_float)
@@ -107,7 +110,7 @@ class Phi4Config(Config):
 
 #: Config keys shared with IsingConfig (flow and training).
 FLOW_KEYS = ("potential", "hidden", "activation", "bias", "channels", "kernel_size", "conv_layers", "init_scale",
-             "time_dependent", "n_steps", "step_size", "symmetrize", "group", "mixture", "dtype", "grad_checkpoint",
+             "quadratic_init", "time_dependent", "n_steps", "step_size", "symmetrize", "group", "mixture", "dtype", "grad_checkpoint",
              "batch", "lr", "weight_decay", "epochs", "grad_clip", "warmup", "schedule", "seed")
 
 #: The built-in default of ``python -m models.phi4``.

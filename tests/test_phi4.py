@@ -223,6 +223,22 @@ def test_driver_end_to_end_on_a_tiny_lattice(tmp_path, capsys):
     assert json.loads((out / "summary.json").read_text())["epochs"] == 35
 
 
+def test_quadratic_init_flag_reaches_the_flow():
+    # φ⁴ keeps the identity start by default; --quadratic-init gaussian starts at the Hartree Gaussian
+    for argv, expected in (([], "zero"), (["--quadratic-init", "gaussian"], "gaussian")):
+        cfg = mp.config_from_args(mp.build_parser().parse_args(["--L", "4", "--hidden", "4", *argv]))
+        assert cfg.quadratic_init == expected and cfg.flow_config().quadratic_init == expected
+        trainer, target = mp.make_trainer(cfg, torch.device("cpu"), None, progress=False)
+        quad = trainer.flow.potential.parts[0]
+        A = quad.matrix().detach().double()
+        if expected == "zero":
+            assert not A.any()
+        else:  # A = ln(Σ*)/(2T): Σ* is the Hartree covariance
+            T = trainer.flow.n_steps * trainer.flow.step_size
+            spec = target.best_gaussian()["spectrum"]
+            assert float(torch.linalg.eigvalsh(A).max()) * 2 * T == pytest.approx(math.log(float(spec.max())), abs=1e-5)
+
+
 def test_driver_flags_reach_the_config():
     args = mp.build_parser().parse_args(["--L", "5", "--kappa", "0.2", "--lam-tilde", "0.7", "--hidden", "8"])
     cfg = mp.config_from_args(args)
