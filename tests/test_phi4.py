@@ -250,7 +250,8 @@ def test_driver_flags_reach_the_config():
 
 FLAG_VALUES = {"L": "5", "m2": "0.5", "lam": "0.1", "kappa": "0.2", "lam_tilde": "0.3", "potential": "quadratic+conv",
                "hidden": "8", "activation": "tanh", "channels": "4", "kernel_size": "3", "conv_layers": "2",
-               "init_scale": "0.01", "quadratic_init": "gaussian", "n_steps": "3", "step_size": "0.05", "symmetrize": "exact", "group": "d4",
+               "init_scale": "0.01", "quadratic_init": "gaussian", "n_steps": "3", "step_size": "0.05",
+               "symmetrize": "exact", "group": "d4",
                "mixture": "z2", "dtype": "float64", "batch": "32", "lr": "0.001", "weight_decay": "0.1", "epochs": "7",
                "grad_clip": "1.5", "warmup": "2", "schedule": "constant", "seed": "3"}
 SWITCHES = {"bias": ("--no-bias", False), "time_dependent": ("--no-time-dependent", False),
@@ -271,4 +272,5 @@ def test_every_config_flag_reaches_the_config_and_the_flow_config():
     for k, (_, v) in SWITCHES.items():
         assert getattr(cfg, k) is v
     fc = cfg.flow_config()
-    assert all(getattr(fc, k) == getattr(cfg, k) for k in ("hidden", "group", "mixture", "dtype", "lr", "conv_layers", "quadratic_init"))
+    assert all(getattr(fc, k) == getattr(cfg, k)
+               for k in ("hidden", "group", "mixture", "dtype", "lr", "conv_layers", "quadratic_init"))
