@@ -126,9 +126,12 @@ def start_at_best_gaussian(flow: Any, target: Any) -> dict[str, Any] | None:
     potential = getattr(flow, "potential", None)
     parts = getattr(potential, "parts", [potential])
     quads = [p for p in parts if isinstance(p, QuadraticPotential) and p.orbits is not None]
-    if not quads or not callable(getattr(target, "best_gaussian", None)) or getattr(target, "_dense", None) is not None:
+    if not quads or not callable(getattr(target, "best_gaussian", None)):
         return None
-    best = target.best_gaussian()
+    try:
+        best = target.best_gaussian()
+    except ValueError:  # no closed form for this target (dense couplings)
+        return None
     quads[0].set_covariance(best["spectrum"], float(flow.n_steps * flow.step_size))
     return best
 
