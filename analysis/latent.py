@@ -439,7 +439,8 @@ def _hmc_until_converged(density: Any, start: Tensor, to_x: Any, target: Target,
     While the verdict fails and another round fits into ``max_seconds`` (a round doubles the
     iterations, so it costs about as much as all sampling so far), the chains continue from
     their last states with the frozen step, and the first half of all iterations becomes
-    burn-in. ``max_seconds=None`` runs one round only.
+    burn-in, up to :data:`MAX_EXTENSION` times the requested iterations. ``max_seconds=None``
+    runs one round only.
     """
     timer = _Timer()
     res = hmc(density, start, n_samples=n_samples, n_leapfrog=n_leapfrog, step_size=step_size, n_warmup=n_warmup,
@@ -450,7 +451,7 @@ def _hmc_until_converged(density: Any, start: Tensor, to_x: Any, target: Target,
     seconds += time.perf_counter() - t
     accepted, total, step, final = res.acceptance_rate * n_samples, n_samples, res.step_size, res.final
     burn = 0
-    while max_seconds is not None and 2 * seconds <= max_seconds:
+    while max_seconds is not None and 2 * seconds <= max_seconds and total < MAX_EXTENSION * n_samples:
         if _diagnose(torch.cat(xs)[burn:], target)[3].reliable:
             break
         t = time.perf_counter()
@@ -466,6 +467,7 @@ def _hmc_until_converged(density: Any, start: Tensor, to_x: Any, target: Target,
                     step_size=step, seconds=seconds, burn_in=burn)
 
 
+MAX_EXTENSION = 64  # chains run on to at most 64× the requested iterations (6 doublings), whatever the time left
 OVERDISPERSION = 2.0  # latent HMC: half the chains start from N(0, 2²I), the other half from N(0, I)
 
 

@@ -17,8 +17,10 @@ from latticeflow.config import ISING_DEFAULT
 
 STAGES = {"barely trained": 3, "partly trained": 40, "well trained": 300}
 SEEDS = range(4)
+# chain_seconds never binds here (chains stop on convergence or at 64× their length), so the
+# numbers do not depend on the machine's load
 SETTINGS = ReportSettings(samples=2048, batch=1024, hmc_chains=8, hmc_samples=100, hmc_warmup=50, hmc_leapfrog=5,
-                          skip_latent_hmc=True, chain_seconds=3.0, independence=2048, sw_sweeps=400, sw_chains=4,
+                          skip_latent_hmc=True, chain_seconds=600.0, independence=2048, sw_sweeps=400, sw_chains=4,
                           sw_thermalize=50, rk4_check=2, plots=False, verbose=False)
 
 

@@ -69,12 +69,12 @@ def test_overdispersed_start_spans_both_ordered_states():
 
 def test_physical_hmc_runs_on_until_converged():
     target = ising(3, 0.4)
-    kw = dict(n_chains=8, n_samples=8, n_leapfrog=4, n_warmup=20)
+    kw = dict(n_chains=8, n_samples=200, n_leapfrog=4, n_warmup=20)
     once = physical_hmc(target, generator=torch.Generator().manual_seed(0), **kw)
-    assert once.burn_in == 0 and once.n_samples == 8
-    assert not once.verdict.reliable  # 8 samples are fewer than 50τ
+    assert once.burn_in == 0 and once.n_samples == 200
+    assert not once.verdict.reliable  # 200 samples are fewer than 50τ
     more = physical_hmc(target, generator=torch.Generator().manual_seed(0), max_seconds=60, **kw)
     assert more.verdict.reliable, more.verdict.reason
-    assert more.burn_in == more.n_samples >= 8 * 2  # doubled at least once; the first half is burn-in
+    assert more.burn_in == more.n_samples >= 200 * 2  # doubled at least once; the first half is burn-in
     assert more.n_samples >= TAU_LENGTHS * max(more.tau["abs_m"], more.tau["energy"])
     assert max(more.rhat["abs_m"], more.rhat["energy"]) <= RHAT_MAX
