@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -138,3 +139,17 @@ def check_points(x: object, dim: int, dtype: torch.dtype, name: str = "x") -> Te
     if x.shape[0] == 0:
         raise ValueError(f"{name} must hold at least one sample, got shape={tuple(x.shape)}")
     return x
+
+
+def check_grad_clip(value: Any) -> float | str | None:
+    """``grad_clip``: None (no clipping), ``"auto"`` (see :meth:`latticeflow.train.VariationalTrainer.clip_limit`)
+    or a finite number > 0; anything else is a one-line ValueError."""
+    if value is None or value == "auto":
+        return value
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        v = math.nan
+    if isinstance(value, bool) or not (math.isfinite(v) and v > 0):
+        raise ValueError(f"grad_clip must be None, 'auto' or a finite number > 0, got grad_clip={value!r}")
+    return v

@@ -136,6 +136,20 @@ def start_at_best_gaussian(flow: Any, target: Any) -> dict[str, Any] | None:
     return best
 
 
+def parameter_groups(flow: torch.nn.Module, config: IsingConfig, N: int) -> list[dict[str, Any]]:
+    """Adam's parameter groups: everything at ``config.lr``, and the MLP parts' input weights at
+    :func:`~latticeflow.config.input_learning_rate` when that differs (one group otherwise, as
+    checkpoints written before the rule have)."""
+    from .config import input_learning_rate
+
+    lr_in = input_learning_rate(config, N)
+    inputs = [m.weight for m in flow.modules() if isinstance(m, MLPPotential)]
+    if not inputs or lr_in == config.lr:
+        return [{"params": list(flow.parameters())}]
+    ids = {id(p) for p in inputs}
+    return [{"params": [p for p in flow.parameters() if id(p) not in ids]}, {"params": inputs, "lr": lr_in}]
+
+
 def make_trainer(config: IsingConfig | dict[str, Any], device: torch.device | str = "cpu", out_dir: Any = None,
                  progress: bool = True, checkpoint_every: int = 100, *, target: Any = None, kind: str = "ising",
                  saved_config: dict[str, Any] | None = None,
@@ -179,7 +193,7 @@ def make_trainer(config: IsingConfig | dict[str, Any], device: torch.device | st
         start_at_best_gaussian(flow, target)  # a no-op without a quadratic part or a Gaussian fit of the target
     flow = flow.to(device)
     model = dist.wrap_sampler(flow, device)  # DDP(SampleModule(flow)) under torchrun: DDP averages the draws' gradients
-    opt = torch.optim.Adam(flow.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    opt = torch.optim.Adam(parameter_groups(flow, config, target.N), lr=config.lr, weight_decay=config.weight_decay)
     sched = cosine_schedule(opt, config.epochs, warmup=config.warmup) if config.schedule == "cosine" else None
     gen = dist.rank_generator(config.seed, device)  # rank 0: the seed itself; rank r: from (seed, r)
     trainer = VariationalTrainer(model, target, opt, batch_size=config.batch, scheduler=sched,

@@ -25,11 +25,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import math
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, TypeVar
 
 from . import cli
-from ._checks import check_choice
+from ._checks import check_choice, check_grad_clip
 
 C = TypeVar("C", bound="Config")
 
@@ -172,6 +173,46 @@ def _init_scale_flag(text: str) -> float | str:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+#: ``input_lr="auto"``: the MLP's input weights learn at lr·min(1, REFERENCE_SITES/N), where N is
+#: the number of sites. Adam moves every weight by about lr per step, so a step of the h×N input
+#: matrix moves each pre-activation by up to lr·N: the Ising recipe (Adam 1e-2) was tuned at
+#: L=16, N=256, and at L=32 and 64 the same rate blew up within the first 30 epochs (README).
+REFERENCE_SITES = 256
+
+
+def _input_lr(value: Any) -> float | str:
+    if value == "auto":
+        return value
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        v = math.nan
+    if isinstance(value, bool) or not (math.isfinite(v) and v > 0):
+        raise ValueError(f"input_lr must be 'auto' or a finite number > 0, got input_lr={value!r}")
+    return v
+
+
+def _input_lr_flag(text: str) -> float | str:
+    try:
+        return _input_lr(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def input_learning_rate(config: Any, N: int) -> float:
+    """The learning rate of the MLP's input weights for ``config`` (its ``input_lr``) on N sites."""
+    value = config.get("input_lr", "auto") if isinstance(config, dict) else getattr(config, "input_lr", "auto")
+    return config["lr"] * min(1.0, REFERENCE_SITES / N) if value == "auto" else float(value)
+
+
+def grad_clip_flag(text: str) -> float | str:
+    """An argparse ``type`` for ``--grad-clip``: a number > 0 or ``auto``."""
+    try:
+        return check_grad_clip(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def kernel_size_for(value: int | None, L: int) -> int:
     """The conv kernel size: ``value``, or for None 5 (the largest odd size <= L when L < 5)."""
     return int(value) if value is not None else min(5, L if L % 2 else L - 1)
@@ -221,10 +262,14 @@ class IsingConfig(Config):
     # training
     batch: int = option(256, "global batch size", parse=cli.positive_int, group="training")
     lr: float = option(1e-2, "Adam learning rate", parse=cli.positive_float, group="training")
+    input_lr: float | str = option("auto", "Adam learning rate of the MLP's input weights W (h×N), or 'auto': "
+                                   "lr·min(1, 256/N) (a step of W moves each pre-activation by ~lr·N)",
+                                   parse=_input_lr_flag, group="training")
     weight_decay: float = option(0.0, "Adam weight decay", parse=cli.nonnegative_float, group="training")
     epochs: int = option(600, "optimiser steps in all (on resume: may be raised)", parse=cli.positive_int,
                          group="training")
-    grad_clip: float | None = option(None, "clip the gradient norm at this value", parse=cli.positive_float,
+    grad_clip: float | str | None = option(None, "clip the gradient norm at this value, or 'auto': at 3× its median "
+                                           "over the last 50 epochs", parse=grad_clip_flag,
                                      group="training", show="none")
     warmup: int = option(20, "learning-rate warm-up steps", parse=cli.nonnegative_int, group="training")
     max_rollbacks: int = option(5, "recoveries from a diverged epoch: back to the last good state in memory, "
@@ -263,8 +308,8 @@ class IsingConfig(Config):
         check_choice("conv_layers", self.conv_layers, (1, 2))
         set_(self, "step_size", check_positive("step_size", self.step_size))
         set_(self, "lr", check_positive("lr", self.lr))
-        if self.grad_clip is not None:
-            set_(self, "grad_clip", check_positive("grad_clip", self.grad_clip))
+        set_(self, "input_lr", _input_lr(self.input_lr))
+        set_(self, "grad_clip", check_grad_clip(self.grad_clip))
         if not (isinstance(self.weight_decay, (int, float)) and self.weight_decay >= 0):
             raise ValueError(f"weight_decay must be a number >= 0, got weight_decay={self.weight_decay!r}")
         set_(self, "init_scale", _init_scale(self.init_scale))

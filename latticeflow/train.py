@@ -28,6 +28,7 @@ import collections
 import copy
 import math
 import signal
+import statistics
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -39,7 +40,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from . import distributed as dist
-from ._checks import check_size
+from ._checks import check_grad_clip, check_size
 from .checkpoint import CheckpointError, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .stats import kish_ess  # one definition for training and the analysis; importable from here as before
 from .target import Target
@@ -530,9 +531,7 @@ class VariationalTrainer(Trainer):
         # draws through DDP's forward when wrapped, so its backward all-reduces the gradients
         self._draw = flow if isinstance(flow, (DistributedDataParallel, dist.SampleModule)) else self.flow.sample
         self.batch_size = check_size("batch_size", batch_size)
-        if grad_clip is not None and not (math.isfinite(grad_clip) and grad_clip > 0):
-            raise ValueError(f"grad_clip must be None or a finite number > 0, got grad_clip={grad_clip!r}")
-        self.grad_clip = grad_clip
+        self.grad_clip = check_grad_clip(grad_clip)
         self.local_batch = dist.local_share(self.batch_size)
 
     def run_epoch(self, epoch: int) -> dict[str, float]:
@@ -549,8 +548,8 @@ class VariationalTrainer(Trainer):
         f.mean().backward()  # under DDP: the average over ranks of the local mean = the global mean
         if s[2] > 0:
             return {"loss": float("nan")}
-        if self.grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(self.flow.parameters(), self.grad_clip)
+        # the norm before clipping, logged as the gradient scale (clipping at inf changes nothing)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.flow.parameters(), self.clip_limit())
         self.optimizer.step()
         fd = dist.all_gather(fd)
         N = self.target.N
@@ -563,7 +562,21 @@ class VariationalTrainer(Trainer):
             "stderr": float(fd.std() / math.sqrt(fd.numel())) / N if fd.numel() > 1 else float("nan"),
             "std": std,
             "ess": float(kish_ess(-fd)),
+            "grad_norm": float(grad_norm),
         }
+
+    def clip_limit(self) -> float:
+        """The gradient-norm limit of this step: ``grad_clip``, inf for None, and for ``"auto"``
+        :data:`AUTO_CLIP` times the median gradient norm of the last :data:`AUTO_CLIP_WINDOW`
+        logged epochs (inf until :data:`AUTO_CLIP_MIN` epochs are logged). The history is the log,
+        which checkpoints keep and rollbacks trim, so a resumed run clips as the uninterrupted one."""
+        if self.grad_clip is None:
+            return math.inf
+        if self.grad_clip != "auto":
+            return float(self.grad_clip)
+        norms = [r["grad_norm"] for r in self.records[-AUTO_CLIP_WINDOW:]
+                 if math.isfinite(r.get("grad_norm", math.nan))]
+        return AUTO_CLIP * statistics.median(norms) if len(norms) >= AUTO_CLIP_MIN else math.inf
 
     def loss_scale(self, record: dict[str, float]) -> float | None:
         return record["std"] * self.target.N if "std" in record else None
@@ -571,6 +584,14 @@ class VariationalTrainer(Trainer):
     def postfix(self, record: dict[str, float]) -> dict[str, str]:
         name = next(iter(free_energy_columns(self.target)))
         return {"F/N": f"{record[name]:.5f}", "ess": f"{record['ess']:.3f}"}
+
+
+#: ``grad_clip="auto"`` clips the gradient norm at this multiple of its recent median ...
+AUTO_CLIP = 3.0
+#: ... over this many logged epochs ...
+AUTO_CLIP_WINDOW = 50
+#: ... once this many are logged (before: no clipping)
+AUTO_CLIP_MIN = 10
 
 
 def free_energy_columns(target: Any) -> dict[str, float]:

@@ -198,11 +198,16 @@ ISING_CASES = table(
          lambda b: b.trainer.optimizer.param_groups[0]["initial_lr"], 0.005),  # before the schedule's factor
     Case("--weight-decay", ("--weight-decay", "0.01"), {"weight_decay": 0.01},
          lambda b: b.trainer.optimizer.param_groups[0]["weight_decay"], 0.01),
+    # the MLP's input weights in a group of their own at that rate (the base lattice is too small for 'auto' to differ)
+    Case("--input-lr", ("--input-lr", "0.002"), {"input_lr": 0.002},
+         lambda b: [(g["initial_lr"], any(p is b.mlp.weight for p in g["params"]))
+                    for g in b.trainer.optimizer.param_groups], [(0.01, False), (0.002, True)]),
     Case("--epochs", ("--epochs", "7"), {"epochs": 7}, _lr_factor(3),  # the cosine decay spans the epochs
          pytest.approx(0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * 3 / 7))), control=("--warmup", "0")),
     Case("--warmup", ("--warmup", "2"), {"warmup": 2}, _lr_factor(0), 0.5),
     Case("--schedule", ("--schedule", "constant"), {"schedule": "constant"}, lambda b: b.trainer.scheduler is None, True),
     Case("--grad-clip", ("--grad-clip", "0.5"), {"grad_clip": 0.5}, lambda b: b.trainer.grad_clip, 0.5),
+    Case("--grad-clip", ("--grad-clip", "auto"), {"grad_clip": "auto"}, lambda b: b.trainer.grad_clip, "auto"),
     Case("--max-rollbacks", ("--max-rollbacks", "2"), {"max_rollbacks": 2}, lambda b: b.trainer.max_rollbacks, 2),
     Case("--seed", ("--seed", "3"), {"seed": 3},
          lambda b: (b.trainer.seed, b.trainer.generator.initial_seed()), (3, 3)),
@@ -505,7 +510,8 @@ BAD_VALUES = [
                                    ["--max-minutes", "-1"], ["--J", "-1"], ["--beta", "hot"], ["--resume", EMPTY],
                                    ["--hidden", "0"], ["--conv-layers", "3"], ["--init-scale", "big"],
                                    ["--potential", "conv", "--kernel-size", "2"],  # after parsing: even kernel
-                                   ["--potential", "mlp+cnn"], ["--device", "tpu"])),
+                                   ["--potential", "mlp+cnn"], ["--device", "tpu"], ["--grad-clip", "often"],
+                                   ["--grad-clip", "0"])),
     *(("mnist", argv) for argv in (["--epochs", "0"], ["--batch", "0"], ["--threads", "0"], ["--max-minutes", "-1"],
                                    ["--resume", EMPTY], ["--n-train", "1"], ["--conv-layers", "3"], ["--layers", "3"],
                                    ["--init-scale", "-1"],

@@ -103,3 +103,19 @@ def test_coarse_rk4_steps_are_warned_about():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         mi.make_trainer({**cfg, "step_size": 0.1}, torch.device("cpu"), None, progress=False)
+
+
+def test_input_lr_auto_scales_the_mlp_input_weights_with_the_sites():
+    # 'auto': lr·min(1, 256/N), its own Adam group only where it differs from lr
+    from latticeflow.build import make_trainer
+    from latticeflow.config import IsingConfig
+
+    for L, groups in ((16, [(0.01, 5)]), (32, [(0.01, 4), (0.0025, 1)])):
+        cfg = IsingConfig(L=L, hidden=4, channels=2, potential="mlp", n_steps=1)
+        trainer, _ = make_trainer(cfg, "cpu", progress=False)
+        got = [(pytest.approx(g["initial_lr"]), len(g["params"])) for g in trainer.optimizer.param_groups]
+        assert got == groups
+        mlp = next(m for m in trainer.flow.modules() if type(m).__name__ == "MLPPotential")
+        assert any(p is mlp.weight for p in trainer.optimizer.param_groups[-1]["params"])
+    with pytest.raises(ValueError, match="input_lr must be 'auto' or a finite number > 0"):
+        IsingConfig(input_lr=0)

@@ -229,3 +229,72 @@ def test_kish_ess():
     assert float(kish_ess(torch.tensor([0.0, -1e4, -1e4, -1e4]))) == pytest.approx(0.25)
     w = torch.tensor([1.0, 2.0, 3.0])
     assert float(kish_ess(w.log())) == pytest.approx(36 / (3 * 14))
+
+
+def test_grad_norm_is_the_logged_gradients_norm(tmp_path):
+    # the logged grad_norm is the norm of ∂ mean(ln p + E)/∂θ at the epoch's samples, recomputed here
+    tr = _trainer(tmp_path, epochs=3)
+    gen_state = tr.generator.get_state()
+    log = tr.fit(1)
+    flow = DiagonalGaussian(3)  # the same initial parameters (zeros)
+    x, logp = flow.sample(32, generator=torch.Generator().set_state(gen_state))
+    (logp + GaussianTarget(3).energy(x)).mean().backward()
+    expected = torch.cat([p.grad.flatten() for p in flow.parameters()]).norm()
+    assert log["grad_norm"].iloc[0] == pytest.approx(float(expected), rel=1e-12)
+
+
+class GradientKickTarget(GaussianTarget):
+    """The Gaussian target whose energy at call ``at`` has an unchanged value but a gradient kicked by 1e4."""
+
+    def __init__(self, n, at):
+        super().__init__(n)
+        self.at = at
+
+    def energy(self, x):
+        e = super().energy(x)
+        return e + 1e4 * (x - x.detach()).sum(1) if self.calls == self.at else e
+
+
+def test_auto_clip_limits_steps_at_three_medians_and_resumes_exactly(tmp_path):
+    from latticeflow.train import AUTO_CLIP, AUTO_CLIP_MIN, AUTO_CLIP_WINDOW
+
+    tr = _trainer(tmp_path / "a", target=GradientKickTarget(3, at=30), epochs=80, grad_clip="auto")
+    assert tr.clip_limit() == math.inf  # nothing logged yet: no limit
+    steps = []
+    orig = torch.nn.utils.clip_grad_norm_
+
+    def spy(params, max_norm, *a, **k):
+        params = list(params)
+        norm = orig(params, max_norm, *a, **k)
+        after = torch.cat([p.grad.flatten() for p in params]).norm()
+        steps.append((float(norm), float(max_norm), float(after)))
+        return norm
+
+    torch.nn.utils.clip_grad_norm_ = spy
+    try:
+        log = tr.fit(80)
+    finally:
+        torch.nn.utils.clip_grad_norm_ = orig
+    norms = log["grad_norm"].tolist()
+    for e, (norm, limit, after) in enumerate(steps):
+        prior = norms[max(0, e - AUTO_CLIP_WINDOW):e]
+        want = AUTO_CLIP * float(pd.Series(prior).median()) if len(prior) >= AUTO_CLIP_MIN else math.inf
+        assert limit == pytest.approx(want, rel=1e-12)
+        assert after <= min(norm, limit) * (1 + 1e-6)
+    kicked = steps[29]  # the kicked epoch: its gradient is clipped to the limit
+    assert kicked[0] > 100 * kicked[1] and kicked[2] == pytest.approx(kicked[1], rel=1e-6)
+    # the history is the log: a resumed run clips exactly as the uninterrupted one
+    part = _trainer(tmp_path / "b", target=GradientKickTarget(3, at=30), epochs=80, grad_clip="auto")
+    part.fit(37)
+    resumed = _trainer(tmp_path / "c", target=GradientKickTarget(3, at=30 - 37), epochs=80, grad_clip="auto")
+    resumed.load(tmp_path / "b" / "checkpoint.pt")
+    cols = ["free_energy", "grad_norm", "lr"]
+    torch.testing.assert_close(torch.tensor(resumed.fit(80)[cols].to_numpy()), torch.tensor(log[cols].to_numpy()),
+                               rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("bad", [0, -1.0, math.inf, math.nan, "often", True])
+def test_grad_clip_values_are_checked(bad):
+    flow = DiagonalGaussian(3)
+    with pytest.raises(ValueError, match="grad_clip must be None, 'auto' or a finite number > 0"):
+        VariationalTrainer(flow, GaussianTarget(3), torch.optim.Adam(flow.parameters()), grad_clip=bad)
