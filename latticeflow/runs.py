@@ -240,7 +240,17 @@ def provenance(device: Any = None) -> dict[str, Any]:
             "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
             "threads": torch.get_num_threads(), "processes": dist.world_size(),
             "device": str(device) if device is not None else "cpu", "git_commit": _git_commit(),
-            "finished": time.strftime("%Y-%m-%d %H:%M:%S %z")}
+            "peak_rss_mib": peak_rss_mib(), "finished": time.strftime("%Y-%m-%d %H:%M:%S %z")}
+
+
+def peak_rss_mib() -> float | None:
+    """This process's peak resident memory in MiB so far (None where ``resource`` is missing)."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB on Linux
 
 
 def umask_mode() -> int:
