@@ -137,17 +137,20 @@ def start_at_best_gaussian(flow: Any, target: Any) -> dict[str, Any] | None:
 
 
 def parameter_groups(flow: torch.nn.Module, config: IsingConfig, N: int) -> list[dict[str, Any]]:
-    """Adam's parameter groups: everything at ``config.lr``, and the MLP parts' input weights at
-    :func:`~latticeflow.config.input_learning_rate` when that differs (one group otherwise, as
+    """Adam's parameter groups: everything at ``config.lr``, and the extensive parameters (the MLP
+    parts' h×N input weights, the quadratic parts' displacement kernels a and a') at
+    :func:`~latticeflow.config.extensive_learning_rate` when that differs (one group otherwise, as
     checkpoints written before the rule have)."""
-    from .config import input_learning_rate
+    from .config import extensive_learning_rate
 
-    lr_in = input_learning_rate(config, N)
-    inputs = [m.weight for m in flow.modules() if isinstance(m, MLPPotential)]
-    if not inputs or lr_in == config.lr:
+    lr_ext = extensive_learning_rate(config, N)
+    wide = [m.weight for m in flow.modules() if isinstance(m, MLPPotential)]
+    wide += [p for m in flow.modules() if isinstance(m, QuadraticPotential) and m.symmetric != "none"
+             for p in (m.a, m.a_t) if p is not None]
+    if not wide or lr_ext == config.lr:
         return [{"params": list(flow.parameters())}]
-    ids = {id(p) for p in inputs}
-    return [{"params": [p for p in flow.parameters() if id(p) not in ids]}, {"params": inputs, "lr": lr_in}]
+    ids = {id(p) for p in wide}
+    return [{"params": [p for p in flow.parameters() if id(p) not in ids]}, {"params": wide, "lr": lr_ext}]
 
 
 def make_trainer(config: IsingConfig | dict[str, Any], device: torch.device | str = "cpu", out_dir: Any = None,

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import cli
-from .config import (ACTIVATIONS, DTYPE_NAMES, GROUPS, MIXTURES, SYMMETRIZE, Config, IsingConfig, _input_lr_flag,
+from .config import (ACTIVATIONS, DTYPE_NAMES, GROUPS, MIXTURES, SYMMETRIZE, Config, IsingConfig, _extensive_lr_flag,
                      grad_clip_flag, kernel_size_for, option)
 from .phi4 import Phi4, phi4, phi4_hopping
 
@@ -70,8 +70,9 @@ class Phi4Config(Config):
     batch: int = option(256, "batch size", parse=cli.positive_int, group="training")
     lr: float = option(3e-2, "Adam learning rate (1e-2: slower at L=6; 5e-2: unstable)", parse=cli.positive_float,
                        group="training")
-    input_lr: float | str = option("auto", "Adam learning rate of the MLP's input weights W (h×N), or 'auto': "
-                                   "lr·min(1, 256/N)", parse=_input_lr_flag, group="training")
+    extensive_lr: float | str = option("auto", "Adam learning rate of the extensive parameters (the MLP's input "
+                                       "weights, the quadratic kernel), or 'auto': lr·min(1, 256/N)",
+                                       parse=_extensive_lr_flag, group="training")
     weight_decay: float = option(0.0, "Adam weight decay", parse=cli.nonnegative_float, group="training")
     epochs: int = option(800, "optimiser steps in all (on resume: may be raised)", parse=cli.positive_int,
                          group="training")
@@ -115,7 +116,7 @@ class Phi4Config(Config):
 #: Config keys shared with IsingConfig (flow and training).
 FLOW_KEYS = ("potential", "hidden", "activation", "bias", "channels", "kernel_size", "conv_layers", "init_scale",
              "quadratic_init", "time_dependent", "n_steps", "step_size", "symmetrize", "group", "mixture", "dtype", "grad_checkpoint",
-             "batch", "lr", "input_lr", "weight_decay", "epochs", "grad_clip", "warmup", "schedule", "seed")
+             "batch", "lr", "extensive_lr", "weight_decay", "epochs", "grad_clip", "warmup", "schedule", "seed")
 
 #: The built-in default of ``python -m models.phi4``.
 PHI4_DEFAULT = Phi4Config()

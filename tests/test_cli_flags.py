@@ -198,10 +198,12 @@ ISING_CASES = table(
          lambda b: b.trainer.optimizer.param_groups[0]["initial_lr"], 0.005),  # before the schedule's factor
     Case("--weight-decay", ("--weight-decay", "0.01"), {"weight_decay": 0.01},
          lambda b: b.trainer.optimizer.param_groups[0]["weight_decay"], 0.01),
-    # the MLP's input weights in a group of their own at that rate (the base lattice is too small for 'auto' to differ)
-    Case("--input-lr", ("--input-lr", "0.002"), {"input_lr": 0.002},
+    # the MLP's input weights (and the quadratic kernel) in a group of their own at that rate (the base lattice is too small for 'auto' to differ)
+    Case("--extensive-lr", ("--extensive-lr", "0.002"), {"extensive_lr": 0.002},
          lambda b: [(g["initial_lr"], any(p is b.mlp.weight for p in g["params"]))
                     for g in b.trainer.optimizer.param_groups], [(0.01, False), (0.002, True)]),
+    Case("--extensive-lr", ("--extensive-lr", "0.002"), {"extensive_lr": 0.002},
+         lambda b: [any(p is b.quad.a for p in g["params"]) for g in b.trainer.optimizer.param_groups], [False, True]),
     Case("--epochs", ("--epochs", "7"), {"epochs": 7}, _lr_factor(3),  # the cosine decay spans the epochs
          pytest.approx(0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * 3 / 7))), control=("--warmup", "0")),
     Case("--warmup", ("--warmup", "2"), {"warmup": 2}, _lr_factor(0), 0.5),

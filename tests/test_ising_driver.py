@@ -105,17 +105,24 @@ def test_coarse_rk4_steps_are_warned_about():
         mi.make_trainer({**cfg, "step_size": 0.1}, torch.device("cpu"), None, progress=False)
 
 
-def test_input_lr_auto_scales_the_mlp_input_weights_with_the_sites():
-    # 'auto': lr·min(1, 256/N), its own Adam group only where it differs from lr
+def test_extensive_lr_auto_scales_the_extensive_parameters_with_the_sites():
+    # 'auto': lr·min(1, 256/N) for the MLP's input weights and the quadratic kernel (a, a'), in an Adam group of
+    # their own only where that differs from lr (L=64 at 1e-2 everywhere blew up at the end of the warm-up)
     from latticeflow.build import make_trainer
     from latticeflow.config import IsingConfig
+    from latticeflow.potentials import MLPPotential, QuadraticPotential
 
-    for L, groups in ((16, [(0.01, 5)]), (32, [(0.01, 4), (0.0025, 1)])):
-        cfg = IsingConfig(L=L, hidden=4, channels=2, potential="mlp", n_steps=1)
+    for L, rates in ((16, [0.01]), (32, [0.01, 0.0025]), (64, [0.01, 0.000625])):
+        cfg = IsingConfig(L=L, hidden=4, potential="quadratic+mlp", n_steps=1)
         trainer, _ = make_trainer(cfg, "cpu", progress=False)
-        got = [(pytest.approx(g["initial_lr"]), len(g["params"])) for g in trainer.optimizer.param_groups]
-        assert got == groups
-        mlp = next(m for m in trainer.flow.modules() if type(m).__name__ == "MLPPotential")
-        assert any(p is mlp.weight for p in trainer.optimizer.param_groups[-1]["params"])
-    with pytest.raises(ValueError, match="input_lr must be 'auto' or a finite number > 0"):
-        IsingConfig(input_lr=0)
+        groups = trainer.optimizer.param_groups
+        assert [g["initial_lr"] for g in groups] == pytest.approx(rates)
+        mlp = next(m for m in trainer.flow.modules() if isinstance(m, MLPPotential))
+        quad = next(m for m in trainer.flow.modules() if isinstance(m, QuadraticPotential))
+        wide = {id(p) for p in (mlp.weight, quad.a, quad.a_t)}
+        if len(groups) == 2:
+            assert {id(p) for p in groups[1]["params"]} == wide
+            assert not wide & {id(p) for p in groups[0]["params"]}
+        assert sum(len(g["params"]) for g in groups) == len(list(trainer.flow.parameters()))
+    with pytest.raises(ValueError, match="extensive_lr must be 'auto' or a finite number > 0"):
+        IsingConfig(extensive_lr=0)

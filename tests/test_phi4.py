@@ -253,7 +253,7 @@ FLAG_VALUES = {"L": "5", "m2": "0.5", "lam": "0.1", "kappa": "0.2", "lam_tilde":
                "init_scale": "0.01", "quadratic_init": "gaussian", "n_steps": "3", "step_size": "0.05",
                "symmetrize": "exact", "group": "d4",
                "mixture": "z2", "dtype": "float64", "batch": "32", "lr": "0.001", "weight_decay": "0.1", "epochs": "7",
-               "grad_clip": "1.5", "input_lr": "0.002", "warmup": "2", "schedule": "constant", "seed": "3"}
+               "grad_clip": "1.5", "extensive_lr": "0.002", "warmup": "2", "schedule": "constant", "seed": "3"}
 SWITCHES = {"bias": ("--no-bias", False), "time_dependent": ("--no-time-dependent", False),
             "grad_checkpoint": ("--grad-checkpoint", True)}
 
