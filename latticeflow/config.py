@@ -262,7 +262,8 @@ class IsingConfig(Config):
     dtype: str = option("float32", "floating-point precision", choices=DTYPE_NAMES)
     grad_checkpoint: bool = option(False, "recompute each RK4 step in backward (less memory)")
     # training
-    batch: int = option(256, "global batch size", parse=cli.positive_int, group="training")
+    batch: int | None = option(None, "global batch size", parse=cli.positive_int, group="training",
+                               show="256·min(1, 256/N), at least 16: the same sites per batch from L=16 up")
     lr: float = option(1e-2, "Adam learning rate", parse=cli.positive_float, group="training")
     extensive_lr: float | str = option("auto", "Adam learning rate of the extensive parameters (one step moves every "
                                        "site: the MLP's h×N input weights, the quadratic part's kernel), or 'auto': "
@@ -297,8 +298,10 @@ class IsingConfig(Config):
         set_(self, "J", check_positive("J", self.J))
         for p in str(self.potential).split("+"):
             check_choice("potential part", p, POTENTIAL_PARTS)
-        for key in ("hidden", "channels", "n_steps", "batch", "epochs"):
+        for key in ("hidden", "channels", "n_steps", "epochs"):
             set_(self, key, check_size(key, getattr(self, key)))
+        if self.batch is not None:
+            set_(self, "batch", check_size("batch", self.batch))
         set_(self, "warmup", check_size("warmup", self.warmup, minimum=0))
         set_(self, "max_rollbacks", check_size("max_rollbacks", self.max_rollbacks, minimum=0))
         check_choice("activation", self.activation, ACTIVATIONS)
@@ -328,7 +331,24 @@ class IsingConfig(Config):
         d = super().to_dict()
         if "conv" in self.potential.split("+"):
             d["kernel_size"] = kernel_size_for(self.kernel_size, self.L)
+        d["batch"] = self.batch_size
         return d
+
+    @property
+    def batch_size(self) -> int:
+        """``batch``, or for None the recipe :func:`batch_for` of this lattice."""
+        return self.batch if self.batch is not None else batch_for(self.L)
+
+
+def batch_for(L: int) -> int:
+    """The default batch on L×L: 256 up to L=16, then 256·256/N (at least 16).
+
+    The loss is extensive: its per-sample standard deviation grows like √N while its gradient
+    grows like N, so the gradient's relative noise goes like 1/√(N·B). Holding N·B fixed from
+    L=16 on keeps that noise, and the cost of an epoch, the same at every size: batch 64 at L=32,
+    16 at L=64 (README, "Training that holds at every size").
+    """
+    return max(16, min(256, REFERENCE_SITES * 256 // (L * L)))
 
 
 #: The built-in default (``make run``): L=8 at β_c, quadratic + conv + ln cosh MLP.

@@ -35,7 +35,7 @@ def test_default_configuration_builds_the_documented_flow():
     cfg = config_from_args(parse_args([]))
     # one table of defaults: the CLI's are the library's
     assert cfg == ISING_DEFAULT == IsingConfig()
-    assert (cfg.L, cfg.hidden, cfg.n_steps, cfg.batch, cfg.lr, cfg.activation, cfg.time_dependent) == \
+    assert (cfg.L, cfg.hidden, cfg.n_steps, cfg.batch_size, cfg.lr, cfg.activation, cfg.time_dependent) == \
         (8, 256, 10, 256, 1e-2, "lncosh", True)
     flow = build_flow(cfg, ising(cfg["L"]).lattice)
     parts = flow.potential.parts if hasattr(flow.potential, "parts") else None
@@ -126,3 +126,19 @@ def test_extensive_lr_auto_scales_the_extensive_parameters_with_the_sites():
         assert sum(len(g["params"]) for g in groups) == len(list(trainer.flow.parameters()))
     with pytest.raises(ValueError, match="extensive_lr must be 'auto' or a finite number > 0"):
         IsingConfig(extensive_lr=0)
+
+
+def test_default_batch_holds_the_sites_per_batch_from_l16_up():
+    # 256 up to L=16, then 256·256/N (the gradient's relative noise ~ 1/√(N·B) and the epoch's cost stay put)
+    from latticeflow.build import make_trainer
+    from latticeflow.config import IsingConfig, batch_for
+
+    assert [batch_for(L) for L in (4, 8, 16, 24, 32, 64, 128)] == [256, 256, 256, 113, 64, 16, 16]
+    cfg = IsingConfig(L=32, hidden=4, potential="quadratic+mlp", n_steps=1)
+    assert cfg.batch is None and cfg.batch_size == 64 and cfg.to_dict()["batch"] == 64
+    assert IsingConfig.from_dict(cfg.to_dict()).batch == 64  # a saved run keeps its batch
+    trainer, _ = make_trainer(cfg, "cpu", progress=False)
+    assert trainer.batch_size == 64
+    assert IsingConfig(L=32, batch=7).batch_size == 7
+    with pytest.raises(ValueError, match="batch must be an integer >= 1"):
+        IsingConfig(batch=0)
