@@ -54,9 +54,10 @@ class Phi4Config(Config):
                                      show="5, or the largest odd size <= L when L < 5")
     conv_layers: int = option(1, "layers of the conv potential", parse=int, choices=(1, 2))
     init_scale: float = option(1e-3, "std of the networks' initial readout weights", parse=cli.nonnegative_float)
-    quadratic_init: str = option("zero", "start of the quadratic part: 'zero' (the identity map) or 'gaussian' "
-                                 "(the closed-form Hartree Gaussian, Phi4.best_gaussian; not yet measured as a "
-                                 "default here)", choices=("zero", "gaussian"))
+    quadratic_init: str = option("gaussian", "start of the quadratic part: 'gaussian' (the closed-form Hartree "
+                                 "Gaussian, Phi4.best_gaussian: at L=6, m²=−4, λ=6.975 acceptance 0.88 against 0.70 "
+                                 "from the identity after 1600 epochs) or 'zero' (the identity map)",
+                                 choices=("zero", "gaussian"))
     time_dependent: bool = option(True, "potentials depend linearly on t (paper section 6)")
     n_steps: int = option(10, "RK4 steps d", parse=cli.positive_int)
     step_size: float = option(0.1, "RK4 step ε", parse=cli.positive_float)

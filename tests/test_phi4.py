@@ -224,8 +224,8 @@ def test_driver_end_to_end_on_a_tiny_lattice(tmp_path, capsys):
 
 
 def test_quadratic_init_flag_reaches_the_flow():
-    # φ⁴ keeps the identity start by default; --quadratic-init gaussian starts at the Hartree Gaussian
-    for argv, expected in (([], "zero"), (["--quadratic-init", "gaussian"], "gaussian")):
+    # φ⁴ starts at the Hartree Gaussian by default; --quadratic-init zero at the identity
+    for argv, expected in (([], "gaussian"), (["--quadratic-init", "zero"], "zero")):
         cfg = mp.config_from_args(mp.build_parser().parse_args(["--L", "4", "--hidden", "4", *argv]))
         assert cfg.quadratic_init == expected and cfg.flow_config().quadratic_init == expected
         trainer, target = mp.make_trainer(cfg, torch.device("cpu"), None, progress=False)
@@ -250,7 +250,7 @@ def test_driver_flags_reach_the_config():
 
 FLAG_VALUES = {"L": "5", "m2": "0.5", "lam": "0.1", "kappa": "0.2", "lam_tilde": "0.3", "potential": "quadratic+conv",
                "hidden": "8", "activation": "tanh", "channels": "4", "kernel_size": "3", "conv_layers": "2",
-               "init_scale": "0.01", "quadratic_init": "gaussian", "n_steps": "3", "step_size": "0.05",
+               "init_scale": "0.01", "quadratic_init": "zero", "n_steps": "3", "step_size": "0.05",
                "symmetrize": "exact", "group": "d4",
                "mixture": "z2", "dtype": "float64", "batch": "32", "lr": "0.001", "weight_decay": "0.1", "epochs": "7",
                "grad_clip": "1.5", "extensive_lr": "0.002", "warmup": "2", "schedule": "constant", "seed": "3"}
