@@ -141,15 +141,21 @@ def check_points(x: object, dim: int, dtype: torch.dtype, name: str = "x") -> Te
     return x
 
 
-def check_grad_clip(value: Any) -> float | str | None:
-    """``grad_clip``: None (no clipping), ``"auto"`` (see :meth:`latticeflow.train.VariationalTrainer.clip_limit`)
-    or a finite number > 0; anything else is a one-line ValueError."""
-    if value is None or value == "auto":
+def check_auto_or_positive(name: str, value: Any, none: bool = False) -> float | str | None:
+    """``value`` as ``"auto"``, a finite float > 0, or (with ``none``) None; else a one-line ValueError."""
+    if value == "auto" or (none and value is None):
         return value
     try:
         v = float(value)
     except (TypeError, ValueError):
         v = math.nan
     if isinstance(value, bool) or not (math.isfinite(v) and v > 0):
-        raise ValueError(f"grad_clip must be None, 'auto' or a finite number > 0, got grad_clip={value!r}")
+        allowed = "None, 'auto' or a finite number > 0" if none else "'auto' or a finite number > 0"
+        raise ValueError(f"{name} must be {allowed}, got {name}={value!r}")
     return v
+
+
+def check_grad_clip(value: Any) -> float | str | None:
+    """``grad_clip``: None (no clipping), ``"auto"`` (see :meth:`latticeflow.train.VariationalTrainer.clip_limit`)
+    or a finite number > 0; anything else is a one-line ValueError."""
+    return check_auto_or_positive("grad_clip", value, none=True)

@@ -25,12 +25,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
-import math
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, TypeVar
 
 from . import cli
-from ._checks import check_choice, check_grad_clip
+from ._checks import check_auto_or_positive, check_choice, check_grad_clip
 
 C = TypeVar("C", bound="Config")
 
@@ -166,11 +165,16 @@ def _init_scale(value: Any) -> float | str:
     return v
 
 
-def _init_scale_flag(text: str) -> float | str:
+def _as_flag(check: Callable[[Any], Any], text: str) -> Any:
+    """``check(text)`` for argparse: its ValueError becomes an ArgumentTypeError (a usage error, exit 2)."""
     try:
-        return _init_scale(text)
+        return check(text)
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _init_scale_flag(text: str) -> float | str:
+    return _as_flag(_init_scale, text)
 
 
 #: ``extensive_lr="auto"``: the extensive parameters learn at lr·min(1, REFERENCE_SITES/N), N the
@@ -183,22 +187,11 @@ REFERENCE_SITES = 256
 
 
 def _extensive_lr(value: Any) -> float | str:
-    if value == "auto":
-        return value
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        v = math.nan
-    if isinstance(value, bool) or not (math.isfinite(v) and v > 0):
-        raise ValueError(f"extensive_lr must be 'auto' or a finite number > 0, got extensive_lr={value!r}")
-    return v
+    return check_auto_or_positive("extensive_lr", value)
 
 
 def _extensive_lr_flag(text: str) -> float | str:
-    try:
-        return _extensive_lr(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
+    return _as_flag(_extensive_lr, text)
 
 
 def extensive_learning_rate(config: Any, N: int) -> float:
@@ -209,10 +202,7 @@ def extensive_learning_rate(config: Any, N: int) -> float:
 
 def grad_clip_flag(text: str) -> float | str:
     """An argparse ``type`` for ``--grad-clip``: a number > 0 or ``auto``."""
-    try:
-        return check_grad_clip(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
+    return _as_flag(check_grad_clip, text)
 
 
 def kernel_size_for(value: int | None, L: int) -> int:
