@@ -17,7 +17,7 @@ from typing import Any
 
 from . import cli
 from .config import (ACTIVATIONS, DTYPE_NAMES, GROUPS, MIXTURES, SYMMETRIZE, Config, IsingConfig, _extensive_lr_flag,
-                     grad_clip_flag, kernel_size_for, option)
+                     batch_for, grad_clip_flag, kernel_size_for, option)
 from .phi4 import Phi4, phi4, phi4_hopping
 
 __all__ = ["Phi4Config", "PHI4_DEFAULT", "FLOW_KEYS"]
@@ -68,7 +68,8 @@ class Phi4Config(Config):
     dtype: str = option("float32", "floating-point precision", choices=DTYPE_NAMES)
     grad_checkpoint: bool = option(False, "recompute each RK4 step in backward (less memory)")
     # training
-    batch: int = option(256, "batch size", parse=cli.positive_int, group="training")
+    batch: int | None = option(None, "batch size", parse=cli.positive_int, group="training",
+                               show="256·min(1, 256/N), at least 16 (as models.ising)")
     lr: float = option(3e-2, "Adam learning rate (1e-2: slower at L=6; 5e-2: unstable)", parse=cli.positive_float,
                        group="training")
     extensive_lr: float | str = option("auto", "Adam learning rate of the extensive parameters (the MLP's input "
@@ -111,7 +112,13 @@ class Phi4Config(Config):
         d = super().to_dict()
         if "conv" in self.potential.split("+"):
             d["kernel_size"] = kernel_size_for(self.kernel_size, self.L)
+        d["batch"] = self.batch_size
         return d
+
+    @property
+    def batch_size(self) -> int:
+        """``batch``, or for None the recipe :func:`~latticeflow.config.batch_for` of this lattice."""
+        return self.batch if self.batch is not None else batch_for(self.L)
 
 
 #: Config keys shared with IsingConfig (flow and training).

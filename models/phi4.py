@@ -19,7 +19,6 @@ One process (no torchrun). Exit statuses as ``python -m models.ising``: 0 finish
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import time
 from pathlib import Path
@@ -33,14 +32,14 @@ from latticeflow import distributed as dist
 from latticeflow.build import make_trainer as build_make_trainer
 from latticeflow.cli import add_run_arguments, positive_int, run_cli
 from latticeflow.config import add_arguments, conflicts, given
-from latticeflow.phi4 import Phi4, observables
+from analysis.phi4_report import SCALARS, describe, flow_estimates, propagator_deviation, reference
+from latticeflow.phi4 import Phi4
 from latticeflow.phi4_config import PHI4_DEFAULT, Phi4Config
 from latticeflow.runs import RunStart, provenance, write_json
 from latticeflow.train import VariationalTrainer
 
 OUTPUTS = ("convergence.png", "convergence.pdf")
 RESUME_OVERRIDES = ("epochs",)
-SCALARS = ("m", "abs_m", "m2", "chi", "binder", "xi", "action_density")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -79,40 +78,25 @@ def make_trainer(config: Phi4Config, device: torch.device, out_dir: str | None, 
                               target=config.target(), kind="phi4", saved_config=config.to_dict(), max_rollbacks=0)
 
 
-def draw(flow: torch.nn.Module, target: Phi4, n: int, batch: int,
-         generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """n flow samples in batches: x (n, N), ln q (n,), S (n,), float64 on the CPU."""
-    xs, lqs = [], []
-    flow.eval()
-    for start in range(0, n, batch):
-        x, lq = flow.sample(min(batch, n - start), generator=generator)
-        xs.append(x.detach().double().cpu())
-        lqs.append(lq.detach().double().cpu())
-    x, lq = torch.cat(xs), torch.cat(lqs)
-    return x, lq, target.energy(x)
-
-
-def neural_mcmc(flow: torch.nn.Module, target: Phi4, n: int, batch: int,
-                generator: torch.Generator | None = None, seed: int = 0) -> dict:
-    """Independence Metropolis with the flow as proposal: acceptance rate, the chain's observables, and the
-    reweighted (w = e^{−S − ln q}) observables and ln Z estimate of the same proposals.
-
-    Args:
-        generator: drives the flow's samples (on the flow's device); ``seed`` the accept/reject draws (CPU).
-    """
-    from analysis.hmc import independence_metropolis
-
-    x, lq, S = draw(flow, target, n, batch, generator)
-    chain = independence_metropolis(x, lq, -S, generator=torch.Generator().manual_seed(seed))
-    lw = -S - lq
-    log_z = float(torch.logsumexp(lw, 0) - math.log(n))
-    return {"acceptance": chain.acceptance_rate, "n": n,
-            "chain": observables(chain.samples, target), "reweighted": observables(x, target, log_weights=lw),
-            "free_energy_reweighted": -log_z / target.N}
-
-
 def _scalars(obs: dict) -> dict:
     return {k: obs[k] for k in SCALARS} | {k + "_err": obs[k + "_err"] for k in SCALARS} | {"ess": obs["ess"]}
+
+
+def sample_summary(est: dict) -> dict:
+    """The summary.json entry of :func:`analysis.phi4_report.flow_estimates`: neural MCMC (acceptance, τ of |m|
+    and m²), the importance-weighted F/N with its error and the weights' verdict, the observables."""
+    mc, w, imp = est["mcmc"], est["weights"], est["importance"]
+    out = {"acceptance": mc["acceptance"], "n": est["n"], "wall_s": est["seconds"],
+           "tau_abs_m": mc["tau_abs_m"], "tau_m2": mc["tau_m2"],
+           "free_energy_variational": est["variational"].value, "free_energy_variational_err": est["variational"].stderr,
+           "free_energy_reweighted": imp.value, "free_energy_reweighted_err": imp.stderr,
+           "weights": {"kish_ess": w.ess / w.n, "pareto_k": w.pareto_k, "reliable": w.verdict.reliable,
+                       "reason": w.verdict.reason},
+           "chain": _scalars(est["chain"]), "reweighted": _scalars(est["reweighted"])}
+    if est["exact"] is not None:
+        out["exact"] = {k: est["exact"][k] for k in (*SCALARS, "free_energy")}
+        out["propagator"] = propagator_deviation(est)
+    return out
 
 
 def summarize(log, target: Phi4, window: int = 50) -> dict:
@@ -175,16 +159,11 @@ def main(argv: list[str] | None = None) -> dict:
         run.warn_if_bound_broken(summary["error"] if exact is not None else None, summary["stderr"])
         if trainer.stop_reason in (None, "done", "time", "epochs"):
             gen = torch.Generator(device=device).manual_seed(config.seed + 1)
-            t1 = time.perf_counter()
-            mc = neural_mcmc(trainer.flow, target, args.mcmc_samples, config.batch, gen, seed=config.seed + 2)
-            summary["neural_mcmc"] = {"acceptance": mc["acceptance"], "n": mc["n"], "wall_s": time.perf_counter() - t1,
-                                      "free_energy_reweighted": mc["free_energy_reweighted"],
-                                      "chain": _scalars(mc["chain"]), "reweighted": _scalars(mc["reweighted"])}
-            c, r = mc["chain"], mc["reweighted"]
-            print(f"neural MCMC: acceptance {mc['acceptance']:.3f} over {mc['n']} proposals; reweighted F/N = "
-                  f"{mc['free_energy_reweighted']:.6f} (ESS {r['ess']:.3f})")
-            for k in SCALARS:
-                print(f"  {k:15s} chain {c[k]:.5f} ± {c[k + '_err']:.5f}   reweighted {r[k]:.5f} ± {r[k + '_err']:.5f}")
+            est = flow_estimates(trainer.flow, target, args.mcmc_samples, config.batch_size, gen,
+                                 seed=config.seed + 2)
+            summary["neural_mcmc"] = sample_summary(est)
+            for line in describe(est, ref=reference(target)):
+                print(line)
         summary["provenance"] = provenance(device)
         write_json(out / "summary.json", summary)
         if not args.no_plot:
