@@ -48,25 +48,33 @@ __all__ = ["COLUMNS", "QUANTITIES", "estimate_rows", "exact_curves", "plot_sweep
 
 #: Columns of the tidy table (``sweep.csv``): one row per (β, quantity, method).
 COLUMNS = ("beta", "beta_name", "L", "quantity", "normalisation", "method", "value", "stderr", "exact",
-           "deviation_sigma", "onsager", "ess", "n_samples", "epochs", "warm_start_from", "train_s", "measure_s")
+           "exact_stderr", "exact_source", "deviation_sigma", "onsager", "ess", "n_samples", "epochs", "warm_start_from", "train_s", "measure_s")
+#: Swendsen-Wang sweeps per chain (16 chains) behind the magnetisation references when N > 16.
+SW_SWEEPS = 2000
 #: quantity → (label, observable key of :func:`analysis.observables.measure`)
 QUANTITIES = {"energy": "U/N", "specific_heat": "C/N", "abs_m": "⟨|m|⟩", "m2": "⟨m²⟩", "binder": "Binder U₄",
               "susceptibility": "χ = βN(⟨m²⟩ − ⟨|m|⟩²)", "susceptibility_m2": "χ₀ = βN⟨m²⟩"}
 
 
-def _row(quantity: str, normalisation: str, method: str, est: Estimate | float, exact_value: float | None,
-         onsager: float | None = None) -> dict[str, Any]:
+def _row(quantity: str, normalisation: str, method: str, est: Estimate | float, exact_value: float | Estimate | None,
+         onsager: float | None = None, source: str = "exact") -> dict[str, Any]:
+    """One tidy row; a reference with an error (an Estimate: Swendsen-Wang) enters the deviation in quadrature."""
     value, err = (est.value, est.stderr) if isinstance(est, Estimate) else (float(est), math.nan)
-    ex = math.nan if exact_value is None else float(exact_value)
+    ref = exact_value if isinstance(exact_value, Estimate) else Estimate(math.nan if exact_value is None
+                                                                          else float(exact_value), 0.0)
+    ex, ex_err = float(ref.value), float(ref.stderr)
     dev = math.nan
     if math.isfinite(ex) and math.isfinite(err):
-        dev = Estimate(value, err).deviation(ex)
+        dev = Estimate(value, math.hypot(err, ex_err)).deviation(ex)
     return {"quantity": quantity, "normalisation": normalisation, "method": method, "value": value, "stderr": err,
-            "exact": ex, "deviation_sigma": dev, "onsager": math.nan if onsager is None else float(onsager)}
+            "exact": ex, "exact_stderr": ex_err if math.isfinite(ex) else math.nan,
+            "exact_source": source if math.isfinite(ex) else "", "deviation_sigma": dev,
+            "onsager": math.nan if onsager is None else float(onsager)}
 
 
 def estimate_rows(flow: torch.nn.Module, target: IsingHS, n_samples: int = 4096, batch: int = 512,
-                  generator: torch.Generator | None = None, dtype: torch.dtype = torch.float64) -> list[dict[str, Any]]:
+                  generator: torch.Generator | None = None, dtype: torch.dtype = torch.float64,
+                  sw_sweeps: int = SW_SWEEPS, sw_seed: int = 0) -> list[dict[str, Any]]:
     """The tidy rows of one β: free energies, ESS and reweighted observables against exact values.
 
     The flow is measured in ``dtype`` (a float64 copy by default, as ``python -m analysis`` does:
@@ -79,11 +87,16 @@ def estimate_rows(flow: torch.nn.Module, target: IsingHS, n_samples: int = 4096,
         batch: samples per flow call.
         generator: torch.Generator of the samples.
         dtype: precision of the measurement.
+        sw_sweeps: Swendsen-Wang sweeps (16 chains, 200 discarded) that give the reference of the
+            magnetisation moments where enumeration cannot (N > 16; J > 0); 0: none.
+        sw_seed: seed of the Swendsen-Wang chains.
 
     Returns:
         rows with the keys ``quantity``, ``normalisation`` ("hs", "ising" or "" for observables),
         ``method`` ("variational", "importance", "reweighted", "flow"), ``value``, ``stderr``,
-        ``exact`` (NaN where unknown), ``deviation_sigma`` = (value − exact)/stderr, ``onsager``
+        ``exact`` (NaN where unknown), ``exact_stderr`` (0 for closed forms and enumeration, the
+        jackknife error of a Swendsen-Wang reference), ``exact_source`` ("exact" or "swendsen-wang"),
+        ``deviation_sigma`` = (value − exact)/√(stderr² + exact_stderr²), ``onsager``
         (the infinite lattice, NaN where not applicable) and ``ess``, ``n_samples``, ``measure_s``.
     """
     model = copy.deepcopy(flow).to(dtype).eval()
@@ -98,10 +111,18 @@ def estimate_rows(flow: torch.nn.Module, target: IsingHS, n_samples: int = 4096,
         _row("free_energy", "ising", "variational", fe.free_energy_variational_ising, ref.get("free_energy_ising"), f_inf),
         _row("free_energy", "ising", "importance", fe.free_energy_importance_ising, ref.get("free_energy_ising"), f_inf),
     ]
+    sw = {}
+    if sw_sweeps > 0 and J > 0 and any(ref.get(k) is None for k in QUANTITIES):
+        from .wolff import cluster_chain
+
+        sw = cluster_chain(target.lattice.L, beta * J, sw_sweeps, n_thermalize=200, seed=sw_seed).observables()
     for key in QUANTITIES:
         onsager = u_inf if key == "energy" else None
-        rows.append(_row(key, "", "reweighted", fe.observables_reweighted[key], ref.get(key), onsager))
-        rows.append(_row(key, "", "flow", fe.observables[key], ref.get(key), onsager))
+        reference, source = ref.get(key), "exact"
+        if reference is None and key in sw:
+            reference, source = sw[key], "swendsen-wang"
+        rows.append(_row(key, "", "reweighted", fe.observables_reweighted[key], reference, onsager, source))
+        rows.append(_row(key, "", "flow", fe.observables[key], reference, onsager, source))
     for r in rows:
         r.update(ess=fe.ess, n_samples=fe.n_samples, measure_s=fe.seconds)
     return rows

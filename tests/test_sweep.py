@@ -225,3 +225,32 @@ def test_plot_sweep_refuses_an_empty_table(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="at least one β"):
         plot_sweep(pd.DataFrame(columns=list(COLUMNS)), tmp_path / "f.png", L=4)
     assert not list(tmp_path.iterdir())
+
+
+# ---------------------------------------------------------------------- the Swendsen-Wang reference (N > 16)
+def test_magnetisation_reference_is_swendsen_wang_where_enumeration_cannot_reach() -> None:
+    """L=6 (N=36, no enumeration): ⟨|m|⟩, ⟨m²⟩, U₄ and χ are compared with a Swendsen-Wang run, its error in
+    the deviation; the Gaussian-started flow at β=0.3, reweighted, agrees with it within 4σ."""
+    from analysis.thermo import estimate_rows
+    from latticeflow.build import start_at_best_gaussian
+
+    torch.set_num_threads(1)
+    target = ising(6, 0.3)
+    flow = build_flow(IsingConfig(L=6, beta=0.3, potential="quadratic", symmetrize="none"), target.lattice)
+    start_at_best_gaussian(flow, target)
+    rows = pd.DataFrame(estimate_rows(flow, target, n_samples=4096, generator=torch.Generator().manual_seed(0),
+                                      sw_sweeps=1500))
+    rw = rows[rows["method"] == "reweighted"].set_index("quantity")
+    for q in ("abs_m", "m2", "binder", "susceptibility"):
+        r = rw.loc[q]
+        assert r["exact_source"] == "swendsen-wang" and 0 < r["exact_stderr"] < 0.05 * abs(r["exact"]), q
+        assert abs(r["deviation_sigma"]) < 4, (q, r["value"], r["stderr"], r["exact"], r["exact_stderr"])
+        assert r["deviation_sigma"] == pytest.approx((r["value"] - r["exact"]) / math.hypot(r["stderr"],
+                                                                                         r["exact_stderr"]))
+    assert rw.loc["energy", "exact_source"] == "exact" and rw.loc["energy", "exact_stderr"] == 0  # Kaufman
+    none = pd.DataFrame(estimate_rows(flow, target, n_samples=256, generator=torch.Generator().manual_seed(0),
+                                      sw_sweeps=0)).set_index(["quantity", "method"])
+    assert np.isnan(none.loc[("abs_m", "reweighted"), "exact"]) and none.loc[("abs_m", "reweighted"), "exact_source"] == ""
+    small_flow = build_flow(IsingConfig(L=3, potential="quadratic", symmetrize="none"), ising(3, 0.3).lattice)
+    small = pd.DataFrame(estimate_rows(small_flow, ising(3, 0.3), n_samples=64))
+    assert (small[small["quantity"] == "abs_m"]["exact_source"] == "exact").all()  # N = 9: enumeration, no SW run
