@@ -44,7 +44,7 @@ from .free_energy import Estimate  # noqa: E402
 from .latent import flow_estimates  # noqa: E402
 from .plots import _save  # noqa: E402
 
-__all__ = ["COLUMNS", "QUANTITIES", "estimate_rows", "exact_curves", "plot_sweep"]
+__all__ = ["COLUMNS", "QUANTITIES", "estimate_rows", "exact_curves", "plot_finite_size", "plot_sweep"]
 
 #: Columns of the tidy table (``sweep.csv``): one row per (β, quantity, method).
 COLUMNS = ("beta", "beta_name", "L", "quantity", "normalisation", "method", "value", "stderr", "exact",
@@ -230,3 +230,49 @@ def plot_sweep(table: pd.DataFrame, path: str | Path, *, L: int, J: float = 1.0,
         fig.suptitle(title)
     fig.tight_layout()
     return _save(fig, path)  # PNG and PDF
+
+
+def plot_finite_size(tables: dict[int, pd.DataFrame], path: str | Path, *, J: float = 1.0, title: str = "",
+                     n_dense: int = 200) -> Path:
+    """Sweeps at several L on one figure: C/N (its peak moving toward β_c as L grows, on Kaufman's curve of
+    each L) and the Binder cumulant U₄ (the curves crossing near β_c), reweighted estimates with one-σ
+    error bars, the references of each L (enumeration, or Swendsen-Wang with its error) as open markers.
+
+    Args:
+        tables: L → tidy sweep table (``sweep.csv``) of that L.
+        path: output path (PNG and PDF are written).
+
+    Returns:
+        the PNG path.
+    """
+    tables = {int(L): t for L, t in tables.items() if len(t)}
+    if not tables:
+        raise ValueError("plot_finite_size needs at least one non-empty sweep table")
+    allb = np.concatenate([t["beta"].unique() for t in tables.values()])
+    span = max(allb.max() - allb.min(), 0.1)
+    dense_b = np.linspace(max(allb.min() - 0.05 * span, 1e-3), allb.max() + 0.05 * span, n_dense)
+    fig, (axc, axb) = plt.subplots(1, 2, figsize=(10, 4.2))
+    for k, (L, t) in enumerate(sorted(tables.items())):
+        color = f"C{k}"
+        axc.plot(dense_b, exact_curves(L, dense_b, J)["specific_heat"], color=color, lw=1.2, label=f"Kaufman, L = {L}")
+        c = _pick(t, "specific_heat", "reweighted")
+        axc.errorbar(c["beta"], c["value"], yerr=c["stderr"], fmt="o", ms=4, color=color, capsize=2)
+        u = _pick(t, "binder", "reweighted")
+        axb.errorbar(u["beta"], u["value"], yerr=u["stderr"], fmt="o-", ms=4, lw=0.8, color=color, capsize=2,
+                     label=f"flow, L = {L}")
+        ref = u[np.isfinite(u["exact"].to_numpy(dtype=float))]
+        if len(ref):
+            err = ref["exact_stderr"] if "exact_stderr" in ref else None
+            source = ", ".join(sorted({s for s in ref.get("exact_source", pd.Series(["exact"])) if s})) or "exact"
+            axb.errorbar(ref["beta"], ref["exact"], yerr=err, fmt="s", ms=6, mfc="none", color=color, capsize=2,
+                         label=f"{source}, L = {L}")
+    for ax, label in ((axc, "C/N"), (axb, "Binder U₄ = 1 − ⟨m⁴⟩/(3⟨m²⟩²)")):
+        ax.axvline(critical / J, color="0.6", lw=0.8, ls=":")
+        ax.set_xlabel("β")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.25)
+        ax.legend(fontsize=7, loc="best")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return _save(fig, path)

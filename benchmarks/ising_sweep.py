@@ -7,6 +7,7 @@ units of its standard error, and the ESS. Extra flags go to the driver.
 
     python benchmarks/ising_sweep.py                                   # L=8, 0.3 0.4 β_c 0.5 0.6, ~10 min on 1 core
     python benchmarks/ising_sweep.py --out runs/sweep_l8 -- --epochs 600 --warm-epochs 200
+    python benchmarks/ising_sweep.py --finite-size runs/sweep_l4 runs/sweep_l8 --out runs/fss   # C/N and Binder at several L
 """
 
 from __future__ import annotations
@@ -45,12 +46,34 @@ def per_beta(table: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def finite_size(folders: list[str], out: Path) -> pd.DataFrame:
+    """The finite-size figure (:func:`analysis.thermo.plot_finite_size`) of finished sweeps at several L."""
+    import json
+
+    from analysis.thermo import plot_finite_size
+
+    tables = {}
+    for f in folders:
+        L = int(json.loads(Path(f, "sweep.json").read_text())["config"]["L"])
+        if L in tables:
+            raise SystemExit(f"error: two sweeps at L={L} ({f})")
+        tables[L] = pd.read_csv(Path(f, "sweep.csv"))
+    out.mkdir(parents=True, exist_ok=True)
+    path = plot_finite_size(tables, out / "finite_size.png", title="Ising sweeps: finite-size scaling")
+    print(f"wrote {path}")
+    return pd.concat(tables.values(), ignore_index=True)
+
+
 def main(argv: list[str] | None = None) -> pd.DataFrame:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="benchmarks/results/ising_sweep/l8", help="sweep folder [%(default)s]")
     p.add_argument("--threads", default="1", help="torch threads [%(default)s]")
     p.add_argument("flags", nargs="*", help="more driver flags (after --), e.g. -- --epochs 600")
+    p.add_argument("--finite-size", nargs="+", default=None, metavar="SWEEP_FOLDER",
+                   help="only draw the finite-size figure of these finished sweeps into --out/finite_size.png")
     args = p.parse_args(argv)
+    if args.finite_size:
+        return finite_size(args.finite_size, Path(args.out))
     flags = [*DEFAULT_FLAGS, *args.flags, "--out", args.out, "--threads", args.threads, "--quiet"]
     if Path(args.out, "sweep.json").is_file():
         flags += ["--force"]

@@ -254,3 +254,20 @@ def test_magnetisation_reference_is_swendsen_wang_where_enumeration_cannot_reach
     small_flow = build_flow(IsingConfig(L=3, potential="quadratic", symmetrize="none"), ising(3, 0.3).lattice)
     small = pd.DataFrame(estimate_rows(small_flow, ising(3, 0.3), n_samples=64))
     assert (small[small["quantity"] == "abs_m"]["exact_source"] == "exact").all()  # N = 9: enumeration, no SW run
+
+
+def test_finite_size_figure_from_two_sweeps(tmp_path: Path) -> None:
+    """Two tiny finished sweeps (L=3 and L=4) → the benchmark's --finite-size figure, PNG and PDF."""
+    import benchmarks.ising_sweep as bench
+
+    from analysis.thermo import plot_finite_size
+
+    for L in (3, 4):
+        sweep(TINY.replace(L=L), (0.3, 0.5), out=tmp_path / f"s{L}", warm_epochs=2, samples=64)
+    bench.main(["--finite-size", str(tmp_path / "s3"), str(tmp_path / "s4"), "--out", str(tmp_path / "fss")])
+    for suffix in ("png", "pdf"):
+        assert (tmp_path / "fss" / f"finite_size.{suffix}").stat().st_size > 5000
+    with pytest.raises(SystemExit, match="two sweeps at L=3"):
+        bench.main(["--finite-size", str(tmp_path / "s3"), str(tmp_path / "s3"), "--out", str(tmp_path / "x")])
+    with pytest.raises(ValueError, match="at least one"):
+        plot_finite_size({3: pd.DataFrame()}, tmp_path / "e.png")
