@@ -18,7 +18,8 @@ One module per idea:
 - ``quadratic``: :class:`QuadraticPotential`, ½ xᵀAx + bᵀx with a translation- (and D4-)
   invariant circulant A applied by FFT; its flow is exactly Gaussian (appendix A).
 - ``conv``: :class:`ConvPotential`, translation-invariant convolutional potential on the
-  periodic L×L lattice by FFT, optionally D4- and Z2-invariant.
+  periodic L×L lattice (direct matmuls on patches, or by FFT for large kernels), optionally D4- and
+  Z2-invariant.
 - ``autograd``: :class:`AutogradPotential`, any scalar network, gradient by autograd,
   Laplacian exact (N Hessian-vector products) or by Hutchinson's estimator.
 - ``symmetrized``: :class:`Symmetrized`, the group average φ(x) = (1/|G|) Σ_g φ̃(g·x) of
