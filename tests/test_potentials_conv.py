@@ -8,7 +8,7 @@ from latticeflow import SquareLattice, point_group, space_group, translation_gro
 from latticeflow.potentials import ConvPotential
 from latticeflow.potentials.conv import _d4_kernel_basis, _kernel_spectrum
 
-from potential_helpers import randomize
+from potential_helpers import check_exact, randomize
 
 pytestmark = pytest.mark.usefixtures("float64")
 
@@ -85,3 +85,61 @@ def test_bad_conv_arguments():
         ConvPotential(4, z2=True, activation="softplus")
     with pytest.raises(ValueError, match="layers must be 1 or 2"):
         ConvPotential(4, layers=3)
+
+
+# ---------------------------------------------------------------------- direct against FFT and autograd
+def _pair(L, k, layers, time_dependent, d4, activation="softplus"):
+    """The same random potential computed directly and by FFT."""
+    z2 = d4 and activation == "lncosh"
+    direct = randomize(ConvPotential(L, channels=3, layers=layers, kernel_size=k, activation=activation, d4=d4,
+                                     z2=z2, time_dependent=time_dependent, method="direct"))
+    fft = ConvPotential(L, channels=3, layers=layers, kernel_size=k, activation=activation, d4=d4, z2=z2,
+                        time_dependent=time_dependent, method="fft")
+    fft.load_state_dict(direct.state_dict())
+    return direct, fft
+
+
+CASES = [(L, k, layers, td) for L in (3, 4, 6) for k in (1, 3, 5) if k <= L for layers in (1, 2) for td in (False, True)]
+
+
+@pytest.mark.parametrize("L, k, layers, td", CASES)
+def test_direct_matches_fft_and_autograd(L, k, layers, td):
+    # forward (φ, ∇φ, ∇²φ) and the hot path, scalar and per-sample times, against the FFT
+    # implementation; ∇φ and the full Laplacian (Hessian trace) against autograd
+    for d4, act in ((False, "softplus"), (True, "lncosh"), (False, "tanh")):
+        direct, fft = _pair(L, k, layers, td, d4, act)
+        x = torch.randn(3, L * L)
+        for t in (0.4, torch.tensor([0.0, 0.5, -1.0])):
+            for a, b in zip(direct(x, t), fft(x, t)):
+                torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+            for a, b in zip(direct.grad_and_laplacian(x, t), fft.grad_and_laplacian(x, t)):
+                torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+        check_exact(direct)
+
+
+@pytest.mark.parametrize("L, k, layers, td", [c for c in CASES if c[0] != 3])
+def test_direct_hot_path_backward_matches_fft(L, k, layers, td):
+    # training differentiates the integrator's (∇φ, ∇²φ) in x and the parameters, over stages that
+    # share constants; a second derivative (double backward) must stay exact too
+    for d4, act in ((False, "softplus"), (True, "lncosh"), (False, "tanh")):
+        grads = []
+        for pot in _pair(L, k, layers, td, d4, act):
+            x = torch.randn(2, L * L, generator=torch.Generator().manual_seed(5)).requires_grad_(True)
+            with pot.shared_constants():
+                g, lap = pot.grad_and_laplacian(x, 0.4)
+                g2, lap2 = pot.grad_and_laplacian(g, 0.6)
+            params = list(pot.parameters())
+            first = torch.autograd.grad((g2**2).sum() + lap.sum() + (lap2**3).sum(), [x, *params], create_graph=True)
+            second = torch.autograd.grad((first[0] ** 2).sum(), params, allow_unused=True)
+            grads.append([g, lap, g2, lap2, *(f.detach() for f in first),
+                          *(s if s is not None else torch.zeros(()) for s in second)])
+        for a, b in zip(*grads):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-9)
+
+
+def test_direct_is_the_default_for_small_kernels():
+    assert ConvPotential(16, kernel_size=5).method == "direct"
+    assert ConvPotential(16, kernel_size=15).method == "fft"
+    assert "method='direct'" in repr(ConvPotential(8, kernel_size=3))
+    with pytest.raises(ValueError, match="method"):
+        ConvPotential(8, method="winograd")
