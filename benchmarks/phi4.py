@@ -41,6 +41,38 @@ RUNS = {
 }
 
 
+#: L/ξ ≈ 4 at λ = 6.975: m² from ``--tune`` (second-moment ξ of short HMC runs), training epochs and budget.
+SCALING = {6: (-4.0, 2100, 10), 8: (-4.54, 900, 10), 12: (-5.03, 500, 10), 16: (-5.30, 500, 15), 32: (-5.57, 800, 25)}
+
+
+def scaling(L: int, threads: int, extra: list[str]) -> dict:
+    """Train at L/ξ ≈ 4 (:data:`SCALING`), then ``python -m analysis`` on the checkpoint: acceptance, Kish ESS,
+    τ(|m|) of neural MCMC against HMC run for the same seconds; prints one markdown row."""
+    import pandas as pd
+
+    m2, epochs, minutes = SCALING[L]
+    out = Path(tempfile.mkdtemp(prefix=f"phi4_scaling_L{L}_", dir=OUT_ROOT)) / "run"
+    cmd = [sys.executable, "-m", "models.phi4", "--L", str(L), "--m2", str(m2), "--lam", "6.975", "--epochs", str(epochs),
+           "--max-minutes", str(minutes), *extra, "--threads", str(threads), "--quiet", "--no-plot", "--out", str(out)]
+    print("$", " ".join(cmd[1:]), flush=True)
+    subprocess.run(cmd, cwd=ROOT, check=True)
+    s = json.loads((out / "summary.json").read_text())
+    rep = out / "report"
+    cmd = [sys.executable, "-m", "analysis", str(out), "--out", str(rep), "--samples", "8192", "--hmc-chains", "64",
+           "--target-accept", "0.8", "--threads", str(threads), "--quiet"]
+    print("$", " ".join(cmd[1:]), flush=True)
+    subprocess.run(cmd, cwd=ROOT, check=True)
+    r = json.loads((rep / "report.json").read_text())
+    sm = pd.read_csv(rep / "samplers.csv").set_index("sampler")
+    nm, hm = sm.loc["neural MCMC"], sm.loc["HMC"]
+    ratio = nm["ess_per_s_abs_m"] / hm["ess_per_s_abs_m"]
+    print(f"| {L} | {m2} | {s['epochs']} | {s['wall_s'] / 60:.1f} | {r['acceptance']:.3f} | "
+          f"{r['weights']['kish_ess'] / r['samples']:.3f} | {r['importance'][0]:.6f}({r['importance'][1]:.1e}) | "
+          f"{nm['tau_abs_m']:.2f} / {hm['tau_abs_m']:.1f} | {nm['tau_m2']:.2f} / {hm['tau_m2']:.1f} | {ratio:.2f} |  ← {out}",
+          flush=True)
+    return {"summary": s, "report": r}
+
+
 def run(name: str, threads: int, extra: list[str]) -> dict:
     out = Path(tempfile.mkdtemp(prefix=f"phi4_{name}_", dir=OUT_ROOT)) / "run"
     cmd = [sys.executable, "-m", "models.phi4", *RUNS[name], *extra, "--threads", str(threads), "--quiet", "--no-plot",
@@ -113,9 +145,9 @@ def tune_mass(L: int, lam: float, xi_target: float, lo: float, hi: float, probes
         print(f"  L={L} m²={mid:.5f}: ξ = {r['obs_xi']:.3f} ± {r['obs_xi_err']:.3f} (target {xi_target:.3f}), "
               f"τ(m²) {r['tau_m2']:.1f}, {r['wall_s']:.0f} s", flush=True)
         if r["obs_xi"] > xi_target:
-            hi = mid  # too close to criticality: raise m²
+            lo = mid  # too close to criticality: raise m²
         else:
-            lo = mid
+            hi = mid
     return 0.5 * (lo + hi)
 
 
@@ -144,8 +176,10 @@ def main() -> None:
     p.add_argument("--hmc-chains", type=int, default=64)
     p.add_argument("--hmc-warmup", type=int, default=400)
     p.add_argument("--tune", type=int, nargs="*", default=[], help="lattice sizes L: find m² with ξ = L/--l-over-xi")
+    p.add_argument("--scaling", type=int, nargs="*", default=[], choices=sorted(SCALING),
+                   help="train at L/ξ ≈ 4 for these L and compare neural MCMC with HMC at equal seconds")
     p.add_argument("--l-over-xi", type=float, default=4.0)
-    p.add_argument("--tune-range", type=float, nargs=2, default=(-4.6, -3.6), help="bracket of m² for the bisection")
+    p.add_argument("--tune-range", type=float, nargs=2, default=(-5.0, -4.0), help="bracket of m² for the bisection")
     p.add_argument("--tune-probes", type=int, default=7)
     p.add_argument("--tune-samples", type=int, default=1000)
     p.add_argument("--hmc-samples", type=int, default=4000)
@@ -162,6 +196,11 @@ def main() -> None:
     extra = a.extra[1:] if a.extra[:1] == ["--"] else a.extra
     for name in a.runs:
         run(name, a.threads, extra)
+    if a.scaling:
+        print("| L | m² | epochs | training min | acceptance | Kish ESS/B | importance F/N | τ(|m|) neural / HMC "
+              "| τ(m²) neural / HMC | ESS/s(|m|) neural ÷ HMC |", flush=True)
+    for L in a.scaling:
+        scaling(L, a.threads, extra)
     if a.tune:
         for L in a.tune:
             m2 = tune_mass(L, a.lam, L / a.l_over_xi, a.tune_range[0], a.tune_range[1], a.tune_probes,

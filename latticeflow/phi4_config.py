@@ -81,6 +81,9 @@ class Phi4Config(Config):
     grad_clip: float | str | None = option(None, "clip the gradient norm at this value, or 'auto': at 3× its "
                                            "median over the last 50 epochs", parse=grad_clip_flag,
                                      group="training", show="none")
+    max_rollbacks: int = option(5, "recoveries from a diverged epoch: back to the last good state in memory, "
+                                "learning rate halved (0: stop at the first divergence)", parse=cli.nonnegative_int,
+                                group="training")
     warmup: int = option(20, "learning-rate warm-up steps", parse=cli.nonnegative_int, group="training")
     schedule: str = option("cosine", "learning-rate schedule", choices=("cosine", "constant"), group="training")
     seed: int = option(0, "seed of the initialisation and the samples", parse=int, group="training")
@@ -124,7 +127,8 @@ class Phi4Config(Config):
 #: Config keys shared with IsingConfig (flow and training).
 FLOW_KEYS = ("potential", "hidden", "activation", "bias", "channels", "kernel_size", "conv_layers", "init_scale",
              "quadratic_init", "time_dependent", "n_steps", "step_size", "symmetrize", "group", "mixture", "dtype", "grad_checkpoint",
-             "batch", "lr", "extensive_lr", "weight_decay", "epochs", "grad_clip", "warmup", "schedule", "seed")
+             "batch", "lr", "extensive_lr", "weight_decay", "epochs", "grad_clip", "max_rollbacks", "warmup", "schedule",
+             "seed")
 
 #: The built-in default of ``python -m models.phi4``.
 PHI4_DEFAULT = Phi4Config()

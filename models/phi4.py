@@ -73,9 +73,10 @@ def config_from_args(args: argparse.Namespace, base: dict | None = None) -> Phi4
 def make_trainer(config: Phi4Config, device: torch.device, out_dir: str | None, progress: bool = True,
                  checkpoint_every: int = 100) -> tuple[VariationalTrainer, Phi4]:
     """Target, flow, Adam, schedule and trainer: the library's :func:`~latticeflow.build.make_trainer`
-    with the φ⁴ target and the config's flow and training fields (no rollbacks, as before)."""
+    with the φ⁴ target and the config's flow and training fields (``max_rollbacks`` recoveries from a
+    divergence, as for Ising)."""
     return build_make_trainer(config.flow_config(), device, out_dir, progress, checkpoint_every,
-                              target=config.target(), kind="phi4", saved_config=config.to_dict(), max_rollbacks=0)
+                              target=config.target(), kind="phi4", saved_config=config.to_dict())
 
 
 def _scalars(obs: dict) -> dict:

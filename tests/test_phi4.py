@@ -253,7 +253,7 @@ FLAG_VALUES = {"L": "5", "m2": "0.5", "lam": "0.1", "kappa": "0.2", "lam_tilde":
                "init_scale": "0.01", "quadratic_init": "zero", "n_steps": "3", "step_size": "0.05",
                "symmetrize": "exact", "group": "d4",
                "mixture": "z2", "dtype": "float64", "batch": "32", "lr": "0.001", "weight_decay": "0.1", "epochs": "7",
-               "grad_clip": "1.5", "extensive_lr": "0.002", "warmup": "2", "schedule": "constant", "seed": "3"}
+               "grad_clip": "1.5", "extensive_lr": "0.002", "max_rollbacks": "2", "warmup": "2", "schedule": "constant", "seed": "3"}
 SWITCHES = {"bias": ("--no-bias", False), "time_dependent": ("--no-time-dependent", False),
             "grad_checkpoint": ("--grad-checkpoint", True)}
 
@@ -273,4 +273,6 @@ def test_every_config_flag_reaches_the_config_and_the_flow_config():
         assert getattr(cfg, k) is v
     fc = cfg.flow_config()
     assert all(getattr(fc, k) == getattr(cfg, k)
-               for k in ("hidden", "group", "mixture", "dtype", "lr", "conv_layers", "quadratic_init"))
+               for k in ("hidden", "group", "mixture", "dtype", "lr", "conv_layers", "quadratic_init", "max_rollbacks"))
+    trainer, _ = mp.make_trainer(cfg, torch.device("cpu"), None, progress=False)
+    assert trainer.max_rollbacks == 2  # the flag reaches the trainer
