@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> dict:
     print("| parameters | total tr Cov | path tr Cov | path/total | rms t of mean(total − path) |")
     print("|---|---:|---:|---:|---:|")
     for name, v in gv.items():
-        print(f"| {name} | {v['total']:.3e} | {v['path']:.3e} | {v['path'] / v['total']:.3f} | {v['rms_t']:.2f} |")
+        print(f"| {name} | {v['total']:.3e} | {v['path']:.3e} | {v['path'] / v['total']:.3g} | {v['rms_t']:.2f} |")
     t, pth = results["total"], results["path"]
     print(f"\npath/total: error ratio {pth['error'] / t['error']:.3f}, error difference {pth['error'] - t['error']:+.2e} "
           f"(stderrs {t['stderr']:.1e}, {pth['stderr']:.1e}), ESS ratio {pth['ess'] / t['ess']:.3f}, "
