@@ -201,7 +201,8 @@ def make_trainer(config: IsingConfig | dict[str, Any], device: torch.device | st
     gen = dist.rank_generator(config.seed, device)  # rank 0: the seed itself; rank r: from (seed, r)
     trainer = VariationalTrainer(model, target, opt, batch_size=config.batch_size, scheduler=sched,
                                  config=saved_config if saved_config is not None else config.to_dict(),
-                                 grad_clip=config.grad_clip, out_dir=out_dir, generator=gen, progress=progress,
+                                 grad_clip=config.grad_clip, gradient_estimator=config.gradient_estimator,
+                                 out_dir=out_dir, generator=gen, progress=progress,
                                  checkpoint_every=checkpoint_every, seed=config.seed, kind=kind,
                                  max_rollbacks=config.max_rollbacks if max_rollbacks is None else max_rollbacks)
     return trainer, target

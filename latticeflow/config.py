@@ -150,6 +150,8 @@ ACTIVATIONS = ("softplus", "lncosh", "tanh")
 SYMMETRIZE = ("none", "random", "exact")
 GROUPS = ("space+z2", "space", "translation+z2", "translation", "d4+z2", "d4", "z2")
 MIXTURES = ("none", "z2", "d4", "d4+z2")
+#: ``gradient_estimator``: see :class:`latticeflow.train.VariationalTrainer`
+GRADIENT_ESTIMATORS = ("total", "path")
 
 
 def _init_scale(value: Any) -> float | str:
@@ -265,6 +267,10 @@ class IsingConfig(Config):
                                            "over the last 50 epochs", parse=grad_clip_flag,
                                      group="training", show="none")
     warmup: int = option(20, "learning-rate warm-up steps", parse=cli.nonnegative_int, group="training")
+    gradient_estimator: str = option("total", "reverse-KL gradient: 'total' (through the sampling path, ln q's "
+                                     "parameter dependence included) or 'path' (path gradient: the zero-mean score "
+                                     "term dropped; zero variance at q = p; one more backward integration per step)",
+                                     choices=GRADIENT_ESTIMATORS, group="training")
     max_rollbacks: int = option(5, "recoveries from a diverged epoch: back to the last good state in memory, "
                                 "learning rate halved (0: stop at the first divergence)", parse=cli.nonnegative_int,
                                 group="training")
@@ -300,6 +306,7 @@ class IsingConfig(Config):
         check_choice("mixture", self.mixture, MIXTURES)
         check_choice("dtype", self.dtype, DTYPE_NAMES)
         check_choice("schedule", self.schedule, ("cosine", "constant"))
+        check_choice("gradient_estimator", self.gradient_estimator, GRADIENT_ESTIMATORS)
         check_choice("conv_layers", self.conv_layers, (1, 2))
         set_(self, "step_size", check_positive("step_size", self.step_size))
         set_(self, "lr", check_positive("lr", self.lr))

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from ._checks import check_points
-from .flow import MongeAmpereFlow, WrappedFlow
+from .flow import MongeAmpereFlow, WrappedFlow, frozen_parameters
 from .symmetry import SymmetryGroup, all_images, signed_permutation
 
 __all__ = ["SymmetricMixture"]
@@ -82,6 +82,8 @@ class SymmetricMixture(WrappedFlow):
         # ln p(x) itself is already known (sampling)
         others = [g for g in range(group.order) if g != group.identity]
         self.register_buffer("others", torch.tensor(others, dtype=torch.long), persistent=False)
+        #: the underlying flow's noise tokens of the latest :meth:`sample` (None when deterministic)
+        self.sample_noise: list[Any] | None = None
 
     # ------------------------------------------------------------------ the underlying flow's maps
     def forward_map(self, z: Tensor, generator: torch.Generator | None = None, noise: Sequence[Any] | None = None,
@@ -134,6 +136,7 @@ class SymmetricMixture(WrappedFlow):
         """
         x, logp = self.flow.sample(n, generator=generator)
         noise = self.flow.last_noise
+        self.sample_noise = noise
         logp_mix = self._mixture_logp(x, logp, noise)
         g = torch.randint(self.order, (n,), generator=generator, device=x.device)
         x = signed_permutation(x, self.perms[g], self.inverse_perms[g], self.signs.to(x.dtype)[g][:, None])
@@ -152,6 +155,28 @@ class SymmetricMixture(WrappedFlow):
         x = check_points(x, self.dim, self.dtype, "x")
         noise = self.flow.draw_noise(x.shape[0], generator)
         return self._mixture_logp(x, None, noise)
+
+    def score(self, x: Tensor, noise: Sequence[Any] | None = None) -> tuple[Tensor, Tensor]:
+        """ln p_G(x) and ∇ₓ ln p_G(x) at fixed parameters (see :meth:`MongeAmpereFlow.score`).
+
+        Args:
+            x: points, shape (B, N).
+            noise: the underlying flow's per-step tokens of the sample (``mixture.sample_noise``),
+                shared by all images of a row; required for a stochastic flow.
+
+        Returns:
+            (ln p_G(x) (B,), ∇ₓ ln p_G(x) (B, N)), both detached.
+        """
+        x = check_points(x, self.dim, self.dtype, "x")
+        if self.stochastic and noise is None:
+            raise ValueError("a stochastic flow needs the sample's noise tokens (noise=mixture.sample_noise) "
+                             "for its score")
+        noise = None if noise is None else self.flow.draw_noise(x.shape[0], noise=noise)
+        with torch.enable_grad(), frozen_parameters(self):
+            xr = x.detach().requires_grad_(True)
+            lp = self._mixture_logp(xr, None, noise)
+            (g,) = torch.autograd.grad(lp.sum(), xr)
+        return lp.detach(), g
 
     def forward(self, x: Tensor) -> Tensor:
         """Alias for :meth:`log_prob` (so ``mixture(x)`` is a log density)."""

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import cli
-from .config import (ACTIVATIONS, DTYPE_NAMES, GROUPS, MIXTURES, SYMMETRIZE, Config, IsingConfig, _extensive_lr_flag,
-                     batch_for, grad_clip_flag, kernel_size_for, option)
+from .config import (ACTIVATIONS, DTYPE_NAMES, GRADIENT_ESTIMATORS, GROUPS, MIXTURES, SYMMETRIZE, Config, IsingConfig,
+                     _extensive_lr_flag, batch_for, grad_clip_flag, kernel_size_for, option)
 from .phi4 import Phi4, phi4, phi4_hopping
 
 __all__ = ["Phi4Config", "PHI4_DEFAULT", "FLOW_KEYS"]
@@ -84,6 +84,10 @@ class Phi4Config(Config):
     max_rollbacks: int = option(5, "recoveries from a diverged epoch: back to the last good state in memory, "
                                 "learning rate halved (0: stop at the first divergence)", parse=cli.nonnegative_int,
                                 group="training")
+    gradient_estimator: str = option("total", "reverse-KL gradient: 'total' (through the sampling path, ln q's "
+                                     "parameter dependence included) or 'path' (path gradient: the zero-mean score "
+                                     "term dropped; zero variance at q = p; one more backward integration per step)",
+                                     choices=GRADIENT_ESTIMATORS, group="training")
     warmup: int = option(20, "learning-rate warm-up steps", parse=cli.nonnegative_int, group="training")
     schedule: str = option("cosine", "learning-rate schedule", choices=("cosine", "constant"), group="training")
     seed: int = option(0, "seed of the initialisation and the samples", parse=int, group="training")
@@ -127,8 +131,8 @@ class Phi4Config(Config):
 #: Config keys shared with IsingConfig (flow and training).
 FLOW_KEYS = ("potential", "hidden", "activation", "bias", "channels", "kernel_size", "conv_layers", "init_scale",
              "quadratic_init", "time_dependent", "n_steps", "step_size", "symmetrize", "group", "mixture", "dtype", "grad_checkpoint",
-             "batch", "lr", "extensive_lr", "weight_decay", "epochs", "grad_clip", "max_rollbacks", "warmup", "schedule",
-             "seed")
+             "batch", "lr", "extensive_lr", "weight_decay", "epochs", "grad_clip", "gradient_estimator", "max_rollbacks",
+             "warmup", "schedule", "seed")
 
 #: The built-in default of ``python -m models.phi4``.
 PHI4_DEFAULT = Phi4Config()

@@ -223,6 +223,18 @@ def test_driver_end_to_end_on_a_tiny_lattice(tmp_path, capsys):
     assert json.loads((out / "summary.json").read_text())["epochs"] == 35
 
 
+def test_gradient_estimator_flag_reaches_the_trainer():
+    for argv, expected in (([], "total"), (["--gradient-estimator", "path"], "path")):
+        cfg = mp.config_from_args(mp.build_parser().parse_args(["--L", "4", "--hidden", "4", "--potential", "mlp",
+                                                                *argv]))
+        assert cfg.gradient_estimator == expected and cfg.flow_config().gradient_estimator == expected
+        trainer, _ = mp.make_trainer(cfg, torch.device("cpu"), None, progress=False)
+        assert trainer.gradient_estimator == expected
+    with pytest.raises(SystemExit) as exc:
+        mp.build_parser().parse_args(["--gradient-estimator", "reinforce"])
+    assert exc.value.code == 2
+
+
 def test_quadratic_init_flag_reaches_the_flow():
     # φ⁴ starts at the Hartree Gaussian by default; --quadratic-init zero at the identity
     for argv, expected in (([], "gaussian"), (["--quadratic-init", "zero"], "zero")):
@@ -253,7 +265,8 @@ FLAG_VALUES = {"L": "5", "m2": "0.5", "lam": "0.1", "kappa": "0.2", "lam_tilde":
                "init_scale": "0.01", "quadratic_init": "zero", "n_steps": "3", "step_size": "0.05",
                "symmetrize": "exact", "group": "d4",
                "mixture": "z2", "dtype": "float64", "batch": "32", "lr": "0.001", "weight_decay": "0.1", "epochs": "7",
-               "grad_clip": "1.5", "extensive_lr": "0.002", "max_rollbacks": "2", "warmup": "2", "schedule": "constant", "seed": "3"}
+               "grad_clip": "1.5", "gradient_estimator": "path", "extensive_lr": "0.002", "max_rollbacks": "2", "warmup": "2",
+               "schedule": "constant", "seed": "3"}
 SWITCHES = {"bias": ("--no-bias", False), "time_dependent": ("--no-time-dependent", False),
             "grad_checkpoint": ("--grad-checkpoint", True)}
 
@@ -273,6 +286,7 @@ def test_every_config_flag_reaches_the_config_and_the_flow_config():
         assert getattr(cfg, k) is v
     fc = cfg.flow_config()
     assert all(getattr(fc, k) == getattr(cfg, k)
-               for k in ("hidden", "group", "mixture", "dtype", "lr", "conv_layers", "quadratic_init", "max_rollbacks"))
+               for k in ("hidden", "group", "mixture", "dtype", "lr", "conv_layers", "quadratic_init", "max_rollbacks",
+                         "gradient_estimator"))
     trainer, _ = mp.make_trainer(cfg, torch.device("cpu"), None, progress=False)
     assert trainer.max_rollbacks == 2  # the flag reaches the trainer
