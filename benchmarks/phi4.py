@@ -42,7 +42,7 @@ RUNS = {
 
 
 #: L/ξ ≈ 4 at λ = 6.975: m² from ``--tune`` (second-moment ξ of short HMC runs), training epochs and budget.
-SCALING = {6: (-4.0, 2100, 10), 8: (-4.54, 900, 10), 12: (-5.03, 500, 10), 16: (-5.30, 500, 15), 32: (-5.57, 800, 25)}
+SCALING = {6: (-4.0, 2100, 10), 8: (-4.54, 900, 10), 12: (-5.03, 500, 10), 16: (-5.30, 1800, 15), 32: (-5.57, 800, 25)}
 
 
 def scaling(L: int, threads: int, extra: list[str]) -> dict:

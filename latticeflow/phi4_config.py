@@ -84,9 +84,11 @@ class Phi4Config(Config):
     max_rollbacks: int = option(5, "recoveries from a diverged epoch: back to the last good state in memory, "
                                 "learning rate halved (0: stop at the first divergence)", parse=cli.nonnegative_int,
                                 group="training")
-    gradient_estimator: str = option("total", "reverse-KL gradient: 'total' (through the sampling path, ln q's "
-                                     "parameter dependence included) or 'path' (path gradient: the zero-mean score "
-                                     "term dropped; zero variance at q = p; one more backward integration per step)",
+    gradient_estimator: str = option("path", "reverse-KL gradient: 'path' (the zero-mean score term dropped; zero "
+                                     "variance at q = p; one more backward integration per step: at L=6, m²=−4, "
+                                     "λ=6.975 acceptance 0.906 after 1400 epochs in 473 s, against 0.885 after 2600 "
+                                     "epochs in 428 s with 'total') or 'total' (through the sampling path, ln q's "
+                                     "parameter dependence included)",
                                      choices=GRADIENT_ESTIMATORS, group="training")
     warmup: int = option(20, "learning-rate warm-up steps", parse=cli.nonnegative_int, group="training")
     schedule: str = option("cosine", "learning-rate schedule", choices=("cosine", "constant"), group="training")

@@ -224,7 +224,7 @@ def test_driver_end_to_end_on_a_tiny_lattice(tmp_path, capsys):
 
 
 def test_gradient_estimator_flag_reaches_the_trainer():
-    for argv, expected in (([], "total"), (["--gradient-estimator", "path"], "path")):
+    for argv, expected in (([], "path"), (["--gradient-estimator", "total"], "total")):  # φ⁴'s default: path
         cfg = mp.config_from_args(mp.build_parser().parse_args(["--L", "4", "--hidden", "4", "--potential", "mlp",
                                                                 *argv]))
         assert cfg.gradient_estimator == expected and cfg.flow_config().gradient_estimator == expected
@@ -265,7 +265,7 @@ FLAG_VALUES = {"L": "5", "m2": "0.5", "lam": "0.1", "kappa": "0.2", "lam_tilde":
                "init_scale": "0.01", "quadratic_init": "zero", "n_steps": "3", "step_size": "0.05",
                "symmetrize": "exact", "group": "d4",
                "mixture": "z2", "dtype": "float64", "batch": "32", "lr": "0.001", "weight_decay": "0.1", "epochs": "7",
-               "grad_clip": "1.5", "gradient_estimator": "path", "extensive_lr": "0.002", "max_rollbacks": "2", "warmup": "2",
+               "grad_clip": "1.5", "gradient_estimator": "total", "extensive_lr": "0.002", "max_rollbacks": "2", "warmup": "2",
                "schedule": "constant", "seed": "3"}
 SWITCHES = {"bias": ("--no-bias", False), "time_dependent": ("--no-time-dependent", False),
             "grad_checkpoint": ("--grad-checkpoint", True)}
