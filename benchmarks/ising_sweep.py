@@ -7,6 +7,7 @@ units of its standard error, and the ESS. Extra flags go to the driver.
 
     python benchmarks/ising_sweep.py                                   # L=8, 0.3 0.4 β_c 0.5 0.6, ~10 min on 1 core
     python benchmarks/ising_sweep.py --out runs/sweep_l8 -- --epochs 600 --warm-epochs 200
+    python benchmarks/ising_sweep.py --table runs/sweep_l16   # the per-β table of a finished sweep
     python benchmarks/ising_sweep.py --finite-size runs/sweep_l4 runs/sweep_l8 --out runs/fss   # C/N and Binder at several L
 """
 
@@ -42,7 +43,9 @@ def per_beta(table: pd.DataFrame) -> pd.DataFrame:
                      "measure_s": float(fv["measure_s"]), "ess": float(fv["ess"]),
                      "F_var-exact": fv["value"] - fv["exact"], "F_IS-exact": fi["value"] - fi["exact"],
                      "F_IS_sigma": fi["deviation_sigma"], "U-exact": u["value"] - u["exact"],
-                     "U_sigma": u["deviation_sigma"], "C-exact": c["value"] - c["exact"], "C_sigma": c["deviation_sigma"]})
+                     "U_sigma": u["deviation_sigma"], "C-exact": c["value"] - c["exact"], "C_sigma": c["deviation_sigma"],
+                     **{f"{q}_sigma": pick(q, "reweighted")["deviation_sigma"] for q in ("abs_m", "binder")
+                        if len(g[(g["quantity"] == q) & (g["method"] == "reweighted")])}})
     return pd.DataFrame(rows)
 
 
@@ -69,11 +72,18 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     p.add_argument("--out", default="benchmarks/results/ising_sweep/l8", help="sweep folder [%(default)s]")
     p.add_argument("--threads", default="1", help="torch threads [%(default)s]")
     p.add_argument("flags", nargs="*", help="more driver flags (after --), e.g. -- --epochs 600")
+    p.add_argument("--table", default=None, metavar="SWEEP_FOLDER",
+                   help="only print the per-β table of this finished (or stopped) sweep")
     p.add_argument("--finite-size", nargs="+", default=None, metavar="SWEEP_FOLDER",
                    help="only draw the finite-size figure of these finished sweeps into --out/finite_size.png")
     args = p.parse_args(argv)
     if args.finite_size:
         return finite_size(args.finite_size, Path(args.out))
+    if args.table:
+        out = per_beta(pd.read_csv(Path(args.table, "sweep.csv")))
+        with pd.option_context("display.width", 250, "display.float_format", "{:.4g}".format):
+            print(out.to_string(index=False))
+        return out
     flags = [*DEFAULT_FLAGS, *args.flags, "--out", args.out, "--threads", args.threads, "--quiet"]
     if Path(args.out, "sweep.json").is_file():
         flags += ["--force"]

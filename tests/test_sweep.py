@@ -267,6 +267,9 @@ def test_finite_size_figure_from_two_sweeps(tmp_path: Path) -> None:
     bench.main(["--finite-size", str(tmp_path / "s3"), str(tmp_path / "s4"), "--out", str(tmp_path / "fss")])
     for suffix in ("png", "pdf"):
         assert (tmp_path / "fss" / f"finite_size.{suffix}").stat().st_size > 5000
+    table = bench.main(["--table", str(tmp_path / "s4")])  # the per-β table of a finished sweep
+    assert list(table["beta"]) == [0.3, 0.5] and {"F_IS_sigma", "U_sigma", "abs_m_sigma"} <= set(table.columns)
+    assert table["abs_m_sigma"].notna().all()  # L=4: against enumeration
     with pytest.raises(SystemExit, match="two sweeps at L=3"):
         bench.main(["--finite-size", str(tmp_path / "s3"), str(tmp_path / "s3"), "--out", str(tmp_path / "x")])
     with pytest.raises(ValueError, match="at least one"):
