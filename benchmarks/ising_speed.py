@@ -2,29 +2,67 @@
 
 Prints seconds per training iteration (sample a batch by integrating forward, reverse-KL
 loss, backward, Adam step), the achieved GFLOP/s of the potential's arithmetic against a
-torch matmul of the same shape measured in the same run, the ratio to the original public
-implementation (wangleiphy/MongeAmpereFlow, ~3.2 s per iteration on a 2-core machine), the
-top operators from torch.profiler, and time per iteration for L = 8, 16, 32, 64.
+torch matmul of the same shape measured in the same run, the top operators from
+torch.profiler, and time per iteration for L = 8, 16, 32, 64.
+
+Speed-ups are only ever ratios measured side by side, in this process, with the same thread
+count, interleaved round by round (absolute times do not carry between machines):
+
+* ``--original PATH``: against the original public implementation (wangleiphy/MongeAmpereFlow),
+  imported at run time from the user's checkout PATH and built with its own classes in the
+  paper's Ising configuration; prints the ratio of medians original / ours.
+* ``--baseline-commit REV``: against this repository's ``latticeflow`` at an earlier commit,
+  exported with ``git archive`` and imported under another top-level name; prints the ratio
+  of medians baseline / current for the paper configuration and the driver's default at L=16.
 
     python benchmarks/ising_speed.py                 # paper configuration + scaling
     python benchmarks/ising_speed.py --iters 5 --sizes 8 16
+    git clone https://github.com/wangleiphy/MongeAmpereFlow /tmp/maf
+    python benchmarks/ising_speed.py --original /tmp/maf --baseline-commit HEAD~5 --threads 1 --sizes
 """
 
 from __future__ import annotations
 
 import argparse
+import atexit
+import contextlib
+import importlib
+import importlib.util
+import inspect
+import io
+import re
+import shutil
+import statistics
+import subprocess
 import sys
+import tarfile
+import tempfile
 import time
+import types
+import warnings
 from pathlib import Path
+from typing import Any, Callable
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
 import latticeflow as lf  # noqa: E402
 from latticeflow.build import build_flow  # noqa: E402
 
-ORIGINAL_S_PER_ITER = 3.2  # wangleiphy/MongeAmpereFlow, paper configuration, 2-core CPU (issue 3)
+ORIGINAL_URL = "https://github.com/wangleiphy/MongeAmpereFlow"
+#: the paper's Ising run (variational_free_energy.py -L 16 -T 2.269185314213022 -symmetrize -net Simple_MLP
+#: -hdim 512 -Batchsize 64 -Nsteps 50 -epsilon 0.1, its default -lr 0.001 -decay 0.001)
+T_C = 2.269185314213022
+PAPER_L, PAPER_BATCH, PAPER_HIDDEN, PAPER_STEPS, PAPER_EPS = 16, 64, 512, 50, 0.1
+
+
+def paper_config(hidden: int = PAPER_HIDDEN, n_steps: int = PAPER_STEPS) -> dict[str, Any]:
+    """The flow this benchmark has always timed (softplus MLP with biases, time-independent), spelled out."""
+    return {"potential": "mlp", "hidden": hidden, "n_steps": n_steps, "step_size": PAPER_EPS, "symmetrize": "random",
+            "group": "space+z2", "dtype": "float32", "activation": "softplus", "bias": True,
+            "time_dependent": False, "init_scale": 1e-3}
 
 
 def mlp_flops(B: int, N: int, h: int) -> float:
@@ -35,10 +73,16 @@ def mlp_flops(B: int, N: int, h: int) -> float:
     return 4.0 * B * N * h + 10.0 * B * h
 
 
-def time_iteration(config: dict, L: int, batch: int, iters: int, warmup: int = 2) -> float:
-    target = lf.ising(L, lf.critical)
+def make_step(config: dict, L: int, batch: int, pkg: types.ModuleType | None = None) -> Callable[[], None]:
+    """One training iteration of ``pkg``'s flow (default: this working tree's latticeflow) as a closure.
+
+    ``pkg`` may be another copy of the package (:func:`load_baseline`): its own ``ising`` target
+    and ``build.build_flow`` are used, so nothing of the current tree enters its iteration.
+    """
+    pkg = lf if pkg is None else pkg
+    target = pkg.ising(L, pkg.critical)
     torch.manual_seed(0)
-    flow = build_flow(config, target.lattice)
+    flow = (build_flow if pkg is lf else pkg.build.build_flow)(config, target.lattice)
     opt = torch.optim.Adam(flow.parameters(), lr=1e-3)
     gen = torch.Generator().manual_seed(0)
 
@@ -49,12 +93,309 @@ def time_iteration(config: dict, L: int, batch: int, iters: int, warmup: int = 2
         loss.backward()
         opt.step()
 
+    return step
+
+
+def time_iteration(config: dict, L: int, batch: int, iters: int, warmup: int = 2,
+                   pkg: types.ModuleType | None = None) -> float:
+    step = make_step(config, L, batch, pkg)
     for _ in range(warmup):
         step()
     t0 = time.perf_counter()
     for _ in range(iters):
         step()
     return (time.perf_counter() - t0) / iters
+
+
+def time_interleaved(steps: dict[str, Callable[[], None]], rounds: int = 7, iters: int = 2,
+                     warmup: int = 1) -> dict[str, list[float]]:
+    """Seconds per iteration of each step, per round: after ``warmup`` iterations of each, ``rounds``
+    rounds of ``iters`` iterations of each, in alternating order (A B, B A, ...) so that neither
+    always runs first after the other."""
+    for step in steps.values():
+        for _ in range(warmup):
+            step()
+    names = list(steps)
+    out: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(rounds):
+        for n in (names if r % 2 == 0 else names[::-1]):
+            t0 = time.perf_counter()
+            for _ in range(iters):
+                steps[n]()
+            out[n].append((time.perf_counter() - t0) / iters)
+    return out
+
+
+def ratio_of_medians(times: dict[str, list[float]], num: str, den: str) -> float:
+    return statistics.median(times[num]) / statistics.median(times[den])
+
+
+def _summary(ts: list[float]) -> str:
+    return f"{statistics.median(ts):.3f} s/iter (median of {len(ts)}; {min(ts):.3f}–{max(ts):.3f})"
+
+
+# ---------------------------------------------------------------------------------------------
+# The original implementation (wangleiphy/MongeAmpereFlow), imported from the user's checkout
+# ---------------------------------------------------------------------------------------------
+
+class OriginalUnavailable(RuntimeError):
+    """The original cannot be imported or run from the given path; the message says why."""
+
+
+#: top-level module names the original uses (it imports them as ``from flow import ...``)
+_ORIGINAL_TOPLEVEL = ("flow", "net", "symmetrize", "objectives")
+_ORIGINAL_FILES = ("flow.py", "net.py", "symmetrize.py", "objectives/__init__.py", "objectives/ising.py")
+
+
+def check_original_path(path: str | Path) -> Path:
+    """``path`` resolved, if it looks like a checkout of wangleiphy/MongeAmpereFlow.
+
+    Raises:
+        OriginalUnavailable: not a directory, or one of the original's files is missing.
+    """
+    p = Path(path).expanduser().resolve()
+    if not p.is_dir():
+        raise OriginalUnavailable(f"{path} is not a directory (expected a checkout of {ORIGINAL_URL})")
+    missing = [f for f in _ORIGINAL_FILES if not (p / f).is_file()]
+    if missing:
+        raise OriginalUnavailable(f"{path} does not look like a checkout of {ORIGINAL_URL}: "
+                                  f"missing {', '.join(missing)}")
+    return p
+
+
+def _is_original_module(name: str) -> bool:
+    return name in _ORIGINAL_TOPLEVEL or name.startswith("objectives.")
+
+
+def load_original(path: str | Path) -> types.SimpleNamespace:
+    """The original's classes, imported from the checkout at ``path``.
+
+    The original imports its modules by top-level names (``flow``, ``net``, ``symmetrize``,
+    ``objectives``), so ``path`` goes first on ``sys.path`` for the import only; the modules
+    are then removed from ``sys.modules`` again (and any of the same names that were there put
+    back), the classes keeping their own module globals. Nothing of the original is copied.
+
+    Shims: none are needed on torch 2.13 (checked against the repository's last commit: its
+    ``torch.autograd.Variable``, ``torch.Tensor(b, n).normal_()`` and ``torch.mm`` calls still
+    work); if a future torch removes something it uses, add the shim here, documented.
+
+    Raises:
+        OriginalUnavailable: bad path (see :func:`check_original_path`) or a failed import.
+    """
+    p = check_original_path(path)
+    saved = {n: m for n, m in sys.modules.items() if _is_original_module(n)}
+    for n in saved:
+        del sys.modules[n]
+    sys.path.insert(0, str(p))
+    importlib.invalidate_caches()
+    try:
+        with warnings.catch_warnings():  # its docstrings' invalid escapes ('\c') warn when compiled on Python >= 3.6
+            warnings.simplefilter("ignore", DeprecationWarning)
+            warnings.simplefilter("ignore", SyntaxWarning)
+            mods = {n: importlib.import_module(n) for n in ("flow", "net", "symmetrize", "objectives.ising")}
+        for n, m in mods.items():
+            f = Path(getattr(m, "__file__", "") or "").resolve()
+            if p not in f.parents:
+                raise OriginalUnavailable(f"module {n!r} came from {f}, not from {p}")
+        commit = subprocess.run(["git", "-C", str(p), "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True).stdout.strip() or "unknown commit"
+        return types.SimpleNamespace(path=p, commit=commit, MongeAmpereFlow=mods["flow"].MongeAmpereFlow,
+                                     Simple_MLP=mods["net"].Simple_MLP, Symmetrize=mods["symmetrize"].Symmetrize,
+                                     Ising=mods["objectives.ising"].Ising)
+    except OriginalUnavailable:
+        raise
+    except Exception as e:  # an import error of the original's own code or its dependencies
+        raise OriginalUnavailable(f"importing the original from {p} failed on torch {torch.__version__}: "
+                                  f"{type(e).__name__}: {e}") from e
+    finally:
+        sys.path.remove(str(p))
+        for n in [n for n in sys.modules if _is_original_module(n)]:
+            del sys.modules[n]
+        sys.modules.update(saved)
+
+
+def make_original_step(orig: types.SimpleNamespace, L: int = PAPER_L, batch: int = PAPER_BATCH,
+                       hidden: int = PAPER_HIDDEN, n_steps: int = PAPER_STEPS) -> Callable[[], None]:
+    """One training iteration of the original, as its ``variational_free_energy.py -train`` builds it.
+
+    Ising(L, d=2, T_c, periodic); Symmetrize(Simple_MLP(L², hidden), L, 1); MongeAmpereFlow(net,
+    ε=0.1, Nsteps); Adam(lr 1e-3, weight_decay 1e-3 (its default -decay)); per iteration, as in
+    its ``vi()``: ``x, logp_x = model.sample(B)``, loss = mean(logp_x − target(x)) (its
+    fe.mean()·L² at delta = 0), zero_grad, backward, step. Its logging, plotting and
+    checkpointing are left out.
+    """
+    with contextlib.redirect_stdout(io.StringIO()):  # its Ising() prints the sign and log-det of K
+        target = orig.Ising(L, 2, T_C, "periodic")
+    torch.manual_seed(0)
+    net = orig.Symmetrize(orig.Simple_MLP(dim=target.nvars, hidden_size=hidden), L, 1)
+    model = orig.MongeAmpereFlow(net, PAPER_EPS, n_steps)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3, weight_decay=1e-3)
+
+    def step() -> None:
+        x, logp_x = model.sample(batch)
+        loss = (logp_x - target(x)).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    return step
+
+
+def compare_original(orig: types.SimpleNamespace, L: int = PAPER_L, batch: int = PAPER_BATCH,
+                     hidden: int = PAPER_HIDDEN, n_steps: int = PAPER_STEPS, rounds: int = 7,
+                     iters: int = 2) -> float | None:
+    """Print the original's and our s/iteration in the paper configuration, side by side; return
+    the ratio of medians original / ours (None, with the reason printed, if the original fails).
+
+    Ours is :func:`paper_config` (softplus MLP with biases, as this benchmark has always timed);
+    the original's Simple_MLP uses ln cosh without a bias: the same matmuls, within an
+    elementwise op of the same cost."""
+    print(f"side by side with the original ({ORIGINAL_URL} at {orig.path}, {orig.commit}), same process, "
+          f"{torch.get_num_threads()} thread(s), {rounds} interleaved rounds × {iters} iterations "
+          f"(L={L}, hidden {hidden}, {n_steps} RK4 steps, batch {batch}, random symmetrisation):")
+    try:
+        steps = {"original": make_original_step(orig, L, batch, hidden, n_steps)}
+        steps["original"]()  # fails here, before any timing, if it does not run on this torch
+    except Exception as e:
+        print(f"  ratio against the original: unavailable: the original's training step failed on torch "
+              f"{torch.__version__}: {type(e).__name__}: {e}")
+        return None
+    steps["ours"] = make_step(paper_config(hidden, n_steps), L, batch)
+    t = time_interleaved(steps, rounds, iters)
+    r = ratio_of_medians(t, "original", "ours")
+    print(f"  original {_summary(t['original'])}")
+    print(f"  ours     {_summary(t['ours'])}")
+    print(f"  ratio of medians original / ours: {r:.2f}x")
+    return r
+
+
+# ---------------------------------------------------------------------------------------------
+# An earlier commit's latticeflow, imported under another name
+# ---------------------------------------------------------------------------------------------
+
+class BaselineUnavailable(RuntimeError):
+    """The commit cannot be exported or imported; the message says why."""
+
+
+_ABSOLUTE_IMPORT = re.compile(r"^\s*(from\s+latticeflow[\s.]|import\s+latticeflow\b)", re.M)
+
+
+def load_baseline(rev: str, repo: str | Path = REPO) -> types.ModuleType:
+    """``latticeflow`` as of git commit ``rev`` of ``repo``, imported as ``latticeflow_<sha12>``.
+
+    ``git archive rev latticeflow`` is unpacked into a temporary directory (removed at exit) and
+    loaded with ``importlib.util.spec_from_file_location`` under the other top-level name; the
+    package imports itself only relatively, which is checked (an absolute ``import latticeflow``
+    would silently pull in the current tree).
+
+    Raises:
+        BaselineUnavailable: unknown revision, no ``latticeflow/`` there, absolute self-imports,
+            or a failed import.
+    """
+    res = subprocess.run(["git", "-C", str(repo), "rev-parse", "--verify", "--quiet", f"{rev}^{{commit}}"],
+                         capture_output=True, text=True)
+    if res.returncode != 0:
+        raise BaselineUnavailable(f"{rev!r} is not a commit of {repo}")
+    sha = res.stdout.strip()
+    name = f"latticeflow_{sha[:12]}"
+    if name in sys.modules:
+        return sys.modules[name]
+    arc = subprocess.run(["git", "-C", str(repo), "archive", "--format=tar", sha, "latticeflow"], capture_output=True)
+    if arc.returncode != 0:
+        raise BaselineUnavailable(f"git archive {sha[:12]} latticeflow failed: {arc.stderr.decode().strip()}")
+    tmp = Path(tempfile.mkdtemp(prefix=f"{name}_"))
+    atexit.register(shutil.rmtree, tmp, True)
+    with tarfile.open(fileobj=io.BytesIO(arc.stdout)) as tf:
+        if hasattr(tarfile, "data_filter"):
+            tf.extractall(tmp, filter="data")
+        else:  # pragma: no cover - Python < 3.11.4
+            tf.extractall(tmp)
+    pkg_dir = tmp / "latticeflow"
+    bad = [f"{f.relative_to(tmp)}: {m.group(0).strip()}" for f in sorted(pkg_dir.rglob("*.py"))
+           for m in [_ABSOLUTE_IMPORT.search(f.read_text(encoding="utf-8"))] if m]
+    if bad:
+        raise BaselineUnavailable(f"latticeflow at {sha[:12]} imports itself by name ({'; '.join(bad)}): "
+                                  "under another name it would mix in the current tree")
+    spec = importlib.util.spec_from_file_location(name, pkg_dir / "__init__.py",
+                                                  submodule_search_locations=[str(pkg_dir)])
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
+    try:
+        spec.loader.exec_module(mod)
+    except Exception as e:
+        for n in [n for n in sys.modules if n == name or n.startswith(name + ".")]:
+            del sys.modules[n]
+        raise BaselineUnavailable(f"importing latticeflow at {sha[:12]} failed: {type(e).__name__}: {e}") from e
+    mod.__baseline_commit__ = sha
+    importlib.import_module(f"{name}.build")  # build_flow's module (also re-exported by the package)
+    return mod
+
+
+def _keys_build_reads() -> set[str]:
+    """Config keys the current ``build_flow`` / ``build_potential`` read (``cfg["key"]``)."""
+    from latticeflow import build
+
+    src = inspect.getsource(build.build_flow) + inspect.getsource(build.build_potential)
+    return set(re.findall(r"cfg\[\"(\w+)\"\]", src))
+
+
+def config_for_baseline(config: dict[str, Any], base: types.ModuleType) -> tuple[dict[str, Any] | None, str]:
+    """``config`` as the baseline's ``build_flow`` can take it, and a note.
+
+    Keys the baseline's IsingConfig does not know are dropped when the current ``build_flow``
+    does not read them either (training options such as ``gradient_estimator``: the flow is
+    the same); if it reads one, the flows would differ, and None is returned with the reason.
+    """
+    known = set(base.config.ISING_DEFAULT.to_dict())
+    unknown = sorted(set(config) - known)
+    if not unknown:
+        return config, ""
+    architectural = [k for k in unknown if k in _keys_build_reads()]
+    if architectural:
+        return None, f"key(s) {', '.join(architectural)} unknown to the baseline shape the flow"
+    return ({k: v for k, v in config.items() if k not in unknown},
+            f"dropped key(s) unknown to the baseline that build_flow does not read: {', '.join(unknown)}")
+
+
+def baseline_configs(L: int = PAPER_L, hidden: int = PAPER_HIDDEN, n_steps: int = PAPER_STEPS,
+                     batch: int = PAPER_BATCH) -> list[tuple[str, dict[str, Any], int]]:
+    """(label, config, batch): the paper configuration and the driver's default at the same L."""
+    from latticeflow.config import IsingConfig
+
+    default = IsingConfig.from_dict({"L": L}).to_dict()  # ISING_DEFAULT at this L (its kernel size resolved for L)
+    return [("paper configuration", paper_config(hidden, n_steps), batch),
+            (f"driver's default (ISING_DEFAULT: {default['potential']}, hidden {default['hidden']}, "
+             f"T={default['n_steps'] * default['step_size']:g}, batch {default['batch']})", default, default["batch"])]
+
+
+def compare_baseline(base: types.ModuleType, configs: list[tuple[str, dict[str, Any], int]], L: int = PAPER_L,
+                     rounds: int = 7, iters: int = 2) -> dict[str, float | None]:
+    """Print the baseline's and the current tree's s/iteration for each config, side by side;
+    return {label: ratio of medians baseline / current, or None if skipped}."""
+    sha = getattr(base, "__baseline_commit__", "?")
+    print(f"side by side with latticeflow at {sha[:12]} (imported as {base.__name__}), same process, "
+          f"{torch.get_num_threads()} thread(s), {rounds} interleaved rounds × {iters} iterations, L={L}:")
+    out: dict[str, float | None] = {}
+    for label, config, batch in configs:
+        cfg, note = config_for_baseline(config, base)
+        if cfg is None:
+            print(f"  {label}: skipped: {note}")
+            out[label] = None
+            continue
+        try:
+            steps = {"baseline": make_step(cfg, L, batch, base)}
+        except Exception as e:
+            print(f"  {label}: skipped: the baseline's build_flow rejects it: {type(e).__name__}: {e}")
+            out[label] = None
+            continue
+        steps["current"] = make_step(config, L, batch)
+        t = time_interleaved(steps, rounds, iters)
+        out[label] = r = ratio_of_medians(t, "baseline", "current")
+        print(f"  {label}:" + (f" ({note})" if note else ""))
+        print(f"    baseline {_summary(t['baseline'])}")
+        print(f"    current  {_summary(t['current'])}")
+        print(f"    ratio of medians baseline / current: {r:.2f}x")
+    return out
 
 
 def matmul_gflops(B: int, N: int, h: int, dtype: torch.dtype, reps: int = 50) -> float:
@@ -67,23 +408,49 @@ def matmul_gflops(B: int, N: int, h: int, dtype: torch.dtype, reps: int = 50) ->
     return 2.0 * B * N * h * reps / (time.perf_counter() - t0) / 1e9
 
 
-def main() -> None:
+UNAVAILABLE = (f"ratio against the original: unavailable (no --original given; git clone {ORIGINAL_URL} "
+               "and pass --original PATH to time it side by side in this process)")
+
+
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--sizes", type=int, nargs="*", default=[8, 16, 32, 64])
-    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
     p.add_argument("--profile", action="store_true", help="print torch.profiler's top operators")
     p.add_argument("--parts", action="store_true",
                    help="also time the driver's default flow (quadratic + conv + MLP, T=1, batch 256) at L=8 and 16, "
                         "part by part")
-    args = p.parse_args()
+    p.add_argument("--original", metavar="PATH", default=None,
+                   help=f"a checkout of {ORIGINAL_URL}: time its paper-configuration training iteration against "
+                        "ours, side by side in this process, and print the ratio")
+    p.add_argument("--baseline-commit", metavar="REV", default=None,
+                   help="time this tree's latticeflow against latticeflow at git commit REV (exported and imported "
+                        "under another name), side by side in this process, and print the ratios")
+    p.add_argument("--rounds", type=int, default=7, help="interleaved rounds of the side-by-side comparisons")
+    p.add_argument("--round-iters", type=int, default=2, help="iterations of each side per round")
+    args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    B, h, steps = 64, 512, 50
-    # the flow this benchmark has always timed (softplus MLP with biases, time-independent), spelled out
-    paper = {"potential": "mlp", "hidden": h, "n_steps": steps, "step_size": 0.1, "symmetrize": "random",
-             "group": "space+z2", "dtype": "float32", "activation": "softplus", "bias": True,
-             "time_dependent": False, "init_scale": 1e-3}
+    # fail on a bad --original path or --baseline-commit before any timing
+    orig: types.SimpleNamespace | str | None = None
+    if args.original is not None:
+        try:
+            check_original_path(args.original)
+        except OriginalUnavailable as e:
+            raise SystemExit(f"--original: {e}") from None
+        try:
+            orig = load_original(args.original)
+        except OriginalUnavailable as e:
+            orig = f"ratio against the original: unavailable: {e}"
+    base = None
+    if args.baseline_commit is not None:
+        try:
+            base = load_baseline(args.baseline_commit)
+        except BaselineUnavailable as e:
+            raise SystemExit(f"--baseline-commit: {e}") from None
+    B, h, steps = PAPER_BATCH, PAPER_HIDDEN, PAPER_STEPS
+    paper = paper_config(h, steps)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     s = time_iteration(paper, 16, B, args.iters)
     N = 256
@@ -91,10 +458,13 @@ def main() -> None:
     flops = 3 * 4 * steps * mlp_flops(B, N, h)
     mm = matmul_gflops(B, N, h, torch.float32)
     print(f"paper configuration (L=16, h={h}, {steps} RK4 steps, batch {B}, random space-group×Z2 symmetrisation):")
-    print(f"  {s:.3f} s/iteration = {1 / s:.2f} it/s; speed-up vs original {ORIGINAL_S_PER_ITER} s: "
-          f"{ORIGINAL_S_PER_ITER / s:.1f}x")
+    print(f"  {s:.3f} s/iteration = {1 / s:.2f} it/s")
     print(f"  achieved {flops / s / 1e9:.1f} GFLOP/s (model FLOPs {flops / 1e9:.2f} GFLOP/iter); "
           f"matmul ({B}x{N})@({N}x{h}) in this run: {mm:.1f} GFLOP/s; ratio {flops / s / 1e9 / mm:.2f}")
+    if orig is None:
+        print(f"  {UNAVAILABLE}")
+    elif isinstance(orig, str):
+        print(f"  {orig}")
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
 
@@ -104,11 +474,16 @@ def main() -> None:
             x, logp = flow.sample(B)
             (logp + target.energy(x)).mean().backward()
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
-    print("scaling with L (same configuration, hidden 512):")
-    print("  L      N   s/iter   ratio to L=16")
-    for L in args.sizes:
-        t = time_iteration(paper, L, B, max(2, args.iters // 2), warmup=1)
-        print(f"  {L:3d} {L * L:6d} {t:8.3f}   {t / s:6.2f}")
+    if isinstance(orig, types.SimpleNamespace):
+        compare_original(orig, rounds=args.rounds, iters=args.round_iters)
+    if base is not None:
+        compare_baseline(base, baseline_configs(), rounds=args.rounds, iters=args.round_iters)
+    if args.sizes:
+        print("scaling with L (same configuration, hidden 512):")
+        print("  L      N   s/iter   ratio to L=16")
+        for L in args.sizes:
+            t = time_iteration(paper, L, B, max(2, args.iters // 2), warmup=1)
+            print(f"  {L:3d} {L * L:6d} {t:8.3f}   {t / s:6.2f}")
     if args.parts:
         time_parts(args.iters)
 

@@ -1,0 +1,130 @@
+"""benchmarks/ising_speed.py: side-by-side ratios (issue 16), on tiny settings (L=4, a few iterations)."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+MIRROR = Path("/work/.mirror/wangleiphy+MongeAmpereFlow/repo")  # only on the project's own machines
+ORIGINAL = Path("/tmp/maf_orig")
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("ising_speed_bench", REPO / "benchmarks" / "ising_speed.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    yield mod
+    sys.modules.pop(spec.name, None)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_no_original_prints_unavailable(bench, capsys):
+    bench.main(["--iters", "1", "--sizes"])
+    out = capsys.readouterr().out
+    assert "threads" in out and torch.__version__ in out
+    assert "ratio against the original: unavailable" in out
+    assert "--original" in out and "wangleiphy/MongeAmpereFlow" in out
+    assert not hasattr(bench, "ORIGINAL_S_PER_ITER")
+    assert "speed-up vs original" not in out
+
+
+def test_bad_original_path_exits_with_message(bench, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        bench.main(["--original", str(tmp_path / "nowhere"), "--iters", "1", "--sizes"])
+    assert "--original" in str(e.value.code) and "not a directory" in str(e.value.code)
+    (tmp_path / "flow.py").write_text("")
+    with pytest.raises(SystemExit) as e:
+        bench.main(["--original", str(tmp_path), "--iters", "1", "--sizes"])
+    assert "does not look like a checkout" in str(e.value.code) and "net.py" in str(e.value.code)
+    assert "s/iteration" not in capsys.readouterr().out  # it fails before any timing
+
+
+def test_bad_baseline_commit_exits_with_message(bench):
+    with pytest.raises(SystemExit) as e:
+        bench.main(["--baseline-commit", "no-such-revision-xyz", "--iters", "1", "--sizes"])
+    assert "--baseline-commit" in str(e.value.code) and "not a commit" in str(e.value.code)
+
+
+def test_baseline_commit_head_is_imported_under_another_name(bench, capsys):
+    import latticeflow
+
+    head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True,
+                          check=True).stdout.strip()
+    base = bench.load_baseline(head)
+    assert base.__name__ == f"latticeflow_{head[:12]}" and sys.modules[base.__name__] is base
+    assert base is not latticeflow and base.build.build_flow is not latticeflow.build.build_flow
+    assert REPO not in Path(base.__file__).resolve().parents  # the exported copy, not the working tree
+    assert Path(base.build.__file__).parent == Path(base.__file__).parent
+    ratios = bench.compare_baseline(base, bench.baseline_configs(L=4, hidden=16, n_steps=3, batch=8),
+                                    L=4, rounds=3, iters=1)
+    out = capsys.readouterr().out
+    assert "ratio of medians baseline / current" in out
+    assert len(ratios) == 2
+    for label, r in ratios.items():
+        assert r is not None and math.isfinite(r) and r > 0, (label, r)
+
+
+def test_unknown_non_flow_key_dropped_flow_key_skips(bench):
+    head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True,
+                          check=True).stdout.strip()
+    base = bench.load_baseline(head)
+    cfg, note = bench.config_for_baseline({**bench.paper_config(), "some_training_option": 1}, base)
+    assert cfg == bench.paper_config() and "some_training_option" in note
+    assert "kernel_size" in bench._keys_build_reads()
+
+    class Old:  # a baseline whose config knows no kernel_size
+        class config:
+            class ISING_DEFAULT:
+                @staticmethod
+                def to_dict():
+                    return {k: v for k, v in base.config.ISING_DEFAULT.to_dict().items() if k != "kernel_size"}
+
+    cfg, note = bench.config_for_baseline({**bench.paper_config(), "kernel_size": 3}, Old)
+    assert cfg is None and "kernel_size" in note
+
+
+def _original_checkout() -> Path | None:
+    if (ORIGINAL / "flow.py").is_file():
+        return ORIGINAL
+    if ORIGINAL.exists() or not MIRROR.exists() or shutil.which("git") is None:
+        return None
+    # the mirror's large data files are absent: clone without a checkout, then check out everything but data/
+    try:
+        subprocess.run(["git", "clone", "-q", "--no-checkout", str(MIRROR), str(ORIGINAL)], check=True)
+        files = subprocess.run(["git", "-C", str(ORIGINAL), "ls-tree", "-r", "--name-only", "HEAD"], check=True,
+                               capture_output=True, text=True).stdout.split()
+        subprocess.run(["git", "-C", str(ORIGINAL), "checkout", "HEAD", "--",
+                        *[f for f in files if not f.startswith("data/")]], check=True)
+    except subprocess.CalledProcessError:
+        return None
+    return ORIGINAL if (ORIGINAL / "flow.py").is_file() else None
+
+
+def test_original_side_by_side_tiny(bench, capsys):
+    path = _original_checkout()
+    if path is None:
+        pytest.skip("no checkout of wangleiphy/MongeAmpereFlow at /tmp/maf_orig (and none could be made from a mirror)")
+    before = set(sys.modules)
+    orig = bench.load_original(path)
+    assert not {"flow", "net", "symmetrize", "objectives"} & (set(sys.modules) - before)  # imported, then unlisted
+    r = bench.compare_original(orig, L=4, batch=8, hidden=16, n_steps=3, rounds=3, iters=1)
+    out = capsys.readouterr().out
+    assert "ratio of medians original / ours" in out
+    assert r is not None and math.isfinite(r) and r > 0
