@@ -66,18 +66,9 @@ def flow_timer(L: int, method: str, batch: int | None) -> Callable[[], None]:
     for m in flow.modules():
         if isinstance(m, ConvPotential):
             m.method = method
-    opt = torch.optim.Adam(flow.parameters(), lr=1e-4)
-    gen = torch.Generator().manual_seed(0)
-    B = cfg.batch or max(16, int(256 * min(1.0, 256 / target.N)))
+    from benchmarks.ising_speed import training_step  # the repository root is on sys.path (above)
 
-    def run() -> None:
-        x, logp = flow.sample(B, generator=gen)
-        loss = (logp + target.energy(x)).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-
-    return run
+    return training_step(flow, target, cfg.batch_size, lr=1e-4)
 
 
 def interleaved(timers: dict[str, Callable[[], None]], repeats: int, warmup: int = 2) -> dict[str, float]:

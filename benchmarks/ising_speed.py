@@ -83,7 +83,12 @@ def make_step(config: dict, L: int, batch: int, pkg: types.ModuleType | None = N
     target = pkg.ising(L, pkg.critical)
     torch.manual_seed(0)
     flow = (build_flow if pkg is lf else pkg.build.build_flow)(config, target.lattice)
-    opt = torch.optim.Adam(flow.parameters(), lr=1e-3)
+    return training_step(flow, target, batch)
+
+
+def training_step(flow: torch.nn.Module, target: object, batch: int, lr: float = 1e-3) -> Callable[[], None]:
+    """One reverse-KL training iteration of ``flow`` as a closure: sample a batch, loss, backward, Adam step."""
+    opt = torch.optim.Adam(flow.parameters(), lr=lr)
     gen = torch.Generator().manual_seed(0)
 
     def step() -> None:

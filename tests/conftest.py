@@ -22,6 +22,14 @@ def _restore_threads():
 
 
 @pytest.fixture
+def one_thread():
+    """One intra-op thread for a test (tiny tensors: a second thread only adds synchronisation, 10× slower on a
+    busy machine); ``_restore_threads`` puts the count back. Use ``pytest.mark.usefixtures("one_thread")``."""
+    torch.set_num_threads(1)
+    yield
+
+
+@pytest.fixture
 def float64():
     """Run a test in float64 (use a module's ``pytestmark = pytest.mark.usefixtures("float64")``)."""
     old = torch.get_default_dtype()

@@ -27,12 +27,7 @@ def bench():
     sys.modules.pop(spec.name, None)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_no_original_prints_unavailable(bench, capsys):

@@ -37,13 +37,7 @@ from latticeflow.symmetry import space_group, spin_flip_group
 DT = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny tensors: a second intra-op thread only adds synchronisation (10x slower on a busy machine)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def mlp_flow(N: int, init_scale: float, seed: int = 0, n_steps: int = 4) -> MongeAmpereFlow:
