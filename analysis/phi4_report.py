@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +39,7 @@ from latticeflow.stats import jackknife_stderr
 
 from .autocorr import integrated_time
 from .diagnostics import importance_diagnostics, split_rhat
-from .free_energy import Estimate, importance_free_energy, variational_free_energy
+from .free_energy import importance_free_energy, variational_free_energy
 from .hmc import from_energy, hmc, independence_metropolis
 
 __all__ = ["SCALARS", "REFERENCE_CSV", "load_phi4", "draw", "flow_estimates", "hmc_baseline", "trace_estimates",
