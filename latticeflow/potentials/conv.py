@@ -96,6 +96,8 @@ class _Stencil:
 
     def __init__(self, L: int, k: int, basis: Tensor | None) -> None:
         self.L, self.k, self.p = L, k, k // 2
+        # padded row P is lattice row (P − p) mod L: made once per device, not at every RK stage
+        self._wraps: dict[torch.device, Tensor] = {}
         if basis is None:
             self.J, self.rows, self.coefs = k * k, None, None
         else:
@@ -106,10 +108,17 @@ class _Stencil:
             self.rows = rows.tolist()
             self.coefs = basis[rows, torch.arange(k * k)].tolist()
 
+    def _wrap(self, device: torch.device) -> Tensor:
+        """(L+2p,) the lattice row (or column) of each padded row: (P − p) mod L."""
+        idx = self._wraps.get(device)
+        if idx is None:
+            idx = self._wraps[device] = (torch.arange(self.L + 2 * self.p, device=device) - self.p) % self.L
+        return idx
+
     def _padded(self, x: Tensor) -> Tensor:
         """(B, N) -> the circularly padded lattice (L+2p, L+2p, B): padded row P is row (P − p) mod L."""
-        L, p, B = self.L, self.p, x.shape[0]
-        idx = (torch.arange(L + 2 * p, device=x.device) - p) % L
+        L, B = self.L, x.shape[0]
+        idx = self._wrap(x.device)
         return x.t().reshape(L, L, B).index_select(0, idx).index_select(1, idx)
 
     def patches(self, x: Tensor) -> Tensor:
@@ -136,7 +145,7 @@ class _Stencil:
             else:
                 acc[r:r + L, q:q + L].add_(y[self.rows[d]], alpha=self.coefs[d])
         # wrap the padding back onto the lattice (the adjoint of _padded)
-        idx = (torch.arange(P, device=y.device) - p) % L
+        idx = self._wrap(y.device)
         rows = y.new_zeros(L, P, B).index_add_(0, idx, acc)
         out = y.new_zeros(L, L, B).index_add_(1, idx, rows)
         return out.reshape(L * L, B).t().contiguous()
@@ -359,7 +368,6 @@ class ConvPotential(Potential):
             self.mix_weight = self.mix_bias = None
         self.readout = nn.Parameter(_initial_readout(C, init_scale))
         self.readout_t = nn.Parameter(torch.zeros(C)) if self.time_dependent else None
-        # the span of the D4-invariant kernels, for the 2-layer Laplacian (not saved: a function of k)
         # the span of the D4-invariant kernels (the 2-layer Laplacian, the direct convolution);
         # not saved: a function of k
         basis = _d4_kernel_basis(k) if self.d4 else None
