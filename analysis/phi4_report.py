@@ -218,8 +218,10 @@ def reference(target: Phi4, path: str | Path | None = None) -> dict[str, tuple[f
 
 
 def _row(quantity: str, method: str, value: float, err: float, exact: float | None, what: str,
-         reliable: bool = True, reason: str = "") -> dict[str, Any]:
-    dev = None if exact is None or not err > 0 else (value - exact) / err
+         reliable: bool = True, reason: str = "", exact_err: float = 0.0) -> dict[str, Any]:
+    """One tidy row; a reference's own error (``exact_err``) enters the deviation in quadrature."""
+    both = math.hypot(err, exact_err)
+    dev = None if exact is None or not both > 0 else (value - exact) / both
     return {"quantity": quantity, "method": method, "value": value, "stderr": err, "exact": exact,
             "exact_kind": what if exact is not None else "", "deviation_sigma": dev, "reliable": reliable,
             "reason": reason}
@@ -243,9 +245,7 @@ def estimate_rows(est: dict[str, Any], target: Phi4, ref: dict[str, tuple[float,
                 rows.append(_row(k, method, value, err, ex[k], "closed form", ok, why))
             elif ref is not None:
                 r, re = ref[k]
-                row = _row(k, method, value, math.hypot(err, re), r, "HMC reference", ok, why)
-                row["stderr"] = err
-                rows.append(row)
+                rows.append(_row(k, method, value, err, r, "HMC reference", ok, why, exact_err=re))
             else:
                 rows.append(_row(k, method, value, err, None, "", ok, why))
     if hmc is not None:
