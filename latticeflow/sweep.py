@@ -204,12 +204,50 @@ def _make_trainer(config: IsingConfig, device: torch.device, out_dir: str | None
     return make_trainer(config, device, out_dir, progress=progress, checkpoint_every=checkpoint_every)
 
 
-def _beta_config(config: IsingConfig, beta: float, warm: bool, warm_epochs: int) -> IsingConfig:
-    """The config of one β: β by name when critical; warm starts train ``warm_epochs`` with a short warm-up."""
+def _beta_config(config: IsingConfig, beta: float, warm: bool, warm_epochs: int, lr_scale: float = 1.0) -> IsingConfig:
+    """The config of one β: β by name when critical; warm starts train ``warm_epochs`` with a short
+    warm-up, at the learning rates times ``lr_scale`` (halved by each regressed warm start)."""
     cfg = config.replace(beta="critical" if beta == CRITICAL_BETA else beta, beta_name=None)
     if warm:
         cfg = cfg.replace(epochs=warm_epochs, warmup=min(cfg.warmup, warm_epochs // 4))
+    if lr_scale != 1.0:
+        ext = cfg.extensive_lr
+        cfg = cfg.replace(lr=cfg.lr * lr_scale, extensive_lr=ext if isinstance(ext, str) else ext * lr_scale)
     return cfg
+
+
+#: the warm-start guard: a warm start "regressed" when its last epochs' mean F/N lies this many
+#: standard errors above its first epochs' (the neighbour's flow at the new β)
+REGRESSION_SIGMAS = 3.0
+#: retries of a regressed warm start, each from the neighbour's weights at half the learning rate
+WARM_RETRIES = 2
+
+
+def warm_regression(log: pd.DataFrame, window: int | None = None) -> tuple[float, float, float]:
+    """How much a warm start's F/N rose from its first to its last epochs, and whether significantly.
+
+    A warm start begins from the neighbouring β's trained flow; training should only lower the
+    variational F/N (HS normalisation, a bound). The mean per-epoch F/N over the first ``window``
+    epochs (the neighbour's flow at the new β, barely moved during the warm-up) is compared with
+    the mean over the last ``window`` epochs; their standard errors come from the epoch-to-epoch
+    scatter in each window.
+
+    Args:
+        log: the trainer's log, with a ``free_energy_hs`` column (one row per epoch).
+        window: epochs at each end (default: a tenth of the epochs, at least 5).
+
+    Returns:
+        (rise = last mean − first mean, its standard error, rise / error in σ; NaN where the log is
+        shorter than two windows).
+    """
+    f = log["free_energy_hs"].to_numpy(dtype=float) if "free_energy_hs" in log else np.array([])
+    w = window if window is not None else max(5, len(f) // 10)
+    if len(f) < 2 * w or w < 2:
+        return math.nan, math.nan, math.nan
+    first, last = f[:w], f[-w:]
+    rise = float(last.mean() - first.mean())
+    err = float(math.sqrt(first.var(ddof=1) / w + last.var(ddof=1) / w))
+    return rise, err, rise / err if err > 0 else (math.inf if rise > 0 else 0.0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -296,6 +334,14 @@ def _default_measure(flow: torch.nn.Module, target: Any, n_samples: int, generat
     from analysis.thermo import estimate_rows  # the analysis layer measures; the library only orchestrates
 
     return estimate_rows(flow, target, n_samples=n_samples, generator=generator)
+
+
+def _saved_lr_scale(run: Path, default: float) -> float:
+    """The learning-rate scale a β folder's ``config.json`` records (``default`` if none)."""
+    try:
+        return float(json.loads((run / "config.json").read_text()).get("lr_scale", default))
+    except (OSError, ValueError, TypeError):
+        return default
 
 
 def _collect(folder: Path | None, done: dict[int, pd.DataFrame]) -> pd.DataFrame:
@@ -409,84 +455,115 @@ def sweep(config: IsingConfig | None, betas: str | Sequence[float | str] | None,
         with _Signals() as sigs:
             prev_state: dict[str, torch.Tensor] | None = None
             prev_name: str | None = None
+            lr_scale = 1.0  # halved by each regressed warm start, and kept for the colder β
             for k, (beta, run) in enumerate(zip(grid, runs)):
                 name = manifest["runs"][k]
                 if run is not None and (run / ESTIMATES).is_file():  # finished before: read back
                     done[k] = pd.read_csv(run / ESTIMATES)
                     prev_name = name
                     prev_state = None  # loaded lazily from its checkpoint if the next β needs it
+                    lr_scale = _saved_lr_scale(run, lr_scale)
                     continue
                 if sigs.signum is not None:
                     stop_reason, stop_signal = "signal", sigs.signum
                     break
-                remaining = None if deadline is None else (deadline - time.perf_counter()) / 60.0
-                if remaining is not None and remaining <= 0:
-                    if trained:
-                        stop_reason = "time"
-                        break
-                    remaining = 1e-9  # like a single run, a sweep trains at least one epoch per invocation
                 warm = k > 0
-                cfg = _beta_config(config, beta, warm, warm_epochs)
                 ckpt = run / "checkpoint.pt" if run is not None else None
-                sub: RunFolder | None = None
-                if run is not None:
-                    # a β folder without a checkpoint holds nothing worth keeping (killed before its first one)
-                    sub = RunFolder(run, resume=ckpt if ckpt.is_file() else None, force=True).claim()
-                try:
-                    trainer, target = make(cfg, device, str(run) if run is not None else None, progress=progress,
-                                           checkpoint_every=checkpoint_every)
-                    if ckpt is not None and ckpt.is_file():
-                        trainer.load(ckpt)
-                        how = f"resumed at epoch {trainer.epoch}"
-                    elif warm:
-                        if prev_state is None:
-                            prev_state = load_checkpoint(runs[k - 1] / "checkpoint.pt", required=("model",))["model"]
-                        trainer.flow.load_state_dict(prev_state)
-                        how = f"warm start from {prev_name}"
-                    else:
-                        how = "from scratch"
+                if ckpt is not None and ckpt.is_file():  # an interrupted β continues at its own learning rate
+                    lr_scale = _saved_lr_scale(run, lr_scale)
+                retries: list[dict[str, float]] = []
+                while True:  # one pass, plus one per regressed warm start (at most WARM_RETRIES)
+                    remaining = None if deadline is None else (deadline - time.perf_counter()) / 60.0
+                    if remaining is not None and remaining <= 0:
+                        if trained:
+                            stop_reason = "time"
+                            break
+                        remaining = 1e-9  # like a single run, a sweep trains at least one epoch per invocation
+                    cfg = _beta_config(config, beta, warm, warm_epochs, lr_scale if warm else 1.0)
+                    sub: RunFolder | None = None
                     if run is not None:
-                        write_json(run / "config.json", {**cfg.to_dict(), "warm_start_from": prev_name if warm else None})
-                    if verbose:
-                        print(f"β = {beta:.6f}{' (critical)' if beta == CRITICAL_BETA else ''} [{k + 1}/{len(grid)}]: "
-                              f"{cfg.epochs} epochs, {how}", flush=True)
-                    log = trainer.fit(cfg.epochs, max_minutes=remaining)
-                    trained = True
-                    train_s = float(log["wall_time"].iloc[-1]) if len(log) else 0.0
-                    if run is not None:
-                        write_json(run / "summary.json", {"beta": beta, "epochs": trainer.epoch,
-                                                          "stop_reason": trainer.stop_reason,
-                                                          "warm_start_from": prev_name if warm else None,
-                                                          "train_s": train_s, "provenance": provenance(device)})
-                    if trainer.stop_reason == "signal":
-                        stop_reason, stop_signal = "signal", trainer.stop_signal
+                        # a β folder without a checkpoint holds nothing worth keeping (killed before its first one)
+                        sub = RunFolder(run, resume=ckpt if ckpt.is_file() else None, force=True).claim()
+                    try:
+                        trainer, target = make(cfg, device, str(run) if run is not None else None, progress=progress,
+                                               checkpoint_every=checkpoint_every)
+                        if ckpt is not None and ckpt.is_file():
+                            trainer.load(ckpt)
+                            how = f"resumed at epoch {trainer.epoch}"
+                        elif warm:
+                            if prev_state is None:
+                                prev_state = load_checkpoint(runs[k - 1] / "checkpoint.pt", required=("model",))["model"]
+                            trainer.flow.load_state_dict(prev_state)
+                            how = f"warm start from {prev_name}"
+                        else:
+                            how = "from scratch"
+                        if run is not None:
+                            write_json(run / "config.json", {**cfg.to_dict(), "warm_start_from": prev_name if warm else None,
+                                                             "lr_scale": lr_scale if warm else 1.0})
+                        if verbose:
+                            print(f"β = {beta:.6f}{' (critical)' if beta == CRITICAL_BETA else ''} [{k + 1}/{len(grid)}]: "
+                                  f"{cfg.epochs} epochs, {how}" + (f", lr ×{lr_scale:g}" if warm and lr_scale != 1 else ""),
+                                  flush=True)
+                        log = trainer.fit(cfg.epochs, max_minutes=remaining)
+                        trained = True
+                        train_s = float(log["wall_time"].iloc[-1]) if len(log) else 0.0
+                        rise, rise_err, rise_sigma = warm_regression(log) if warm else (math.nan,) * 3
+                        if run is not None:
+                            write_json(run / "summary.json", {"beta": beta, "epochs": trainer.epoch,
+                                                              "stop_reason": trainer.stop_reason,
+                                                              "warm_start_from": prev_name if warm else None,
+                                                              "lr_scale": lr_scale if warm else 1.0,
+                                                              "warm_rise": rise, "warm_rise_stderr": rise_err,
+                                                              "earlier_attempts": retries,
+                                                              "train_s": train_s, "provenance": provenance(device)})
+                        if trainer.stop_reason == "signal":
+                            stop_reason, stop_signal = "signal", trainer.stop_signal
+                            break
+                        if trainer.stop_reason == "time":
+                            stop_reason = "time"
+                            break
+                        if rise_sigma > REGRESSION_SIGMAS and len(retries) < WARM_RETRIES:
+                            # training made the flow worse than the neighbour's at this β: start the β
+                            # again from the neighbour's weights at half the learning rate
+                            retries.append({"lr_scale": lr_scale, "rise": rise, "rise_stderr": rise_err,
+                                            "train_s": train_s})
+                            if verbose:
+                                print(f"  β = {beta:.6f}: F/N rose by {rise:.2e} ± {rise_err:.1e} ({rise_sigma:.1f}σ) "
+                                      f"during the warm start; again from {prev_name} at lr ×{lr_scale / 2:g}", flush=True)
+                            lr_scale /= 2
+                            if ckpt is not None:
+                                for n in ("checkpoint.pt", "log.csv"):
+                                    (run / n).unlink(missing_ok=True)
+                            continue
+                        where = next(trainer.flow.parameters()).device
+                        gen = torch.Generator(device=where).manual_seed(1_000_003 * (config.seed + 1) + k)
+                        rows = _default_measure(trainer.flow, target, samples, gen)
+                        table = pd.DataFrame(rows)
+                        table.insert(0, "beta", beta)
+                        table.insert(1, "beta_name", "critical" if beta == CRITICAL_BETA else "")
+                        table.insert(2, "L", config.L)
+                        table["epochs"] = trainer.epoch
+                        table["warm_start_from"] = prev_name if warm else ""
+                        table["train_s"] = train_s + sum(r["train_s"] for r in retries)
+                        table["lr_scale"] = lr_scale if warm else 1.0
+                        table["warm_retries"] = len(retries)
+                        table["warm_rise_sigma"] = rise_sigma
+                        if run is not None:
+                            tmp = run / f"{ESTIMATES}.tmp"
+                            table.to_csv(tmp, index=False)
+                            tmp.replace(run / ESTIMATES)  # atomic: a β is finished exactly when this exists
+                        done[k] = table
+                        prev_state = {n: v.detach().clone() for n, v in trainer.flow.state_dict().items()}
+                        prev_name = name
+                        if verbose:
+                            _say(table, beta)
+                        _collect(folder, done)
                         break
-                    if trainer.stop_reason == "time":
-                        stop_reason = "time"
-                        break
-                    where = next(trainer.flow.parameters()).device
-                    gen = torch.Generator(device=where).manual_seed(1_000_003 * (config.seed + 1) + k)
-                    rows = _default_measure(trainer.flow, target, samples, gen)
-                    table = pd.DataFrame(rows)
-                    table.insert(0, "beta", beta)
-                    table.insert(1, "beta_name", "critical" if beta == CRITICAL_BETA else "")
-                    table.insert(2, "L", config.L)
-                    table["epochs"] = trainer.epoch
-                    table["warm_start_from"] = prev_name if warm else ""
-                    table["train_s"] = train_s
-                    if run is not None:
-                        tmp = run / f"{ESTIMATES}.tmp"
-                        table.to_csv(tmp, index=False)
-                        tmp.replace(run / ESTIMATES)  # atomic: a β is finished exactly when this exists
-                    done[k] = table
-                    prev_state = {n: v.detach().clone() for n, v in trainer.flow.state_dict().items()}
-                    prev_name = name
-                    if verbose:
-                        _say(table, beta)
-                    _collect(folder, done)
-                finally:
-                    if sub is not None:
-                        sub.release()
+                    finally:
+                        if sub is not None:
+                            sub.release()
+                if stop_reason != "finished":
+                    break
         table = _collect(folder, done)
         if folder is not None and plot and len(table):
             from analysis.thermo import plot_sweep

@@ -139,6 +139,59 @@ def test_warm_start_reuses_the_previous_betas_weights(tmp_path: Path) -> None:
     assert cfg1["warm_start_from"] == beta_folder(0, 0.3) and cfg1["epochs"] == 1 and cfg1["beta"] == 0.5
 
 
+def test_warm_regression_separates_a_rising_loss_from_noise() -> None:
+    from latticeflow.sweep import warm_regression
+
+    rng = np.random.default_rng(0)
+    flat = pd.DataFrame({"free_energy_hs": -2.3 + 1e-3 * rng.standard_normal(100)})
+    falling = pd.DataFrame({"free_energy_hs": np.linspace(-2.2, -2.3, 100) + 1e-3 * rng.standard_normal(100)})
+    rising = pd.DataFrame({"free_energy_hs": np.linspace(-2.3, -2.29, 100) + 1e-3 * rng.standard_normal(100)})
+    assert abs(warm_regression(flat)[2]) < 3
+    assert warm_regression(falling)[2] < -3
+    rise, err, sigma = warm_regression(rising)
+    assert sigma > 3 and rise == pytest.approx(0.009, abs=1.5e-3)  # the windows' means: 10 epochs at each end
+    assert np.isnan(warm_regression(flat.iloc[:9])[2])  # too short for two windows of 5
+
+
+def test_regressed_warm_start_is_retried_at_half_the_learning_rate(tmp_path: Path) -> None:
+    """A warm start whose F/N rises is trained again from the neighbour at lr/2; colder β keep lr/2."""
+    from latticeflow.sweep import _make_trainer
+
+    cfg = TINY.replace(lr=1e-2)
+    seen: list[tuple[float, float]] = []
+
+    def make(config: IsingConfig, *a: object, **kw: object) -> tuple:
+        trainer, target = _make_trainer(config, *a, **kw)
+        seen.append((config.beta, config.lr))
+        if config.beta == 0.5 and config.lr == 1e-2:  # the first attempt at β = 0.5 "regresses"
+            fit = trainer.fit
+
+            def rising_fit(epochs: int, max_minutes: float | None = None) -> pd.DataFrame:
+                log = fit(epochs, max_minutes).copy()
+                log["free_energy_hs"] = np.linspace(0.0, 1.0, len(log))
+                return log
+
+            trainer.fit = rising_fit
+        return trainer, target
+
+    table = sweep(cfg, (0.3, 0.5, 0.6), out=tmp_path, warm_epochs=10, samples=16, plot=False, make_trainer=make)
+    assert seen[1:] == [(0.3, 1e-2), (0.5, 1e-2), (0.5, 5e-3), (0.6, 5e-3)]  # seen[0]: the set-up check
+    by_beta = table.groupby("beta")[["warm_retries", "lr_scale"]].first()
+    assert by_beta.loc[0.5].tolist() == [1, 0.5] and by_beta.loc[0.6].tolist() == [0, 0.5]
+    summary = json.loads((tmp_path / beta_folder(1, 0.5) / "summary.json").read_text())
+    assert len(summary["earlier_attempts"]) == 1 and summary["earlier_attempts"][0]["lr_scale"] == 1.0
+    assert json.loads((tmp_path / beta_folder(1, 0.5) / "config.json").read_text())["lr"] == 5e-3
+    # the retry started again from the neighbour: its log holds only its own 10 epochs
+    assert len(pd.read_csv(tmp_path / beta_folder(1, 0.5) / "log.csv")) == 10
+    # a resumed sweep reads the halved learning rate back from the finished β
+    (tmp_path / beta_folder(2, 0.6) / ESTIMATES).unlink()
+    for n in ("checkpoint.pt", "log.csv"):
+        (tmp_path / beta_folder(2, 0.6) / n).unlink()
+    seen.clear()
+    sweep(None, None, out=tmp_path, resume=True, plot=False, make_trainer=make)
+    assert seen == [(0.6, 5e-3)]
+
+
 # ---------------------------------------------------------------------- interruption, resume, budget
 def test_interrupted_sweep_resumes_without_losing_a_beta(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     out = tmp_path / "sweep"
