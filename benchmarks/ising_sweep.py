@@ -45,8 +45,18 @@ def per_beta(table: pd.DataFrame) -> pd.DataFrame:
                      "F_IS_sigma": fi["deviation_sigma"], "U-exact": u["value"] - u["exact"],
                      "U_sigma": u["deviation_sigma"], "C-exact": c["value"] - c["exact"], "C_sigma": c["deviation_sigma"],
                      **{f"{q}_sigma": pick(q, "reweighted")["deviation_sigma"] for q in ("abs_m", "binder")
-                        if len(g[(g["quantity"] == q) & (g["method"] == "reweighted")])}})
+                        if len(g[(g["quantity"] == q) & (g["method"] == "reweighted")])},
+                     **_refined(g)})
     return pd.DataFrame(rows)
+
+
+def _refined(g: pd.DataFrame) -> dict[str, float]:
+    """The step check's importance-weighted F/N (every RK4 step split, ``--step-check``), if measured."""
+    sel = g[(g["quantity"] == "free_energy") & (g["method"] == "importance_refined") & (g["normalisation"] == "ising")]
+    if not len(sel):
+        return {}
+    r = sel.iloc[0]
+    return {"F_IS_fine-exact": r["value"] - r["exact"], "F_IS_fine_sigma": r["deviation_sigma"]}
 
 
 def finite_size(folders: list[str], out: Path) -> pd.DataFrame:

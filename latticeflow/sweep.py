@@ -4,7 +4,13 @@ A sweep trains the Ising flow of one :class:`~latticeflow.config.IsingConfig` at
 grid (fixed L), from high temperature (small β) down. The first β trains from scratch for
 ``config.epochs``; each next β starts from the previous β's trained weights and trains for
 ``warm_epochs`` (fewer) with a fresh optimiser and schedule: neighbouring β have similar
-densities, so most of the work is shared. After training, each β is measured from i.i.d. flow
+densities, so most of the work is shared. A warm start must not make things worse: when the
+mean F/N of its last epochs lies more than 3σ above that of its first epochs (the neighbour's
+flow at the new β; :func:`warm_regression`), the β is trained again from the neighbour's weights
+at half the learning rate (at most twice), and every colder β keeps the halved rate (below T_c a
+fresh Adam at the first β's rate can push a flow out of the ordered phase; measured at L=16).
+The table's ``lr_scale``, ``warm_retries`` and ``warm_rise_sigma`` columns and each β's
+``summary.json`` (``earlier_attempts``) record it. After training, each β is measured from i.i.d. flow
 samples (:func:`analysis.thermo.estimate_rows`: variational and importance-weighted F/N in both
 normalisations, ESS, reweighted U/N, C/N, ⟨|m|⟩, ⟨m²⟩, U₄, χ) next to Kaufman's exact values
 of the same L.
@@ -65,6 +71,8 @@ ESTIMATES = "estimates.csv"
 _CRITICAL_NAMES = ("critical", "c", "beta_c")
 #: i.i.d. flow samples measured per β
 DEFAULT_SAMPLES = 4096
+#: each β's free energies are measured again with every RK4 step split in this many
+DEFAULT_STEP_CHECK = 2
 _MAX_POINTS = 1000
 
 
@@ -283,10 +291,11 @@ class _Signals:
 # ---------------------------------------------------------------------------------------------
 
 
-def _manifest(config: IsingConfig, betas: Sequence[float], warm_epochs: int, samples: int) -> dict[str, Any]:
+def _manifest(config: IsingConfig, betas: Sequence[float], warm_epochs: int, samples: int,
+              step_check: int = 1) -> dict[str, Any]:
     return {"kind": "ising-sweep", "config": config.to_dict(), "betas": list(betas),
             "beta_names": ["critical" if b == CRITICAL_BETA else None for b in betas],
-            "warm_epochs": warm_epochs, "samples": samples,
+            "warm_epochs": warm_epochs, "samples": samples, "step_check": step_check,
             "runs": [beta_folder(k, b) for k, b in enumerate(betas)],
             "order": "increasing β (high temperature first); each β after the first starts from the previous "
                      "one's weights"}
@@ -314,7 +323,7 @@ def read_manifest(folder: str | Path) -> dict[str, Any]:
 
 
 def _check_resume(manifest: dict[str, Any], config: IsingConfig | None, betas: Sequence[float] | None,
-                  warm_epochs: int | None, samples: int | None, path: Path) -> None:
+                  warm_epochs: int | None, samples: int | None, path: Path, step_check: int | None = None) -> None:
     """Refuse a resume whose settings differ from the manifest's (naming each)."""
     bad = []
     if config is not None and config.to_dict() != IsingConfig.from_dict(manifest["config"]).to_dict():
@@ -326,14 +335,21 @@ def _check_resume(manifest: dict[str, Any], config: IsingConfig | None, betas: S
         bad.append(f"warm_epochs={warm_epochs} (sweep: {manifest['warm_epochs']})")
     if samples is not None and samples != manifest["samples"]:
         bad.append(f"samples={samples} (sweep: {manifest['samples']})")
+    if step_check is not None and step_check != manifest.get("step_check", 1):
+        bad.append(f"step_check={step_check} (sweep: {manifest.get('step_check', 1)})")
     if bad:
         raise ValueError(f"{', '.join(bad)}: a resumed sweep keeps the settings of {path / MANIFEST}")
 
 
-def _default_measure(flow: torch.nn.Module, target: Any, n_samples: int, generator: torch.Generator) -> list[dict]:
-    from analysis.thermo import estimate_rows  # the analysis layer measures; the library only orchestrates
+def _default_measure(flow: torch.nn.Module, target: Any, n_samples: int, generator: torch.Generator,
+                     step_check: int = 1) -> list[dict]:
+    # the analysis layer measures; the library only orchestrates
+    from analysis.thermo import estimate_rows, step_check_rows
 
-    return estimate_rows(flow, target, n_samples=n_samples, generator=generator)
+    rows = estimate_rows(flow, target, n_samples=n_samples, generator=generator)
+    if step_check > 1:
+        rows += step_check_rows(flow, target, refine=step_check, n_samples=n_samples, generator=generator)
+    return rows
 
 
 def _saved_lr_scale(run: Path, default: float) -> float:
@@ -362,7 +378,7 @@ def sweep(config: IsingConfig | None, betas: str | Sequence[float | str] | None,
           warm_epochs: int | None = None, samples: int | None = None, max_minutes: float | None = None,
           resume: bool = False, force: bool = False, device: str | torch.device = "cpu", progress: bool = False,
           verbose: bool = False, plot: bool = True, checkpoint_every: int = 100,
-          make_trainer: TrainerFactory | None = None) -> pd.DataFrame:
+          make_trainer: TrainerFactory | None = None, step_check: int | None = None) -> pd.DataFrame:
     """Train and measure the flow at every β of a grid (fixed L), warm-starting each β from the last.
 
     Args:
@@ -384,6 +400,9 @@ def sweep(config: IsingConfig | None, betas: str | Sequence[float | str] | None,
         plot: write ``sweep.png``/``.pdf`` (needs ``out``).
         checkpoint_every: epochs between checkpoints of each β.
         make_trainer: how a β's trainer is built (default: as ``models.ising`` builds it, one process).
+        step_check: also measure the free energies with each RK4 step split in this many
+            (:func:`analysis.thermo.step_check_rows`, fresh samples; methods ``*_refined``), the
+            check that an estimate is converged in the step (default 2; 1: no check).
 
     Returns:
         the tidy table of :data:`analysis.thermo.COLUMNS` (one row per β, quantity, method; the β
@@ -403,10 +422,11 @@ def sweep(config: IsingConfig | None, betas: str | Sequence[float | str] | None,
             raise ValueError("resume needs the sweep's folder (out)")
         manifest = read_manifest(folder)
         grid = None if betas is None else parse_beta_grid(betas)
-        _check_resume(manifest, config, grid, warm_epochs, samples, folder)
+        _check_resume(manifest, config, grid, warm_epochs, samples, folder, step_check)
         config = IsingConfig.from_dict(manifest["config"])
         grid = tuple(float(b) for b in manifest["betas"])
         warm_epochs, samples = int(manifest["warm_epochs"]), int(manifest["samples"])
+        step_check = int(manifest.get("step_check", 1))  # sweeps written before the check had none
     else:
         if not isinstance(config, IsingConfig):
             raise TypeError(f"config must be an IsingConfig, got {type(config).__name__}")
@@ -415,7 +435,8 @@ def sweep(config: IsingConfig | None, betas: str | Sequence[float | str] | None,
         grid = parse_beta_grid(betas)
         warm_epochs = check_size("warm_epochs", warm_epochs) if warm_epochs is not None else max(1, config.epochs // 4)
         samples = check_size("samples", samples if samples is not None else DEFAULT_SAMPLES, 2)
-        manifest = _manifest(config, grid, warm_epochs, samples)
+        step_check = check_size("step_check", step_check if step_check is not None else DEFAULT_STEP_CHECK)
+        manifest = _manifest(config, grid, warm_epochs, samples, step_check)
     if max_minutes is not None and not (isinstance(max_minutes, (int, float)) and max_minutes > 0):
         raise ValueError(f"max_minutes must be a number > 0 or None, got max_minutes={max_minutes!r}")
     device = torch.device(device)
@@ -537,7 +558,7 @@ def sweep(config: IsingConfig | None, betas: str | Sequence[float | str] | None,
                             continue
                         where = next(trainer.flow.parameters()).device
                         gen = torch.Generator(device=where).manual_seed(1_000_003 * (config.seed + 1) + k)
-                        rows = _default_measure(trainer.flow, target, samples, gen)
+                        rows = _default_measure(trainer.flow, target, samples, gen, step_check)
                         table = pd.DataFrame(rows)
                         table.insert(0, "beta", beta)
                         table.insert(1, "beta_name", "critical" if beta == CRITICAL_BETA else "")
@@ -586,4 +607,9 @@ def _say(table: pd.DataFrame, beta: float) -> None:
         r = table[(table.quantity == q) & (table.method == method) & (table.normalisation.fillna("") == norm)].iloc[0]
         parts.append(f"{label} {r.value:.5f}±{r.stderr:.5f} (exact {r.exact:.5f}, {r.deviation_sigma:+.1f}σ)")
     ess = float(table["ess"].iloc[0])
+    fine = table[(table.quantity == "free_energy") & (table.method == "importance_refined")
+                 & (table.normalisation == "ising")]
+    if len(fine):
+        r = fine.iloc[0]
+        parts.append(f"F/N at ε/{int(r.step_refine)} {r.value:.5f}±{r.stderr:.5f} ({r.deviation_sigma:+.1f}σ)")
     print(f"  β = {beta:.6f}: " + "; ".join(parts) + f"; ESS {ess:.3f}", flush=True)

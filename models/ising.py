@@ -58,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="epochs of each β after the first, warm-started from the previous β [--epochs / 4]")
     s.add_argument("--samples", type=positive_int, default=None,
                    help="flow samples measured per β (free energies, U/N, C/N, ...) [4096]")
+    s.add_argument("--step-check", type=positive_int, default=None,
+                   help="measure each β's free energies again with every RK4 step split in this many, "
+                        "the check that they are converged in the step (1: none) [2]")
     g = add_run_arguments(p, "ising", resume=_run_to_resume,
                           resume_help="continue the run of this checkpoint.pt (or run folder, or sweep folder)",
                           plot_help="skip the convergence figure")
@@ -113,7 +116,7 @@ def run_sweep(args: argparse.Namespace) -> dict:
     device = dist.setup_run(args.device, args.threads, args.tf32, verbose=not args.quiet)
     if dist.world_size() > 1:
         raise ValueError("a β sweep runs in one process; start it without torchrun")
-    table = sweep(config, grid, out=out, warm_epochs=args.warm_epochs, samples=args.samples,
+    table = sweep(config, grid, out=out, warm_epochs=args.warm_epochs, samples=args.samples, step_check=args.step_check,
                   max_minutes=args.max_minutes, resume=resume, force=args.force, device=device,
                   progress=not args.quiet, verbose=True, plot=not args.no_plot,
                   checkpoint_every=args.checkpoint_every, make_trainer=make_trainer)
@@ -183,8 +186,9 @@ def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
     if isinstance(args.beta, BetaGrid) or (args.resume is not None and args.resume.name == MANIFEST):
         return run_sweep(args)
-    if args.warm_epochs is not None or args.samples is not None:
-        raise ValueError("--warm-epochs and --samples belong to a sweep: give --beta a grid (e.g. 0.3:0.6:8)")
+    if args.warm_epochs is not None or args.samples is not None or args.step_check is not None:
+        raise ValueError("--warm-epochs, --samples and --step-check belong to a sweep: give --beta a grid "
+                         "(e.g. 0.3:0.6:8)")
     run = RunStart("ising", out=args.out, resume=args.resume, force=args.force, outputs=OUTPUTS)
     out = run.out
     config = config_from_args(args, run.base)

@@ -83,7 +83,38 @@ def test_single_beta_is_unchanged_and_refuses_sweep_flags(tmp_path: Path) -> Non
     args = mi.parse_args(["--beta", "0.3"])
     assert args.beta == 0.3 and mi.parse_args(["--beta", "critical"]).beta == "critical"
     assert mi.cli([*TINY_ARGV, "--beta", "0.3", "--warm-epochs", "2", "--out", str(tmp_path / "x")]) == 2
+    assert mi.cli([*TINY_ARGV, "--beta", "0.3", "--step-check", "2", "--out", str(tmp_path / "x")]) == 2
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("refine", [1, 3])
+def test_step_check_flag_reaches_the_sweep(refine: int, tmp_path: Path) -> None:
+    out = tmp_path / "s"
+    assert mi.cli([*TINY_ARGV, "--beta", "0.3,0.4", "--warm-epochs", "2", "--samples", "16", "--no-plot",
+                   "--step-check", str(refine), "--out", str(out)]) == 0
+    assert json.loads((out / MANIFEST).read_text())["step_check"] == refine
+    table = pd.read_csv(out / "sweep.csv")
+    fine = table[table["method"].str.endswith("_refined")]
+    assert len(fine) == (0 if refine == 1 else 2 * 4)  # 2 β × {variational, importance} × {hs, ising}
+    if refine > 1:
+        assert (fine["step_refine"] == refine).all() and fine["value"].notna().all()
+    with pytest.raises(ValueError, match="step_check"):  # a resume keeps the sweep's own check
+        sweep(None, None, out=out, resume=True, step_check=refine + 1)
+
+
+def test_step_check_rows_leave_the_flow_alone() -> None:
+    from analysis.thermo import step_check_rows
+
+    torch.manual_seed(0)
+    cfg = TINY.replace(beta=0.3)
+    flow = build_flow(cfg, ising(3, 0.3).lattice)
+    before = (flow.n_steps, flow.step_size)
+    rows = step_check_rows(flow, ising(3, 0.3), refine=4, n_samples=64, generator=torch.Generator().manual_seed(0))
+    assert (flow.n_steps, flow.step_size) == before and next(flow.parameters()).dtype == torch.float32
+    assert {r["method"] for r in rows} == {"variational_refined", "importance_refined"}
+    assert all(r["step_refine"] == 4 and math.isfinite(r["deviation_sigma"]) for r in rows)
+    with pytest.raises(ValueError, match="refine"):
+        step_check_rows(flow, ising(3, 0.3), refine=1)
 
 
 # ---------------------------------------------------------------------- physics, end to end
@@ -111,6 +142,10 @@ def test_sweep_l3_agrees_with_enumeration(tmp_path: Path) -> None:
             assert r["stderr"] < 0.05 * max(abs(value), 0.1), (beta, q, r["stderr"])  # and not vacuous
         var = rows[(rows["quantity"] == "free_energy") & (rows["method"] == "variational")]
         assert (var["value"] > var["exact"] - 3 * var["stderr"]).all()  # the variational bound
+        # the step check (default: every RK4 step split in two): unbiased too, fresh samples
+        fine = rows[(rows["quantity"] == "free_energy") & (rows["method"] == "importance_refined")]
+        assert len(fine) == 2 and (fine["step_refine"] == 2).all()
+        assert (abs(fine["value"] - fine["exact"]) < 4 * fine["stderr"]).all(), fine
     # the figure and the tidy table
     for name in ("sweep.png", "sweep.pdf", "sweep.csv", MANIFEST):
         assert (tmp_path / "s" / name).stat().st_size > 500, name
