@@ -470,7 +470,7 @@ def test_default_data_dir_falls_back_to_the_shared_copy(data_dir: Path, tmp_path
 
 
 @pytest.mark.parametrize("bad, match", [
-    ({"potential": "rnn"}, "potential must be one of 'mlp', 'conv'; got potential='rnn'"),
+    ({"potential": "rnn"}, "potential must be one of 'mlp', 'conv', 'sitewise', 'mlp+sitewise', 'conv+sitewise'; got potential='rnn'"),
     ({"hidden": 0}, "hidden must be an integer >= 1, got hidden=0"),
     ({"step_size": -0.1}, "step_size must be a finite number > 0"),
     ({"dtype": "float16"}, "dtype must be one of"),

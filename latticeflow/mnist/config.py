@@ -30,7 +30,8 @@ from ..config import DTYPE_NAMES, Config, option
 
 __all__ = ["ACTIVATIONS", "DTYPES", "MNIST_PAPER", "MNISTConfig", "POTENTIALS", "as_config", "resume_conflicts"]
 
-POTENTIALS = ("mlp", "conv")
+#: the potential: one network, or a network plus the separable per-pixel part (``sitewise``)
+POTENTIALS = ("mlp", "conv", "sitewise", "mlp+sitewise", "conv+sitewise")
 ACTIVATIONS = ("softplus", "lncosh", "tanh")
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float64": torch.float64}
 assert tuple(DTYPES) == DTYPE_NAMES
@@ -62,6 +63,7 @@ class MNISTConfig(Config):
     channels: int = option(16, "channels of the conv potential", parse=cli.positive_int)
     conv_layers: int = option(1, "layers (1 or 2) of the conv potential", parse=int, choices=(1, 2))
     kernel_size: int = option(5, "kernel of the conv potential", parse=cli.positive_int)
+    sitewise_units: int = option(8, "one-variable units per pixel of the sitewise potential", parse=cli.positive_int)
     init_scale: float = option(1e-3, "std of the initial readout (0: identity flow)", parse=cli.nonnegative_float)
     n_steps: int = option(100, "RK4 steps d", parse=cli.positive_int)
     step_size: float = option(0.1, "RK4 step ε", parse=cli.positive_float)
@@ -94,8 +96,8 @@ class MNISTConfig(Config):
                              f"got potential={self.potential!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(map(repr, DTYPES))}; got dtype={self.dtype!r}")
-        for key in ("hidden", "channels", "conv_layers", "kernel_size", "n_steps", "batch", "epochs", "eval_batch",
-                    "n_validation"):
+        for key in ("hidden", "channels", "conv_layers", "kernel_size", "sitewise_units", "n_steps", "batch", "epochs",
+                    "eval_batch", "n_validation"):
             value = getattr(self, key)
             minimum = 0 if key == "n_validation" else 1
             if isinstance(value, bool) or not isinstance(value, int) or value < minimum:

@@ -33,7 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from ..flow import MongeAmpereFlow, WrappedFlow
-from ..potentials import ConvPotential, MLPPotential, Potential
+from ..potentials import ConvPotential, MLPPotential, Potential, SitewisePotential, SumPotential
 from .baseline import Whitening, fit_whitening
 from .config import MNISTConfig, as_config
 from .protocol import MNISTData
@@ -48,6 +48,8 @@ def build_flow(config: MNISTConfig | dict[str, Any], dim: int,
     """The flow described by ``config`` for D = ``dim`` pixels, in the config's dtype.
 
     ``potential="mlp"`` is the paper's φ(y) = Σ_k w_k a(W_k·y + b_k) (section 3);
+    ``"sitewise"`` a separable per-pixel potential (:class:`~latticeflow.potentials.SitewisePotential`,
+    ``sitewise_units`` units per pixel), alone or added to the mlp or conv potential (``"mlp+sitewise"``);
     ``potential="conv"`` is a translation-invariant convolutional potential on the periodic
     rows×cols image (no D4 or Z2 tying: digits have neither symmetry), which needs square images.
 
@@ -63,15 +65,21 @@ def build_flow(config: MNISTConfig | dict[str, Any], dim: int,
         ValueError: an invalid config, or a conv potential on images that are not square.
     """
     cfg = as_config(config)
-    pot: Potential
-    if cfg.potential == "mlp":
-        pot = MLPPotential(dim, cfg.hidden, activation=cfg.activation, init_scale=cfg.init_scale)
-    else:
-        if image_shape is None or image_shape[0] != image_shape[1] or image_shape[0] ** 2 != dim:
-            raise ValueError(f"potential='conv' needs square images with rows*cols = dim={dim}, "
-                             f"got image_shape={image_shape!r}")
-        pot = ConvPotential(image_shape[0], channels=cfg.channels, layers=cfg.conv_layers,
-                            kernel_size=cfg.kernel_size, activation=cfg.activation, init_scale=cfg.init_scale)
+    parts: list[Potential] = []
+    for part in cfg.potential.split("+"):
+        if part == "mlp":
+            parts.append(MLPPotential(dim, cfg.hidden, activation=cfg.activation, init_scale=cfg.init_scale))
+        elif part == "sitewise":
+            parts.append(SitewisePotential(dim, cfg.sitewise_units, activation=cfg.activation,
+                                           init_scale=cfg.init_scale))
+        else:
+            if image_shape is None or image_shape[0] != image_shape[1] or image_shape[0] ** 2 != dim:
+                raise ValueError(f"potential='conv' needs square images with rows*cols = dim={dim}, "
+                                 f"got image_shape={image_shape!r}")
+            parts.append(ConvPotential(image_shape[0], channels=cfg.channels, layers=cfg.conv_layers,
+                                       kernel_size=cfg.kernel_size, activation=cfg.activation,
+                                       init_scale=cfg.init_scale))
+    pot: Potential = parts[0] if len(parts) == 1 else SumPotential(*parts)
     flow = MongeAmpereFlow(pot, n_steps=cfg.n_steps, step_size=cfg.step_size, method="rk4",
                            checkpoint=cfg.grad_checkpoint)
     return flow.to(cfg.torch_dtype)

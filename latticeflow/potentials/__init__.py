@@ -48,6 +48,7 @@ from .base import Evaluation, Frame, Noise, Potential, SumPotential, _check_pote
 from .conv import ConvPotential
 from .mlp import MLPPotential
 from .quadratic import QuadraticPotential
+from .sitewise import SitewisePotential
 from .symmetrized import SymmetryDraw, Symmetrized
 
 __all__ = [
@@ -56,6 +57,7 @@ __all__ = [
     "MLPPotential",
     "QuadraticPotential",
     "ConvPotential",
+    "SitewisePotential",
     "AutogradPotential",
     "SumPotential",
     "Symmetrized",
