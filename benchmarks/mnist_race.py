@@ -688,7 +688,7 @@ def _meta(argv: Sequence[str] | None, settings: RaceSettings, data: MNISTData | 
 # ---------------------------------------------------------------------------------------------
 
 
-def merge(dirs: Sequence[str | os.PathLike[str]], out: Path, say: Any = print) -> pd.DataFrame:
+def merge(dirs: Sequence[str | os.PathLike[str]], out: Path, say: Any = print, figure: bool = True) -> pd.DataFrame:
     """Combine finished races into one results.csv, curves.csv, results.json, table.md and figure.
 
     The closed-form Gaussian, in every race, is kept once. Races must agree on the data, noise
@@ -697,7 +697,8 @@ def merge(dirs: Sequence[str | os.PathLike[str]], out: Path, say: Any = print) -
     Args:
         dirs: race folders (each with results.csv, curves.csv, results.json).
         out: the merged folder.
-        say: where the table and warnings go.
+        say: where the warnings go.
+        figure: draw ``curves.png``/``.pdf``.
 
     Returns:
         results: the merged rows.
@@ -739,7 +740,7 @@ def merge(dirs: Sequence[str | os.PathLike[str]], out: Path, say: Any = print) -
     cur = cur.drop_duplicates(["model", "start", "train_seconds", "steps"], keep="first")
     meta = {"merged": [str(d) for d, _ in metas], "settings": first["settings"],
             "sources": {str(d): m for d, m in metas}}
-    _write(out, res.to_dict("records"), cur.to_dict("records"), meta)
+    _write(out, res.to_dict("records"), cur.to_dict("records"), meta, figure=figure)
     return res
 
 
@@ -844,7 +845,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     out = Path(args.out) if args.out else _default_out(args)
     _check_out(out, args.force)
     if args.merge:
-        res = merge(args.merge, out)
+        res = merge(args.merge, out, figure=not args.no_plot)
         print(markdown_table(res))
         print(f"wrote {out}")
         return {"out": str(out), "results": res.to_dict("records")}
