@@ -17,8 +17,11 @@ Every trained model of a race gets exactly the same conditions (issue 17):
   noise draw of the training set, seed eval_seed, the same fit for every model) as the fixed
   affine map y' = Σ^{-1/2}(y − μ) in front of every model
   (:class:`~latticeflow.mnist.WhitenedDensity`: ln p(y) = ln q(y') + ln|det Σ^{-1/2}|), so
-  every model starts near the Gaussian; or ``normal``, every model from its own N(0, I) start
-  without the map; ``both`` runs the two one after the other;
+  every model starts at the Gaussian; or ``normal``, every model from N(0, I) without the map;
+  ``both`` runs the two one after the other. "Starts at": the zuko flows' readouts are zeroed
+  (``--zuko-init identity``, the default; :func:`identity_init`), so each begins as the identity
+  map, as the MA flow does (readout std ``--ma-init-scale`` 1e-3); ``--zuko-init default`` keeps
+  zuko's random initialisation;
 - the threads (``--threads``, default 1) and the budget: ``--minutes`` of *training* time per
   model. The clock runs over the training steps only (batch preparation included); every
   ``--eval-every`` seconds of training, at the start and at the end it stops while the model is
@@ -118,8 +121,9 @@ from latticeflow.mnist.config import ACTIVATIONS, DTYPES, POTENTIALS  # noqa: E4
 from latticeflow.stats import standard_error  # noqa: E402
 
 __all__ = ["MODELS", "STARTS", "Entrant", "EvalSet", "RaceSettings", "TrainOutcome", "ZukoDensity", "build_entrant",
-           "build_parser", "cli", "evaluate", "half_step_check", "ma_config", "main", "markdown_table", "merge",
-           "nll_stats", "parse_args", "plot_curves", "settings_from_args", "train", "zuko_flow"]
+           "build_parser", "cli", "evaluate", "half_step_check", "identity_init", "ma_config", "main",
+           "markdown_table", "merge", "nll_stats", "parse_args", "plot_curves", "settings_from_args", "train",
+           "zuko_flow"]
 
 MODELS = ("gaussian", "maf", "nsf", "realnvp", "ma")
 ZUKO_MODELS = ("maf", "nsf", "realnvp")
@@ -275,6 +279,38 @@ def _import_zuko() -> Any | None:
     return zuko
 
 
+def identity_init(flow: nn.Module) -> int:
+    """Zero the readout (last affine layer) of every network of a zuko flow: the flow starts as the identity.
+
+    A zero readout gives each affine transform shift 0 and log-scale 0, and each rational-quadratic
+    spline equal bins and unit knot slopes (zuko's derivatives are exp of the raw outputs): the
+    identity map, so the flow's density is its N(0, I) base, and behind the whitening exactly
+    the closed-form Gaussian, the start of the Monge-Ampère flow (whose readout starts at
+    ``--ma-init-scale`` 1e-3). The zero-initialised last layer is the usual choice of Glow
+    (Kingma, Dhariwal, arXiv:1807.03039); gradients reach the earlier layers from the first step.
+
+    Args:
+        flow: a zuko flow whose transforms have hyper networks (``hyper``: MAF, NSF, RealNVP).
+
+    Returns:
+        count: the readouts zeroed.
+    """
+    count = 0
+    for module in flow.modules():
+        hyper = getattr(module, "hyper", None)
+        if not isinstance(hyper, nn.Module):
+            continue
+        # zuko's own Linear is no torch.nn.Linear: the affine layers are those with a matrix weight
+        layers = [m for m in hyper.modules()
+                  if isinstance(getattr(m, "weight", None), Tensor) and m.weight.dim() == 2]
+        with torch.no_grad():
+            layers[-1].weight.zero_()
+            if getattr(layers[-1], "bias", None) is not None:
+                layers[-1].bias.zero_()
+        count += 1
+    return count
+
+
 def zuko_flow(name: str, args: argparse.Namespace, dim: int) -> tuple[nn.Module, float, str]:
     """The zuko flow of row ``name`` ("maf", "nsf" or "realnvp") with its ``--{name}-*`` flags.
 
@@ -307,6 +343,9 @@ def zuko_flow(name: str, args: argparse.Namespace, dim: int) -> tuple[nn.Module,
         note = f"{transforms} affine couplings of {layers}x{hidden}"
     else:
         raise ValueError(f"name must be one of {', '.join(map(repr, ZUKO_MODELS))}, got name={name!r}")
+    if args.zuko_init == "identity":
+        identity_init(flow)
+        note += ", identity init"
     return ZukoDensity(flow), lr, f"{note}, Adam {lr:g}"
 
 
@@ -793,6 +832,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--split-seed", type=_nonnegative_int, default=0, help="seed of the train/validation split")
     d.add_argument("--n-train", type=_at_least_two, default=None, help="first N training images [all]")
     d.add_argument("--n-eval", type=_at_least_two, default=None, help="first N validation and test images [all]")
+    g.add_argument("--zuko-init", choices=("identity", "default"), default="identity",
+                   help="identity: the zuko flows' readouts start at zero, so every model starts exactly at the "
+                        "start's density (the Gaussian, or N(0, I)), as the MA flow does; default: zuko's own")
     for name, (transforms, hidden, layers, lr, ref) in {
             "maf": (5, 1024, 1, 1e-4, "MAF paper"), "nsf": (5, 128, 1, 5e-4, "NSF paper, tabular"),
             "realnvp": (5, 1024, 2, 1e-4, "MAF paper")}.items():
@@ -810,7 +852,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--ma-channels", type=positive_int, default=16, help="channels of the conv potential")
     m.add_argument("--ma-conv-layers", type=int, choices=(1, 2), default=1, help="layers of the conv potential")
     m.add_argument("--ma-kernel-size", type=positive_int, default=5, help="kernel of the conv potential")
-    m.add_argument("--ma-init-scale", type=nonnegative_float, default=1e-3, help="std of the initial readout (0: identity)")
+    m.add_argument("--ma-init-scale", type=nonnegative_float, default=1e-3,
+                   help="std of the initial readout (0: identity)")
     m.add_argument("--ma-n-steps", "--ma-steps", dest="ma_n_steps", type=positive_int, default=20, help="RK4 steps")
     m.add_argument("--ma-step-size", type=positive_float, default=0.5, help="RK4 step ε")
     m.add_argument("--ma-lr", type=positive_float, default=1e-3, help="Adam learning rate")

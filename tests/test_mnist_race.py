@@ -89,21 +89,21 @@ def test_whitened_standard_normal_is_the_gaussian_baseline() -> None:
     assert list(dict(model.named_parameters())) == []  # the map is fixed
 
 
-@pytest.mark.parametrize("name", ["maf", "realnvp"])
-def test_whitened_identity_zuko_flow_is_the_gaussian_baseline(race, name: str) -> None:
-    zuko = pytest.importorskip("zuko")
+@pytest.mark.parametrize("init", ["identity", "default"])
+@pytest.mark.parametrize("name", ["maf", "nsf", "realnvp"])
+def test_whitened_identity_zuko_flow_is_the_gaussian_baseline(race, name: str, init: str) -> None:
+    pytest.importorskip("zuko")
     g, y = _gaussian()
-    flow = (zuko.flows.MAF(6, transforms=2, hidden_features=[8]) if name == "maf"
-            else zuko.flows.RealNVP(6, transforms=2, hidden_features=[8])).double()
-    readouts = [m for m in _linears(flow) if m.weight.shape[0] in (2 * 6, 2 * 3)]  # MADE: 2 per pixel; coupling: 3
-    assert len(readouts) == 2
-    with torch.no_grad():  # every network's readout zero: shift 0, log-scale 0, the identity flow
-        for lin in readouts:
-            lin.weight.zero_()
-            lin.bias.zero_()
-    model = WhitenedDensity(race.ZukoDensity(flow), g.whitening())
+    args = race.parse_args([f"--{name}-transforms", "2", f"--{name}-hidden", "8", "--zuko-init", init])
+    torch.manual_seed(0)
+    density, _, note = race.zuko_flow(name, args, 6)
+    model = WhitenedDensity(density.double(), g.whitening())
     assert model.inv_sqrt.dtype == torch.float64
-    assert torch.allclose(model.log_prob(y), g.log_prob(y), rtol=1e-12, atol=1e-10)
+    close = torch.allclose(model.log_prob(y), g.log_prob(y), rtol=1e-12, atol=1e-10)
+    # zero readouts: shift 0, log-scale 0, equal spline bins with unit slopes: the identity flow
+    assert close == (init == "identity") and ("identity init" in note) == (init == "identity")
+    if init == "identity":
+        assert race.identity_init(density) == 2
 
 
 def test_whitened_density_equals_affine_flow_for_the_ma_flow() -> None:
