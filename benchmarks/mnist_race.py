@@ -60,7 +60,7 @@ Outputs in ``--out`` (default ``benchmarks/results/mnist_race/<start>_<minutes>m
 occupied folder needs ``--force``): ``curves.csv`` (model, start, train_seconds, steps, images,
 val_nll, val_nll_stderr), ``results.csv`` (model, start, params, train_seconds, steps, test_nll,
 stderr, bpd, bpd_stderr, the half-step check, status), ``results.json`` (the settings: argv,
-threads, versions, load averages; the rows and curves), ``table.md`` and the figure
+every flag with its value, threads, versions, load averages; the rows and curves), ``table.md`` and the figure
 ``curves.png``/``.pdf`` (validation NLL against training seconds). NLLs are in nats per image in
 logit space (the paper's Table 1 convention), bits/dim in pixel space.
 
@@ -820,7 +820,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--val-images", type=_at_least_two, default=1000, help="the fixed validation subset of the curve")
     g.add_argument("--eval-batch", type=positive_int, default=500, help="images per evaluation batch")
     g.add_argument("--dtype", choices=tuple(DTYPES), default="float32", help="dtype of the trained models")
-    g.add_argument("--tag", default="", help="appended to the model names of this race: maf[TAG], ma[TAG]")
+    g.add_argument("--tag", default="", help="appended to the trained models' names in this race: maf[TAG], "
+                                             "ma[TAG] (the closed-form gaussian is the same in every race)")
     g.add_argument("--out", default=None, help="output folder [benchmarks/results/mnist_race/<start>_<minutes>min]")
     g.add_argument("--force", action="store_true", help="overwrite the results in an occupied --out")
     g.add_argument("--merge", nargs="+", default=None, metavar="DIR",
@@ -898,6 +899,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     torch.set_num_threads(settings.threads)
     data = load_data(args.data_dir, settings.data_config())
     meta = _meta(argv, settings, data)
+    meta["flags"] = vars(args)  # every hyperparameter, defaults included
     print(f"MNIST from {data.directory}: {len(data.train)} / {len(data.validation)} / {len(data.test)} images; "
           f"budget {settings.minutes:g} min of training per model, {torch.get_num_threads()} thread(s), batch "
           f"{settings.batch}, {settings.dtype}; load average {os.getloadavg()[0]:.2f}")
@@ -922,19 +924,18 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     results: list[dict[str, Any]] = []
     curves: list[dict[str, Any]] = []
     starts = list(STARTS) if args.start == "both" else [args.start]
-    gauss_label = f"gaussian[{args.tag}]" if args.tag else "gaussian"
     for name in rows:
         if name != "gaussian":
             continue
         stats = nll_stats(gaussian.log_prob(test.y), test.log_det, test.dim)
         val = nll_stats(gaussian.log_prob(validation.y), validation.log_det, validation.dim)
         D = data.dim
-        results.append({"model": gauss_label, "start": CLOSED_FORM, "params": D + D * (D + 1) // 2,
+        results.append({"model": "gaussian", "start": CLOSED_FORM, "params": D + D * (D + 1) // 2,
                         "train_seconds": fit_seconds, "steps": 0, "images": len(data.train),
                         "test_nll": stats["nll"], "stderr": stats["nll_stderr"], "bpd": stats["bpd"],
                         "bpd_stderr": stats["bpd_stderr"], "status": CLOSED_FORM, "val_images": n_val,
                         "note": f"full covariance, one noise draw (seed {settings.eval_seed})"})
-        curves.append({"model": gauss_label, "start": CLOSED_FORM, "train_seconds": 0.0, "steps": 0, "images": 0,
+        curves.append({"model": "gaussian", "start": CLOSED_FORM, "train_seconds": 0.0, "steps": 0, "images": 0,
                        "val_nll": val["nll"], "val_nll_stderr": val["nll_stderr"]})
         print(f"[gaussian] test NLL {stats['nll']:.2f} ± {stats['nll_stderr']:.2f} nats, {stats['bpd']:.4f} "
               f"bits/dim; validation subset {val['nll']:.2f}")
