@@ -10,7 +10,7 @@ arXiv:1705.07057). The package, one part per module:
 - :mod:`~latticeflow.mnist.baseline`: the closed-form full-covariance Gaussian and its whitening;
 - :mod:`~latticeflow.mnist.config`: :class:`MNISTConfig`, the paper's configuration as defaults;
 - :mod:`~latticeflow.mnist.model`: the flow builder, and :class:`AffineFlow`, the whitening as an
-  exact affine map in front of any flow;
+  exact affine map in front of any flow (:class:`WhitenedDensity`: in front of any density model);
 - :mod:`~latticeflow.mnist.train`: :class:`DensityTrainer`, maximum likelihood with early stopping.
 
 ``python -m latticeflow.mnist`` downloads and checks the files and prints the Gaussian baseline;
@@ -44,7 +44,7 @@ from .files import (
     load_mnist,
     verify_checksums,
 )
-from .model import AffineFlow, build_flow, build_model, gaussianization_frames, inner_flow, log_prob
+from .model import AffineFlow, WhitenedDensity, build_flow, build_model, gaussianization_frames, inner_flow, log_prob
 from .protocol import (
     LAMBDA,
     PAPER_TEST_NLL,
@@ -82,6 +82,7 @@ __all__ = [
     "MNISTData",
     "MNISTDownloadError",
     "MNISTFormatError",
+    "WhitenedDensity",
     "Whitening",
     "as_config",
     "baseline_report",

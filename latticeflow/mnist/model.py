@@ -22,6 +22,10 @@ inverse_map, draw_noise, dim, n_steps, dtype, device, stochastic), so the traine
 evaluation and the figures take either; the settings particular to the ODE flow inside
 (step_size, total_time, potential) are read off it, :func:`inner_flow`.
 
+The same map in front of a model that is not a :class:`~latticeflow.flow.Flow` (a zuko flow, any
+module with a ``log_prob`` of a batch): :class:`WhitenedDensity`, the density only (no sampling,
+no maps), ln p(y) = ln q(Σ^{-1/2}(y − μ)) + ln|det Σ^{-1/2}| for the inner density q.
+
 Symbols: B images in a batch, D pixels per image, T = n_steps·ε.
 """
 
@@ -38,7 +42,8 @@ from .baseline import Whitening, fit_whitening
 from .config import MNISTConfig, as_config
 from .protocol import MNISTData
 
-__all__ = ["AffineFlow", "build_flow", "build_model", "gaussianization_frames", "inner_flow", "log_prob"]
+__all__ = ["AffineFlow", "WhitenedDensity", "build_flow", "build_model", "gaussianization_frames", "inner_flow",
+           "log_prob"]
 
 StepCallback = Callable[[int, float, Tensor, Tensor], None]
 
@@ -182,6 +187,82 @@ class AffineFlow(WrappedFlow):
         """n samples in data coordinates, shape (n, D), and their ln p, shape (n,)."""
         x, logp = self.flow.sample(n, generator=generator, noise=noise)
         return self.unwhiten(x), logp + self.log_det
+
+
+class WhitenedDensity(nn.Module):
+    """Any density model behind the fixed whitening: ln p(y) = ln q(Σ^{-1/2}(y − μ)) + ln|det Σ^{-1/2}|.
+
+    The change of variables through the exactly invertible affine map y' = Σ^{-1/2}(y − μ), the
+    same as :class:`AffineFlow`'s, but for any module ``model`` with a log density
+    ``model.log_prob(y') -> (B,)`` of a batch (B, D) (a zuko flow behind a small adapter, a
+    :class:`~latticeflow.flow.MongeAmpereFlow`, a standard normal): the density only, no sampling.
+    With μ, Σ the Gaussian baseline's fit (:func:`~latticeflow.mnist.baseline.fit_whitening`) and
+    an inner model that starts at N(0, I), the wrapped model starts at the baseline's N(μ, Σ); that
+    is how ``benchmarks/mnist_race.py`` gives every model the same start.
+
+    μ, Σ^{-1/2} and ln|det Σ^{-1/2}| are buffers (``mean``, ``inv_sqrt``, ``log_det``): no
+    parameters, saved with the state_dict, cast and moved by ``.to()``. Σ^{-1/2} is symmetric, so
+    the map acts on row vectors as (y − μ) @ Σ^{-1/2}.
+
+    Args:
+        model: the inner density, a module with ``log_prob(x: Tensor (B, D)) -> Tensor (B,)``; its
+            parameters are this module's ``model.*``.
+        whitening: μ (D,), Σ^{-1/2} (D, D), ln|det Σ^{-1/2}| () (``sqrt`` is not used), any float dtype.
+        dtype: the buffers' dtype; None takes the inner model's (its first floating parameter or
+            buffer; float64 when it has none).
+
+    Raises:
+        TypeError: a model without a callable ``log_prob``.
+        ValueError: whitening tensors of inconsistent shapes.
+
+    Example:
+        >>> import zuko                                                        # doctest: +SKIP
+        >>> maf = zuko.flows.MAF(784, transforms=5, hidden_features=[1024])   # doctest: +SKIP
+        >>> class Zuko(nn.Module):                                             # doctest: +SKIP
+        ...     def __init__(self, flow): super().__init__(); self.flow = flow
+        ...     def log_prob(self, x): return self.flow().log_prob(x)
+        >>> model = WhitenedDensity(Zuko(maf), fit_whitening(data.train, 1))  # doctest: +SKIP
+    """
+
+    mean: Tensor
+    inv_sqrt: Tensor
+    log_det: Tensor
+
+    def __init__(self, model: nn.Module, whitening: Whitening, dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        if not callable(getattr(model, "log_prob", None)):
+            raise TypeError(f"model must have a log_prob(x) method returning ln q(x) of shape (B,), "
+                            f"got {type(model).__name__}")
+        D = int(whitening.mean.shape[-1]) if whitening.mean.dim() == 1 else -1
+        shapes = {"mean": (D,), "inv_sqrt": (D, D), "log_det": ()}
+        for name, shape in shapes.items():
+            value = getattr(whitening, name)
+            if not isinstance(value, Tensor) or tuple(value.shape) != shape:
+                raise ValueError(f"whitening.{name} must be a tensor of shape {shape} (D={D}), got "
+                                 f"{tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__}")
+        if dtype is None:
+            tensors = [t for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()]
+            dtype = tensors[0].dtype if tensors else torch.float64
+        self.model = model
+        for name in shapes:
+            self.register_buffer(name, getattr(whitening, name).detach().to(dtype).clone())
+
+    @property
+    def dim(self) -> int:
+        """D, the dimension of the points."""
+        return int(self.mean.shape[0])
+
+    def whiten(self, y: Tensor) -> Tensor:
+        """y' = Σ^{-1/2}(y − μ) of points y, shape (B, D) → (B, D)."""
+        return (y - self.mean) @ self.inv_sqrt
+
+    def log_prob(self, y: Tensor) -> Tensor:
+        """ln p(y) = ln q(Σ^{-1/2}(y − μ)) + ln|det Σ^{-1/2}|, shape (B,), for y of shape (B, D)."""
+        return self.model.log_prob(self.whiten(y)) + self.log_det
+
+    def forward(self, y: Tensor) -> Tensor:
+        """Alias for :meth:`log_prob`."""
+        return self.log_prob(y)
 
 
 def inner_flow(model: nn.Module) -> MongeAmpereFlow:
