@@ -216,7 +216,7 @@ def ma_config(args: argparse.Namespace) -> MNISTConfig:
     return settings_from_args(args).data_config().replace(
         potential=args.ma_potential, hidden=args.ma_hidden, activation=args.ma_activation,
         channels=args.ma_channels, conv_layers=args.ma_conv_layers, kernel_size=args.ma_kernel_size,
-        init_scale=args.ma_init_scale, n_steps=args.ma_n_steps, step_size=args.ma_step_size, lr=args.ma_lr,
+        sitewise_units=args.ma_sitewise_units, init_scale=args.ma_init_scale, n_steps=args.ma_n_steps, step_size=args.ma_step_size, lr=args.ma_lr,
         grad_checkpoint=args.ma_grad_checkpoint, whiten=False)
 
 
@@ -853,6 +853,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--ma-channels", type=positive_int, default=16, help="channels of the conv potential")
     m.add_argument("--ma-conv-layers", type=int, choices=(1, 2), default=1, help="layers of the conv potential")
     m.add_argument("--ma-kernel-size", type=positive_int, default=5, help="kernel of the conv potential")
+    m.add_argument("--ma-sitewise-units", type=positive_int, default=8,
+                   help="one-variable units per pixel of the sitewise potential (--ma-potential mlp+sitewise)")
     m.add_argument("--ma-init-scale", type=nonnegative_float, default=1e-3,
                    help="std of the initial readout (0: identity)")
     m.add_argument("--ma-n-steps", "--ma-steps", dest="ma_n_steps", type=positive_int, default=20, help="RK4 steps")

@@ -148,6 +148,8 @@ def test_flags_reach_the_settings_and_models(race, data_dir: Path) -> None:
     assert race._default_out(args) == race.DEFAULT_ROOT / "normal_2.5min_x"
     defaults = race.parse_args([])
     assert (defaults.ma_hidden, defaults.ma_n_steps, defaults.ma_step_size, defaults.ma_lr) == (256, 20, 0.5, 1e-3)
+    site = race.ma_config(race.parse_args(["--ma-potential", "mlp+sitewise", "--ma-sitewise-units", "5"]))
+    assert (site.potential, site.sitewise_units) == ("mlp+sitewise", 5)
     assert (defaults.maf_transforms, defaults.maf_hidden, defaults.maf_layers, defaults.maf_lr) == (5, 1024, 1, 1e-4)
     assert defaults.threads == 1 and defaults.batch == 100 and defaults.start == "whitened"
     if importlib.util.find_spec("zuko"):
