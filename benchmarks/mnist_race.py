@@ -372,8 +372,9 @@ def build_entrant(name: str, start: str, args: argparse.Namespace, data: MNISTDa
         cfg = ma_config(args)
         inner: nn.Module = build_model(cfg, data)
         lr = cfg.lr
-        shape = (f"{cfg.potential} potential h={cfg.hidden}" if cfg.potential == "mlp" else
-                 f"conv potential {cfg.channels} channels x {cfg.conv_layers} layer(s), kernel {cfg.kernel_size}")
+        described = {"mlp": f"mlp h={cfg.hidden}", "sitewise": f"sitewise {cfg.sitewise_units} units/pixel",
+                     "conv": f"conv {cfg.channels} channels x {cfg.conv_layers} layer(s), kernel {cfg.kernel_size}"}
+        shape = " + ".join(described[p] for p in cfg.potential.split("+")) + " potential"
         note = (f"{shape}, {cfg.activation}, init {cfg.init_scale:g}, {cfg.n_steps} RK4 steps of {cfg.step_size:g} "
                 f"(T={cfg.total_time:g}), Adam {lr:g}")
     else:
