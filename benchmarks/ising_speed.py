@@ -219,6 +219,24 @@ def load_original(path: str | Path) -> types.SimpleNamespace:
         sys.modules.update(saved)
 
 
+def open_original(path: str | Path | None) -> tuple[types.SimpleNamespace | None, str | None]:
+    """The original from ``--original PATH``: (its classes, None), or (None, why it is unavailable).
+
+    A bad path (not a checkout) stops the script before any timing (SystemExit naming the flag);
+    an import that fails only costs the ratio, whose line then says why. ``path`` None: (None, None).
+    """
+    if path is None:
+        return None, None
+    try:
+        check_original_path(path)
+    except OriginalUnavailable as e:
+        raise SystemExit(f"--original: {e}") from None
+    try:
+        return load_original(path), None
+    except OriginalUnavailable as e:
+        return None, f"ratio against the original: unavailable: {e}"
+
+
 def make_original_step(orig: types.SimpleNamespace, L: int = PAPER_L, batch: int = PAPER_BATCH,
                        hidden: int = PAPER_HIDDEN, n_steps: int = PAPER_STEPS) -> Callable[[], None]:
     """One training iteration of the original, as its ``variational_free_energy.py -train`` builds it.
@@ -438,16 +456,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     # fail on a bad --original path or --baseline-commit before any timing
-    orig: types.SimpleNamespace | str | None = None
-    if args.original is not None:
-        try:
-            check_original_path(args.original)
-        except OriginalUnavailable as e:
-            raise SystemExit(f"--original: {e}") from None
-        try:
-            orig = load_original(args.original)
-        except OriginalUnavailable as e:
-            orig = f"ratio against the original: unavailable: {e}"
+    loaded, why = open_original(args.original)
+    orig: types.SimpleNamespace | str | None = why if why is not None else loaded
     base = None
     if args.baseline_commit is not None:
         try:

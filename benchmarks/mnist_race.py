@@ -102,7 +102,14 @@ import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
 
-from latticeflow.cli import nonnegative_float, positive_float, positive_int, run_cli  # noqa: E402
+from latticeflow.cli import (  # noqa: E402
+    int_at_least,
+    nonnegative_float,
+    nonnegative_int,
+    positive_float,
+    positive_int,
+    run_cli,
+)
 from latticeflow.mnist import (  # noqa: E402
     MNIST_PAPER,
     PAPER_TEST_NLL,
@@ -789,18 +796,7 @@ def merge(dirs: Sequence[str | os.PathLike[str]], out: Path, say: Any = print, f
 # ---------------------------------------------------------------------------------------------
 
 
-def _nonnegative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text}")
-    return value
-
-
-def _at_least_two(text: str) -> int:
-    value = int(text)
-    if value < 2:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 2, got {text}")
-    return value
+_at_least_two = int_at_least(2)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -815,7 +811,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--threads", type=positive_int, default=1, help="torch CPU threads")
     g.add_argument("--batch", type=positive_int, default=100, help="training minibatch")
     g.add_argument("--seed", type=int, default=0, help="initialisation and training-noise seed (every model)")
-    g.add_argument("--eval-seed", type=_nonnegative_int, default=1,
+    g.add_argument("--eval-seed", type=nonnegative_int, default=1,
                    help="Gaussian fit noise seed; validation noise eval_seed + 1, test eval_seed + 2")
     g.add_argument("--eval-every", type=positive_float, default=60.0, help="seconds of training between evaluations")
     g.add_argument("--val-images", type=_at_least_two, default=1000, help="the fixed validation subset of the curve")
@@ -830,8 +826,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-plot", action="store_true", help="skip the figure")
     d = p.add_argument_group("data (the MAF protocol; --n-train/--n-eval for smoke runs only)")
     d.add_argument("--data-dir", default=None, help="folder with the IDX files [data/, then ../shared/data/mnist]")
-    d.add_argument("--n-validation", type=_nonnegative_int, default=10000, help="validation images split off")
-    d.add_argument("--split-seed", type=_nonnegative_int, default=0, help="seed of the train/validation split")
+    d.add_argument("--n-validation", type=nonnegative_int, default=10000, help="validation images split off")
+    d.add_argument("--split-seed", type=nonnegative_int, default=0, help="seed of the train/validation split")
     d.add_argument("--n-train", type=_at_least_two, default=None, help="first N training images [all]")
     d.add_argument("--n-eval", type=_at_least_two, default=None, help="first N validation and test images [all]")
     g.add_argument("--zuko-init", choices=("identity", "default"), default="identity",

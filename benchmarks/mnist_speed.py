@@ -54,7 +54,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import torch  # noqa: E402
 
 # the original's import machinery and the interleaved timing are shared with the Ising benchmark
-from ising_speed import (ORIGINAL_URL, OriginalUnavailable, check_original_path, load_original,  # noqa: E402
+from ising_speed import (ORIGINAL_URL, OriginalUnavailable, load_original, open_original,  # noqa: E402
                          ratio_of_medians, time_interleaved)
 
 VARIANTS = {"checkpoint": True, "no-checkpoint": False}
@@ -355,17 +355,8 @@ def main(argv: list[str] | None = None) -> dict:
         print(json.dumps(child_result(args)))
         return {}
     # a bad --original path stops here, before any timing; an import that fails only costs the ratio
-    orig: types.SimpleNamespace | None = None
-    why_unavailable = UNAVAILABLE
-    if args.original is not None:
-        try:
-            check_original_path(args.original)
-        except OriginalUnavailable as e:
-            raise SystemExit(f"--original: {e}") from None
-        try:
-            orig = load_original(args.original)
-        except OriginalUnavailable as e:
-            why_unavailable = f"ratio against the original: unavailable: {e}"
+    orig, why = open_original(args.original)
+    why_unavailable = why or UNAVAILABLE
     device = torch.device(args.device)
     B, D, h, n = args.batch, args.dim, args.hidden, args.n_steps
     load0 = os.getloadavg()
