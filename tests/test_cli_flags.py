@@ -252,7 +252,7 @@ def test_ising_checkpoint_every(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     assert saved == [2, 3]
 
 
-@covers("ising", "--warm-epochs", "--samples")
+@covers("ising", "--warm-epochs", "--samples", "--step-check")
 def test_ising_sweep_flags(tmp_path: Path) -> None:
     # a β grid makes the run a sweep (latticeflow.sweep; more in tests/test_sweep.py)
     def sweep(out: Path, *extra: str) -> tuple[list[int], set[int]]:
@@ -264,6 +264,15 @@ def test_ising_sweep_flags(tmp_path: Path) -> None:
     assert sweep(tmp_path / "run", "--warm-epochs", "2", "--samples", "16") == ([4, 2], {16})
     assert exit_status(mi.cli, ISING.argv(tmp_path / "single", "--samples", "16")) == 2  # a sweep's flag, one β
     assert not (tmp_path / "single").exists()
+    # --step-check: the free energies measured again with each RK4 step split (default 2, 1: none)
+    for out, extra, refine in (("control", (), 2), ("nocheck", ("--step-check", "1"), 1), ("three", ("--step-check", "3"), 3)):
+        if out != "control":
+            sweep(tmp_path / out, "--samples", "16", *extra)
+        table = pd.read_csv(tmp_path / out / "sweep.csv")
+        fine = table[table["method"] == "importance_refined"]
+        assert len(fine) == (0 if refine == 1 else 4)
+        assert ("step_refine" in table) == (refine > 1) and (fine.get("step_refine", fine.index) == refine).all()
+        assert json.loads((tmp_path / out / "sweep.json").read_text())["step_check"] == refine
 
 
 # =============================================================================================
@@ -316,6 +325,8 @@ MNIST_CASES = table(
     Case("--conv-layers", ("--conv-layers", "2"), {"conv_layers": 2}, lambda b: b.pot.layers, 2, control=CONV),
     Case("--layers", ("--layers", "2"), {"conv_layers": 2}, lambda b: b.pot.layers, 2, control=CONV),  # the old name
     Case("--kernel-size", ("--kernel-size", "3"), {"kernel_size": 3}, lambda b: b.pot.kernel_size, 3, control=CONV),
+    Case("--sitewise-units", ("--sitewise-units", "3"), {"sitewise_units": 3}, lambda b: b.pot.parts[1].units, 3,
+         control=("--potential", "mlp+sitewise")),
     Case("--init-scale", ("--init-scale", "0"), {"init_scale": 0.0}, lambda b: not b.pot.readout.any().item(), True),
     Case("--n-steps", ("--n-steps", "3"), {"n_steps": 3}, lambda b: b.flow.n_steps, 3),
     Case("--step-size", ("--step-size", "0.25"), {"step_size": 0.25}, lambda b: b.flow.step_size, 0.25),
