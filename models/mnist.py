@@ -8,7 +8,10 @@ dequantisation noise every epoch, logit transform with λ = 1e-6), and reports t
 the best validation epoch in nats in logit space (the paper's Table 1 convention) and in
 bits/dim in pixel space. ``--whiten`` (not in the paper) puts the Gaussian baseline's exact
 affine whitening in front of the flow (:class:`~latticeflow.mnist.AffineFlow`), so training
-starts at the full-covariance Gaussian instead of N(0, I).
+starts at the full-covariance Gaussian instead of N(0, I). ``--potential mlp+sitewise`` (not in
+the paper) adds a separable per-pixel potential (:class:`~latticeflow.potentials.SitewisePotential`)
+that transports each pixel's marginal; with the whitening it is the fast CPU recipe of the README's
+MNIST race (``benchmarks/mnist_race.py``).
 
 Outputs in ``--out``: ``log.csv`` (per epoch: train / validation / test NLL in nats and
 bits/dim with standard errors), ``checkpoint.pt`` (every epoch, exact resume), ``best.pt``,
@@ -18,6 +21,7 @@ and ``nll`` (Fig. 3a), each as PNG and PDF.
     python -m models.mnist                                  # paper configuration (days on a CPU)
     python -m models.mnist --n-train 2000 --n-eval 500 --hidden 128 --n-steps 20 --step-size 0.5
     python -m models.mnist --whiten --n-train 2000 --n-eval 500 --hidden 128 --n-steps 20 --step-size 0.5
+    python -m models.mnist --whiten --potential mlp+sitewise --hidden 256 --n-steps 20 --step-size 0.5 --lr 1e-2
     python -m models.mnist --resume runs/mnist/checkpoint.pt
     torchrun --nproc_per_node=8 models/mnist.py --device cuda --tf32   # data parallel
 
