@@ -6,7 +6,7 @@ grid (fixed L), from high temperature (small β) down. The first β trains from 
 ``warm_epochs`` (fewer) with a fresh optimiser and schedule: neighbouring β have similar
 densities, so most of the work is shared. A warm start must not make things worse: when the
 mean F/N of its last epochs lies more than 3σ above that of its first epochs (the neighbour's
-flow at the new β; :func:`warm_regression`), the β is trained again from the neighbour's weights
+flow at the new β; :func:`warm_regression`), or its training diverges, the β is trained again from the neighbour's weights
 at half the learning rate (at most twice), and every colder β keeps the halved rate (below T_c a
 fresh Adam at the first β's rate can push a flow out of the ordered phase; measured at L=16).
 The table's ``lr_scale``, ``warm_retries`` and ``warm_rise_sigma`` columns and each β's
@@ -59,7 +59,7 @@ from .checkpoint import load_checkpoint
 from .config import IsingConfig
 from .exact import CRITICAL_BETA
 from .runs import RunFolder, RunFolderError, provenance, write_json
-from .train import VariationalTrainer
+from .train import TrainingDiverged, VariationalTrainer
 
 __all__ = ["MANIFEST", "BetaGrid", "beta_folder", "beta_or_grid", "parse_beta_grid", "read_manifest", "sweep"]
 
@@ -525,7 +525,25 @@ def sweep(config: IsingConfig | None, betas: str | Sequence[float | str] | None,
                             print(f"β = {beta:.6f}{' (critical)' if beta == CRITICAL_BETA else ''} [{k + 1}/{len(grid)}]: "
                                   f"{cfg.epochs} epochs, {how}" + (f", lr ×{lr_scale:g}" if warm and lr_scale != 1 else ""),
                                   flush=True)
-                        log = trainer.fit(cfg.epochs, max_minutes=remaining)
+                        try:
+                            log = trainer.fit(cfg.epochs, max_minutes=remaining)
+                        except TrainingDiverged as e:
+                            if not warm or len(retries) >= WARM_RETRIES:
+                                raise
+                            # a warm start that diverges (below T_c: a fresh Adam at the full rate can
+                            # push the flow out of the ordered phase faster than rollbacks undo it) is
+                            # a regression too: again from the neighbour at half the learning rate
+                            retries.append({"lr_scale": lr_scale, "diverged": str(e),
+                                            "train_s": float(trainer.log["wall_time"].iloc[-1]) if len(trainer.log) else 0.0})
+                            if verbose:
+                                print(f"  β = {beta:.6f}: the warm start diverged ({e}); again from {prev_name} at "
+                                      f"lr ×{lr_scale / 2:g}", flush=True)
+                            lr_scale /= 2
+                            trained = True
+                            if ckpt is not None:
+                                for n in ("checkpoint.pt", "log.csv"):
+                                    (run / n).unlink(missing_ok=True)
+                            continue
                         trained = True
                         train_s = float(log["wall_time"].iloc[-1]) if len(log) else 0.0
                         rise, rise_err, rise_sigma = warm_regression(log) if warm else (math.nan,) * 3

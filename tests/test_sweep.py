@@ -227,6 +227,37 @@ def test_regressed_warm_start_is_retried_at_half_the_learning_rate(tmp_path: Pat
     assert seen == [(0.6, 5e-3)]
 
 
+def test_diverged_warm_start_is_retried_and_a_second_divergence_still_raises(tmp_path: Path) -> None:
+    """A warm start whose training diverges is redone at half the rate; without retries left it raises."""
+    from latticeflow.sweep import WARM_RETRIES, _make_trainer
+    from latticeflow.train import TrainingDiverged
+
+    cfg = TINY.replace(lr=1e-2)
+    seen: list[tuple[float, float]] = []
+
+    def make(limit: float) -> object:
+        def factory(config: IsingConfig, *a: object, **kw: object) -> tuple:
+            trainer, target = _make_trainer(config, *a, **kw)
+            seen.append((config.beta, config.lr))
+            if config.beta == 0.5 and config.lr > limit:
+                def diverging_fit(epochs: int, max_minutes: float | None = None) -> pd.DataFrame:
+                    raise TrainingDiverged("training diverged at epoch 3 (a test)")
+
+                trainer.fit = diverging_fit
+            return trainer, target
+        return factory
+
+    table = sweep(cfg, (0.3, 0.5), out=tmp_path / "a", warm_epochs=4, samples=16, plot=False, make_trainer=make(6e-3))
+    assert seen[1:] == [(0.3, 1e-2), (0.5, 1e-2), (0.5, 5e-3)]
+    assert table.groupby("beta")["warm_retries"].first().loc[0.5] == 1
+    attempts = json.loads((tmp_path / "a" / beta_folder(1, 0.5) / "summary.json").read_text())["earlier_attempts"]
+    assert "diverged at epoch 3" in attempts[0]["diverged"]
+    seen.clear()
+    with pytest.raises(TrainingDiverged):  # every retry diverges: the sweep stops, the first β is kept
+        sweep(cfg, (0.3, 0.5), out=tmp_path / "b", warm_epochs=4, samples=16, plot=False, make_trainer=make(0.0))
+    assert len(seen[1:]) == 2 + WARM_RETRIES and (tmp_path / "b" / beta_folder(0, 0.3) / ESTIMATES).is_file()
+
+
 # ---------------------------------------------------------------------- interruption, resume, budget
 def test_interrupted_sweep_resumes_without_losing_a_beta(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     out = tmp_path / "sweep"
