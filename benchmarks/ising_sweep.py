@@ -9,6 +9,7 @@ units of its standard error, and the ESS. Extra flags go to the driver.
     python benchmarks/ising_sweep.py --out runs/sweep_l8 -- --epochs 600 --warm-epochs 200
     python benchmarks/ising_sweep.py --table runs/sweep_l16   # the per-β table of a finished sweep
     python benchmarks/ising_sweep.py --finite-size runs/sweep_l4 runs/sweep_l8 --out runs/fss   # C/N and Binder at several L
+    python benchmarks/ising_sweep.py --step-check runs/sweep_l16 --from-beta 0.44   # its β again at ε/2
 """
 
 from __future__ import annotations
@@ -77,6 +78,43 @@ def finite_size(folders: list[str], out: Path) -> pd.DataFrame:
     return pd.concat(tables.values(), ignore_index=True)
 
 
+def step_check(folder: str, from_beta: float, refine: int = 2, samples: int = 4096, seed: int = 11) -> pd.DataFrame:
+    """The step check (:func:`analysis.thermo.step_check_rows`) of a finished sweep's β ≥ ``from_beta``.
+
+    For sweeps measured without it (``--step-check 1``, or written before it existed): each β's
+    checkpoint is measured again with every RK4 step split in ``refine``, ``samples`` fresh
+    samples; the rows (both normalisations, variational and importance) go to
+    ``FOLDER/step_check.csv`` and the importance-weighted F/N per β is printed beside the value
+    the sweep measured at the trained step.
+    """
+    import torch
+
+    from analysis.report import load_model
+    from analysis.thermo import step_check_rows
+
+    root = Path(folder)
+    measured = pd.read_csv(root / "sweep.csv")
+    rows = []
+    for run in sorted(p for p in root.glob("b[0-9]*_*") if (p / "estimates.csv").is_file()):
+        beta = float(pd.read_csv(run / "estimates.csv")["beta"].iloc[0])
+        if beta < from_beta:
+            continue
+        flow, target, _ = load_model(run / "checkpoint.pt")
+        for r in step_check_rows(flow, target, refine=refine, n_samples=samples,
+                                 generator=torch.Generator().manual_seed(seed)):
+            rows.append({"beta": beta, **r})
+        fine = rows[-1]  # importance, Ising normalisation
+        coarse = measured[(measured["beta"] == beta) & (measured["quantity"] == "free_energy")
+                          & (measured["method"] == "importance") & (measured["normalisation"] == "ising")].iloc[0]
+        print(f"β = {beta:.6f}: F_IS − exact at ε {coarse['value'] - coarse['exact']:+.2e} ± {coarse['stderr']:.1e} "
+              f"({coarse['deviation_sigma']:+.1f}σ, ESS {coarse['ess']:.3f}); at ε/{refine} "
+              f"{fine['value'] - fine['exact']:+.2e} ± {fine['stderr']:.1e} ({fine['deviation_sigma']:+.1f}σ, "
+              f"ESS {fine['ess']:.3f})", flush=True)
+    table = pd.DataFrame(rows)
+    table.to_csv(root / "step_check.csv", index=False)
+    return table
+
+
 def main(argv: list[str] | None = None) -> pd.DataFrame:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="benchmarks/results/ising_sweep/l8", help="sweep folder [%(default)s]")
@@ -86,7 +124,12 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
                    help="only print the per-β table of this finished (or stopped) sweep")
     p.add_argument("--finite-size", nargs="+", default=None, metavar="SWEEP_FOLDER",
                    help="only draw the finite-size figure of these finished sweeps into --out/finite_size.png")
+    p.add_argument("--step-check", default=None, metavar="SWEEP_FOLDER",
+                   help="only measure the finished β of this sweep again at half the RK4 step (step_check.csv)")
+    p.add_argument("--from-beta", type=float, default=0.0, help="with --step-check: only β >= this [all]")
     args = p.parse_args(argv)
+    if args.step_check:
+        return step_check(args.step_check, args.from_beta)
     if args.finite_size:
         return finite_size(args.finite_size, Path(args.out))
     if args.table:

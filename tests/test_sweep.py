@@ -391,5 +391,10 @@ def test_finite_size_figure_from_two_sweeps(tmp_path: Path) -> None:
     assert table["abs_m_sigma"].notna().all()  # L=4: against enumeration
     with pytest.raises(SystemExit, match="two sweeps at L=3"):
         bench.main(["--finite-size", str(tmp_path / "s3"), str(tmp_path / "s3"), "--out", str(tmp_path / "x")])
+    # --step-check --from-beta: the finished β from 0.4 on, again at ε/2, written beside the sweep
+    check = bench.main(["--step-check", str(tmp_path / "s4"), "--from-beta", "0.4"])
+    assert set(check["beta"]) == {0.5} and (check["step_refine"] == 2).all()
+    assert set(check["method"]) == {"variational_refined", "importance_refined"} and check["value"].notna().all()
+    assert len(pd.read_csv(tmp_path / "s4" / "step_check.csv")) == 4
     with pytest.raises(ValueError, match="at least one"):
         plot_finite_size({3: pd.DataFrame()}, tmp_path / "e.png")
