@@ -56,6 +56,15 @@ def _check_time(t: object, batch: int) -> None:
         raise TypeError(f"t must be a finite number or a tensor, got t={t!r}")
 
 
+def _at_time(p: Tensor, p_t: Tensor | None, t: Tensor | float) -> Tensor:
+    """θ(t) = θ + t·θ': the shape of θ for a scalar t, (B, ...) for t of shape (B,)."""
+    if p_t is None:
+        return p
+    if _is_scalar_time(t):
+        return p + t * p_t
+    return p + t.reshape((-1,) + (1,) * p.dim()) * p_t  # (B, ...)
+
+
 def _readout(w0: Tensor, w1: Tensor | None, t: Tensor | float) -> Tensor:
     """Readout weights w(t) = w0 + t·w1: (K,) for a scalar t, (B, K) for t of shape (B,)."""
     if w1 is None:

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from .._checks import check_choice, check_size
 from ..symmetry import displacement_orbits
-from .base import Evaluation, Noise, Potential, _is_scalar_time
+from .base import Evaluation, Noise, Potential, _at_time
 
 __all__ = ["QuadraticPotential"]
 
@@ -91,19 +91,11 @@ class QuadraticPotential(Potential):
         return (f"lattice_shape={shape}, symmetric={self.symmetric!r}, linear={self.linear}, "
                 f"time_dependent={self.time_dependent}")
 
-    def _param(self, p: Tensor, p_t: Tensor | None, t: Tensor | float) -> Tensor:
-        """θ(t) = θ + t·θ': shape of θ for a scalar t, (B, ...) for t of shape (B,)."""
-        if p_t is None:
-            return p
-        if _is_scalar_time(t):
-            return p + t * p_t
-        return p + t.reshape((-1,) + (1,) * p.dim()) * p_t  # (B, ...)
-
     def kernel(self, t: Tensor | float = 0.0) -> Tensor:
         """The circulant kernel a(dr) as an (L1, L2) image (row 0 of A); (B, L1, L2) for t of shape (B,)."""
         if self.orbits is None:
             raise ValueError("kernel() exists only for lattice potentials (symmetric='d4' or 'translation')")
-        return self._param(self.a, self.a_t, t)[..., self.orbits]
+        return _at_time(self.a, self.a_t, t)[..., self.orbits]
 
     @torch.no_grad()
     def set_covariance(self, spectrum: Tensor, T: float) -> None:
@@ -142,7 +134,7 @@ class QuadraticPotential(Potential):
     def matrix(self, t: float = 0.0) -> Tensor:
         """The dense matrix A, shape (N, N) (for tests and inspection; O(N²) memory)."""
         if self.orbits is None:
-            M = self._param(self.a, self.a_t, t)
+            M = _at_time(self.a, self.a_t, t)
             return 0.5 * (M + M.transpose(-1, -2))
         L1, L2 = self.shape
         K = self.kernel(t)
@@ -168,7 +160,7 @@ class QuadraticPotential(Potential):
         grad = Ax
         phi = 0.5 * (x * Ax).sum(1) if value else None
         if self.b is not None:
-            b = self._param(self.b, self.b_t, t)
+            b = _at_time(self.b, self.b_t, t)
             if self.orbits is None:
                 grad = grad + b
                 if value:

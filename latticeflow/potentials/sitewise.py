@@ -35,7 +35,7 @@ from torch import Tensor, nn
 
 from .._checks import check_choice, check_size
 from .activations import ACTIVATIONS
-from .base import Evaluation, Noise, Potential, _initial_readout, _is_scalar_time
+from .base import Evaluation, Noise, Potential, _at_time, _initial_readout
 
 __all__ = ["SitewisePotential"]
 
@@ -79,18 +79,10 @@ class SitewisePotential(Potential):
         return (f"dim={self.dim}, units={self.units}, activation={self.activation!r}, shared={self.shared}, "
                 f"time_dependent={self.time_dependent}")
 
-    def _at(self, p: Tensor, p_t: Tensor | None, t: Tensor | float) -> Tensor:
-        """p + t·p_t: (S, K) for a scalar t, (B, S, K) for per-sample t (B,)."""
-        if p_t is None:
-            return p
-        if _is_scalar_time(t):
-            return p + t * p_t
-        return p + t[:, None, None] * p_t
-
     def _evaluate(self, x: Tensor, t: Tensor | float, noise: Noise, value: bool) -> Evaluation:
         v = self.scale
-        c = self._at(self.shift, self.shift_t, t)
-        w = self._at(self.readout, self.readout_t, t)
+        c = _at_time(self.shift, self.shift_t, t)
+        w = _at_time(self.readout, self.readout_t, t)
         z = torch.addcmul(c, x[..., None], v)  # (B, N, K)
         a, a1, a2 = self._act(z, value)
         wv = w * v
