@@ -4,8 +4,8 @@ One RK stage of :class:`~latticeflow.potentials.SitewisePotential`'s hot path (�
 Σ_i Σ_k w_ik softplus(v_ik y_i + c_ik), then a backward through both), at the MNIST race's shape
 (B = 100 images, D = 784 pixels, K = 8 units), in eager mode and compiled by torch.compile
 (inductor, a C++ compiler needed), one thread: milliseconds per stage, the compile time, and the
-largest difference between the two. The README's MNIST section quotes it (2.3× after 35 s of
-compilation per input shape; not adopted: compiled functions do not support double backward).
+largest difference between the two (float32 rounding). The README's MNIST section quotes it
+(not adopted: compiled functions do not support double backward).
 
     python benchmarks/sitewise_compile.py
 """
@@ -49,7 +49,8 @@ def main() -> dict[str, float]:
     compiled_terms(*args)
     compile_s = time.perf_counter() - t0
     compiled = per_stage(compiled_terms, args)
-    (g1, l1), (g2, l2) = terms(*args), compiled_terms(*args)
+    with torch.no_grad():
+        (g1, l1), (g2, l2) = terms(*args), compiled_terms(*args)
     diff = max(float((g1 - g2).abs().max()), float((l1 - l2).abs().max()))
     print(f"one RK stage, forward + backward, B={B} D={D} K={K}, 1 thread: eager {1e3 * eager:.1f} ms, compiled "
           f"{1e3 * compiled:.1f} ms ({eager / compiled:.2f}x), compile {compile_s:.0f} s, largest difference {diff:.1e}")

@@ -162,7 +162,7 @@ def test_logged_bits_per_dim_follow_from_the_logged_nats(data_dir: Path, tmp_pat
 
 
 def _baseline(trainer: DensityTrainer) -> lfm.GaussianBaseline:
-    """The Gaussian baseline as benchmarks/mnist_baselines.py fits it: training noise seed eval_seed."""
+    """The Gaussian baseline as benchmarks/mnist_race.py fits it: training noise seed eval_seed."""
     train_y, _ = lfm.DequantizedBatches(trainer.data.train, seed=trainer.config["eval_seed"],
                                                 dtype=torch.float64).fixed()
     return lfm.GaussianBaseline.fit(train_y)

@@ -162,7 +162,7 @@ def fit_whitening(train: Tensor, noise_seed: int) -> Whitening:
     float64) is fitted by :meth:`GaussianBaseline.fit` and decomposed by
     :meth:`GaussianBaseline.whitening` (eigenvalue floor 1e-12 of the largest, see there). The
     training driver passes ``eval_seed``, the training-noise seed of ``python -m latticeflow.mnist
-    --baseline`` and ``benchmarks/mnist_baselines.py``, so the whitened identity flow is exactly
+    --baseline`` and ``benchmarks/mnist_race.py``, so the whitened identity flow is exactly
     their Gaussian. One pass over the data; deterministic, so every rank computes the same tensors
     (and DDP broadcasts rank 0's buffers besides).
 
