@@ -1,4 +1,8 @@
+import importlib.util
+import sys
 import warnings
+from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import pytest
@@ -45,3 +49,14 @@ def generator():
 
 def pytest_configure(config):
     warnings.filterwarnings("ignore", message="on the periodic L=2 lattice")
+
+
+def benchmark_module(script: str, name: str) -> Iterator[object]:
+    """Import ``benchmarks/<script>`` as module ``name`` for a module-scoped fixture (removed after)."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / script
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
+    spec.loader.exec_module(mod)
+    yield mod
+    sys.modules.pop(name, None)

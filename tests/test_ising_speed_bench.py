@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import shutil
 import subprocess
@@ -10,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import benchmark_module
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
@@ -19,12 +19,7 @@ ORIGINAL = Path("/tmp/maf_orig")
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("ising_speed_bench", REPO / "benchmarks" / "ising_speed.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    yield mod
-    sys.modules.pop(spec.name, None)
+    yield from benchmark_module("ising_speed.py", "ising_speed_bench")
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from conftest import benchmark_module
 import torch
 from torch import Tensor, nn
 
@@ -23,7 +24,6 @@ from latticeflow.flow import standard_normal_log_prob
 from latticeflow.mnist import MNIST_PAPER, AffineFlow, GaussianBaseline, WhitenedDensity, build_flow
 from mnist_helpers import write_mnist
 
-REPO = Path(__file__).resolve().parents[1]
 N_TRAIN, N_TEST, N_VALIDATION = 300, 60, 60
 TINY = ["--n-validation", str(N_VALIDATION), "--val-images", "40", "--eval-batch", "50", "--batch", "50",
         "--maf-transforms", "2", "--maf-hidden", "16", "--ma-hidden", "8", "--ma-n-steps", "2"]
@@ -33,12 +33,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def race():
-    spec = importlib.util.spec_from_file_location("mnist_race_bench", REPO / "benchmarks" / "mnist_race.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    yield mod
-    sys.modules.pop(spec.name, None)
+    yield from benchmark_module("mnist_race.py", "mnist_race_bench")
 
 
 @pytest.fixture(scope="module")

@@ -8,14 +8,12 @@ the printed lines are tested without it. No test depends on a measured time.
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import sys
 from pathlib import Path
 
 import pytest
+from conftest import benchmark_module
 
-REPO = Path(__file__).resolve().parents[1]
 TINY = ["--dim", "16", "--hidden", "8", "--n-steps", "2", "--batch", "4", "--iters", "2", "--warmup", "0",
         "--threads", "1"]
 
@@ -69,12 +67,7 @@ def make_fake_original(root: Path, fail_at_run: bool = False, fail_at_import: bo
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("mnist_speed_bench", REPO / "benchmarks" / "mnist_speed.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    yield mod
-    sys.modules.pop(spec.name, None)
+    yield from benchmark_module("mnist_speed.py", "mnist_speed_bench")
 
 
 @pytest.fixture
