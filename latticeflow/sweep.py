@@ -525,6 +525,7 @@ def sweep(config: IsingConfig | None, betas: str | Sequence[float | str] | None,
                             print(f"β = {beta:.6f}{' (critical)' if beta == CRITICAL_BETA else ''} [{k + 1}/{len(grid)}]: "
                                   f"{cfg.epochs} epochs, {how}" + (f", lr ×{lr_scale:g}" if warm and lr_scale != 1 else ""),
                                   flush=True)
+                        redo: dict[str, Any] | None = None  # why this warm start is done again, if it is
                         try:
                             log = trainer.fit(cfg.epochs, max_minutes=remaining)
                         except TrainingDiverged as e:
@@ -532,43 +533,39 @@ def sweep(config: IsingConfig | None, betas: str | Sequence[float | str] | None,
                                 raise
                             # a warm start that diverges (below T_c: a fresh Adam at the full rate can
                             # push the flow out of the ordered phase faster than rollbacks undo it) is
-                            # a regression too: again from the neighbour at half the learning rate
-                            retries.append({"lr_scale": lr_scale, "diverged": str(e),
-                                            "train_s": float(trainer.log["wall_time"].iloc[-1]) if len(trainer.log) else 0.0})
-                            if verbose:
-                                print(f"  β = {beta:.6f}: the warm start diverged ({e}); again from {prev_name} at "
-                                      f"lr ×{lr_scale / 2:g}", flush=True)
-                            lr_scale /= 2
-                            trained = True
-                            if ckpt is not None:
-                                for n in ("checkpoint.pt", "log.csv"):
-                                    (run / n).unlink(missing_ok=True)
-                            continue
+                            # a regression too
+                            redo = {"diverged": str(e),
+                                    "train_s": float(trainer.log["wall_time"].iloc[-1]) if len(trainer.log) else 0.0}
+                            said = f"the warm start diverged ({e})"
                         trained = True
-                        train_s = float(log["wall_time"].iloc[-1]) if len(log) else 0.0
-                        rise, rise_err, rise_sigma = warm_regression(log) if warm else (math.nan,) * 3
-                        if run is not None:
-                            write_json(run / "summary.json", {"beta": beta, "epochs": trainer.epoch,
-                                                              "stop_reason": trainer.stop_reason,
-                                                              "warm_start_from": prev_name if warm else None,
-                                                              "lr_scale": lr_scale if warm else 1.0,
-                                                              "warm_rise": rise, "warm_rise_stderr": rise_err,
-                                                              "earlier_attempts": retries,
-                                                              "train_s": train_s, "provenance": provenance(device)})
-                        if trainer.stop_reason == "signal":
-                            stop_reason, stop_signal = "signal", trainer.stop_signal
-                            break
-                        if trainer.stop_reason == "time":
-                            stop_reason = "time"
-                            break
-                        if rise_sigma > REGRESSION_SIGMAS and len(retries) < WARM_RETRIES:
-                            # training made the flow worse than the neighbour's at this β: start the β
-                            # again from the neighbour's weights at half the learning rate
-                            retries.append({"lr_scale": lr_scale, "rise": rise, "rise_stderr": rise_err,
-                                            "train_s": train_s})
+                        if redo is None:
+                            train_s = float(log["wall_time"].iloc[-1]) if len(log) else 0.0
+                            rise, rise_err, rise_sigma = warm_regression(log) if warm else (math.nan,) * 3
+                            if run is not None:
+                                write_json(run / "summary.json", {"beta": beta, "epochs": trainer.epoch,
+                                                                  "stop_reason": trainer.stop_reason,
+                                                                  "warm_start_from": prev_name if warm else None,
+                                                                  "lr_scale": lr_scale if warm else 1.0,
+                                                                  "warm_rise": rise, "warm_rise_stderr": rise_err,
+                                                                  "earlier_attempts": retries,
+                                                                  "train_s": train_s, "provenance": provenance(device)})
+                            if trainer.stop_reason == "signal":
+                                stop_reason, stop_signal = "signal", trainer.stop_signal
+                                break
+                            if trainer.stop_reason == "time":
+                                stop_reason = "time"
+                                break
+                            if rise_sigma > REGRESSION_SIGMAS and len(retries) < WARM_RETRIES:
+                                # training made the flow worse than the neighbour's at this β
+                                redo = {"rise": rise, "rise_stderr": rise_err, "train_s": train_s}
+                                said = (f"F/N rose by {rise:.2e} ± {rise_err:.1e} ({rise_sigma:.1f}σ) during the "
+                                        f"warm start")
+                        if redo is not None:
+                            # start the β again from the neighbour's weights at half the learning rate
+                            retries.append({"lr_scale": lr_scale, **redo})
                             if verbose:
-                                print(f"  β = {beta:.6f}: F/N rose by {rise:.2e} ± {rise_err:.1e} ({rise_sigma:.1f}σ) "
-                                      f"during the warm start; again from {prev_name} at lr ×{lr_scale / 2:g}", flush=True)
+                                print(f"  β = {beta:.6f}: {said}; again from {prev_name} at lr ×{lr_scale / 2:g}",
+                                      flush=True)
                             lr_scale /= 2
                             if ckpt is not None:
                                 for n in ("checkpoint.pt", "log.csv"):
