@@ -72,6 +72,20 @@ def _row(quantity: str, normalisation: str, method: str, est: Estimate | float, 
             "onsager": math.nan if onsager is None else float(onsager)}
 
 
+def _free_energy_rows(fe: Any, suffix: str = "", onsager: float | None = None) -> list[dict[str, Any]]:
+    """Variational and importance-weighted F/N in the HS and Ising normalisations, methods + ``suffix``;
+    ``onsager`` (L = ∞) goes with the Ising rows."""
+    ref = fe.exact
+    return [
+        _row("free_energy", "hs", "variational" + suffix, fe.free_energy_variational, ref.get("free_energy_hs")),
+        _row("free_energy", "hs", "importance" + suffix, fe.free_energy_importance, ref.get("free_energy_hs")),
+        _row("free_energy", "ising", "variational" + suffix, fe.free_energy_variational_ising,
+             ref.get("free_energy_ising"), onsager),
+        _row("free_energy", "ising", "importance" + suffix, fe.free_energy_importance_ising,
+             ref.get("free_energy_ising"), onsager),
+    ]
+
+
 def estimate_rows(flow: torch.nn.Module, target: IsingHS, n_samples: int = 4096, batch: int = 512,
                   generator: torch.Generator | None = None, dtype: torch.dtype = torch.float64,
                   sw_sweeps: int = SW_SWEEPS, sw_seed: int = 0) -> list[dict[str, Any]]:
@@ -105,12 +119,7 @@ def estimate_rows(flow: torch.nn.Module, target: IsingHS, n_samples: int = 4096,
     beta, J = float(target.beta), float(target.J)
     f_inf = -exact.onsager_log_z(beta, J)
     u_inf = exact.onsager_internal_energy(beta, J)
-    rows = [
-        _row("free_energy", "hs", "variational", fe.free_energy_variational, ref.get("free_energy_hs")),
-        _row("free_energy", "hs", "importance", fe.free_energy_importance, ref.get("free_energy_hs")),
-        _row("free_energy", "ising", "variational", fe.free_energy_variational_ising, ref.get("free_energy_ising"), f_inf),
-        _row("free_energy", "ising", "importance", fe.free_energy_importance_ising, ref.get("free_energy_ising"), f_inf),
-    ]
+    rows = _free_energy_rows(fe, onsager=f_inf)
     sw = {}
     if sw_sweeps > 0 and J > 0 and any(ref.get(k) is None for k in QUANTITIES):
         from .wolff import cluster_chain
@@ -165,13 +174,7 @@ def step_check_rows(flow: torch.nn.Module, target: IsingHS, refine: int = 2, n_s
     for m in inner:
         m.n_steps, m.step_size = m.n_steps * refine, m.step_size / refine
     fe = flow_estimates(model, target, n_samples=n_samples, batch=batch, generator=generator, n_spin_images=0)
-    ref = fe.exact
-    rows = [
-        _row("free_energy", "hs", "variational_refined", fe.free_energy_variational, ref.get("free_energy_hs")),
-        _row("free_energy", "hs", "importance_refined", fe.free_energy_importance, ref.get("free_energy_hs")),
-        _row("free_energy", "ising", "variational_refined", fe.free_energy_variational_ising, ref.get("free_energy_ising")),
-        _row("free_energy", "ising", "importance_refined", fe.free_energy_importance_ising, ref.get("free_energy_ising")),
-    ]
+    rows = _free_energy_rows(fe, suffix="_refined")
     for r in rows:
         r.update(ess=fe.ess, n_samples=fe.n_samples, measure_s=fe.seconds, step_refine=refine)
     return rows
