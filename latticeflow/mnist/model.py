@@ -90,7 +90,36 @@ def build_flow(config: MNISTConfig | dict[str, Any], dim: int,
     return flow.to(cfg.torch_dtype)
 
 
-class AffineFlow(WrappedFlow):
+class _Whitens:
+    """The affine map y' = Σ^{-1/2}(y − μ) from the buffers ``mean`` and ``inv_sqrt``, which
+    :func:`_register_whitening` checks and registers."""
+
+    mean: Tensor
+    inv_sqrt: Tensor
+
+    def whiten(self, y: Tensor) -> Tensor:
+        """y' = Σ^{-1/2}(y − μ) for points y of shape (B, D) (row vectors; Σ^{-1/2} is symmetric)."""
+        return (y - self.mean) @ self.inv_sqrt
+
+
+def _register_whitening(module: nn.Module, whitening: Whitening, names: Sequence[str], D: int, **to: Any) -> None:
+    """Check the tensors ``names`` of ``whitening`` against their shapes for D and register each as a
+    buffer of ``module`` (a detached copy, ``.to(**to)``).
+
+    Raises:
+        ValueError: a tensor of the wrong shape, naming it.
+    """
+    shapes = {"mean": (D,), "inv_sqrt": (D, D), "sqrt": (D, D), "log_det": ()}
+    for name in names:
+        value = getattr(whitening, name)
+        if not isinstance(value, Tensor) or tuple(value.shape) != shapes[name]:
+            raise ValueError(f"whitening.{name} must be a tensor of shape {shapes[name]} for D={D}, "
+                             f"got {tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__}")
+    for name in names:
+        module.register_buffer(name, getattr(whitening, name).detach().to(**to).clone())
+
+
+class AffineFlow(_Whitens, WrappedFlow):
     """A flow behind a fixed affine map: ln p(y) = ln p_flow(y') + ln|det Σ^{-1/2}|, y' = Σ^{-1/2}(y − μ).
 
     The map is exactly invertible (y = Σ^{1/2} y' + μ) and has no parameters: μ, Σ^{-1/2},
@@ -124,19 +153,10 @@ class AffineFlow(WrappedFlow):
             eye = torch.eye(D, dtype=torch.float64)
             whitening = Whitening(torch.zeros(D, dtype=torch.float64), eye, eye.clone(),
                                   torch.zeros((), dtype=torch.float64))
-        shapes = {"mean": (D,), "inv_sqrt": (D, D), "sqrt": (D, D), "log_det": ()}
-        for name, shape in shapes.items():
-            value = getattr(whitening, name)
-            if not isinstance(value, Tensor) or tuple(value.shape) != shape:
-                raise ValueError(f"whitening.{name} must be a tensor of shape {shape} for the flow's D={D}, "
-                                 f"got {tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__}")
-            self.register_buffer(name, value.detach().to(device=flow.device, dtype=flow.dtype).clone())
+        _register_whitening(self, whitening, ("mean", "inv_sqrt", "sqrt", "log_det"), D, device=flow.device,
+                            dtype=flow.dtype)
 
     # ------------------------------------------------------------------ the affine map
-    def whiten(self, y: Tensor) -> Tensor:
-        """y' = Σ^{-1/2}(y − μ) for points y of shape (B, D) (row vectors; Σ^{-1/2} is symmetric)."""
-        return (y - self.mean) @ self.inv_sqrt
-
     def unwhiten(self, y: Tensor) -> Tensor:
         """y = Σ^{1/2} y' + μ, the inverse of :meth:`whiten`, shape (B, D)."""
         return y @ self.sqrt + self.mean
@@ -189,7 +209,7 @@ class AffineFlow(WrappedFlow):
         return self.unwhiten(x), logp + self.log_det
 
 
-class WhitenedDensity(nn.Module):
+class WhitenedDensity(_Whitens, nn.Module):
     """Any density model behind the fixed whitening: ln p(y) = ln q(Σ^{-1/2}(y − μ)) + ln|det Σ^{-1/2}|.
 
     The change of variables through the exactly invertible affine map y' = Σ^{-1/2}(y − μ), the
@@ -233,28 +253,17 @@ class WhitenedDensity(nn.Module):
         if not callable(getattr(model, "log_prob", None)):
             raise TypeError(f"model must have a log_prob(x) method returning ln q(x) of shape (B,), "
                             f"got {type(model).__name__}")
-        D = int(whitening.mean.shape[-1]) if whitening.mean.dim() == 1 else -1
-        shapes = {"mean": (D,), "inv_sqrt": (D, D), "log_det": ()}
-        for name, shape in shapes.items():
-            value = getattr(whitening, name)
-            if not isinstance(value, Tensor) or tuple(value.shape) != shape:
-                raise ValueError(f"whitening.{name} must be a tensor of shape {shape} (D={D}), got "
-                                 f"{tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__}")
         if dtype is None:
             tensors = [t for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()]
             dtype = tensors[0].dtype if tensors else torch.float64
         self.model = model
-        for name in shapes:
-            self.register_buffer(name, getattr(whitening, name).detach().to(dtype).clone())
+        D = int(whitening.mean.shape[-1]) if whitening.mean.dim() == 1 else -1
+        _register_whitening(self, whitening, ("mean", "inv_sqrt", "log_det"), D, dtype=dtype)
 
     @property
     def dim(self) -> int:
         """D, the dimension of the points."""
         return int(self.mean.shape[0])
-
-    def whiten(self, y: Tensor) -> Tensor:
-        """y' = Σ^{-1/2}(y − μ) of points y, shape (B, D) → (B, D)."""
-        return (y - self.mean) @ self.inv_sqrt
 
     def log_prob(self, y: Tensor) -> Tensor:
         """ln p(y) = ln q(Σ^{-1/2}(y − μ)) + ln|det Σ^{-1/2}|, shape (B,), for y of shape (B, D)."""
