@@ -163,17 +163,13 @@ def step_check_rows(flow: torch.nn.Module, target: IsingHS, refine: int = 2, n_s
     Raises:
         ValueError: refine < 2, or a flow without a MongeAmpereFlow to refine.
     """
-    from latticeflow.flow import MongeAmpereFlow
+    from latticeflow.flow import finer_steps
 
     if isinstance(refine, bool) or not isinstance(refine, int) or refine < 2:
         raise ValueError(f"refine must be an integer >= 2, got refine={refine!r}")
     model = copy.deepcopy(flow).to(dtype).eval()
-    inner = [m for m in model.modules() if isinstance(m, MongeAmpereFlow)]
-    if not inner:
-        raise ValueError(f"no MongeAmpereFlow in {type(flow).__name__} to refine")
-    for m in inner:
-        m.n_steps, m.step_size = m.n_steps * refine, m.step_size / refine
-    fe = flow_estimates(model, target, n_samples=n_samples, batch=batch, generator=generator, n_spin_images=0)
+    with finer_steps(model, refine):
+        fe = flow_estimates(model, target, n_samples=n_samples, batch=batch, generator=generator, n_spin_images=0)
     rows = _free_energy_rows(fe, suffix="_refined")
     for r in rows:
         r.update(ess=fe.ess, n_samples=fe.n_samples, measure_s=fe.seconds, step_refine=refine)

@@ -111,6 +111,7 @@ from latticeflow.cli import (  # noqa: E402
     positive_int,
     run_cli,
 )
+from latticeflow.flow import finer_steps  # noqa: E402
 from latticeflow.mnist import (  # noqa: E402
     MNIST_PAPER,
     PAPER_TEST_NLL,
@@ -121,7 +122,6 @@ from latticeflow.mnist import (  # noqa: E402
     Whitening,
     WhitenedDensity,
     build_model,
-    inner_flow,
     load_data,
     nll_logit_to_bits_per_dim,
 )
@@ -393,11 +393,6 @@ def build_entrant(name: str, start: str, args: argparse.Namespace, data: MNISTDa
     return Entrant(name, label, start, density, lr, note)
 
 
-def _ode_flow(density: nn.Module) -> nn.Module:
-    """The Monge-Ampère flow inside a (possibly whitened) MA density."""
-    return inner_flow(density.model if isinstance(density, WhitenedDensity) else density)
-
-
 # ---------------------------------------------------------------------------------------------
 # Evaluation
 # ---------------------------------------------------------------------------------------------
@@ -578,13 +573,8 @@ def half_step_check(density: nn.Module, test: EvalSet, logp: Tensor, settings: R
         check: half_step_nll, half_step_stderr, half_step_diff (NLL at ε/2 minus at ε),
         half_step_diff_stderr (standard error of the per-image difference), half_step_sigmas.
     """
-    flow = _ode_flow(density)
-    n_steps, step_size = flow.n_steps, flow.step_size
-    flow.n_steps, flow.step_size = 2 * n_steps, step_size / 2
-    try:
+    with finer_steps(density, 2):
         half = evaluate(density, test.y, settings.torch_dtype, settings.eval_batch)
-    finally:
-        flow.n_steps, flow.step_size = n_steps, step_size
     diff = -(half - logp)  # per-image NLL difference: same image, same noise
     diff_se = standard_error(diff)
     mean = float(diff.mean())

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from latticeflow import SquareLattice, space_group
-from latticeflow.flow import MongeAmpereFlow, standard_normal_log_prob
+from latticeflow.flow import MongeAmpereFlow, finer_steps, standard_normal_log_prob
 from latticeflow.potentials import (
     AutogradPotential,
     ConvPotential,
@@ -316,3 +316,26 @@ def test_draw_noise_replays_a_stochastic_flow():
     assert flow.draw_noise(4, noise=noise) == noise  # given tokens are checked and returned
     with pytest.raises(ValueError, match=r"noise must hold one token per step \(3\), got 2"):
         flow.draw_noise(4, noise=noise[:2])
+
+
+def test_finer_steps_refines_every_flow_inside_and_restores_them() -> None:
+    """Each MongeAmpereFlow in a module: factor × the steps of 1/factor the size, put back after the block."""
+    torch.manual_seed(0)
+    inner = MongeAmpereFlow(MLPPotential(4, 8, init_scale=0.5), n_steps=6, step_size=0.1).double()
+    outer = nn.ModuleList([inner, MongeAmpereFlow(MLPPotential(4, 8), n_steps=3, step_size=0.2)])
+    y = torch.randn(5, 4, dtype=torch.float64)
+    coarse = inner.log_prob(y)
+    with finer_steps(outer, 4):
+        assert [(f.n_steps, f.step_size) for f in outer] == [(24, 0.1 / 4), (12, 0.2 / 4)]
+        fine = inner.log_prob(y)
+    assert [(f.n_steps, f.step_size) for f in outer] == [(6, 0.1), (3, 0.2)]
+    # the same T: the densities agree to RK4's error, and differ (the steps did change)
+    assert 0 < float((fine - coarse).abs().max()) < 1e-4
+    with pytest.raises(RuntimeError, match="inside"), finer_steps(inner, 2):
+        raise RuntimeError("inside")
+    assert (inner.n_steps, inner.step_size) == (6, 0.1)  # restored on an error too
+    for bad in (0, 1.5, True):
+        with pytest.raises(ValueError, match="factor"), finer_steps(inner, bad):
+            pass
+    with pytest.raises(ValueError, match="no MongeAmpereFlow"), finer_steps(nn.Linear(2, 2)):
+        pass
