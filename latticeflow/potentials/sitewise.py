@@ -87,6 +87,12 @@ class SitewisePotential(Potential):
         a, a1, a2 = self._act(z, value)
         wv = w * v
         grad = (a1 * wv).sum(-1)  # (B, N)
-        lap = (a2 * (wv * v)).sum((-2, -1))  # (B,)
+        c2 = wv * v  # w v², the Laplacian's weights
+        if c2.dim() == 3:  # per-sample times: (B, S, K)
+            lap = (a2 * c2).sum((-2, -1))
+        elif self.shared:  # Σ_k (Σ_i a''_ik) w_k v_k²
+            lap = a2.sum(1) @ c2[0]
+        else:  # one matrix-vector product instead of a (B, N, K) product and its reduction
+            lap = a2.reshape(a2.shape[0], -1) @ c2.reshape(-1)
         phi = (a * w).sum((-2, -1)) if value else None
         return phi, grad, lap
