@@ -19,6 +19,12 @@ count, interleaved round by round (absolute times do not carry between machines)
     python benchmarks/ising_speed.py --iters 5 --sizes 8 16
     git clone https://github.com/wangleiphy/MongeAmpereFlow /tmp/maf
     python benchmarks/ising_speed.py --original /tmp/maf --baseline-commit HEAD~5 --threads 1 --sizes
+    python benchmarks/ising_speed.py --default-table 8 16 32 64 --threads 1   # time + peak memory
+
+``--default-table L...`` prints only a table of the driver's default flow (``IsingConfig(L=L)``,
+as ``python -m models.ising --L L`` builds it: quadratic + conv + MLP, batch from L) at each L:
+seconds per training iteration (the fastest of ``--iters``, after a warm-up) and peak memory,
+each L in its own Python process so that its high-water mark (``ru_maxrss``) is its own.
 """
 
 from __future__ import annotations
@@ -421,6 +427,53 @@ def compare_baseline(base: types.ModuleType, configs: list[tuple[str, dict[str, 
     return out
 
 
+def default_size_row(L: int, iters: int) -> dict[str, Any]:
+    """Seconds per training iteration and peak memory of the driver's default flow at L, in this process.
+
+    The fastest of ``iters`` iterations after one warm-up (the least disturbed on a shared
+    machine), the mean, and ``ru_maxrss`` before the first iteration and at the end (kB).
+    """
+    import resource
+
+    from latticeflow.config import IsingConfig
+
+    cfg = IsingConfig(L=L)
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    step = make_step(cfg.to_dict(), L, cfg.batch_size)
+    step()
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    return {"L": L, "N": L * L, "batch": cfg.batch_size, "hidden": cfg.hidden, "threads": torch.get_num_threads(),
+            "s_per_iter": min(times), "mean_s_per_iter": sum(times) / len(times),
+            "rss_before_kb": rss0, "peak_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}
+
+
+def default_table(sizes: list[int], iters: int, threads: int | None) -> list[dict[str, Any]]:
+    """:func:`default_size_row` for each L, each in a fresh Python process; prints the table and returns the rows."""
+    import json
+
+    rows = []
+    print("the driver's default flow (python -m models.ising --L L: quadratic + conv + MLP, T=1, batch from L), "
+          f"each L in its own process, fastest of {iters} iterations:")
+    print("   L      N  batch   s/iter  mean s/iter  ratio to first L  peak RSS  RSS before")
+    for L in sizes:
+        argv = [sys.executable, str(Path(__file__).resolve()), "--child-default", str(L), "--iters", str(iters)]
+        if threads:
+            argv += ["--threads", str(threads)]
+        proc = subprocess.run(argv, capture_output=True, text=True, check=False)
+        if proc.returncode != 0:
+            raise RuntimeError(f"L={L} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+        r = json.loads(proc.stdout.strip().splitlines()[-1])
+        rows.append(r)
+        print(f"  {L:2d} {r['N']:6d} {r['batch']:6d} {r['s_per_iter']:8.3f} {r['mean_s_per_iter']:12.3f} "
+              f"{r['s_per_iter'] / rows[0]['s_per_iter']:17.2f} {r['peak_kb'] / 2**20:7.2f}GiB "
+              f"{r['rss_before_kb'] / 2**20:8.2f}GiB")
+    return rows
+
+
 def matmul_gflops(B: int, N: int, h: int, dtype: torch.dtype, reps: int = 50) -> float:
     a, w = torch.randn(B, N, dtype=dtype), torch.randn(h, N, dtype=dtype)
     for _ in range(5):
@@ -452,9 +505,21 @@ def main(argv: list[str] | None = None) -> None:
                         "under another name), side by side in this process, and print the ratios")
     p.add_argument("--rounds", type=int, default=7, help="interleaved rounds of the side-by-side comparisons")
     p.add_argument("--round-iters", type=int, default=2, help="iterations of each side per round")
+    p.add_argument("--default-table", type=int, nargs="+", metavar="L", default=None,
+                   help="only: time and peak memory per iteration of the driver's default flow at each L, "
+                        "each L in its own process")
+    p.add_argument("--child-default", type=int, metavar="L", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.child_default is not None:
+        import json
+
+        print(json.dumps(default_size_row(args.child_default, args.iters)))
+        return
+    if args.default_table:
+        default_table(args.default_table, args.iters, args.threads)
+        return
     # fail on a bad --original path or --baseline-commit before any timing
     loaded, why = open_original(args.original)
     orig: types.SimpleNamespace | str | None = why if why is not None else loaded

@@ -118,3 +118,26 @@ def test_original_side_by_side_tiny(bench, capsys):
     out = capsys.readouterr().out
     assert "ratio of medians original / ours" in out
     assert r is not None and math.isfinite(r) and r > 0
+
+
+def test_default_table_times_each_size_in_its_own_process(bench, capsys):
+    """--default-table: one row per L, the driver's default flow at each (batch from L), peak memory from a
+    fresh process (so a larger L has its own, not the parent's, high-water mark)."""
+    from latticeflow.config import IsingConfig
+
+    rows = bench.default_table([3, 4], iters=1, threads=1)
+    out = capsys.readouterr().out
+    assert [r["L"] for r in rows] == [3, 4] and [r["N"] for r in rows] == [9, 16]
+    assert [r["batch"] for r in rows] == [IsingConfig(L=3).batch_size, IsingConfig(L=4).batch_size]
+    for r in rows:
+        assert r["threads"] == 1 and 0 < r["s_per_iter"] <= r["mean_s_per_iter"]
+        assert r["peak_kb"] >= r["rss_before_kb"] > 0
+    assert "peak RSS" in out and len([ln for ln in out.splitlines() if ln.strip().startswith(("3 ", "4 "))]) == 2
+
+
+def test_default_table_flag_reaches_the_table(bench, monkeypatch):
+    seen = {}
+    monkeypatch.setattr(bench, "default_table", lambda sizes, iters, threads: seen.update(
+        sizes=sizes, iters=iters, threads=threads))
+    bench.main(["--default-table", "8", "16", "--iters", "3", "--threads", "1"])
+    assert seen == {"sizes": [8, 16], "iters": 3, "threads": 1}
