@@ -49,7 +49,7 @@ from .lattice import SquareLattice
 def _hash_rows(perms: np.ndarray, signs: np.ndarray, key: np.ndarray) -> np.ndarray:
     # Integer dot product with random odd weights (wrapping int64 arithmetic): distinct
     # permutations collide with probability ~G²/2^64, checked exactly in SymmetryGroup.__init__.
-    return perms.astype(np.int64) @ key * 2 + (signs < 0)
+    return np.asarray(perms, dtype=np.int64) @ key * 2 + (signs < 0)  # no copy of an int64 table
 
 
 class SymmetryGroup:
@@ -80,13 +80,17 @@ class SymmetryGroup:
         s = np.ones(G) if signs is None else np.asarray(signs, dtype=np.float64).reshape(-1)
         if s.shape != (G,) or not np.all(np.abs(s) == 1):
             raise ValueError(f"signs must be ±1 with shape ({G},), got {s!r}")
-        if not np.array_equal(np.sort(p, axis=1), np.broadcast_to(np.arange(N), (G, N))):
-            raise ValueError(f"every row of perms must be a permutation of range({N})")
+        chunk = max(1, 2**22 // max(N, 1))  # sorted copies of a few rows at a time: the table can take GiB
+        for start in range(0, G, chunk):
+            rows = np.sort(p[start:start + chunk], axis=1)
+            if not np.array_equal(rows, np.broadcast_to(np.arange(N), rows.shape)):
+                raise ValueError(f"every row of perms must be a permutation of range({N})")
         key = np.random.default_rng(12345).integers(1, 2**62, size=N, dtype=np.int64) | 1
         h = _hash_rows(p, s, key)
         _, first = np.unique(h, return_index=True)
         first = np.sort(first)
-        p, s, h = p[first], s[first], h[first]  # keep each distinct element once, in order
+        if len(first) < G:  # keep each distinct element once, in order (no copy when all are distinct)
+            p, s, h = p[first], s[first], h[first]
         self.name = name
         self.perms = torch.from_numpy(p)
         self.signs = torch.from_numpy(s)
@@ -119,8 +123,9 @@ class SymmetryGroup:
 
     @cached_property
     def inverse_perms(self) -> Tensor:
-        """inverse_perms[g] = argsort(perms[g]), shape (G, N)."""
-        return torch.argsort(self.perms, dim=1)
+        """inverse_perms[g] = argsort(perms[g]), shape (G, N): one scatter, inverse[g, perms[g, i]] = i."""
+        ramp = torch.arange(self.dim).expand(self.order, -1)
+        return torch.empty_like(self.perms).scatter_(1, self.perms, ramp)
 
     @cached_property
     def inverse(self) -> Tensor:

@@ -186,3 +186,17 @@ def test_all_images_and_their_pull_back():
     # each image pulled back by its own inverse (perm (G, N) broadcast over the batch) is x again
     back = signed_permutation(y, g.inverse_perms, g.perms, g.signs[:, None])
     assert torch.equal(back, x[:, None].expand_as(back))
+
+
+def test_rows_are_checked_in_every_chunk_and_inverse_is_argsort():
+    """The permutation check runs over blocks of rows (the L=64 tables take GiB): a bad row in the last
+    block is still refused; the inverse table (one scatter) equals argsort row by row."""
+    N = 4096  # 1024 rows per block
+    rng = np.random.default_rng(0)
+    perms = np.stack([np.arange(N)] + [rng.permutation(N) for _ in range(1100)])
+    g = SymmetryGroup(perms)
+    assert g.order == 1101 and torch.equal(g.inverse_perms, torch.argsort(g.perms, dim=1))
+    bad = perms.copy()
+    bad[-1, 5] = bad[-1, 6]
+    with pytest.raises(ValueError, match="permutation of range"):
+        SymmetryGroup(bad)

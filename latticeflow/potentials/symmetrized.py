@@ -87,8 +87,9 @@ class Symmetrized(Potential):
         self.mode = check_choice("mode", mode, ("random", "exact"))
         self.order = int(group.order)
         self.group_name = getattr(group, "name", "group")
-        self.register_buffer("perms", group.perms.clone().long(), persistent=False)
-        self.register_buffer("inverse_perms", group.inverse_perms.clone().long(), persistent=False)
+        # shared with the group, not copied: at L=64 the space group × Z2 tables take 4 GiB (read-only here)
+        self.register_buffer("perms", group.perms.long(), persistent=False)
+        self.register_buffer("inverse_perms", group.inverse_perms.long(), persistent=False)
         self.register_buffer("signs", group.signs.clone().to(torch.get_default_dtype()), persistent=False)
         self._has_flip = bool((group.signs < 0).any())
 
