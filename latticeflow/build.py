@@ -185,7 +185,19 @@ def make_trainer(config: IsingConfig | dict[str, Any], device: torch.device | st
 
     config = config if isinstance(config, IsingConfig) else IsingConfig.from_dict(config)
     device = torch.device(device)
+    if config.anneal_from is not None and target is not None:
+        raise ValueError("anneal_from anneals the Ising target's β; it does not apply to another target")
     target = target if target is not None else ising(config.L, config.beta, J=config.J)
+    target_at = None
+    if config.anneal_from is not None:
+        latest = {config.beta: target}  # the latest epoch's target (0.05 ms to build at L=16, 16 ms at L=64)
+
+        def target_at(epoch: int) -> Any:
+            beta = config.anneal_beta(epoch)
+            if beta not in latest:
+                latest.clear()
+                latest[beta] = target if beta == config.beta else ising(config.L, beta, J=config.J)
+            return latest[beta]
     if config.step_size > MAX_SAFE_STEP:
         warnings.warn(f"RK4 step {config.step_size} > {MAX_SAFE_STEP}: the integrated ln p may be too inaccurate "
                       "for a variational bound, and training exploits that (at L=4, steps of 0.2 gave an F/N "
@@ -193,7 +205,8 @@ def make_trainer(config: IsingConfig | dict[str, Any], device: torch.device | st
     torch.manual_seed(config.seed)
     flow = build_flow(config, target.lattice)
     if getattr(config, "quadratic_init", "zero") == "gaussian":
-        start_at_best_gaussian(flow, target)  # a no-op without a quadratic part or a Gaussian fit of the target
+        # a no-op without a quadratic part or a Gaussian fit of the target; annealed: of the first epoch's target
+        start_at_best_gaussian(flow, target if target_at is None else target_at(0))
     flow = flow.to(device)
     model = dist.wrap_sampler(flow, device)  # DDP(SampleModule(flow)) under torchrun: DDP averages the draws' gradients
     opt = torch.optim.Adam(parameter_groups(flow, config, target.N), lr=config.lr, weight_decay=config.weight_decay)
@@ -202,6 +215,7 @@ def make_trainer(config: IsingConfig | dict[str, Any], device: torch.device | st
     trainer = VariationalTrainer(model, target, opt, batch_size=config.batch_size, scheduler=sched,
                                  config=saved_config if saved_config is not None else config.to_dict(),
                                  grad_clip=config.grad_clip, gradient_estimator=config.gradient_estimator,
+                                 target_at=target_at,
                                  out_dir=out_dir, generator=gen, progress=progress,
                                  checkpoint_every=checkpoint_every, seed=config.seed, kind=kind,
                                  max_rollbacks=config.max_rollbacks if max_rollbacks is None else max_rollbacks)

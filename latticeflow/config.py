@@ -275,6 +275,12 @@ class IsingConfig(Config):
                                 "learning rate halved (0: stop at the first divergence)", parse=cli.nonnegative_int,
                                 group="training")
     schedule: str = option("cosine", "learning-rate schedule", choices=("cosine", "constant"), group="training")
+    anneal_from: float | None = option(None, "anneal β: train at this β first and move it linearly to --beta over "
+                                       "--anneal-epochs (start hot, where the target is nearly Gaussian), then hold "
+                                       "it; the log's beta column gives each epoch's β", parse=cli.beta_value,
+                                       group="training", show="none: no annealing")
+    anneal_epochs: int | None = option(None, "epochs of the β anneal (with --anneal-from)", parse=cli.positive_int,
+                                       group="training", show="half of --epochs")
     seed: int = option(0, "seed of the initialisation and the samples", parse=int, group="training")
     #: set from beta: "critical" when beta is β_c given by name (kept for config.json)
     beta_name: str | None = None
@@ -317,6 +323,15 @@ class IsingConfig(Config):
         set_(self, "init_scale", _init_scale(self.init_scale))
         if self.kernel_size is not None:
             set_(self, "kernel_size", check_size("kernel_size", self.kernel_size))
+        set_(self, "anneal_from", check_beta(self.anneal_from, optional=True))
+        if self.anneal_epochs is not None and self.anneal_from is None:
+            raise ValueError(f"anneal_epochs={self.anneal_epochs!r} needs anneal_from (the β to start from)")
+        if self.anneal_from is not None:  # resolved here, so that a resume with more epochs keeps the schedule
+            set_(self, "anneal_epochs", check_size("anneal_epochs", self.anneal_epochs if self.anneal_epochs is not None
+                                                   else max(1, self.epochs // 2)))
+            if self.anneal_epochs >= self.epochs:
+                raise ValueError(f"anneal_epochs={self.anneal_epochs} must be < epochs={self.epochs}: the run must "
+                                 "train at the target β after the anneal")
         for key in ("bias", "time_dependent", "grad_checkpoint"):
             if not isinstance(getattr(self, key), bool):
                 raise ValueError(f"{key} must be True or False, got {key}={getattr(self, key)!r}")
@@ -330,6 +345,14 @@ class IsingConfig(Config):
             d["kernel_size"] = kernel_size_for(self.kernel_size, self.L)
         d["batch"] = self.batch_size
         return d
+
+    def anneal_beta(self, epoch: int) -> float:
+        """β of training epoch ``epoch`` (0-based): ``anneal_from`` at 0, linearly to ``beta`` at
+        ``anneal_epochs`` (default: half of ``epochs``), ``beta`` from there on and without annealing."""
+        if self.anneal_from is None:
+            return self.beta
+        f = min(1.0, max(0, epoch) / self.anneal_epochs)
+        return self.beta if f >= 1.0 else self.anneal_from + f * (self.beta - self.anneal_from)
 
     @property
     def batch_size(self) -> int:

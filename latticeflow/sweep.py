@@ -212,12 +212,19 @@ def _make_trainer(config: IsingConfig, device: torch.device, out_dir: str | None
     return make_trainer(config, device, out_dir, progress=progress, checkpoint_every=checkpoint_every)
 
 
-def _beta_config(config: IsingConfig, beta: float, warm: bool, warm_epochs: int, lr_scale: float = 1.0) -> IsingConfig:
+def _beta_config(config: IsingConfig, beta: float, warm: bool, warm_epochs: int, lr_scale: float = 1.0,
+                 from_beta: float | None = None) -> IsingConfig:
     """The config of one β: β by name when critical; warm starts train ``warm_epochs`` with a short
-    warm-up, at the learning rates times ``lr_scale`` (halved by each regressed warm start)."""
+    warm-up, at the learning rates times ``lr_scale`` (halved by each regressed warm start). With
+    ``anneal_from`` set, the first β anneals from it as a single run would, and a warm start from
+    its neighbour's β ``from_beta`` over half its epochs."""
     cfg = config.replace(beta="critical" if beta == CRITICAL_BETA else beta, beta_name=None)
     if warm:
-        cfg = cfg.replace(epochs=warm_epochs, warmup=min(cfg.warmup, warm_epochs // 4))
+        anneal: dict[str, Any] = {}
+        if cfg.anneal_from is not None:  # from the neighbour's β, not the first β's start
+            ok = from_beta is not None and warm_epochs >= 2
+            anneal = {"anneal_from": from_beta if ok else None, "anneal_epochs": warm_epochs // 2 if ok else None}
+        cfg = cfg.replace(epochs=warm_epochs, warmup=min(cfg.warmup, warm_epochs // 4), **anneal)
     if lr_scale != 1.0:
         ext = cfg.extensive_lr
         cfg = cfg.replace(lr=cfg.lr * lr_scale, extensive_lr=ext if isinstance(ext, str) else ext * lr_scale)
@@ -241,13 +248,16 @@ def warm_regression(log: pd.DataFrame, window: int | None = None) -> tuple[float
     scatter in each window.
 
     Args:
-        log: the trainer's log, with a ``free_energy_hs`` column (one row per epoch).
+        log: the trainer's log, with a ``free_energy_hs`` column (one row per epoch); with a ``beta``
+            column (annealed from the neighbour's β) only the epochs at the final β count.
         window: epochs at each end (default: a tenth of the epochs, at least 5).
 
     Returns:
         (rise = last mean − first mean, its standard error, rise / error in σ; NaN where the log is
         shorter than two windows).
     """
+    if "beta" in log and len(log):  # an annealed warm start: only the epochs at the β of its last epoch compare
+        log = log[log["beta"] == log["beta"].iloc[-1]]
     f = log["free_energy_hs"].to_numpy(dtype=float) if "free_energy_hs" in log else np.array([])
     w = window if window is not None else max(5, len(f) // 10)
     if len(f) < 2 * w or w < 2:
@@ -500,7 +510,8 @@ def sweep(config: IsingConfig | None, betas: str | Sequence[float | str] | None,
                             stop_reason = "time"
                             break
                         remaining = 1e-9  # like a single run, a sweep trains at least one epoch per invocation
-                    cfg = _beta_config(config, beta, warm, warm_epochs, lr_scale if warm else 1.0)
+                    cfg = _beta_config(config, beta, warm, warm_epochs, lr_scale if warm else 1.0,
+                                       from_beta=grid[k - 1] if warm else None)
                     sub: RunFolder | None = None
                     if run is not None:
                         # a β folder without a checkpoint holds nothing worth keeping (killed before its first one)

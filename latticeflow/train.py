@@ -521,12 +521,15 @@ class VariationalTrainer(Trainer):
         gradient_estimator: ``"total"`` (default) differentiates ln p(x) + E(x), x = T(z), through
             the sampling path, ln p's explicit parameter dependence included; ``"path"`` is the
             path-gradient ("sticking the landing") estimator, see :func:`path_gradient_surrogate`.
+        target_at: the target of each epoch, ``target_at(epoch)`` (0-based), for annealing; the log
+            then has a ``beta`` column and its free energies are those of each epoch's target.
+            None (default): ``target`` throughout.
         **kwargs: passed to :class:`Trainer`.
     """
 
     def __init__(self, flow: torch.nn.Module, target: Target, optimizer: torch.optim.Optimizer, *,
                  batch_size: int = 64, grad_clip: float | None = None, gradient_estimator: str = "total",
-                 **kwargs: Any) -> None:
+                 target_at: Callable[[int], Target] | None = None, **kwargs: Any) -> None:
         if isinstance(flow, DistributedDataParallel) and not isinstance(flow.module, dist.SampleModule):
             raise TypeError("DistributedDataParallel only averages gradients of calls through its forward, and a "
                             "flow's forward is log_prob: wrap the flow as DDP(SampleModule(flow)), e.g. with "
@@ -535,6 +538,8 @@ class VariationalTrainer(Trainer):
         super().__init__(flow, optimizer, **kwargs)
         self.flow = dist.unwrap(flow)  # the bare flow (parameters, state_dict, sample for evaluation)
         self.target = target
+        #: the target of each epoch (annealing: a β schedule); None trains against ``target`` throughout
+        self.target_at = target_at
         # draws through DDP's forward when wrapped, so its backward all-reduces the gradients
         self._draw = flow if isinstance(flow, (DistributedDataParallel, dist.SampleModule)) else self.flow.sample
         self.batch_size = check_size("batch_size", batch_size)
@@ -547,8 +552,9 @@ class VariationalTrainer(Trainer):
 
     def run_epoch(self, epoch: int) -> dict[str, float]:
         self.model.train()
+        target = self.target if self.target_at is None else self.target_at(epoch)
         x, logp = self._draw(self.local_batch, generator=self.generator)
-        f = logp + self.target.energy(x)  # (B,) per-sample ln p + E, whose mean is eq. 7
+        f = logp + target.energy(x)  # (B,) per-sample ln p + E, whose mean is eq. 7
         fd = f.detach()
         # global sum, count and number of non-finite values in one all-reduce: the loss and the
         # decision to stop on a non-finite value are the same on every rank
@@ -558,7 +564,7 @@ class VariationalTrainer(Trainer):
         self.optimizer.zero_grad(set_to_none=True)
         # the total gradient backpropagates ln p + E itself; the path gradient a surrogate with the
         # score term left out (its value is not the loss)
-        surrogate = path_gradient_surrogate(self.flow, self.target, x) if self.gradient_estimator == "path" else f
+        surrogate = path_gradient_surrogate(self.flow, target, x) if self.gradient_estimator == "path" else f
         surrogate.mean().backward()  # under DDP: the average over ranks of the local mean = the global mean
         if s[2] > 0:
             return {"loss": float("nan")}
@@ -566,13 +572,15 @@ class VariationalTrainer(Trainer):
         grad_norm = torch.nn.utils.clip_grad_norm_(self.flow.parameters(), self.clip_limit())
         self.optimizer.step()
         fd = dist.all_gather(fd)
-        N = self.target.N
+        N = target.N
         f = float(fd.mean()) / N
         # a batch of one has no standard deviation: NaN in the log, not a divergence
         std = float(fd.std()) / N if fd.numel() > 1 else float("nan")
+        annealed = {} if self.target_at is None else {"beta": float(target.beta)}
         return {
             "loss": float(loss),
-            **{name: f + offset for name, offset in free_energy_columns(self.target).items()},
+            **annealed,
+            **{name: f + offset for name, offset in free_energy_columns(target).items()},
             "stderr": float(fd.std() / math.sqrt(fd.numel())) / N if fd.numel() > 1 else float("nan"),
             "std": std,
             "ess": float(kish_ess(-fd)),

@@ -160,8 +160,19 @@ def config_from_args(args: argparse.Namespace, base: dict | IsingConfig | None =
 
 
 def summarize(log, target, window: int = 50) -> dict:
-    """F/N over the last ``window`` epochs in both normalisations, against the exact values."""
+    """F/N over the last ``window`` epochs in both normalisations, against the exact values.
+
+    An annealed run's log has a ``beta`` column: only its epochs at the target's β count (none, if the
+    run stopped during the anneal: then the F/N is NaN).
+    """
+    if "beta" in log:
+        log = log[log["beta"] == target.beta]
     last = log.iloc[-min(window, len(log)):]
+    if not len(last):
+        nan = float("nan")
+        return {"free_energy_hs": nan, "free_energy_ising": nan, "stderr": nan, "exact_hs": target.exact_free_energy(),
+                "exact_ising": target.to_ising_free_energy(target.exact_free_energy()), "error": nan, "ess": nan,
+                "window": {"epochs": [0, 0], "n": 0, "statistic": f"no epoch at β = {target.beta:g} yet (annealing)"}}
     col = "free_energy_hs" if "free_energy_hs" in last else "free_energy"
     f_hs = float(last[col].mean())
     exact_hs = target.exact_free_energy()

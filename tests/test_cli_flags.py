@@ -41,6 +41,7 @@ import latticeflow.train as lftrain
 import models.ising as mi
 import models.mnist as mm
 from analysis.report import ReportSettings
+from latticeflow.exact import CRITICAL_BETA
 from latticeflow.ising import ising
 from latticeflow.mixture import SymmetricMixture
 from latticeflow.potentials import ConvPotential, MLPPotential, QuadraticPotential, Symmetrized
@@ -214,6 +215,13 @@ ISING_CASES = table(
          lambda b: b.trainer.gradient_estimator, "path"),
     Case("--gradient-estimator", ("--gradient-estimator", "total"), {"gradient_estimator": "total"},
          lambda b: b.trainer.gradient_estimator, "total", control=("--gradient-estimator", "path")),
+    # β annealing: epoch 0 trains at 0.2, the last of the anneal (half of the 3 epochs: 1) at the target β
+    Case("--anneal-from", ("--anneal-from", "0.2"), {"anneal_from": 0.2, "anneal_epochs": 1},
+         lambda b: (b.trainer.target_at(0).beta, b.trainer.target_at(1) is b.target) if b.trainer.target_at else None,
+         (0.2, True)),
+    Case("--anneal-epochs", ("--anneal-epochs", "2"), {"anneal_epochs": 2},
+         lambda b: round(b.trainer.target_at(1).beta, 9), round(0.2 + 0.5 * (CRITICAL_BETA - 0.2), 9),
+         control=("--anneal-from", "0.2")),
     Case("--max-rollbacks", ("--max-rollbacks", "2"), {"max_rollbacks": 2}, lambda b: b.trainer.max_rollbacks, 2),
     Case("--seed", ("--seed", "3"), {"seed": 3},
          lambda b: (b.trainer.seed, b.trainer.generator.initial_seed()), (3, 3)),
@@ -528,7 +536,10 @@ BAD_VALUES = [
                                    ["--hidden", "0"], ["--conv-layers", "3"], ["--init-scale", "big"],
                                    ["--potential", "conv", "--kernel-size", "2"],  # after parsing: even kernel
                                    ["--potential", "mlp+cnn"], ["--device", "tpu"], ["--grad-clip", "often"],
-                                   ["--grad-clip", "0"], ["--gradient-estimator", "reinforce"])),
+                                   ["--grad-clip", "0"], ["--gradient-estimator", "reinforce"],
+                                   ["--anneal-from", "-0.1"], ["--anneal-epochs", "0", "--anneal-from", "0.2"],
+                                   ["--anneal-epochs", "5"],  # after parsing: no --anneal-from
+                                   ["--anneal-from", "0.2", "--anneal-epochs", "9", "--epochs", "9"])),  # no epoch at β
     *(("mnist", argv) for argv in (["--epochs", "0"], ["--batch", "0"], ["--threads", "0"], ["--max-minutes", "-1"],
                                    ["--resume", EMPTY], ["--n-train", "1"], ["--conv-layers", "3"], ["--layers", "3"],
                                    ["--init-scale", "-1"],
