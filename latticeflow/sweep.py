@@ -431,6 +431,11 @@ def sweep(config: IsingConfig | None, betas: str | Sequence[float | str] | None,
         if folder is None:
             raise ValueError("resume needs the sweep's folder (out)")
         manifest = read_manifest(folder)
+        if manifest.get("method") == "conditioned":  # one β-conditioned flow: its own resume
+            from .conditioned import conditioned_sweep
+
+            return conditioned_sweep(None, None, out=folder, resume=True, max_minutes=max_minutes, device=device,
+                                     progress=progress, verbose=verbose, plot=plot, checkpoint_every=checkpoint_every)
         grid = None if betas is None else parse_beta_grid(betas)
         _check_resume(manifest, config, grid, warm_epochs, samples, folder, step_check)
         config = IsingConfig.from_dict(manifest["config"])

@@ -33,7 +33,7 @@ if __package__ in (None, ""):  # run as a script (e.g. by torchrun): make the re
 
 from latticeflow import distributed as dist
 from latticeflow.build import make_trainer
-from latticeflow.cli import add_run_arguments, checkpoint_file, positive_int, run_cli
+from latticeflow.cli import add_run_arguments, checkpoint_file, nonnegative_int, positive_int, run_cli
 from latticeflow.config import ISING_DEFAULT, ISING_PAPER, IsingConfig, add_arguments, conflicts, given
 from latticeflow.runs import RunStart, provenance, write_json
 from latticeflow.sweep import MANIFEST, BetaGrid, beta_or_grid
@@ -58,6 +58,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="epochs of each β after the first, warm-started from the previous β [--epochs / 4]")
     s.add_argument("--samples", type=positive_int, default=None,
                    help="flow samples measured per β (free energies, U/N, C/N, ...) [4096]")
+    s.add_argument("--conditioned", type=nonnegative_int, default=None, metavar="DEGREE",
+                   help="instead of one flow per β: one flow conditioned on β over the grid's range (a Legendre "
+                        "series of this degree in β, each coefficient a potential of the configured family), "
+                        "trained for --epochs on every β at once, then measured at each β [off]")
     s.add_argument("--step-check", type=positive_int, default=None,
                    help="measure each β's free energies again with every RK4 step split in this many, "
                         "the check that they are converged in the step (1: none) [2]")
@@ -116,10 +120,26 @@ def run_sweep(args: argparse.Namespace) -> dict:
     device = dist.setup_run(args.device, args.threads, args.tf32, verbose=not args.quiet)
     if dist.world_size() > 1:
         raise ValueError("a β sweep runs in one process; start it without torchrun")
-    table = sweep(config, grid, out=out, warm_epochs=args.warm_epochs, samples=args.samples, step_check=args.step_check,
-                  max_minutes=args.max_minutes, resume=resume, force=args.force, device=device,
-                  progress=not args.quiet, verbose=True, plot=not args.no_plot,
-                  checkpoint_every=args.checkpoint_every, make_trainer=make_trainer)
+    conditioned = args.conditioned is not None or (resume and manifest.get("method") == "conditioned")
+    if conditioned:
+        from latticeflow.conditioned import conditioned_sweep
+
+        if args.warm_epochs is not None:
+            raise ValueError("--warm-epochs belongs to a warm-started sweep, not to --conditioned")
+        if resume and args.conditioned is not None and args.conditioned != manifest.get("degree"):
+            raise ValueError(f"--conditioned {args.conditioned} (sweep: {manifest.get('degree')}): a resumed sweep "
+                             f"keeps its configuration ({args.resume})")
+        table = conditioned_sweep(config, grid, degree=args.conditioned, out=out, samples=args.samples,
+                                  step_check=args.step_check, max_minutes=args.max_minutes, resume=resume,
+                                  force=args.force, device=device, progress=not args.quiet, verbose=True,
+                                  plot=not args.no_plot, checkpoint_every=args.checkpoint_every)
+    else:
+        if resume and args.conditioned is not None:
+            raise ValueError(f"--conditioned: {args.resume} holds a warm-started sweep")
+        table = sweep(config, grid, out=out, warm_epochs=args.warm_epochs, samples=args.samples,
+                      step_check=args.step_check, max_minutes=args.max_minutes, resume=resume, force=args.force,
+                      device=device, progress=not args.quiet, verbose=True, plot=not args.no_plot,
+                      checkpoint_every=args.checkpoint_every, make_trainer=make_trainer)
     if args.out is None and not resume:
         link_latest(out)
     reason = table.attrs["stop_reason"]
@@ -197,8 +217,9 @@ def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
     if isinstance(args.beta, BetaGrid) or (args.resume is not None and args.resume.name == MANIFEST):
         return run_sweep(args)
-    if args.warm_epochs is not None or args.samples is not None or args.step_check is not None:
-        raise ValueError("--warm-epochs, --samples and --step-check belong to a sweep: give --beta a grid "
+    if (args.warm_epochs is not None or args.samples is not None or args.step_check is not None
+            or args.conditioned is not None):
+        raise ValueError("--warm-epochs, --samples, --step-check and --conditioned belong to a sweep: give --beta a grid "
                          "(e.g. 0.3:0.6:8)")
     run = RunStart("ising", out=args.out, resume=args.resume, force=args.force, outputs=OUTPUTS)
     out = run.out

@@ -283,6 +283,21 @@ def test_ising_sweep_flags(tmp_path: Path) -> None:
         assert json.loads((tmp_path / out / "sweep.json").read_text())["step_check"] == refine
 
 
+@covers("ising", "--conditioned")
+def test_ising_conditioned_flag(tmp_path: Path) -> None:
+    # one flow conditioned on β over the grid (latticeflow.conditioned; more in tests/test_conditioned.py)
+    mi.main(ISING.argv(tmp_path / "c", "--epochs", "3", "--beta", "0.3,0.4", "--samples", "16", "--step-check", "1",
+                       "--conditioned", "2"))
+    manifest = json.loads((tmp_path / "c" / "sweep.json").read_text())
+    assert (manifest["method"], manifest["degree"]) == ("conditioned", 2)
+    ckpt = torch.load(tmp_path / "c" / "conditioned_flow" / "checkpoint.pt", weights_only=False)
+    assert ckpt["config"]["conditioned"] == {"low": 0.3, "high": 0.4, "degree": 2}
+    assert len(pd.read_csv(tmp_path / "c" / "conditioned_flow" / "log.csv")) == 3
+    assert set(pd.read_csv(tmp_path / "c" / "sweep.csv")["beta"]) == {0.3, 0.4}
+    assert exit_status(mi.cli, ISING.argv(tmp_path / "bad", "--beta", "0.3,0.4", "--conditioned", "-1")) == 2
+    assert not (tmp_path / "bad").exists()
+
+
 # =============================================================================================
 # 2. python -m models.mnist: config and data flags → config, data sets, model, trainer
 # =============================================================================================
