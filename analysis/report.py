@@ -199,6 +199,11 @@ def load_model(checkpoint: str | os.PathLike, L: int | None = None,
     if not isinstance(cfg, dict) or not {"L", "beta"} <= set(cfg):
         have = sorted(cfg) if isinstance(cfg, dict) else type(cfg).__name__
         raise CheckpointError(f"checkpoint {path} has no usable config (needs at least L and beta), got {have}")
+    if "conditioned" in cfg:
+        c = cfg["conditioned"]
+        raise CheckpointError(f"checkpoint {path} holds a β-conditioned flow (β in [{c.get('low')}, {c.get('high')}]): "
+                              "its sweep measures it at every β (python -m models.ising --resume SWEEP_FOLDER), or in "
+                              "Python latticeflow.conditioned.AtBeta(flow, beta) at one β")
     if L is not None and int(cfg["L"]) != int(L):
         raise ValueError(f"checkpoint {path} was trained for L={cfg['L']}, but L={L} was requested")
     with warnings.catch_warnings():  # the doubled bonds of the L=2 torus are intended

@@ -155,6 +155,11 @@ def test_conditioned_flag_budget_and_resume(tmp_path: Path) -> None:
     ckpt = torch.load(out / "conditioned_flow" / "checkpoint.pt", weights_only=False)
     assert sum(k.endswith("readout") for k in ckpt["model"]) == 2  # degree 1: two MLP parts
     assert json.loads((out / "sweep.json").read_text())["degree"] == 1
+    from analysis.report import load_model
+    from latticeflow.checkpoint import CheckpointError
+
+    with pytest.raises(CheckpointError, match="β-conditioned flow"):  # python -m analysis says what to do instead
+        load_model(out / "conditioned_flow" / "checkpoint.pt")
     with pytest.raises(ValueError, match="at least two distinct"):
         conditioned_sweep(IsingConfig(L=3), (0.4,), degree=1, out=tmp_path / "one")
     assert not (tmp_path / "one").exists()
