@@ -27,12 +27,11 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from ._checks import check_batch, check_beta, check_size
 from .build import as_config, build_potential, parameter_groups
 from .config import IsingConfig
-from .exact import kaufman_log_z
 from .flow import MongeAmpereFlow, WrappedFlow
 from .ising import MIN_EIGENVALUE, ising
 from .lattice import SquareLattice
@@ -313,10 +312,9 @@ def conditioned_sweep(config: IsingConfig | None, betas: Any, *, degree: int | N
 
     import pandas as pd
 
-    from .exact import CRITICAL_BETA
     from .runs import RunFolder, RunFolderError, write_json
-    from .sweep import (DEFAULT_SAMPLES, DEFAULT_STEP_CHECK, ESTIMATES, MANIFEST, SWEEP_FILES, _collect,
-                        _default_measure, _manifest, _say, parse_beta_grid, read_manifest)
+    from .sweep import (DEFAULT_SAMPLES, DEFAULT_STEP_CHECK, ESTIMATES, MANIFEST, SWEEP_FILES, _manifest, _say,
+                        collect_and_plot, measure_beta, parse_beta_grid, read_manifest)
 
     t0 = time.perf_counter()
     folder = Path(out) if out is not None else None
@@ -383,31 +381,13 @@ def conditioned_sweep(config: IsingConfig | None, betas: Any, *, degree: int | N
                 if run is not None and (run / ESTIMATES).is_file():
                     done[k] = pd.read_csv(run / ESTIMATES)
                     continue
-                gen = torch.Generator(device=next(trainer.flow.parameters()).device).manual_seed(
-                    1_000_003 * (config.seed + 1) + k)
-                target = family.at(beta)
-                rows = _default_measure(AtBeta(trainer.flow, beta), target, samples, gen, step_check)
-                table = pd.DataFrame(rows)
-                table.insert(0, "beta", beta)
-                table.insert(1, "beta_name", "critical" if beta == CRITICAL_BETA else "")
-                table.insert(2, "L", config.L)
-                table["epochs"] = trainer.epoch
-                table["warm_start_from"] = f"conditioned (degree {degree})"
-                table["train_s"] = train_s
-                if run is not None:
-                    run.mkdir(parents=True, exist_ok=True)
-                    tmp = run / f"{ESTIMATES}.tmp"
-                    table.to_csv(tmp, index=False)
-                    tmp.replace(run / ESTIMATES)
+                table = measure_beta(AtBeta(trainer.flow, beta), family.at(beta), k, config, samples, step_check,
+                                     run, epochs=trainer.epoch, warm_start_from=f"conditioned (degree {degree})",
+                                     train_s=train_s)
                 done[k] = table
                 if verbose:
                     _say(table, beta)
-        table = _collect(folder, done)
-        if folder is not None and plot and len(table):
-            from analysis.thermo import plot_sweep
-
-            plot_sweep(table, folder / "sweep.png", L=config.L, J=config.J,
-                       title=f"Ising L={config.L}: one β-conditioned flow against Kaufman")
+        table = collect_and_plot(folder, done, config, plot, "one β-conditioned flow")
     finally:
         if root is not None:
             root.release()

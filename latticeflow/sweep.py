@@ -362,6 +362,38 @@ def _default_measure(flow: torch.nn.Module, target: Any, n_samples: int, generat
     return rows
 
 
+def measure_beta(flow: torch.nn.Module, target: Any, k: int, config: IsingConfig, samples: int, step_check: int,
+                 run: Path | None, **columns: Any) -> pd.DataFrame:
+    """Measure the ``k``-th β of a sweep (fresh samples from a seed of its own) into its tidy table, with
+    ``columns`` added; written atomically to ``run/estimates.csv`` (a β is finished exactly when it exists)."""
+    beta = float(target.beta)
+    where = next(flow.parameters()).device
+    gen = torch.Generator(device=where).manual_seed(1_000_003 * (config.seed + 1) + k)
+    table = pd.DataFrame(_default_measure(flow, target, samples, gen, step_check))
+    table.insert(0, "beta", beta)
+    table.insert(1, "beta_name", "critical" if beta == CRITICAL_BETA else "")
+    table.insert(2, "L", config.L)
+    for name, value in columns.items():
+        table[name] = value
+    if run is not None:
+        run.mkdir(parents=True, exist_ok=True)
+        tmp = run / f"{ESTIMATES}.tmp"
+        table.to_csv(tmp, index=False)
+        tmp.replace(run / ESTIMATES)
+    return table
+
+
+def collect_and_plot(folder: Path | None, done: dict[int, pd.DataFrame], config: IsingConfig, plot: bool,
+                     what: str) -> pd.DataFrame:
+    """The sweep's table of the measured β (written to ``sweep.csv``), and its figure when ``plot``."""
+    table = _collect(folder, done)
+    if folder is not None and plot and len(table):
+        from analysis.thermo import plot_sweep
+
+        plot_sweep(table, folder / "sweep.png", L=config.L, J=config.J, title=f"Ising L={config.L}: {what} against Kaufman")
+    return table
+
+
 def _saved_lr_scale(run: Path, default: float) -> float:
     """The learning-rate scale a β folder's ``config.json`` records (``default`` if none)."""
     try:
@@ -587,23 +619,11 @@ def sweep(config: IsingConfig | None, betas: str | Sequence[float | str] | None,
                                 for n in ("checkpoint.pt", "log.csv"):
                                     (run / n).unlink(missing_ok=True)
                             continue
-                        where = next(trainer.flow.parameters()).device
-                        gen = torch.Generator(device=where).manual_seed(1_000_003 * (config.seed + 1) + k)
-                        rows = _default_measure(trainer.flow, target, samples, gen, step_check)
-                        table = pd.DataFrame(rows)
-                        table.insert(0, "beta", beta)
-                        table.insert(1, "beta_name", "critical" if beta == CRITICAL_BETA else "")
-                        table.insert(2, "L", config.L)
-                        table["epochs"] = trainer.epoch
-                        table["warm_start_from"] = prev_name if warm else ""
-                        table["train_s"] = train_s + sum(r["train_s"] for r in retries)
-                        table["lr_scale"] = lr_scale if warm else 1.0
-                        table["warm_retries"] = len(retries)
-                        table["warm_rise_sigma"] = rise_sigma
-                        if run is not None:
-                            tmp = run / f"{ESTIMATES}.tmp"
-                            table.to_csv(tmp, index=False)
-                            tmp.replace(run / ESTIMATES)  # atomic: a β is finished exactly when this exists
+                        table = measure_beta(trainer.flow, target, k, config, samples, step_check, run,
+                                             epochs=trainer.epoch, warm_start_from=prev_name if warm else "",
+                                             train_s=train_s + sum(r["train_s"] for r in retries),
+                                             lr_scale=lr_scale if warm else 1.0, warm_retries=len(retries),
+                                             warm_rise_sigma=rise_sigma)
                         done[k] = table
                         prev_state = {n: v.detach().clone() for n, v in trainer.flow.state_dict().items()}
                         prev_name = name
@@ -616,12 +636,7 @@ def sweep(config: IsingConfig | None, betas: str | Sequence[float | str] | None,
                             sub.release()
                 if stop_reason != "finished":
                     break
-        table = _collect(folder, done)
-        if folder is not None and plot and len(table):
-            from analysis.thermo import plot_sweep
-
-            plot_sweep(table, folder / "sweep.png", L=config.L, J=config.J,
-                       title=f"Ising L={config.L}: flow (warm-started sweep) against Kaufman")
+        table = collect_and_plot(folder, done, config, plot, "flow (warm-started sweep)")
     finally:
         if root is not None:
             root.release()

@@ -28,7 +28,6 @@ Symbols: B batch, N = dim sites, K units per site, t time.
 
 from __future__ import annotations
 
-from typing import Any
 
 import torch
 from torch import Tensor, nn
