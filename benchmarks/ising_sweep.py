@@ -15,6 +15,7 @@ units of its standard error, and the ESS. Extra flags go to the driver.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -93,6 +94,9 @@ def step_check(folder: str, from_beta: float, refine: int = 2, samples: int = 40
     from analysis.thermo import step_check_rows
 
     root = Path(folder)
+    if json.loads((root / "sweep.json").read_text()).get("method") == "conditioned":
+        raise SystemExit(f"{root} is a β-conditioned sweep: it has one flow, not a checkpoint per β; it measures the "
+                         "step check itself (--step-check N when it runs)")
     measured = pd.read_csv(root / "sweep.csv")
     rows = []
     for run in sorted(p for p in root.glob("b[0-9]*_*") if (p / "estimates.csv").is_file()):

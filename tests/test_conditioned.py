@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import models.ising as mi
+from conftest import benchmark_module
 from latticeflow import IsingConfig, enumerate_ising, ising
 from latticeflow.conditioned import (AtBeta, IsingFamily, build_conditioned_flow, conditioned_sweep,
                                      start_at_best_gaussians)
@@ -161,6 +162,9 @@ def test_conditioned_flag_budget_and_resume(tmp_path: Path) -> None:
 
     with pytest.raises(CheckpointError, match="β-conditioned flow"):  # python -m analysis says what to do instead
         load_model(out / "conditioned_flow" / "checkpoint.pt")
+    bench = next(benchmark_module("ising_sweep.py", "ising_sweep_bench_conditioned"))
+    with pytest.raises(SystemExit, match="β-conditioned sweep"):  # its step check ran with it
+        bench.step_check(str(out), 0.0)
     with pytest.raises(ValueError, match="at least two distinct"):
         conditioned_sweep(IsingConfig(L=3), (0.4,), degree=1, out=tmp_path / "one")
     assert not (tmp_path / "one").exists()
