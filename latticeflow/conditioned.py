@@ -32,7 +32,7 @@ from torch import Tensor
 from ._checks import check_batch, check_beta, check_size
 from .build import as_config, build_potential, parameter_groups
 from .config import IsingConfig
-from .flow import MongeAmpereFlow, WrappedFlow
+from .flow import MongeAmpereFlow, WrappedFlow, derived_generator
 from .ising import MIN_EIGENVALUE, ising
 from .lattice import SquareLattice
 from .potentials.activations import log_cosh
@@ -226,7 +226,7 @@ class ConditionedTrainer(VariationalTrainer):
 
     def run_epoch(self, epoch: int) -> dict[str, float]:
         self.model.train()
-        beta = self.family.draw(self.local_batch, generator=self.generator)
+        beta = self.family.draw(self.local_batch, generator=derived_generator(self.generator))  # apart from z
         with self._conditioned.condition(beta):
             x, logp = self.flow.sample(self.local_batch, generator=self.generator)
         f = logp + self.family.energy(x, beta)
