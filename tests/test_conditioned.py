@@ -165,6 +165,10 @@ def test_conditioned_flag_budget_and_resume(tmp_path: Path) -> None:
     bench = next(benchmark_module("ising_sweep.py", "ising_sweep_bench_conditioned"))
     with pytest.raises(SystemExit, match="β-conditioned sweep"):  # its step check ran with it
         bench.step_check(str(out), 0.0)
+    for bad in ({"mixture": "z2"}, {"gradient_estimator": "path"}, {"anneal_from": 0.2}):
+        with pytest.raises(ValueError, match="β-conditioned sweep"):
+            conditioned_sweep(IsingConfig(L=3, **bad), (0.3, 0.4), out=tmp_path / "refused")
+    assert not (tmp_path / "refused").exists()
     with pytest.raises(ValueError, match="at least two distinct"):
         conditioned_sweep(IsingConfig(L=3), (0.4,), degree=1, out=tmp_path / "one")
     assert not (tmp_path / "one").exists()
