@@ -30,6 +30,7 @@ Symbols: B batch, N dimension, ε step size, T total time.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import math
 import numbers
 from typing import Any, Callable, Protocol, Sequence, runtime_checkable
@@ -52,13 +53,16 @@ def standard_normal_log_prob(z: Tensor) -> Tensor:
 
 
 def derived_generator(generator: torch.Generator | None) -> torch.Generator | None:
-    """A fresh generator seeded by one 62-bit draw of ``generator`` (None stays None: the global RNG).
+    """A fresh generator seeded by a hash of one 62-bit draw of ``generator`` (None stays None: the global RNG).
 
     For a second kind of random draw (noise tokens, per-sample couplings) next to the latent z: reproducible
     from ``generator``'s state, without sharing its stream (README, "A biased sample stream")."""
     if generator is None:
         return None
-    seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device))
+    raw = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device))
+    # hashed: a Mersenne Twister seeded with the raw next output of the stream that drew z produced
+    # tokens as correlated with z as drawing them from that stream directly (seed 0; README)
+    seed = int.from_bytes(hashlib.blake2b(raw.to_bytes(8, "little"), digest_size=8).digest(), "little") >> 2
     return torch.Generator(device=generator.device).manual_seed(seed)
 
 
