@@ -725,8 +725,8 @@ def integration_error(flow: Flow, n: int, generator: torch.Generator | None = No
     from latticeflow.flow import standard_normal_log_prob
 
     n = check_size("n", n, 1)
+    noise = flow.draw_noise(n, generator)  # before z, as MongeAmpereFlow.sample draws them
     z = torch.randn(n, flow.dim, generator=generator, dtype=flow.dtype, device=flow.device)
-    noise = flow.draw_noise(n, generator)
     with torch.no_grad(), _parameters_frozen(flow):
         x, dlogp = flow.forward_map(z, noise=noise)
     logq_int = standard_normal_log_prob(z) + dlogp  # delta_logp = ln q(x) − ln N(z)

@@ -376,8 +376,10 @@ class MongeAmpereFlow(nn.Module):
             x: samples, shape (n, N); logp: ln p(x, T), shape (n,).
         """
         n = check_size("n", n)
-        z = torch.randn(n, self.dim, generator=generator, dtype=self.dtype, device=self.device)
+        # the tokens first, then z: drawn after z (directly, or from a generator seeded by the next
+        # draw, hashed or not) seed 0's tokens were coupled to z row by row (README, "A biased sample stream")
         noise = self.draw_noise(n, generator, noise)
+        z = torch.randn(n, self.dim, generator=generator, dtype=self.dtype, device=self.device)
         self.sample_noise = noise
         return self._integrate(z, standard_normal_log_prob(z), True, noise, None)
 
@@ -443,8 +445,8 @@ class MongeAmpereFlow(nn.Module):
             (max latent error, max log-density error) as floats.
         """
         n = check_size("n", n)
+        noise = self.draw_noise(n, generator)  # before z, as in sample
         z = torch.randn(n, self.dim, generator=generator, dtype=self.dtype, device=self.device)
-        noise = self.draw_noise(n, generator)
         logp0 = standard_normal_log_prob(z)
         x, d_fwd = self._integrate(z, z.new_zeros(n), True, noise, None)
         z2, d_bwd = self._integrate(x, x.new_zeros(n), False, noise, None)
