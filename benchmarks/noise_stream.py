@@ -4,7 +4,8 @@ Until 2026-11-30 ``MongeAmpereFlow.sample`` drew z ~ N(0, I) and then every step
 (the random symmetry elements) from the caller's one generator. With torch 2.13's CPU generator
 seeded 0 and the training shapes (B=256, L=8 or 16) the tokens of a row came out correlated with
 its z, and the variational F/N estimated from those samples was biased low. Now the tokens come
-from a generator of their own, seeded by one draw of the caller's (``MongeAmpereFlow.draw_noise``).
+first, from a generator of their own seeded by a hash of one draw of the caller's
+(``MongeAmpereFlow.draw_noise``), and z after them.
 
 For each checkpoint and seed this prints F/N − exact (HS) estimated from ``--epochs`` batches of
 ``--batch`` samples drawn the old way ("shared": tokens straight after z from the same generator)
@@ -36,9 +37,12 @@ def free_energy_gap(flow, target, seed: int, shared: bool, epochs: int = 20, bat
     fs = []
     with torch.no_grad():
         for _ in range(epochs):
-            z = torch.randn(batch, flow.dim, generator=g, dtype=flow.dtype)
-            noise = ([flow.potential.resample(batch, g) for _ in range(flow.n_steps)] if shared
-                     else flow.draw_noise(batch, g))
+            if shared:  # the old way: z, then the tokens from the same stream
+                z = torch.randn(batch, flow.dim, generator=g, dtype=flow.dtype)
+                noise = [flow.potential.resample(batch, g) for _ in range(flow.n_steps)]
+            else:  # as MongeAmpereFlow.sample now draws them: the tokens (own generator) first, then z
+                noise = flow.draw_noise(batch, g)
+                z = torch.randn(batch, flow.dim, generator=g, dtype=flow.dtype)
             x, dlogp = flow.forward_map(z, noise=noise)
             fs.append(float((standard_normal_log_prob(z) + dlogp + target.energy(x)).mean()) / flow.dim - exact)
     return float(np.mean(fs)), float(np.std(fs, ddof=1) / np.sqrt(len(fs)))
