@@ -219,7 +219,7 @@ def make_trainer(config: IsingConfig | dict[str, Any], device: torch.device | st
     model = dist.wrap_sampler(flow, device)  # DDP(SampleModule(flow)) under torchrun: DDP averages the draws' gradients
     opt = torch.optim.Adam(parameter_groups(flow, config, target.N), lr=config.lr, weight_decay=config.weight_decay)
     sched = cosine_schedule(opt, config.epochs, warmup=config.warmup) if config.schedule == "cosine" else None
-    gen = dist.rank_generator(config.seed, device)  # rank 0: the seed itself; rank r: from (seed, r)
+    gen = dist.rank_generator(config.seed, device)  # rank 0: from (seed,); rank r: from (seed, r)
     trainer = VariationalTrainer(model, target, opt, batch_size=config.batch_size, scheduler=sched,
                                  config=saved_config if saved_config is not None else config.to_dict(),
                                  grad_clip=config.grad_clip, gradient_estimator=config.gradient_estimator,

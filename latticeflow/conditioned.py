@@ -32,6 +32,7 @@ from torch import Tensor
 from ._checks import check_batch, check_beta, check_size
 from .build import as_config, build_potential, parameter_groups
 from .config import IsingConfig
+from .distributed import rank_generator
 from .flow import MongeAmpereFlow, WrappedFlow, derived_generator
 from .ising import MIN_EIGENVALUE, ising
 from .lattice import SquareLattice
@@ -267,7 +268,7 @@ def make_conditioned_trainer(config: IsingConfig, low: float, high: float, degre
     flow = flow.to(device)
     opt = torch.optim.Adam(parameter_groups(flow, config, family.N), lr=config.lr, weight_decay=config.weight_decay)
     sched = cosine_schedule(opt, config.epochs, warmup=config.warmup) if config.schedule == "cosine" else None
-    gen = torch.Generator(device=torch.device(device)).manual_seed(config.seed)
+    gen = rank_generator(config.seed, device)  # mixed by SeedSequence, never the raw small seed
     trainer = ConditionedTrainer(flow, family, opt, batch_size=config.batch_size, scheduler=sched,
                                  config={**config.to_dict(), "conditioned": {"low": low, "high": high,
                                                                              "degree": degree}},

@@ -118,7 +118,7 @@ class Trainer:
         self.config = dict(config or {})
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.checkpoint_every = max(1, int(checkpoint_every))
-        self.generator = generator if generator is not None else torch.Generator().manual_seed(0)
+        self.generator = generator if generator is not None else dist.rank_generator(0, rank_=0)
         self.progress = progress
         self.rank_streams = bool(rank_streams)
         self.seed = int(seed if seed is not None else self.config.get("seed", 0))

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import pandas as pd
+import numpy as np
 import pytest
 import torch
 
@@ -84,13 +85,16 @@ def _assert_same_params(state: dict[str, torch.Tensor], ref: dict[str, torch.Ten
 
 
 def test_rank_seeds():
-    assert dist.rank_seed(7, 0) == 7  # rank 0 is the single-process stream
+    # rank 0 is the single-process stream, mixed: never the raw small seed (README, "A biased sample stream")
+    assert dist.rank_seed(7, 0) == int(np.random.SeedSequence([7]).generate_state(1, np.uint64)[0]) != 7
+    assert dist.rank_seed(0, 0) not in (0, dist.rank_seed(0, 1))
     seeds = {dist.rank_seed(7, r) for r in range(4)} | {dist.rank_seed(7, r, 10) for r in range(4)}
     assert len(seeds) == 8  # all streams distinct, also from those started at a resume
     assert dist.rank_seed(7, 3) == dist.rank_seed(7, 3) != dist.rank_seed(8, 3)
     assert dist.rank_seed(-1, 1) == dist.rank_seed(2**64 - 1, 1)
     g = dist.rank_generator(7, "cpu", rank_=0)
-    assert torch.equal(torch.randn(3, generator=g), torch.randn(3, generator=torch.Generator().manual_seed(7)))
+    assert torch.equal(torch.randn(3, generator=g),
+                       torch.randn(3, generator=torch.Generator().manual_seed(dist.rank_seed(7, 0))))
 
 
 def test_sample_module_and_unwrap():
