@@ -315,14 +315,12 @@ def conditioned_sweep(config: IsingConfig | None, betas: Any, *, degree: int | N
 
     from .runs import RunFolder, RunFolderError, write_json
     from .sweep import (DEFAULT_SAMPLES, DEFAULT_STEP_CHECK, ESTIMATES, MANIFEST, SWEEP_FILES, _manifest, _say,
-                        collect_and_plot, measure_beta, parse_beta_grid, read_manifest)
+                        collect_and_plot, measure_beta, parse_beta_grid, resumed_manifest)
 
     t0 = time.perf_counter()
     folder = Path(out) if out is not None else None
     if resume:
-        if folder is None:
-            raise ValueError("resume needs the sweep's folder (out)")
-        manifest = read_manifest(folder)
+        manifest = resumed_manifest(folder)
         if manifest.get("method") != "conditioned":
             raise ValueError(f"{folder} holds a warm-started sweep, not a β-conditioned one")
         config = IsingConfig.from_dict(manifest["config"])

@@ -332,6 +332,13 @@ def read_manifest(folder: str | Path) -> dict[str, Any]:
     return m
 
 
+def resumed_manifest(folder: Path | None) -> dict[str, Any]:
+    """The manifest of the sweep to resume in ``folder`` (ValueError without a folder or a sweep there)."""
+    if folder is None:
+        raise ValueError("resume needs the sweep's folder (out)")
+    return read_manifest(folder)
+
+
 def _check_resume(manifest: dict[str, Any], config: IsingConfig | None, betas: Sequence[float] | None,
                   warm_epochs: int | None, samples: int | None, path: Path, step_check: int | None = None) -> None:
     """Refuse a resume whose settings differ from the manifest's (naming each)."""
@@ -460,9 +467,7 @@ def sweep(config: IsingConfig | None, betas: str | Sequence[float | str] | None,
     t0 = time.perf_counter()
     folder = Path(out) if out is not None else None
     if resume:
-        if folder is None:
-            raise ValueError("resume needs the sweep's folder (out)")
-        manifest = read_manifest(folder)
+        manifest = resumed_manifest(folder)
         if manifest.get("method") == "conditioned":  # one β-conditioned flow: its own resume
             from .conditioned import conditioned_sweep
 
