@@ -213,13 +213,20 @@ def _make_trainer(config: IsingConfig, device: torch.device, out_dir: str | None
 
 
 def _beta_config(config: IsingConfig, beta: float, warm: bool, warm_epochs: int, lr_scale: float = 1.0,
-                 from_beta: float | None = None) -> IsingConfig:
+                 from_beta: float | None = None, index: int = 0) -> IsingConfig:
     """The config of one β: β by name when critical; warm starts train ``warm_epochs`` with a short
-    warm-up, at the learning rates times ``lr_scale`` (halved by each regressed warm start). With
-    ``anneal_from`` set, the first β anneals from it as a single run would, and a warm start from
-    its neighbour's β ``from_beta`` over half its epochs."""
+    warm-up, at the learning rates times ``lr_scale`` (halved by each regressed warm start), and with
+    the seed ``config.seed + index`` (the β's place in the grid). With ``anneal_from`` set, the first
+    β anneals from it as a single run would, and a warm start from its neighbour's β ``from_beta``
+    over half its epochs.
+
+    The seed matters: a warm start with its neighbour's seed replays the neighbour's training
+    samples, on which the neighbour's flow was fitted, so its first epochs' F/N came out low by up to
+    7e-3 per site at L=8 (in-sample) and the warm-start guard read the fading of that bias as a rise
+    (README, "In-sample samples")."""
     cfg = config.replace(beta="critical" if beta == CRITICAL_BETA else beta, beta_name=None)
     if warm:
+        cfg = cfg.replace(seed=config.seed + index)
         anneal: dict[str, Any] = {}
         if cfg.anneal_from is not None:  # from the neighbour's β, not the first β's start
             ok = from_beta is not None and warm_epochs >= 2
@@ -553,7 +560,7 @@ def sweep(config: IsingConfig | None, betas: str | Sequence[float | str] | None,
                             break
                         remaining = 1e-9  # like a single run, a sweep trains at least one epoch per invocation
                     cfg = _beta_config(config, beta, warm, warm_epochs, lr_scale if warm else 1.0,
-                                       from_beta=grid[k - 1] if warm else None)
+                                       from_beta=grid[k - 1] if warm else None, index=k)
                     sub: RunFolder | None = None
                     if run is not None:
                         # a β folder without a checkpoint holds nothing worth keeping (killed before its first one)

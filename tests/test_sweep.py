@@ -198,15 +198,17 @@ def test_regressed_warm_start_is_retried_at_half_the_learning_rate(tmp_path: Pat
     def make(config: IsingConfig, *a: object, **kw: object) -> tuple:
         trainer, target = _make_trainer(config, *a, **kw)
         seen.append((config.beta, config.lr))
-        if config.beta == 0.5 and config.lr == 1e-2:  # the first attempt at β = 0.5 "regresses"
-            fit = trainer.fit
+        # the first attempt at β = 0.5 "regresses", every other warm start is flat (the guard's verdict is
+        # then the test's, not the noise of a 10-epoch run of a 4-unit flow)
+        rise = 1.0 if (config.beta == 0.5 and config.lr == 1e-2) else 0.0
+        fit = trainer.fit
 
-            def rising_fit(epochs: int, max_minutes: float | None = None) -> pd.DataFrame:
-                log = fit(epochs, max_minutes).copy()
-                log["free_energy_hs"] = np.linspace(0.0, 1.0, len(log))
-                return log
+        def scripted_fit(epochs: int, max_minutes: float | None = None) -> pd.DataFrame:
+            log = fit(epochs, max_minutes).copy()
+            log["free_energy_hs"] = np.linspace(0.0, rise, len(log)) + 1e-3 * np.sin(np.arange(len(log)))
+            return log
 
-            trainer.fit = rising_fit
+        trainer.fit = scripted_fit
         return trainer, target
 
     table = sweep(cfg, (0.3, 0.5, 0.6), out=tmp_path, warm_epochs=10, samples=16, plot=False, make_trainer=make)
@@ -398,3 +400,16 @@ def test_finite_size_figure_from_two_sweeps(tmp_path: Path) -> None:
     assert len(pd.read_csv(tmp_path / "s4" / "step_check.csv")) == 4
     with pytest.raises(ValueError, match="at least one"):
         plot_finite_size({3: pd.DataFrame()}, tmp_path / "e.png")
+
+
+def test_each_warm_start_draws_samples_of_its_own(tmp_path: Path) -> None:
+    """A warm start replaying its neighbour's training samples (the same seed) evaluates the neighbour's
+    flow in-sample; each β's run gets the seed ``seed + k`` (k its place in the grid)."""
+    from latticeflow.sweep import _beta_config
+
+    cfg = TINY.replace(seed=5)
+    assert [_beta_config(cfg, b, k > 0, 2, index=k).seed for k, b in enumerate((0.3, 0.4, 0.5))] == [5, 6, 7]
+    sweep(cfg, (0.3, 0.5), out=tmp_path, warm_epochs=1, samples=16, plot=False, step_check=1)
+    seeds = [json.loads((tmp_path / beta_folder(k, b) / "config.json").read_text())["seed"]
+             for k, b in enumerate((0.3, 0.5))]
+    assert seeds == [5, 6]
