@@ -1,15 +1,15 @@
-"""The variational F/N of trained flows with the per-step noise drawn two ways: the old shared stream and today's.
+"""In-sample bias of a trained flow: its F/N on the sample stream it was trained with against a fresh stream.
 
-Until 2026-11-30 ``MongeAmpereFlow.sample`` drew z ~ N(0, I) and then every step's noise token
-(the random symmetry elements) from the caller's one generator. With torch 2.13's CPU generator
-seeded 0 and the training shapes (B=256, L=8 or 16) the tokens of a row came out correlated with
-its z, and the variational F/N estimated from those samples was biased low. Now the tokens come
-first, from a generator of their own seeded by a hash of one draw of the caller's
-(``MongeAmpereFlow.draw_noise``), and z after them.
+A flow is fitted to the batches it trained on; evaluated on those very samples its variational F/N
+comes out low. A warm-started β of a sweep used to replay its neighbour's training batches (the same
+seed), and its first epochs' F/N were in-sample (README, "In-sample samples"). Flows trained before
+2026-11-30 drew z and then the per-step tokens from one generator seeded with the raw ``--seed``:
+"training stream" redraws exactly that (the epochs of a run's start), "fresh" draws as
+``MongeAmpereFlow.sample`` does now (tokens first from their own generator, then z) — a stream such a
+flow never saw.
 
-For each checkpoint and seed this prints F/N − exact (HS) estimated from ``--epochs`` batches of
-``--batch`` samples drawn the old way ("shared": tokens straight after z from the same generator)
-and today's way, with standard errors; a difference of many standard errors is the bias.
+For each checkpoint and seed this prints F/N − exact (HS) over ``--epochs`` batches of ``--batch``
+samples both ways, with standard errors; a difference of many standard errors is the in-sample bias.
 
     python benchmarks/noise_stream.py runs/sweeps/l8_16/b07_0.440687/checkpoint.pt --seeds 0 1
 """
@@ -31,7 +31,7 @@ from latticeflow.flow import standard_normal_log_prob  # noqa: E402
 
 def free_energy_gap(flow, target, seed: int, shared: bool, epochs: int = 20, batch: int = 256) -> tuple[float, float]:
     """(mean F/N − exact, its standard error) over ``epochs`` batches drawn from one generator seeded ``seed``;
-    ``shared``: the tokens drawn from that generator right after z (the old way)."""
+    ``shared``: z and then the tokens from that generator (how flows trained before 2026-11-30 drew them)."""
     g = torch.Generator().manual_seed(seed)
     exact = target.exact_free_energy()
     fs = []
@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     rows = []
-    print(f"{'checkpoint':55s} seed  shared stream: F/N − exact     own stream: F/N − exact     difference")
+    print(f"{'checkpoint':55s} seed  training stream: F/N − exact   fresh stream: F/N − exact   difference")
     for ck in args.checkpoints:
         flow, target, _ = load_model(ck, dtype=torch.float32)
         if not flow.stochastic:

@@ -14,9 +14,8 @@ single-process run).
 
 Random streams per rank. Every rank draws its own share of the global batch with its own
 ``torch.Generator``: rank 0 (and a single-process run, the same stream) is seeded with
-``SeedSequence([seed])`` and rank r > 0 with ``SeedSequence([seed, r])`` (:func:`rank_seed`): never
-with the small integer itself, since torch's generator seeded with 0 gave sample streams whose F/N
-drifted by several 1e-3 at fixed weights (README, "A biased sample stream"). A stream
+``SeedSequence([seed])`` and rank r > 0 with ``SeedSequence([seed, r])`` (:func:`rank_seed`), all
+mixed the same way. A stream
 started afresh on resume (a rank the checkpoint has no state for) is seeded with
 ``SeedSequence([seed, r, epoch])``.
 """

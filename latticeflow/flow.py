@@ -55,13 +55,12 @@ def standard_normal_log_prob(z: Tensor) -> Tensor:
 def derived_generator(generator: torch.Generator | None) -> torch.Generator | None:
     """A fresh generator seeded by a hash of one 62-bit draw of ``generator`` (None stays None: the global RNG).
 
-    For a second kind of random draw (noise tokens, per-sample couplings) next to the latent z: reproducible
-    from ``generator``'s state, without sharing its stream (README, "A biased sample stream")."""
+    For a second kind of random draw (noise tokens, per-sample couplings) next to the latent z:
+    reproducible from ``generator``'s state, without sharing its stream."""
     if generator is None:
         return None
     raw = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device))
-    # hashed: a Mersenne Twister seeded with the raw next output of the stream that drew z produced
-    # tokens as correlated with z as drawing them from that stream directly (seed 0; README)
+    # hashed, so that the child's seed is not a plain output of the parent's stream
     seed = int.from_bytes(hashlib.blake2b(raw.to_bytes(8, "little"), digest_size=8).digest(), "little") >> 2
     return torch.Generator(device=generator.device).manual_seed(seed)
 
@@ -289,9 +288,7 @@ class MongeAmpereFlow(nn.Module):
             return noise
         if not self.potential.stochastic:
             return None
-        # the tokens come from a generator of their own, seeded from ``generator``: drawn from the
-        # same Mersenne-Twister stream right after the latent z, the symmetry elements of a row
-        # were measurably correlated with its z (torch 2.13, seed 0, B=256, N=64: F/N 4e-3 low)
+        # the tokens come from a generator of their own, seeded from ``generator``
         generator = derived_generator(generator)
         return [self.potential.resample(batch, generator) for _ in range(self.n_steps)]
 
@@ -376,8 +373,7 @@ class MongeAmpereFlow(nn.Module):
             x: samples, shape (n, N); logp: ln p(x, T), shape (n,).
         """
         n = check_size("n", n)
-        # the tokens first, then z: drawn after z (directly, or from a generator seeded by the next
-        # draw, hashed or not) seed 0's tokens were coupled to z row by row (README, "A biased sample stream")
+        # the tokens first (from a generator of their own), then z
         noise = self.draw_noise(n, generator, noise)
         z = torch.randn(n, self.dim, generator=generator, dtype=self.dtype, device=self.device)
         self.sample_noise = noise

@@ -85,7 +85,7 @@ def _assert_same_params(state: dict[str, torch.Tensor], ref: dict[str, torch.Ten
 
 
 def test_rank_seeds():
-    # rank 0 is the single-process stream, mixed: never the raw small seed (README, "A biased sample stream")
+    # rank 0 is the single-process stream, mixed by SeedSequence like every other rank
     assert dist.rank_seed(7, 0) == int(np.random.SeedSequence([7]).generate_state(1, np.uint64)[0]) != 7
     assert dist.rank_seed(0, 0) not in (0, dist.rank_seed(0, 1))
     seeds = {dist.rank_seed(7, r) for r in range(4)} | {dist.rank_seed(7, r, 10) for r in range(4)}

@@ -342,10 +342,8 @@ def test_finer_steps_refines_every_flow_inside_and_restores_them() -> None:
 
 
 def test_noise_tokens_come_from_a_generator_of_their_own() -> None:
-    """The per-step tokens are drawn from a generator seeded by a hash of one 62-bit draw of the caller's,
-    not from the caller's stream right after z: drawn that way (torch 2.13, seed 0, B=256, N=64) the
-    symmetry elements of a row were correlated with its z, and a trained L=8 flow's F/N came out 4e-3
-    low; seeding with the raw draw, unhashed, coupled them as much (README, "A biased sample stream")."""
+    """The per-step tokens are drawn first, from a generator seeded by a hash of one 62-bit draw of the
+    caller's, and z after them; sampling stays reproducible from the caller's seed."""
     import hashlib
 
     g = torch.Generator().manual_seed(0)

@@ -1,4 +1,4 @@
-"""benchmarks/noise_stream.py on a tiny trained run: both ways of drawing the tokens, finite and paired."""
+"""benchmarks/noise_stream.py on a tiny trained run: the training stream and a fresh one, finite and paired."""
 
 from __future__ import annotations
 
@@ -24,4 +24,4 @@ def test_both_streams_on_a_tiny_run(bench, tmp_path: Path, capsys) -> None:
     for r in rows:
         assert all(math.isfinite(v) for v in (*r["shared"], *r["own"], r["sigma"]))
         assert r["shared"][0] > -0.05 and r["own"][0] > -0.05  # an upper bound, within noise
-    assert "shared stream" in capsys.readouterr().out
+    assert "training stream" in capsys.readouterr().out
