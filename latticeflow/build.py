@@ -108,6 +108,12 @@ def build_flow(config: IsingConfig | dict[str, Any], lattice: SquareLattice) -> 
 MAX_SAFE_STEP = 0.1
 
 
+def lattice_quadratics(potential: Any) -> list[QuadraticPotential]:
+    """The lattice quadratic parts (circulant kernels, which ``set_covariance`` can set) of a potential or sum."""
+    parts = getattr(potential, "parts", [potential])
+    return [p for p in parts if isinstance(p, QuadraticPotential) and p.orbits is not None]
+
+
 def start_at_best_gaussian(flow: Any, target: Any) -> dict[str, Any] | None:
     """Set the flow's quadratic part so that the flow starts at the target's best Gaussian.
 
@@ -123,9 +129,7 @@ def start_at_best_gaussian(flow: Any, target: Any) -> dict[str, Any] | None:
         part or the target no ``best_gaussian`` (e.g. φ⁴, dense couplings).
     """
     flow = getattr(flow, "flow", flow)  # a wrapped flow (SymmetricMixture): the ODE flow inside
-    potential = getattr(flow, "potential", None)
-    parts = getattr(potential, "parts", [potential])
-    quads = [p for p in parts if isinstance(p, QuadraticPotential) and p.orbits is not None]
+    quads = lattice_quadratics(getattr(flow, "potential", None))
     if not quads or not callable(getattr(target, "best_gaussian", None)):
         return None
     try:

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from ._checks import check_batch, check_beta, check_size
-from .build import as_config, build_potential, parameter_groups
+from .build import DTYPES, as_config, build_potential, lattice_quadratics, parameter_groups
 from .config import IsingConfig
 from .distributed import rank_generator
 from .flow import MongeAmpereFlow, WrappedFlow, derived_generator
@@ -38,7 +38,6 @@ from .ising import MIN_EIGENVALUE, ising
 from .lattice import SquareLattice
 from .potentials.activations import log_cosh
 from .potentials.conditioned import Conditioned
-from .potentials.quadratic import QuadraticPotential
 from .stats import kish_ess
 from .train import VariationalTrainer, cosine_schedule
 
@@ -160,13 +159,13 @@ def build_conditioned_flow(config: IsingConfig | dict[str, Any], low: float, hig
                            degree: int = 2) -> MongeAmpereFlow:
     """The flow of ``config`` with its potential replaced by a degree-``degree`` Legendre series in β
     on [low, high] whose coefficients are ``degree + 1`` independent potentials of the config's family."""
-    cfg = as_config(config, SquareLattice(int(config["L"])))
-    lattice = SquareLattice(cfg.L)
+    lattice = SquareLattice(int(config["L"]))
+    cfg = as_config(config, lattice)
     degree = check_size("degree", degree, minimum=0)
     parts = [build_potential(cfg, lattice) for _ in range(degree + 1)]
     flow = MongeAmpereFlow(Conditioned(parts, low, high), n_steps=cfg.n_steps, step_size=cfg.step_size,
                            checkpoint=cfg.grad_checkpoint)
-    return flow.to(torch.float64 if cfg.dtype == "float64" else torch.float32)
+    return flow.to(DTYPES[cfg.dtype])
 
 
 @torch.no_grad()
@@ -182,13 +181,10 @@ def start_at_best_gaussians(flow: MongeAmpereFlow, family: IsingFamily, points: 
         quadratic potential (nothing changed).
     """
     pot = _conditioned(flow)
-    quads = []
-    for part in pot.parts:
-        members = part.parts if hasattr(part, "parts") else [part]
-        q = [m for m in members if isinstance(m, QuadraticPotential) and m.orbits is not None]
-        if not q:
-            return math.nan
-        quads.append(q[0])
+    found = [lattice_quadratics(part) for part in pot.parts]
+    if not all(found):
+        return math.nan
+    quads = [q[0] for q in found]
     T = float(flow.n_steps * flow.step_size)
     nodes = 0.5 * (family.low + family.high) + 0.5 * (family.high - family.low) * np.cos(
         np.pi * (np.arange(points) + 0.5) / points)
