@@ -16,7 +16,11 @@ Groups: ``translation_group`` (L² elements, periodic lattices), ``point_group``
 ``space_group`` (translations × D4, 8L²) and ``with_spin_flip`` (× Z2, doubling the order:
 16L² for the full group of the periodic Ising model). On the L=2 torus several of these
 operations coincide as permutations (a translation by one site equals a reflection), so the
-distinct elements are fewer: the tables keep each distinct element once and say so.
+distinct elements are fewer: the tables keep each distinct element once and say so. Large
+translation and space groups (from L = 27 for the space group) are :class:`FactoredGroup` objects: the same elements in the
+same order, with the rows of drawn elements computed from the point group's tables and the site
+coordinates instead of read from a (G, N) table (2 GiB per int64 table at L=64); ``rows`` is the
+one way the random symmetrisation reads elements, from either kind.
 
 This module is also the one home of the D4 geometry and of the group action that the rest of
 the library uses:
@@ -157,6 +161,24 @@ class SymmetryGroup:
         g = np.arange(self.order)
         return self.product(g[:, None], g[None, :])
 
+    # ------------------------------------------------------------------ rows of elements
+    #: what :meth:`rows_from` needs besides the tables: none for a dense table
+    row_spec: tuple[int, ...] = ()
+
+    def row_tables(self) -> dict[str, Tensor]:
+        """The tensors :meth:`rows_from` reads (shared, not copied): here the (G, N) tables."""
+        return {"perms": self.perms, "inverse_perms": self.inverse_perms}
+
+    @staticmethod
+    def rows_from(tables: dict[str, Tensor], spec: tuple[int, ...], index: Tensor) -> tuple[Tensor, Tensor]:
+        """perms[index] and inverse_perms[index], each (B, N), from :meth:`row_tables` (on their device)."""
+        # index_select: advanced indexing of a (G, N) table is an order of magnitude slower
+        return tables["perms"].index_select(0, index), tables["inverse_perms"].index_select(0, index)
+
+    def rows(self, index: Tensor) -> tuple[Tensor, Tensor]:
+        """The permutation and inverse permutation of each element in ``index`` (B,): two (B, N) tables."""
+        return self.rows_from(self.row_tables(), self.row_spec, index)
+
     # ------------------------------------------------------------------ action
     def act(self, x: Tensor, index: Tensor | None = None) -> Tensor:
         """Apply group elements to a batch.
@@ -196,6 +218,107 @@ class SymmetryGroup:
         # site j moves to position inverse_perms[g, j]
         mapped = self.inverse_perms[:, b]  # (G, E, 2)
         return (encode(mapped) == encode(b)[None]).all(dim=1)
+
+
+class FactoredGroup(SymmetryGroup):
+    """Translations × a point group (× Z2) of a periodic L×L lattice, stored as its factors.
+
+    Element g = f·(L²·P) + t·P + d, with t = a·L + b a translation by (a, b), d an element of
+    the point group (P elements, sign +1) and f the spin flip, acts as
+
+        (g·x)_i = (−1)^f · x[p_d[p_t[i]]],   p_t[i] = the site at (r_i + a, c_i + b) mod L:
+
+    the same elements in the same order as the dense table of :func:`space_group` or
+    :func:`translation_group` (``factored=False``), followed by ``with_spin_flip``. Instead of
+    the (G, N) tables (at L=64 the space group × Z2 has 65,536 elements on 4,096 sites: 2 GiB
+    per int64 table, and the inverse as much again) it keeps the point group's (P, N) tables and
+    the site coordinates, and :meth:`rows` computes the rows of drawn elements by index
+    arithmetic (a few (B, N) integer operations). Everything that needs the whole table
+    (``perms``, ``inverse_perms``, ``index_of``, ``product``, the exact group average) builds
+    the dense group once, on first use (:attr:`dense`).
+
+    Args:
+        lattice: a periodic SquareLattice.
+        point: the point group (a dense SymmetryGroup on the lattice's sites, signs +1), or None
+            for translations only.
+        spin_flip: include the Z2 spin flip (doubling the order).
+        name: label.
+    """
+
+    def __init__(self, lattice: SquareLattice, point: SymmetryGroup | None = None, spin_flip: bool = False,
+                 name: str = "group") -> None:
+        lattice = _check_lattice(lattice)
+        if not lattice.periodic:
+            raise ValueError("a factored group needs a periodic lattice, got boundary='open'")
+        N = lattice.N
+        if point is not None and (point.dim != N or bool((point.signs < 0).any())):
+            raise ValueError(f"the point group must act on the lattice's {N} sites without a spin flip")
+        self.L = lattice.L
+        self.point = point
+        self.spin_flip = bool(spin_flip)
+        P = 1 if point is None else point.order
+        self.name, self.dim = name, N
+        self.order = self.L * self.L * P * (2 if spin_flip else 1)
+        half = self.L * self.L * P
+        self.signs = torch.cat([torch.ones(half, dtype=torch.float64), -torch.ones(half, dtype=torch.float64)]) \
+            if spin_flip else torch.ones(half, dtype=torch.float64)
+        self.identity = 0
+        self._lattice = lattice
+        self.row_spec = (self.L, P)
+        ramp = torch.arange(N)[None]
+        self._tables = {"point_perms": ramp if point is None else point.perms,
+                        "point_inverse": ramp if point is None else point.inverse_perms,
+                        "site_rows": lattice.coords[:, 0].long(), "site_cols": lattice.coords[:, 1].long()}
+
+    def __repr__(self) -> str:
+        return f"FactoredGroup(name={self.name!r}, order={self.order}, dim={self.dim})"
+
+    def __getattr__(self, name: str) -> Any:
+        # what only the whole table answers (perms, the hash index of index_of, ...) comes from the dense group
+        if name.startswith("__") or name in ("dense", "_tables", "point"):
+            raise AttributeError(name)
+        return getattr(self.dense, name)
+
+    @cached_property
+    def dense(self) -> SymmetryGroup:
+        """The same group as a dense table (built on first use: G·N integers)."""
+        perms, _ = self.rows(torch.arange(self.order))
+        return SymmetryGroup(perms, self.signs, name=self.name)
+
+    @property
+    def inverse_perms(self) -> Tensor:  # type: ignore[override]
+        return self.dense.inverse_perms
+
+    def row_tables(self) -> dict[str, Tensor]:
+        return dict(self._tables)
+
+    @staticmethod
+    def rows_from(tables: dict[str, Tensor], spec: tuple[int, ...], index: Tensor) -> tuple[Tensor, Tensor]:
+        """Rows of the elements ``index`` (B,) by index arithmetic: perm[i] = p_d[p_t[i]], and its inverse
+        inverse[j] = p_t⁻¹[p_d⁻¹[j]], p_t⁻¹ the translation by (−a, −b)."""
+        L, P = spec
+        base = index % (L * L * P)  # the spin flip only changes the sign
+        t = torch.div(base, P, rounding_mode="floor")
+        d = base - t * P
+        a = torch.div(t, L, rounding_mode="floor")[:, None]
+        b = (t % L)[:, None]
+        r, c = tables["site_rows"], tables["site_cols"]
+        shifted = ((r + a) % L) * L + (c + b) % L  # p_t, (B, N)
+        perm = torch.gather(tables["point_perms"].index_select(0, d), 1, shifted)
+        q = tables["point_inverse"].index_select(0, d)  # p_d⁻¹, (B, N)
+        inverse = ((r[q] - a) % L) * L + (c[q] - b) % L
+        return perm, inverse
+
+    def act(self, x: Tensor, index: Tensor | None = None) -> Tensor:
+        if index is None:
+            return self.dense.act(x)
+        perm, inverse = self.rows(index)
+        return signed_permutation(x, perm, inverse, self.signs.to(x)[index][:, None])
+
+    def with_spin_flip(self) -> SymmetryGroup:
+        if self.spin_flip:
+            return self.dense.with_spin_flip()
+        return FactoredGroup(self._lattice, self.point, spin_flip=True, name=f"{self.name}×Z2")
 
 
 # ---------------------------------------------------------------------- the action
@@ -321,8 +444,31 @@ def _check_lattice(lattice: object) -> SquareLattice:
     return lattice
 
 
-def translation_group(lattice: SquareLattice) -> SymmetryGroup:
+#: the default stores a translation or space group factored once its dense table would exceed this many
+#: entries (2^22 int64: 32 MiB per table, and as much for the inverse): from L = 27 for the space group.
+#: Below it the table's rows are read faster than they are computed (paper configuration at L=16:
+#: 0.91x the speed when factored, `python benchmarks/ising_speed.py --baseline-commit b127deb`).
+FACTORED_ABOVE = 2**22
+
+
+def _factored(lattice: SquareLattice, factored: bool | None, order: int) -> bool:
+    """Factored storage: as asked, or by default when the dense (order, N) table would be large.
+
+    On the L=2 torus elements coincide as permutations, which only the dense table removes."""
+    if factored is None:
+        return lattice.L >= 3 and order * lattice.N > FACTORED_ABOVE
+    if factored and lattice.L < 3:
+        raise ValueError(f"a factored group needs L >= 3 (on the L=2 torus elements coincide), got L={lattice.L}")
+    return bool(factored)
+
+
+def translation_group(lattice: SquareLattice, factored: bool | None = None) -> SymmetryGroup:
     """The L² lattice translations of a periodic lattice.
+
+    Args:
+        lattice: a periodic SquareLattice.
+        factored: a :class:`FactoredGroup` (rows computed on demand) or the dense table; by
+            default factored when the dense table would hold more than :data:`FACTORED_ABOVE` entries.
 
     Raises:
         ValueError: the lattice has open boundaries (translations are not symmetries there).
@@ -330,6 +476,8 @@ def translation_group(lattice: SquareLattice) -> SymmetryGroup:
     lattice = _check_lattice(lattice)
     if not lattice.periodic:
         raise ValueError("translation_group needs a periodic lattice, got boundary='open'")
+    if _factored(lattice, factored, lattice.N):
+        return FactoredGroup(lattice, None, name="translations")
     L = lattice.L
     r, c = lattice.coords[:, 0], lattice.coords[:, 1]
     a, b = torch.meshgrid(torch.arange(L), torch.arange(L), indexing="ij")
@@ -345,11 +493,18 @@ def point_group(lattice: SquareLattice) -> SymmetryGroup:
     return _from_maps(lattice, torch.stack([m[0] for m in maps]), torch.stack([m[1] for m in maps]), "D4")
 
 
-def space_group(lattice: SquareLattice) -> SymmetryGroup:
-    """Translations × D4 on a periodic lattice: 8L² elements (8 on the L=2 torus, where they coincide)."""
+def space_group(lattice: SquareLattice, factored: bool | None = None) -> SymmetryGroup:
+    """Translations × D4 on a periodic lattice: 8L² elements (8 on the L=2 torus, where they coincide).
+
+    ``factored`` as in :func:`translation_group` (default: a :class:`FactoredGroup` from L = 27 on).
+    """
     lattice = _check_lattice(lattice)
-    T = translation_group(lattice)
+    if not lattice.periodic:
+        raise ValueError("space_group needs a periodic lattice, got boundary='open'")
     D = point_group(lattice)
+    if _factored(lattice, factored, 8 * lattice.N):
+        return FactoredGroup(lattice, D, name="space group")
+    T = translation_group(lattice, factored=False)
     # t∘d: apply d then t, perm = p_d[p_t]
     perms = D.perms[None, :, :].expand(T.order, -1, -1).gather(2, T.perms[:, None, :].expand(-1, D.order, -1))
     return SymmetryGroup(perms.reshape(-1, lattice.N), name="space group")

@@ -200,3 +200,61 @@ def test_rows_are_checked_in_every_chunk_and_inverse_is_argsort():
     bad[-1, 5] = bad[-1, 6]
     with pytest.raises(ValueError, match="permutation of range"):
         SymmetryGroup(bad)
+
+
+@pytest.mark.parametrize("L", [3, 4, 5, 6])
+@pytest.mark.parametrize("make", [translation_group, space_group])
+@pytest.mark.parametrize("flip", [False, True])
+def test_factored_group_is_the_dense_table_element_by_element(L, make, flip):
+    """The factored translation and space groups hold the dense table's elements in its order,
+    and their rows, computed by index arithmetic, are the table's rows and their inverses."""
+    from latticeflow.symmetry import FactoredGroup
+
+    lat = SquareLattice(L)
+    fac, den = make(lat, factored=True), make(lat, factored=False)
+    if flip:
+        fac, den = fac.with_spin_flip(), den.with_spin_flip()
+    assert isinstance(fac, FactoredGroup) and not isinstance(den, FactoredGroup)
+    assert fac.order == den.order and torch.equal(fac.signs, den.signs)
+    index = torch.randint(fac.order, (200,), generator=torch.Generator().manual_seed(L))
+    perm, inverse = fac.rows(index)
+    assert "dense" not in fac.__dict__, "drawing rows must not build the (G, N) table"
+    assert torch.equal(perm, den.perms[index]) and torch.equal(inverse, den.inverse_perms[index])
+    assert torch.equal(torch.gather(perm, 1, inverse), torch.arange(L * L).expand(200, -1))
+    x = torch.randn(200, L * L, dtype=torch.float64)
+    assert torch.equal(fac.act(x, index), den.act(x, index))
+    assert torch.equal(fac.perms, den.perms) and torch.equal(fac.inverse_perms, den.inverse_perms)
+    assert torch.equal(fac.inverse, den.inverse) and fac.identity == den.identity == 0
+
+
+def test_factored_groups_stay_small_in_the_potential_at_large_L():
+    """At L=64 the symmetrised MLP draws elements without the 65,536 × 4,096 tables (2 GiB each)."""
+    from latticeflow.build import make_group
+    from latticeflow.potentials import MLPPotential, Symmetrized
+    from latticeflow.symmetry import FactoredGroup
+
+    lat = SquareLattice(64)
+    group = make_group("space+z2", lat)
+    assert group.order == 16 * 64 * 64
+    pot = Symmetrized(MLPPotential(lat.N, hidden=4), group, mode="random")
+    draw = pot.resample(3, torch.Generator().manual_seed(0))
+    assert isinstance(group, FactoredGroup) and "dense" not in group.__dict__
+    assert sum(b.numel() for b in pot.buffers()) < 20 * lat.N + 2 * group.order
+    x = torch.randn(3, lat.N, dtype=torch.float64)
+    y = signed_permutation(x, draw.perm, draw.inverse_perm, draw.sign.to(x))
+    # the drawn rows are D4 ∘ translation images: a translation and a point map preserve the bond energy
+    bonds = lat.bonds
+    energy = lambda v: (v[:, bonds[:, 0]] * v[:, bonds[:, 1]]).sum(1)  # noqa: E731
+    torch.testing.assert_close(energy(y), energy(x), rtol=1e-12, atol=1e-10)
+    assert not torch.equal(y, x)
+
+
+def test_default_storage_follows_the_table_size():
+    from latticeflow.symmetry import FACTORED_ABOVE, FactoredGroup
+
+    small, large = SquareLattice(16), SquareLattice(32)
+    assert 8 * small.N * small.N <= FACTORED_ABOVE < 8 * large.N * large.N
+    assert not isinstance(space_group(small), FactoredGroup) and isinstance(space_group(large), FactoredGroup)
+    assert isinstance(space_group(large).with_spin_flip(), FactoredGroup)
+    with pytest.raises(ValueError, match="L >= 3"):
+        space_group(SquareLattice(2), factored=True)

@@ -30,7 +30,7 @@ __all__ = ["SymmetryDraw", "Symmetrized"]
 
 def _check_group(group: object, dim: int) -> Any:
     """The group, if it has a SymmetryGroup's tables and acts on ``dim`` sites; TypeError or ValueError otherwise."""
-    for attr in ("perms", "inverse_perms", "signs", "order", "dim"):
+    for attr in ("row_tables", "rows_from", "signs", "order", "dim"):  # not perms: a FactoredGroup builds them
         if not hasattr(group, attr):
             raise TypeError(f"group must be a SymmetryGroup, got {type(group).__name__}; build one with "
                             "translation_group(lattice), space_group(lattice), ...")
@@ -87,9 +87,17 @@ class Symmetrized(Potential):
         self.mode = check_choice("mode", mode, ("random", "exact"))
         self.order = int(group.order)
         self.group_name = getattr(group, "name", "group")
-        # shared with the group, not copied: at L=64 the space group × Z2 tables take 4 GiB (read-only here)
-        self.register_buffer("perms", group.perms.long(), persistent=False)
-        self.register_buffer("inverse_perms", group.inverse_perms.long(), persistent=False)
+        # what the group's rows_from reads, shared with the group, not copied (read-only here): the (G, N)
+        # tables of a dense group, or the small factors of a FactoredGroup (the dense space group × Z2
+        # tables take 4 GiB at L=64). The exact mode needs the whole tables.
+        self._rows_from, self._row_spec = group.rows_from, tuple(group.row_spec)
+        self._row_names = []
+        for name, table in group.row_tables().items():
+            self.register_buffer(f"rows_{name}", table.long(), persistent=False)
+            self._row_names.append(name)
+        if self.mode == "exact":
+            self.register_buffer("perms", group.perms.long(), persistent=False)
+            self.register_buffer("inverse_perms", group.inverse_perms.long(), persistent=False)
         self.register_buffer("signs", group.signs.clone().to(torch.get_default_dtype()), persistent=False)
         self._has_flip = bool((group.signs < 0).any())
 
@@ -109,9 +117,10 @@ class Symmetrized(Potential):
         if check and index.numel() and (int(index.min()) < 0 or int(index.max()) >= self.order):
             raise ValueError(f"symmetry indices must lie in [0, {self.order}), got range "
                              f"[{int(index.min())}, {int(index.max())}]")
-        # index_select: advanced indexing of the (G, N) tables is an order of magnitude slower
         sign = self.signs.index_select(0, index)[:, None] if self._has_flip else None
-        return SymmetryDraw(index, self.perms.index_select(0, index), self.inverse_perms.index_select(0, index), sign)
+        tables = {name: getattr(self, f"rows_{name}") for name in self._row_names}
+        perm, inverse = self._rows_from(tables, self._row_spec, index)
+        return SymmetryDraw(index, perm, inverse, sign)
 
     def resample(self, batch: int, generator: torch.Generator | None = None) -> Noise:
         """One group element per sample (random mode) as a :class:`SymmetryDraw`.
@@ -122,7 +131,7 @@ class Symmetrized(Potential):
         batch = check_size("batch", batch)
         draw = None
         if self.mode == "random":
-            draw = self._draw(torch.randint(self.order, (batch,), generator=generator, device=self.perms.device),
+            draw = self._draw(torch.randint(self.order, (batch,), generator=generator, device=self.signs.device),
                               check=False)
         if self.potential.stochastic:
             return draw, self.potential.resample(batch if self.mode == "random" else batch * self.order, generator)
