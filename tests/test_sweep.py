@@ -229,6 +229,57 @@ def test_regressed_warm_start_is_retried_at_half_the_learning_rate(tmp_path: Pat
     assert seen == [(0.6, 5e-3)]
 
 
+def _gap_table(gap: float, stderr: float, exact: float = -2.0) -> pd.DataFrame:
+    return pd.DataFrame({"quantity": ["free_energy", "free_energy"], "normalisation": ["hs", "hs"],
+                         "method": ["variational", "importance"], "value": [exact + gap, exact],
+                         "stderr": [stderr, stderr], "exact": [exact, exact]})
+
+
+def test_gap_regression_flags_a_gap_more_than_doubled() -> None:
+    from latticeflow.sweep import GAP_GROWTH, gap_regression
+
+    prev = _gap_table(5.7e-3, 1e-5)
+    assert gap_regression(_gap_table(1.7 * 5.7e-3, 1e-5), prev)[2] < 0  # the largest growth seen on a good sweep
+    excess, err, sigma = gap_regression(_gap_table(1.6e-2, 1e-5), prev)  # the flow lost at β = 0.514
+    assert excess == pytest.approx(1.6e-2 - GAP_GROWTH * 5.7e-3) and err == pytest.approx(np.hypot(1e-5, 2e-5))
+    assert sigma > 100
+    # within its errors a doubled gap is not flagged
+    assert gap_regression(_gap_table(2 * 5.7e-3 + 2e-5, 1e-5), prev)[2] < 3
+    # a negative neighbour's gap (noise below exact) counts as zero; no exact reference: no verdict
+    assert gap_regression(_gap_table(1e-4, 1e-5), _gap_table(-1e-5, 1e-5))[2] > 3
+    assert np.isnan(gap_regression(_gap_table(1e-2, 1e-5, exact=float("nan")), prev)[2])
+
+
+def test_warm_start_whose_measured_gap_doubles_is_retried(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A warm start whose fresh-sample F/N gap to Kaufman is far beyond twice its neighbour's is trained
+    again from the neighbour at lr/2, and its first measurement is not kept."""
+    import latticeflow.sweep as lfsweep
+
+    real = lfsweep.measure_beta
+    calls: list[tuple[float, float]] = []
+
+    def measure(flow, target, k, config, *a, **kw):  # noqa: ANN001, ANN202
+        table = real(flow, target, k, config, *a, **kw)
+        calls.append((k, kw["lr_scale"]))
+        if len(calls) == 2:  # β = 0.5, first attempt: a flow "lost" during its warm start
+            table = table.copy()
+            hs = (table["quantity"] == "free_energy") & (table["normalisation"] == "hs") & (table["method"] == "variational")
+            table.loc[hs, "value"] += 20.0
+        return table
+
+    monkeypatch.setattr(lfsweep, "measure_beta", measure)
+    # the F/N-rise guard stays quiet (its verdict on a 10-epoch run of a tiny flow is noise)
+    monkeypatch.setattr(lfsweep, "warm_regression", lambda log, window=None: (0.0, 1.0, 0.0))
+    table = sweep(TINY.replace(lr=1e-2), (0.3, 0.5), out=tmp_path, warm_epochs=10, samples=16, plot=False)
+    assert calls == [(0, 1.0), (1, 1.0), (1, 0.5)], calls
+    assert table.groupby("beta")["warm_retries"].first().loc[0.5] == 1
+    summary = json.loads((tmp_path / beta_folder(1, 0.5) / "summary.json").read_text())
+    attempt = summary["earlier_attempts"][0]
+    assert attempt["lr_scale"] == 1.0 and attempt["gap"] > 19
+    kept = pd.read_csv(tmp_path / beta_folder(1, 0.5) / ESTIMATES)
+    assert lfsweep.variational_gap(kept)[0] < 10 and kept["lr_scale"].iloc[0] == 0.5
+
+
 def test_diverged_warm_start_is_retried_and_a_second_divergence_still_raises(tmp_path: Path) -> None:
     """A warm start whose training diverges is redone at half the rate; without retries left it raises."""
     from latticeflow.sweep import WARM_RETRIES, _make_trainer
