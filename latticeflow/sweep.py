@@ -30,8 +30,10 @@ or ``python -m models.ising --resume OUT``) skips the finished β, continues an 
 its checkpoint and warm-starts the rest. The ``max_minutes`` budget covers the whole sweep; a
 sweep stopped by it, or by SIGINT/SIGTERM, keeps every finished β.
 
-Left out (issue #13's other options): a β-conditioned potential trained once for all β, and
-annealing one flow through the grid; data-parallel (torchrun) sweeps.
+The other ways of sharing work across β live beside this one: a β-conditioned flow trained once
+for the whole range (:mod:`latticeflow.conditioned`, ``--conditioned``) and β annealing within each
+run (``IsingConfig.anneal_from``; in a sweep each warm start anneals from its neighbour's β).
+Left out: data-parallel (torchrun) sweeps.
 
 Example:
     >>> from latticeflow import IsingConfig
