@@ -63,6 +63,20 @@ def interleaved(a: Callable[[], Any], b: Callable[[], Any], device: torch.device
     return statistics.median(ta), statistics.median(tb)
 
 
+def capture(fn: Callable[[], Any], warmup: int = 2) -> tuple[torch.cuda.CUDAGraph, Any]:
+    """Run ``fn`` ``warmup`` times on a side stream (torch's recipe), then record it: (graph, its static outputs)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static = fn()
+    return graph, static
+
+
 def paper_flow(device: torch.device, quick: bool) -> tuple[Any, Any, int]:
     L, h, n = (4, 32, 4) if quick else (ISING_PAPER["L"], ISING_PAPER["hidden"], ISING_PAPER["n_steps"])
     config = {"potential": ISING_PAPER["potential"], "hidden": h, "n_steps": n, "step_size": ISING_PAPER["step_size"],
@@ -92,15 +106,7 @@ def sampling_part(flow: Any, device: torch.device, batch: int, rounds: int, reps
         out["graph"] = "needs CUDA"
         return out
     try:
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                eager()
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            x_g, d_g = eager()
+        graph, (x_g, d_g) = capture(eager)
         graph.replay()
         sync(device)
         out["max_abs_diff_x"] = float((x_g - x_ref).abs().max())
@@ -134,15 +140,7 @@ def training_part(flow: Any, target: Any, device: torch.device, batch: int, roun
         out["graph"] = "needs CUDA"
         return out
     try:
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                step()
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            static_loss = step()
+        graph, static_loss = capture(step)
         losses = []
         for _ in range(5):
             graph.replay()
