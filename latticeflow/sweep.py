@@ -3,8 +3,9 @@
 A sweep trains the Ising flow of one :class:`~latticeflow.config.IsingConfig` at every β of a
 grid (fixed L), from high temperature (small β) down. The first β trains from scratch for
 ``config.epochs``; each next β starts from the previous β's trained weights and trains for
-``warm_epochs`` (fewer) with a fresh optimiser and schedule: neighbouring β have similar
-densities, so most of the work is shared. A warm start must not make things worse: when the
+``warm_epochs`` (fewer; ``cold_epochs`` in the ordered phase, β > β_c, where the flow must
+learn the two magnetised modes and the gap to exact grows) with a fresh optimiser and schedule:
+neighbouring β have similar densities, so most of the work is shared. A warm start must not make things worse: when the
 mean F/N of its last epochs lies more than 3σ above that of its first epochs (the neighbour's
 flow at the new β; :func:`warm_regression`), or its measured gap to the exact F/N is more than
 twice its neighbour's by over 3σ (:func:`gap_regression`: a flow lost during an anneal, which the
@@ -19,7 +20,7 @@ of the same L.
 
 Folder layout (``out``):
 
-    sweep.json                 the manifest: config, grid, warm epochs, samples, β folders
+    sweep.json                 the manifest: config, grid, warm and cold epochs, samples, β folders
     sweep.csv                  tidy table, one row per (β, quantity, method) (rewritten after each β)
     sweep.png / sweep.pdf      F/N, U/N, C/N against β with the exact curves and residuals in σ
     b00_0.300000/ ...          one ordinary run per β: checkpoint.pt, log.csv, config.json,
@@ -346,13 +347,24 @@ class _Signals:
 
 
 def _manifest(config: IsingConfig, betas: Sequence[float], warm_epochs: int, samples: int,
-              step_check: int = 1) -> dict[str, Any]:
+              step_check: int = 1, cold_epochs: int | None = None) -> dict[str, Any]:
     return {"kind": "ising-sweep", "config": config.to_dict(), "betas": list(betas),
             "beta_names": ["critical" if b == CRITICAL_BETA else None for b in betas],
-            "warm_epochs": warm_epochs, "samples": samples, "step_check": step_check,
+            "warm_epochs": warm_epochs, "cold_epochs": warm_epochs if cold_epochs is None else cold_epochs,
+            "samples": samples, "step_check": step_check,
             "runs": [beta_folder(k, b) for k, b in enumerate(betas)],
             "order": "increasing β (high temperature first); each β after the first starts from the previous "
                      "one's weights"}
+
+
+def _cold_epochs(manifest: dict[str, Any]) -> int:
+    """The warm epochs of a β > β_c in this sweep (sweeps written before ``cold_epochs``: ``warm_epochs``)."""
+    return int(manifest.get("cold_epochs", manifest["warm_epochs"]))
+
+
+def warm_epochs_of(beta: float, warm_epochs: int, cold_epochs: int) -> int:
+    """The epochs of a warm-started β: ``cold_epochs`` in the ordered phase (β > β_c), else ``warm_epochs``."""
+    return cold_epochs if beta > CRITICAL_BETA else warm_epochs
 
 
 def read_manifest(folder: str | Path) -> dict[str, Any]:
@@ -384,7 +396,8 @@ def resumed_manifest(folder: Path | None) -> dict[str, Any]:
 
 
 def _check_resume(manifest: dict[str, Any], config: IsingConfig | None, betas: Sequence[float] | None,
-                  warm_epochs: int | None, samples: int | None, path: Path, step_check: int | None = None) -> None:
+                  warm_epochs: int | None, samples: int | None, path: Path, step_check: int | None = None,
+                  cold_epochs: int | None = None) -> None:
     """Refuse a resume whose settings differ from the manifest's (naming each)."""
     bad = []
     if config is not None and config.to_dict() != IsingConfig.from_dict(manifest["config"]).to_dict():
@@ -394,6 +407,8 @@ def _check_resume(manifest: dict[str, Any], config: IsingConfig | None, betas: S
         bad.append(f"β grid {list(betas)} (sweep: {manifest['betas']})")
     if warm_epochs is not None and warm_epochs != manifest["warm_epochs"]:
         bad.append(f"warm_epochs={warm_epochs} (sweep: {manifest['warm_epochs']})")
+    if cold_epochs is not None and cold_epochs != _cold_epochs(manifest):
+        bad.append(f"cold_epochs={cold_epochs} (sweep: {_cold_epochs(manifest)})")
     if samples is not None and samples != manifest["samples"]:
         bad.append(f"samples={samples} (sweep: {manifest['samples']})")
     if step_check is not None and step_check != manifest.get("step_check", 1):
@@ -469,7 +484,7 @@ def _collect(folder: Path | None, done: dict[int, pd.DataFrame]) -> pd.DataFrame
 
 def sweep(config: IsingConfig | None, betas: str | Sequence[float | str] | None, *, out: str | Path | None = None,
           warm_epochs: int | None = None, samples: int | None = None, max_minutes: float | None = None,
-          resume: bool = False, force: bool = False, device: str | torch.device = "cpu", progress: bool = False,
+          resume: bool = False, cold_epochs: int | None = None, force: bool = False, device: str | torch.device = "cpu", progress: bool = False,
           verbose: bool = False, plot: bool = True, checkpoint_every: int = 100,
           make_trainer: TrainerFactory | None = None, step_check: int | None = None) -> pd.DataFrame:
     """Train and measure the flow at every β of a grid (fixed L), warm-starting each β from the last.
@@ -479,12 +494,13 @@ def sweep(config: IsingConfig | None, betas: str | Sequence[float | str] | None,
         betas: the grid, as :func:`parse_beta_grid` takes it (a string or a sequence).
         out: the sweep's folder (see the module docstring); None: nothing is written, no resume.
         warm_epochs: epochs of each warm-started β (default: a quarter of ``config.epochs``, at least 1).
+        cold_epochs: epochs of each warm-started β above β_c (the ordered phase; default ``warm_epochs``).
         samples: i.i.d. flow samples measured per β, >= 2 (default 4096).
         max_minutes: wall-clock budget of the whole sweep, counted from the end of set-up (None: none;
             like a single run, at least one epoch runs). A β cut off by it keeps its checkpoint and
             is continued on resume; a β whose training ended is still measured.
         resume: continue the sweep in ``out`` (its manifest's settings; ``config``, ``betas``,
-            ``warm_epochs`` and ``samples`` must be None or agree). Finished β are read back.
+            ``warm_epochs``, ``cold_epochs`` and ``samples`` must be None or agree). Finished β are read back.
         force: replace a sweep (or run) already in ``out``: the sweep's files and the β folders its
             manifest names are deleted first.
         device: torch device.
@@ -518,10 +534,11 @@ def sweep(config: IsingConfig | None, betas: str | Sequence[float | str] | None,
             return conditioned_sweep(None, None, out=folder, resume=True, max_minutes=max_minutes, device=device,
                                      progress=progress, verbose=verbose, plot=plot, checkpoint_every=checkpoint_every)
         grid = None if betas is None else parse_beta_grid(betas)
-        _check_resume(manifest, config, grid, warm_epochs, samples, folder, step_check)
+        _check_resume(manifest, config, grid, warm_epochs, samples, folder, step_check, cold_epochs)
         config = IsingConfig.from_dict(manifest["config"])
         grid = tuple(float(b) for b in manifest["betas"])
         warm_epochs, samples = int(manifest["warm_epochs"]), int(manifest["samples"])
+        cold_epochs = _cold_epochs(manifest)
         step_check = int(manifest.get("step_check", 1))  # sweeps written before the check had none
     else:
         if not isinstance(config, IsingConfig):
@@ -530,9 +547,10 @@ def sweep(config: IsingConfig | None, betas: str | Sequence[float | str] | None,
             raise ValueError("a sweep needs a β grid (betas)")
         grid = parse_beta_grid(betas)
         warm_epochs = check_size("warm_epochs", warm_epochs) if warm_epochs is not None else max(1, config.epochs // 4)
+        cold_epochs = check_size("cold_epochs", cold_epochs) if cold_epochs is not None else warm_epochs
         samples = check_size("samples", samples if samples is not None else DEFAULT_SAMPLES, 2)
         step_check = check_size("step_check", step_check if step_check is not None else DEFAULT_STEP_CHECK)
-        manifest = _manifest(config, grid, warm_epochs, samples, step_check)
+        manifest = _manifest(config, grid, warm_epochs, samples, step_check, cold_epochs)
     if max_minutes is not None and not (isinstance(max_minutes, (int, float)) and max_minutes > 0):
         raise ValueError(f"max_minutes must be a number > 0 or None, got max_minutes={max_minutes!r}")
     device = torch.device(device)
@@ -596,7 +614,8 @@ def sweep(config: IsingConfig | None, betas: str | Sequence[float | str] | None,
                             stop_reason = "time"
                             break
                         remaining = 1e-9  # like a single run, a sweep trains at least one epoch per invocation
-                    cfg = _beta_config(config, beta, warm, warm_epochs, lr_scale if warm else 1.0,
+                    cfg = _beta_config(config, beta, warm, warm_epochs_of(beta, warm_epochs, cold_epochs),
+                                       lr_scale if warm else 1.0,
                                        from_beta=grid[k - 1] if warm else None, index=k)
                     sub: RunFolder | None = None
                     if run is not None:

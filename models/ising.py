@@ -56,6 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     s = p.add_argument_group("sweep (a β grid: --beta 0.30:0.60:16, or 0.3,0.4,critical)")
     s.add_argument("--warm-epochs", type=positive_int, default=None,
                    help="epochs of each β after the first, warm-started from the previous β [--epochs / 4]")
+    s.add_argument("--cold-epochs", type=positive_int, default=None,
+                   help="epochs of each warm-started β above β_c (the ordered phase, where the gap to exact "
+                        "grows) [--warm-epochs]")
     s.add_argument("--samples", type=positive_int, default=None,
                    help="flow samples measured per β (free energies, U/N, C/N, ...) [4096]")
     s.add_argument("--conditioned", type=nonnegative_int, default=None, metavar="DEGREE",
@@ -124,8 +127,8 @@ def run_sweep(args: argparse.Namespace) -> dict:
     if conditioned:
         from latticeflow.conditioned import conditioned_sweep
 
-        if args.warm_epochs is not None:
-            raise ValueError("--warm-epochs belongs to a warm-started sweep, not to --conditioned")
+        if args.warm_epochs is not None or args.cold_epochs is not None:
+            raise ValueError("--warm-epochs and --cold-epochs belong to a warm-started sweep, not to --conditioned")
         if resume and args.conditioned is not None and args.conditioned != manifest.get("degree"):
             raise ValueError(f"--conditioned {args.conditioned} (sweep: {manifest.get('degree')}): a resumed sweep "
                              f"keeps its configuration ({args.resume})")
@@ -136,7 +139,8 @@ def run_sweep(args: argparse.Namespace) -> dict:
     else:
         if resume and args.conditioned is not None:
             raise ValueError(f"--conditioned: {args.resume} holds a warm-started sweep")
-        table = sweep(config, grid, out=out, warm_epochs=args.warm_epochs, samples=args.samples,
+        table = sweep(config, grid, out=out, warm_epochs=args.warm_epochs, cold_epochs=args.cold_epochs,
+                      samples=args.samples,
                       step_check=args.step_check, max_minutes=args.max_minutes, resume=resume, force=args.force,
                       device=device, progress=not args.quiet, verbose=True, plot=not args.no_plot,
                       checkpoint_every=args.checkpoint_every, make_trainer=make_trainer)
@@ -217,10 +221,10 @@ def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
     if isinstance(args.beta, BetaGrid) or (args.resume is not None and args.resume.name == MANIFEST):
         return run_sweep(args)
-    if (args.warm_epochs is not None or args.samples is not None or args.step_check is not None
-            or args.conditioned is not None):
-        raise ValueError("--warm-epochs, --samples, --step-check and --conditioned belong to a sweep: give --beta a grid "
-                         "(e.g. 0.3:0.6:8)")
+    if (args.warm_epochs is not None or args.cold_epochs is not None or args.samples is not None
+            or args.step_check is not None or args.conditioned is not None):
+        raise ValueError("--warm-epochs, --cold-epochs, --samples, --step-check and --conditioned belong to a sweep: "
+                         "give --beta a grid (e.g. 0.3:0.6:8)")
     run = RunStart("ising", out=args.out, resume=args.resume, force=args.force, outputs=OUTPUTS)
     out = run.out
     config = config_from_args(args, run.base)

@@ -284,6 +284,27 @@ def test_ising_sweep_flags(tmp_path: Path) -> None:
         assert json.loads((tmp_path / out / "sweep.json").read_text())["step_check"] == refine
 
 
+@covers("ising", "--cold-epochs")
+def test_ising_cold_epochs_flag(tmp_path: Path) -> None:
+    # the warm starts above β_c (the ordered phase) train --cold-epochs, those at or below it --warm-epochs
+    from latticeflow.sweep import beta_folder
+
+    grid = (0.3, CRITICAL_BETA, 0.5)
+    def epochs(out: Path, *extra: str) -> list[int]:
+        mi.main(ISING.argv(out, "--epochs", "4", "--beta", "0.3,critical,0.5", "--warm-epochs", "2",
+                           "--samples", "16", "--step-check", "1", "--no-plot", *extra))
+        return [len(pd.read_csv(out / beta_folder(k, b) / "log.csv")) for k, b in enumerate(grid)]
+
+    assert epochs(tmp_path / "control") == [4, 2, 2]
+    assert json.loads((tmp_path / "control" / "sweep.json").read_text())["cold_epochs"] == 2
+    assert epochs(tmp_path / "run", "--cold-epochs", "3") == [4, 2, 3]
+    assert json.loads((tmp_path / "run" / "sweep.json").read_text())["cold_epochs"] == 3
+    # a resume keeps it, and refuses another value; a single β refuses the flag
+    assert exit_status(mi.cli, ["--resume", str(tmp_path / "run"), "--cold-epochs", "5", "--quiet"]) == 2
+    assert exit_status(mi.cli, ISING.argv(tmp_path / "single", "--cold-epochs", "3")) == 2
+    assert not (tmp_path / "single").exists()
+
+
 @covers("ising", "--conditioned")
 def test_ising_conditioned_flag(tmp_path: Path) -> None:
     # one flow conditioned on β over the grid (latticeflow.conditioned; more in tests/test_conditioned.py)
