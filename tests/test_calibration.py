@@ -65,9 +65,9 @@ def test_the_verdicts_are_needed_and_not_blanket(z):
     # ...and the flags catch estimates whose error bars would mislead: some flagged rows lie beyond 4σ
     assert (z.loc[~z["reliable"], "z"].abs() > 4).any()
     # a flow that misses part of the target passes every test on its own samples; the target side
-    # catches it. Whether one of these trained flows does so depends on the CPU's arithmetic (on an
-    # Intel CPU the L=4 flow at 300 epochs did: ESS/B 0.61, k̂ 0.30, reweighted |m| 15σ off; on an AMD
-    # EPYC it did not), so the flagging itself is tested deterministically below; here, when the
+    # catches it. Whether one of these trained flows does so depends on the CPU's arithmetic (on the
+    # machine this test was written on the L=4 flow at 300 epochs did: ESS/B 0.61, k̂ 0.30, reweighted
+    # |m| 15σ off; on an AMD EPYC it did not), so the flagging is tested deterministically below; when the
     # check fired, only importance rows carry its reason.
     missed = z[z["reason"].str.contains("misses part of the target")]
     assert not missed["method"].isin(["physical HMC", "Swendsen-Wang", "flow plain", "flow variational"]).any()
