@@ -5,8 +5,8 @@ grid (fixed L), from high temperature (small β) down. The first β trains from 
 ``config.epochs``; each next β starts from the previous β's trained weights and trains for
 ``warm_epochs`` (fewer; ``cold_epochs`` in the ordered phase, β > β_c, where the flow must
 learn the two magnetised modes and the gap to exact grows) with a fresh optimiser and schedule:
-neighbouring β have similar densities, so most of the work is shared. A warm start must not make things worse: when the
-mean F/N of its last epochs lies more than 3σ above that of its first epochs (the neighbour's
+neighbouring β have similar densities, so most of the work is shared. A warm start must not
+make things worse: when the mean F/N of its last epochs lies more than 3σ above that of its first epochs (the neighbour's
 flow at the new β; :func:`warm_regression`), or its measured gap to the exact F/N is more than
 twice its neighbour's by over 3σ (:func:`gap_regression`: a flow lost during an anneal, which the
 first test does not see), or its training diverges, the β is trained again from the neighbour's weights
@@ -405,14 +405,10 @@ def _check_resume(manifest: dict[str, Any], config: IsingConfig | None, betas: S
         bad += [f"{k}={v!r} (sweep: {old[k]!r})" for k, v in config.to_dict().items() if old.get(k) != v]
     if betas is not None and list(betas) != list(manifest["betas"]):
         bad.append(f"β grid {list(betas)} (sweep: {manifest['betas']})")
-    if warm_epochs is not None and warm_epochs != manifest["warm_epochs"]:
-        bad.append(f"warm_epochs={warm_epochs} (sweep: {manifest['warm_epochs']})")
-    if cold_epochs is not None and cold_epochs != _cold_epochs(manifest):
-        bad.append(f"cold_epochs={cold_epochs} (sweep: {_cold_epochs(manifest)})")
-    if samples is not None and samples != manifest["samples"]:
-        bad.append(f"samples={samples} (sweep: {manifest['samples']})")
-    if step_check is not None and step_check != manifest.get("step_check", 1):
-        bad.append(f"step_check={step_check} (sweep: {manifest.get('step_check', 1)})")
+    saved = {"warm_epochs": manifest["warm_epochs"], "cold_epochs": _cold_epochs(manifest),
+             "samples": manifest["samples"], "step_check": manifest.get("step_check", 1)}
+    given = {"warm_epochs": warm_epochs, "cold_epochs": cold_epochs, "samples": samples, "step_check": step_check}
+    bad += [f"{k}={v} (sweep: {saved[k]})" for k, v in given.items() if v is not None and v != saved[k]]
     if bad:
         raise ValueError(f"{', '.join(bad)}: a resumed sweep keeps the settings of {path / MANIFEST}")
 
@@ -483,8 +479,9 @@ def _collect(folder: Path | None, done: dict[int, pd.DataFrame]) -> pd.DataFrame
 
 
 def sweep(config: IsingConfig | None, betas: str | Sequence[float | str] | None, *, out: str | Path | None = None,
-          warm_epochs: int | None = None, samples: int | None = None, max_minutes: float | None = None,
-          resume: bool = False, cold_epochs: int | None = None, force: bool = False, device: str | torch.device = "cpu", progress: bool = False,
+          warm_epochs: int | None = None, cold_epochs: int | None = None, samples: int | None = None,
+          max_minutes: float | None = None, resume: bool = False, force: bool = False,
+          device: str | torch.device = "cpu", progress: bool = False,
           verbose: bool = False, plot: bool = True, checkpoint_every: int = 100,
           make_trainer: TrainerFactory | None = None, step_check: int | None = None) -> pd.DataFrame:
     """Train and measure the flow at every β of a grid (fixed L), warm-starting each β from the last.

@@ -221,8 +221,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
     if isinstance(args.beta, BetaGrid) or (args.resume is not None and args.resume.name == MANIFEST):
         return run_sweep(args)
-    if (args.warm_epochs is not None or args.cold_epochs is not None or args.samples is not None
-            or args.step_check is not None or args.conditioned is not None):
+    if any(getattr(args, k) is not None for k in ("warm_epochs", "cold_epochs", "samples", "step_check", "conditioned")):
         raise ValueError("--warm-epochs, --cold-epochs, --samples, --step-check and --conditioned belong to a sweep: "
                          "give --beta a grid (e.g. 0.3:0.6:8)")
     run = RunStart("ising", out=args.out, resume=args.resume, force=args.force, outputs=OUTPUTS)
