@@ -5,7 +5,11 @@ grid (fixed L), from high temperature (small β) down. The first β trains from 
 ``config.epochs``; each next β starts from the previous β's trained weights and trains for
 ``warm_epochs`` (fewer; ``cold_epochs`` in the ordered phase, β > β_c, where the flow must
 learn the two magnetised modes and the gap to exact grows) with a fresh optimiser and schedule:
-neighbouring β have similar densities, so most of the work is shared. A warm start must not
+neighbouring β have similar densities, so most of the work is shared. With ``cold_mixture`` the
+β > β_c train another flow family: a potential without the Z2 symmetry inside the exact Z2 mixture
+(1/2)[q(x) + q(−x)] (:func:`cold_config`), so that the flow needs to carry the Gaussian to one
+magnetised mode only, instead of tearing it in two (:func:`load_warm_state` carries the
+neighbour's weights across the switch). A warm start must not
 make things worse: when the mean F/N of its last epochs lies more than 3σ above that of its first epochs (the neighbour's
 flow at the new β; :func:`warm_regression`), or its measured gap to the exact F/N is more than
 twice its neighbour's by over 3σ (:func:`gap_regression`: a flow lost during an anneal, which the
@@ -66,7 +70,8 @@ from .exact import CRITICAL_BETA
 from .runs import RunFolder, RunFolderError, provenance, write_json
 from .train import TrainingDiverged, VariationalTrainer
 
-__all__ = ["MANIFEST", "BetaGrid", "beta_folder", "beta_or_grid", "parse_beta_grid", "read_manifest", "sweep"]
+__all__ = ["MANIFEST", "BetaGrid", "beta_folder", "beta_or_grid", "cold_config", "load_warm_state", "parse_beta_grid",
+           "read_manifest", "sweep"]
 
 #: The sweep's own files in its folder (``--force`` removes them and the β folders the manifest names).
 MANIFEST = "sweep.json"
@@ -217,8 +222,54 @@ def _make_trainer(config: IsingConfig, device: torch.device, out_dir: str | None
     return make_trainer(config, device, out_dir, progress=progress, checkpoint_every=checkpoint_every)
 
 
+def cold_config(config: IsingConfig) -> IsingConfig:
+    """The flow of the ordered phase with ``cold_mixture``: the same potential without the Z2
+    symmetry (the group without ``+z2``; the conv part then has biases), wrapped in the exact Z2
+    mixture (``mixture="z2"``, twice the cost of an epoch).
+
+    Below T_c the HS target has two magnetised modes far apart (at L=16, β=0.6, some 70 standard
+    deviations along the zero mode), and a Z2-symmetric flow from one Gaussian must tear it in two;
+    a flow that carries it to one mode, mirrored by the mixture, need not. Measured (README, "Every
+    temperature"): L=8, β=0.6, annealed from 0.3, 600 epochs: 9.4e-3 → 7.3e-4.
+
+    Raises:
+        ValueError: a config that already has a mixture, or whose group is Z2 alone.
+    """
+    if config.mixture != "none":
+        raise ValueError(f"cold_mixture sets the Z2 mixture of the ordered phase itself; the config has "
+                         f"mixture={config.mixture!r} already")
+    if config.group == "z2":
+        raise ValueError("cold_mixture needs a lattice symmetry group to keep (group='z2' has none but Z2)")
+    return config.replace(group=config.group.removesuffix("+z2"), mixture="z2")
+
+
+def load_warm_state(flow: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Load the neighbour's weights ``state`` into a β's ``flow``, also across the switch to the
+    ordered phase's flow of :func:`cold_config` (a symmetric flow's weights into the Z2 mixture).
+
+    The keys gain the mixture's ``flow.`` prefix where needed, and the only parameters the
+    symmetric flow lacks, the conv part's biases, start at zero: the conv part is then the
+    neighbour's (an odd pre-activation under an even activation), and the flow differs from the
+    neighbour's only through the MLP part's odd half, which the Z2 average hid.
+
+    Raises:
+        ValueError: other keys missing or left over (not a neighbour of this flow's family).
+    """
+    own = flow.state_dict()
+    if any(k.startswith("flow.") for k in own) and not any(k.startswith("flow.") for k in state):
+        state = {f"flow.{k}": v for k, v in state.items()}
+    missing, unexpected = flow.load_state_dict(state, strict=False)
+    other = [k for k in missing if not k.endswith(".conv_bias")]
+    if other or unexpected:
+        raise ValueError(f"the neighbour's weights do not fit this β's flow (missing {other}, "
+                         f"unexpected {list(unexpected)})")
+    with torch.no_grad():
+        for k in missing:
+            flow.get_parameter(k).zero_()
+
+
 def _beta_config(config: IsingConfig, beta: float, warm: bool, warm_epochs: int, lr_scale: float = 1.0,
-                 from_beta: float | None = None, index: int = 0) -> IsingConfig:
+                 from_beta: float | None = None, index: int = 0, cold_mixture: bool = False) -> IsingConfig:
     """The config of one β: β by name when critical; warm starts train ``warm_epochs`` with a short
     warm-up, at the learning rates times ``lr_scale`` (halved by each regressed warm start), and with
     the seed ``config.seed + index`` (the β's place in the grid). With ``anneal_from`` set, the first
@@ -228,8 +279,10 @@ def _beta_config(config: IsingConfig, beta: float, warm: bool, warm_epochs: int,
     The seed matters: a warm start with its neighbour's seed replays the neighbour's training
     samples, on which the neighbour's flow was fitted, so its first epochs' F/N came out low by up to
     7e-3 per site at L=8 (in-sample) and the warm-start guard read the fading of that bias as a rise
-    (README, "In-sample samples")."""
+    (README, "In-sample samples"). With ``cold_mixture`` a β > β_c gets :func:`cold_config`."""
     cfg = config.replace(beta="critical" if beta == CRITICAL_BETA else beta, beta_name=None)
+    if cold_mixture and beta > CRITICAL_BETA:
+        cfg = cold_config(cfg)
     if warm:
         cfg = cfg.replace(seed=config.seed + index)
         anneal: dict[str, Any] = {}
@@ -347,10 +400,11 @@ class _Signals:
 
 
 def _manifest(config: IsingConfig, betas: Sequence[float], warm_epochs: int, samples: int,
-              step_check: int = 1, cold_epochs: int | None = None) -> dict[str, Any]:
+              step_check: int = 1, cold_epochs: int | None = None, cold_mixture: bool = False) -> dict[str, Any]:
     return {"kind": "ising-sweep", "config": config.to_dict(), "betas": list(betas),
             "beta_names": ["critical" if b == CRITICAL_BETA else None for b in betas],
             "warm_epochs": warm_epochs, "cold_epochs": warm_epochs if cold_epochs is None else cold_epochs,
+            "cold_mixture": bool(cold_mixture),
             "samples": samples, "step_check": step_check,
             "runs": [beta_folder(k, b) for k, b in enumerate(betas)],
             "order": "increasing β (high temperature first); each β after the first starts from the previous "
@@ -397,7 +451,7 @@ def resumed_manifest(folder: Path | None) -> dict[str, Any]:
 
 def _check_resume(manifest: dict[str, Any], config: IsingConfig | None, betas: Sequence[float] | None,
                   warm_epochs: int | None, samples: int | None, path: Path, step_check: int | None = None,
-                  cold_epochs: int | None = None) -> None:
+                  cold_epochs: int | None = None, cold_mixture: bool | None = None) -> None:
     """Refuse a resume whose settings differ from the manifest's (naming each)."""
     bad = []
     if config is not None and config.to_dict() != IsingConfig.from_dict(manifest["config"]).to_dict():
@@ -406,8 +460,10 @@ def _check_resume(manifest: dict[str, Any], config: IsingConfig | None, betas: S
     if betas is not None and list(betas) != list(manifest["betas"]):
         bad.append(f"β grid {list(betas)} (sweep: {manifest['betas']})")
     saved = {"warm_epochs": manifest["warm_epochs"], "cold_epochs": _cold_epochs(manifest),
-             "samples": manifest["samples"], "step_check": manifest.get("step_check", 1)}
-    given = {"warm_epochs": warm_epochs, "cold_epochs": cold_epochs, "samples": samples, "step_check": step_check}
+             "samples": manifest["samples"], "step_check": manifest.get("step_check", 1),
+             "cold_mixture": bool(manifest.get("cold_mixture", False))}
+    given = {"warm_epochs": warm_epochs, "cold_epochs": cold_epochs, "samples": samples, "step_check": step_check,
+             "cold_mixture": cold_mixture}
     bad += [f"{k}={v} (sweep: {saved[k]})" for k, v in given.items() if v is not None and v != saved[k]]
     if bad:
         raise ValueError(f"{', '.join(bad)}: a resumed sweep keeps the settings of {path / MANIFEST}")
@@ -483,7 +539,8 @@ def sweep(config: IsingConfig | None, betas: str | Sequence[float | str] | None,
           max_minutes: float | None = None, resume: bool = False, force: bool = False,
           device: str | torch.device = "cpu", progress: bool = False,
           verbose: bool = False, plot: bool = True, checkpoint_every: int = 100,
-          make_trainer: TrainerFactory | None = None, step_check: int | None = None) -> pd.DataFrame:
+          make_trainer: TrainerFactory | None = None, step_check: int | None = None,
+          cold_mixture: bool | None = None) -> pd.DataFrame:
     """Train and measure the flow at every β of a grid (fixed L), warm-starting each β from the last.
 
     Args:
@@ -509,6 +566,8 @@ def sweep(config: IsingConfig | None, betas: str | Sequence[float | str] | None,
         step_check: also measure the free energies with each RK4 step split in this many
             (:func:`analysis.thermo.step_check_rows`, fresh samples; methods ``*_refined``), the
             check that an estimate is converged in the step (default 2; 1: no check).
+        cold_mixture: train the β > β_c as a Z2 mixture of a flow without the Z2 symmetry
+            (:func:`cold_config`; default False).
 
     Returns:
         the tidy table of :data:`analysis.thermo.COLUMNS` (one row per β, quantity, method; the β
@@ -531,11 +590,12 @@ def sweep(config: IsingConfig | None, betas: str | Sequence[float | str] | None,
             return conditioned_sweep(None, None, out=folder, resume=True, max_minutes=max_minutes, device=device,
                                      progress=progress, verbose=verbose, plot=plot, checkpoint_every=checkpoint_every)
         grid = None if betas is None else parse_beta_grid(betas)
-        _check_resume(manifest, config, grid, warm_epochs, samples, folder, step_check, cold_epochs)
+        _check_resume(manifest, config, grid, warm_epochs, samples, folder, step_check, cold_epochs, cold_mixture)
         config = IsingConfig.from_dict(manifest["config"])
         grid = tuple(float(b) for b in manifest["betas"])
         warm_epochs, samples = int(manifest["warm_epochs"]), int(manifest["samples"])
         cold_epochs = _cold_epochs(manifest)
+        cold_mixture = bool(manifest.get("cold_mixture", False))  # sweeps written before the option: off
         step_check = int(manifest.get("step_check", 1))  # sweeps written before the check had none
     else:
         if not isinstance(config, IsingConfig):
@@ -547,7 +607,10 @@ def sweep(config: IsingConfig | None, betas: str | Sequence[float | str] | None,
         cold_epochs = check_size("cold_epochs", cold_epochs) if cold_epochs is not None else warm_epochs
         samples = check_size("samples", samples if samples is not None else DEFAULT_SAMPLES, 2)
         step_check = check_size("step_check", step_check if step_check is not None else DEFAULT_STEP_CHECK)
-        manifest = _manifest(config, grid, warm_epochs, samples, step_check, cold_epochs)
+        cold_mixture = bool(cold_mixture)
+        if cold_mixture:
+            cold_config(config)  # a config it cannot apply to fails here
+        manifest = _manifest(config, grid, warm_epochs, samples, step_check, cold_epochs, cold_mixture)
     if max_minutes is not None and not (isinstance(max_minutes, (int, float)) and max_minutes > 0):
         raise ValueError(f"max_minutes must be a number > 0 or None, got max_minutes={max_minutes!r}")
     device = torch.device(device)
@@ -555,7 +618,8 @@ def sweep(config: IsingConfig | None, betas: str | Sequence[float | str] | None,
     runs = [folder / name for name in manifest["runs"]] if folder is not None else [None] * len(grid)
 
     if not resume:  # a config that cannot build its flow fails here, before anything is written
-        make(_beta_config(config, grid[0], False, warm_epochs), device, None, progress=False)
+        make(_beta_config(config, grid[0], False, warm_epochs, cold_mixture=cold_mixture), device, None,
+             progress=False)
     root: RunFolder | None = None
     if folder is not None:
         old = folder / MANIFEST
@@ -613,7 +677,8 @@ def sweep(config: IsingConfig | None, betas: str | Sequence[float | str] | None,
                         remaining = 1e-9  # like a single run, a sweep trains at least one epoch per invocation
                     cfg = _beta_config(config, beta, warm, warm_epochs_of(beta, warm_epochs, cold_epochs),
                                        lr_scale if warm else 1.0,
-                                       from_beta=grid[k - 1] if warm else None, index=k)
+                                       from_beta=grid[k - 1] if warm else None, index=k,
+                                       cold_mixture=cold_mixture)
                     sub: RunFolder | None = None
                     if run is not None:
                         # a β folder without a checkpoint holds nothing worth keeping (killed before its first one)
@@ -627,7 +692,7 @@ def sweep(config: IsingConfig | None, betas: str | Sequence[float | str] | None,
                         elif warm:
                             if prev_state is None:
                                 prev_state = load_checkpoint(runs[k - 1] / "checkpoint.pt", required=("model",))["model"]
-                            trainer.flow.load_state_dict(prev_state)
+                            load_warm_state(trainer.flow, prev_state)
                             how = f"warm start from {prev_name}"
                         else:
                             how = "from scratch"

@@ -169,7 +169,7 @@ ISING_CASES = table(
     Case("--init-scale", ("--init-scale", "linear"), {"init_scale": "linear"},  # U(±1/√4), not 1e-3·N(0, 1)
          lambda b: b.mlp.readout.abs().max().item() > 0.05, True),
     Case("--quadratic-init", ("--quadratic-init", "zero"), {"quadratic_init": "zero"},
-         lambda b: float(b.quad.a.abs().max()), 0.0, control=("--quadratic-init", "gaussian")),
+         lambda b: float(b.quad.a.detach().abs().max()), 0.0, control=("--quadratic-init", "gaussian")),
     Case("--quadratic-init", ("--quadratic-init", "gaussian"), {"quadratic_init": "gaussian"},
          # A = ln(Σ*)/(2T): the top eigenvalue of A·2T is ln of the best Gaussian's top variance (zero: A = 0)
          lambda b: round(float(torch.linalg.eigvalsh(b.quad.matrix().detach().double()).max()) * 2 * b.flow.n_steps
@@ -303,6 +303,36 @@ def test_ising_cold_epochs_flag(tmp_path: Path) -> None:
     assert exit_status(mi.cli, ["--resume", str(tmp_path / "run"), "--cold-epochs", "5", "--quiet"]) == 2
     assert exit_status(mi.cli, ISING.argv(tmp_path / "single", "--cold-epochs", "3")) == 2
     assert not (tmp_path / "single").exists()
+
+
+@covers("ising", "--cold-mixture")
+def test_ising_cold_mixture_flag(tmp_path: Path) -> None:
+    # the β above β_c train the Z2 mixture of a flow without the Z2 symmetry; the others are untouched
+    from latticeflow.checkpoint import load_checkpoint
+    from latticeflow.sweep import beta_folder
+
+    grid = (0.3, CRITICAL_BETA, 0.5)
+    def flows(out: Path, *extra: str) -> list[tuple[str, str]]:
+        mi.main(ISING.argv(out, "--epochs", "4", "--beta", "0.3,critical,0.5", "--warm-epochs", "2",
+                           "--samples", "16", "--step-check", "1", "--no-plot", *extra))
+        runs = [out / beta_folder(k, b) for k, b in enumerate(grid)]
+        cfgs = [json.loads((r / "config.json").read_text()) for r in runs]
+        # the flow that was trained: a SymmetricMixture's weights sit under "flow."
+        mixed = [all(k.startswith("flow.") for k in load_checkpoint(r / "checkpoint.pt")["model"]) for r in runs]
+        assert mixed == [c["mixture"] != "none" for c in cfgs]
+        return [(c["group"], c["mixture"]) for c in cfgs]
+
+    group = "space+z2"  # the default
+    assert flows(tmp_path / "control") == [(group, "none")] * 3
+    assert json.loads((tmp_path / "control" / "sweep.json").read_text())["cold_mixture"] is False
+    assert flows(tmp_path / "run", "--cold-mixture") == [(group, "none")] * 2 + [(group.removesuffix("+z2"), "z2")]
+    assert json.loads((tmp_path / "run" / "sweep.json").read_text())["cold_mixture"] is True
+    # a resume keeps it and refuses to add it; a single β and --conditioned refuse the flag
+    assert exit_status(mi.cli, ["--resume", str(tmp_path / "control"), "--cold-mixture", "--quiet"]) == 2
+    assert exit_status(mi.cli, ISING.argv(tmp_path / "single", "--cold-mixture")) == 2
+    assert exit_status(mi.cli, ISING.argv(tmp_path / "cond", "--beta", "0.3,0.5", "--conditioned", "1",
+                                          "--cold-mixture")) == 2
+    assert not (tmp_path / "single").exists() and not (tmp_path / "cond").exists()
 
 
 @covers("ising", "--conditioned")

@@ -464,3 +464,53 @@ def test_each_warm_start_draws_samples_of_its_own(tmp_path: Path) -> None:
     seeds = [json.loads((tmp_path / beta_folder(k, b) / "config.json").read_text())["seed"]
              for k, b in enumerate((0.3, 0.5))]
     assert seeds == [5, 6]
+
+
+def test_load_warm_state_carries_a_symmetric_flow_into_the_cold_mixture() -> None:
+    """The switch to the ordered phase's flow (cold_config) keeps the neighbour's flow where it can.
+
+    With an MLP without biases every part of the symmetric flow is Z2-even, so the cold flow
+    (group without Z2, conv biases started at zero) must carry exactly the same potential, and its
+    Z2 mixture of a symmetric density is that density: ln q equal to float64 rounding. With biases
+    the MLP's odd half, hidden by the Z2 average, shows: the weights still carry over unchanged."""
+    from latticeflow.sweep import cold_config, load_warm_state
+
+    torch.manual_seed(0)
+    lattice = ising(4, 0.6).lattice
+    for bias in (False, True):
+        cfg = IsingConfig(L=4, beta=0.6, hidden=8, channels=3, kernel_size=3, n_steps=3, init_scale=0.3, bias=bias,
+                          symmetrize="exact", dtype="float64")
+        sym, cold = build_flow(cfg, lattice), build_flow(cold_config(cfg), lattice)
+        assert cold_config(cfg).group == "space" and cold_config(cfg).mixture == "z2"
+        with torch.no_grad():
+            for p in sym.parameters():
+                p.add_(0.2 * torch.randn_like(p))
+        load_warm_state(cold, sym.state_dict())
+        own = cold.state_dict()
+        assert torch.count_nonzero(own["flow.potential.parts.1.conv_bias"]) == 0
+        for k, v in sym.state_dict().items():
+            assert torch.equal(own[f"flow.{k}"], v), k
+        x = 2.0 * torch.randn(64, lattice.N, dtype=torch.float64)
+        with torch.no_grad():
+            lp_sym, lp_cold = sym.log_prob(x), cold.log_prob(x)
+        if not bias:
+            torch.testing.assert_close(lp_cold, lp_sym, rtol=0, atol=1e-10)
+        else:
+            assert (lp_cold - lp_sym).abs().max() > 1e-6  # the odd half is no longer averaged away
+    # a flow of another family is refused, naming the keys
+    other = build_flow(IsingConfig(L=4, potential="quadratic+mlp", hidden=8), lattice)
+    with pytest.raises(ValueError, match="do not fit"):
+        load_warm_state(build_flow(cold_config(IsingConfig(L=4)), lattice), other.state_dict())
+
+
+def test_cold_mixture_refuses_what_it_cannot_apply_to(tmp_path: Path) -> None:
+    from latticeflow.sweep import cold_config
+
+    with pytest.raises(ValueError, match="mixture='d4' already"):
+        cold_config(TINY.replace(mixture="d4"))
+    with pytest.raises(ValueError, match="group='z2'"):
+        cold_config(TINY.replace(group="z2"))
+    with pytest.raises(ValueError, match="already"):  # before anything is written
+        sweep(TINY.replace(mixture="z2"), (0.3, 0.6), out=tmp_path / "s", cold_mixture=True)
+    assert not (tmp_path / "s").exists()
+    assert cold_config(TINY.replace(group="translation")).group == "translation"  # no Z2 to drop: the mixture only
