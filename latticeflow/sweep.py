@@ -9,8 +9,8 @@ neighbouring β have similar densities, so most of the work is shared. With ``co
 β > β_c train another flow family: a potential without the Z2 symmetry inside the exact Z2 mixture
 (1/2)[q(x) + q(−x)] (:func:`cold_config`), so that the flow needs to carry the Gaussian to one
 magnetised mode only, instead of tearing it in two (:func:`load_warm_state` carries the
-neighbour's weights across the switch). A warm start must not
-make things worse: when the mean F/N of its last epochs lies more than 3σ above that of its first epochs (the neighbour's
+neighbour's weights across the switch). A warm start must not make things worse: when the
+mean F/N of its last epochs lies more than 3σ above that of its first epochs (the neighbour's
 flow at the new β; :func:`warm_regression`), or its measured gap to the exact F/N is more than
 twice its neighbour's by over 3σ (:func:`gap_regression`: a flow lost during an anneal, which the
 first test does not see), or its training diverges, the β is trained again from the neighbour's weights
@@ -416,6 +416,11 @@ def _cold_epochs(manifest: dict[str, Any]) -> int:
     return int(manifest.get("cold_epochs", manifest["warm_epochs"]))
 
 
+def _cold_mixture(manifest: dict[str, Any]) -> bool:
+    """Whether this sweep trains the β > β_c as a Z2 mixture (sweeps written before the option: no)."""
+    return bool(manifest.get("cold_mixture", False))
+
+
 def warm_epochs_of(beta: float, warm_epochs: int, cold_epochs: int) -> int:
     """The epochs of a warm-started β: ``cold_epochs`` in the ordered phase (β > β_c), else ``warm_epochs``."""
     return cold_epochs if beta > CRITICAL_BETA else warm_epochs
@@ -449,10 +454,11 @@ def resumed_manifest(folder: Path | None) -> dict[str, Any]:
     return read_manifest(folder)
 
 
-def _check_resume(manifest: dict[str, Any], config: IsingConfig | None, betas: Sequence[float] | None,
-                  warm_epochs: int | None, samples: int | None, path: Path, step_check: int | None = None,
-                  cold_epochs: int | None = None, cold_mixture: bool | None = None) -> None:
-    """Refuse a resume whose settings differ from the manifest's (naming each)."""
+def _check_resume(manifest: dict[str, Any], config: IsingConfig | None, betas: Sequence[float] | None, path: Path,
+                  **given: Any) -> None:
+    """Refuse a resume whose settings differ from the manifest's (naming each): ``config``, ``betas``
+    and the sweep settings ``given`` (warm_epochs, cold_epochs, cold_mixture, samples, step_check;
+    None: not given)."""
     bad = []
     if config is not None and config.to_dict() != IsingConfig.from_dict(manifest["config"]).to_dict():
         old = IsingConfig.from_dict(manifest["config"]).to_dict()
@@ -461,9 +467,7 @@ def _check_resume(manifest: dict[str, Any], config: IsingConfig | None, betas: S
         bad.append(f"β grid {list(betas)} (sweep: {manifest['betas']})")
     saved = {"warm_epochs": manifest["warm_epochs"], "cold_epochs": _cold_epochs(manifest),
              "samples": manifest["samples"], "step_check": manifest.get("step_check", 1),
-             "cold_mixture": bool(manifest.get("cold_mixture", False))}
-    given = {"warm_epochs": warm_epochs, "cold_epochs": cold_epochs, "samples": samples, "step_check": step_check,
-             "cold_mixture": cold_mixture}
+             "cold_mixture": _cold_mixture(manifest)}
     bad += [f"{k}={v} (sweep: {saved[k]})" for k, v in given.items() if v is not None and v != saved[k]]
     if bad:
         raise ValueError(f"{', '.join(bad)}: a resumed sweep keeps the settings of {path / MANIFEST}")
@@ -590,12 +594,13 @@ def sweep(config: IsingConfig | None, betas: str | Sequence[float | str] | None,
             return conditioned_sweep(None, None, out=folder, resume=True, max_minutes=max_minutes, device=device,
                                      progress=progress, verbose=verbose, plot=plot, checkpoint_every=checkpoint_every)
         grid = None if betas is None else parse_beta_grid(betas)
-        _check_resume(manifest, config, grid, warm_epochs, samples, folder, step_check, cold_epochs, cold_mixture)
+        _check_resume(manifest, config, grid, folder, warm_epochs=warm_epochs, cold_epochs=cold_epochs,
+                      cold_mixture=cold_mixture, samples=samples, step_check=step_check)
         config = IsingConfig.from_dict(manifest["config"])
         grid = tuple(float(b) for b in manifest["betas"])
         warm_epochs, samples = int(manifest["warm_epochs"]), int(manifest["samples"])
         cold_epochs = _cold_epochs(manifest)
-        cold_mixture = bool(manifest.get("cold_mixture", False))  # sweeps written before the option: off
+        cold_mixture = _cold_mixture(manifest)
         step_check = int(manifest.get("step_check", 1))  # sweeps written before the check had none
     else:
         if not isinstance(config, IsingConfig):
