@@ -69,7 +69,7 @@ from latticeflow.ising import improved_spins, sample_spins
 from latticeflow.target import Target
 
 from .autocorr import integrated_time
-from .diagnostics import Verdict, chain_verdict, importance_diagnostics, split_rhat
+from .diagnostics import Verdict, chain_verdict, importance_diagnostics, influence_verdict, split_rhat
 from .free_energy import (
     Estimate,
     effective_sample_size,
@@ -78,7 +78,7 @@ from .free_energy import (
     variational_free_energy,
 )
 from .hmc import from_energy, hmc, independence_metropolis
-from .observables import energy_moments, magnetisation_moments, measure
+from .observables import energy_moments, influences, magnetisation_moments, measure, moments_of, summarize
 
 __all__ = [
     "ChainResult",
@@ -840,6 +840,9 @@ class FlowEstimates:
         seconds: wall time of sampling and measuring.
         importance: :func:`analysis.diagnostics.importance_diagnostics` of the log-weights
             (Pareto k̂, Kish ESS, Var ln w and the verdict on every reweighted estimate).
+        tails: observable name → (k̂, verdict) of its reweighted estimate's per-sample
+            contributions (:func:`analysis.diagnostics.influence_verdict`): the weights'
+            verdict judges ⟨w⟩, this one where large weights meet extreme values of the observable.
     """
 
     n_samples: int
@@ -856,6 +859,7 @@ class FlowEstimates:
     spins: np.ndarray = field(repr=False)
     seconds: float = 0.0
     importance: Any = None
+    tails: dict[str, tuple[float, Verdict]] = field(default_factory=dict, repr=False)
 
 
 def _shifted(e: Estimate, offset: float) -> Estimate:
@@ -903,9 +907,11 @@ def flow_estimates(
     f_var = variational_free_energy(lq, energy).per_site(N)
     f_is = importance_free_energy(lq, energy).per_site(N)
     offset = float(target.log_z_offset) / N
-    t = improved_spins(x).double().cpu().numpy()
-    obs = measure(t, target.lattice, beta=target.beta, J=target.J)
-    obs_w = measure(t, target.lattice, beta=target.beta, J=target.J, log_weights=lw)
+    moments = moments_of(improved_spins(x).double().cpu().numpy(), target.lattice, target.J)
+    obs = summarize(moments, N, beta=target.beta)
+    obs_w = summarize(moments, N, beta=target.beta, log_weights=lw)
+    tails = {name: influence_verdict(psi) for name, psi in influences(moments, N, beta=target.beta,
+                                                                      log_weights=lw).items()}
     spins = sample_spins(x, generator)
     L = int(round(math.sqrt(N)))
     k = min(n_spin_images, n_samples)
@@ -924,5 +930,6 @@ def flow_estimates(
         spins=spins[:k].reshape(k, L, L).cpu().numpy() if L * L == N else np.empty((0, 0, 0)),
         seconds=time.perf_counter() - start,
         importance=importance_diagnostics(lw),
+        tails=tails,
     )
 

@@ -44,7 +44,7 @@ from latticeflow._checks import check_beta
 
 from .free_energy import Estimate
 
-__all__ = ["energy_moments", "magnetisation_moments", "measure", "summarize"]
+__all__ = ["energy_moments", "influences", "magnetisation_moments", "measure", "moments_of", "summarize"]
 
 _SPIN_TOL = 1e-12
 
@@ -203,13 +203,13 @@ def _block_starts(B: int, n_blocks: int) -> np.ndarray:
     return np.concatenate([[0], np.cumsum(sizes)[:-1]])
 
 
-def _jackknife_ratio(
+def _leave_one_block_out(
     values: np.ndarray,
     log_weights: np.ndarray | None,
     n_blocks: int,
     derived: Callable[[np.ndarray], np.ndarray],
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Block jackknife of derived(⟨O_1⟩, …, ⟨O_K⟩) with (weighted) sample means.
+    """derived(⟨O_1⟩, …, ⟨O_K⟩) from all samples and with each contiguous block left out.
 
     Args:
         values: per-sample observables, shape (B, K).
@@ -218,7 +218,7 @@ def _jackknife_ratio(
         derived: maps means of shape (..., K) to results of shape (..., M).
 
     Returns:
-        (estimate, stderr), each shape (M,); the estimate uses all samples.
+        (full, theta): shapes (M,) and (n_blocks, M); the means are (weighted) sample means.
     """
     B = values.shape[0]
     w = np.ones(B) if log_weights is None else np.exp(log_weights - log_weights.max())
@@ -229,6 +229,21 @@ def _jackknife_ratio(
     full = derived(two / tw)
     with np.errstate(divide="ignore", invalid="ignore"):
         theta = derived((two - bwo) / (tw - bw)[:, None])  # leave-one-block-out, (nb, M)
+    return full, theta
+
+
+def _jackknife_ratio(
+    values: np.ndarray,
+    log_weights: np.ndarray | None,
+    n_blocks: int,
+    derived: Callable[[np.ndarray], np.ndarray],
+) -> tuple[np.ndarray, np.ndarray]:
+    """Block jackknife of derived(⟨O_1⟩, …, ⟨O_K⟩) with (weighted) sample means.
+
+    Arguments as :func:`_leave_one_block_out`. Returns (estimate, stderr), each shape (M,); the
+    estimate uses all samples.
+    """
+    full, theta = _leave_one_block_out(values, log_weights, n_blocks, derived)
     err = np.sqrt((n_blocks - 1) / n_blocks * np.sum((theta - theta.mean(0)) ** 2, axis=0))
     return full, err
 
@@ -236,37 +251,10 @@ def _jackknife_ratio(
 _MOMENT_KEYS = ("m", "abs_m", "m2", "m4", "energy", "energy_sq")
 
 
-def summarize(
-    moments: Mapping[str, object],
-    N: int,
-    beta: float | None = None,
-    log_weights: object | None = None,
-    n_blocks: int | None = None,
-) -> dict[str, Estimate]:
-    """Averages and derived observables with block-jackknife errors from per-sample moments.
-
-    Args:
-        moments: per-sample arrays of shape (B,) with any of the keys ``m``, ``abs_m``,
-            ``m2``, ``m4``, ``energy``, ``energy_sq`` (as returned by
-            :func:`magnetisation_moments` and :func:`energy_moments`; per-site quantities).
-        N: number of sites.
-        beta: inverse temperature; needed for ``susceptibility``, ``susceptibility_m2`` and
-            ``specific_heat`` (omitted when None).
-        log_weights: importance log weights ln w, shape (B,), or None for plain averages;
-            the weighted averages are self-normalised, Σ w O / Σ w.
-        n_blocks: jackknife blocks in [2, B]; default min(B, 100). Blocks are contiguous in
-            the sample order, so for a Markov chain they must be longer than τ.
-
-    Returns:
-        dict name → Estimate with the averages of the given moments plus, when their
-        ingredients are present, ``binder`` = 1 − ⟨m⁴⟩/(3⟨m²⟩²), ``susceptibility`` =
-        βN(⟨m²⟩ − ⟨|m|⟩²), ``susceptibility_m2`` = βN⟨m²⟩ and ``specific_heat`` =
-        β²N(⟨e²⟩ − ⟨e⟩²) (per site).
-
-    Raises:
-        ValueError: unknown keys, arrays of different shapes, non-finite values, bad weights,
-            B < 2 or bad n_blocks.
-    """
+def _prepare(moments: Mapping[str, object], N: int, beta: float | None, log_weights: object | None,
+             n_blocks: int | None) -> tuple[np.ndarray, np.ndarray | None, int, list[str],
+                                             Callable[[np.ndarray], np.ndarray]]:
+    """Checked (values (B, K), ln w or None, n_blocks, output names, derived) of :func:`summarize`'s input."""
     unknown = set(moments) - set(_MOMENT_KEYS)
     if unknown or not moments:
         raise ValueError(f"moments keys must be among {_MOMENT_KEYS}, got {sorted(moments)}")
@@ -320,8 +308,67 @@ def summarize(
                 out.append(beta**2 * N * (mu[..., col["energy_sq"]] - mu[..., col["energy"]] ** 2))
         return np.stack(out, axis=-1)
 
-    est, err = _jackknife_ratio(values, lw, int(n_blocks), derived)
+    return values, lw, int(n_blocks), names, derived
+
+
+def summarize(
+    moments: Mapping[str, object],
+    N: int,
+    beta: float | None = None,
+    log_weights: object | None = None,
+    n_blocks: int | None = None,
+) -> dict[str, Estimate]:
+    """Averages and derived observables with block-jackknife errors from per-sample moments.
+
+    Args:
+        moments: per-sample arrays of shape (B,) with any of the keys ``m``, ``abs_m``,
+            ``m2``, ``m4``, ``energy``, ``energy_sq`` (as returned by
+            :func:`magnetisation_moments` and :func:`energy_moments`; per-site quantities).
+        N: number of sites.
+        beta: inverse temperature; needed for ``susceptibility``, ``susceptibility_m2`` and
+            ``specific_heat`` (omitted when None).
+        log_weights: importance log weights ln w, shape (B,), or None for plain averages;
+            the weighted averages are self-normalised, Σ w O / Σ w.
+        n_blocks: jackknife blocks in [2, B]; default min(B, 100). Blocks are contiguous in
+            the sample order, so for a Markov chain they must be longer than τ.
+
+    Returns:
+        dict name → Estimate with the averages of the given moments plus, when their
+        ingredients are present, ``binder`` = 1 − ⟨m⁴⟩/(3⟨m²⟩²), ``susceptibility`` =
+        βN(⟨m²⟩ − ⟨|m|⟩²), ``susceptibility_m2`` = βN⟨m²⟩ and ``specific_heat`` =
+        β²N(⟨e²⟩ − ⟨e⟩²) (per site).
+
+    Raises:
+        ValueError: unknown keys, arrays of different shapes, non-finite values, bad weights,
+            B < 2 or bad n_blocks.
+    """
+    values, lw, n_blocks, names, derived = _prepare(moments, N, beta, log_weights, n_blocks)
+    est, err = _jackknife_ratio(values, lw, n_blocks, derived)
     return {name: Estimate(float(v), float(e)) for name, v, e in zip(names, est, err)}
+
+
+def influences(
+    moments: Mapping[str, object],
+    N: int,
+    beta: float | None = None,
+    log_weights: object | None = None,
+) -> dict[str, np.ndarray]:
+    """Each sample's contribution to each estimate of :func:`summarize`: ψ_b = (B − 1)(θ − θ_(−b)).
+
+    θ is the estimate from all B samples and θ_(−b) the one without sample b (the jackknife's
+    pseudo-values less θ). For a (self-normalised, weighted) mean ψ_b = w_b (O_b − ⟨O⟩)/w̄ up to
+    O(1/B), and for a derived quantity f(⟨O⟩) the same with ∇f: the estimate's error is
+    √(Σ ψ²)/B, so a heavy tail of |ψ| is a heavy tail of the error itself. Unlike the weights
+    alone, ψ sees where large weights meet extreme values of the observable (below T_c: rare
+    configurations between the two magnetised modes, which carry both).
+
+    Arguments as :func:`summarize`. Returns dict name → array of shape (B,).
+    """
+    values, lw, _, names, derived = _prepare(moments, N, beta, log_weights, None)
+    B = values.shape[0]
+    full, theta = _leave_one_block_out(values, lw, B, derived)
+    psi = (B - 1) * (full[None, :] - theta)
+    return {name: psi[:, i] for i, name in enumerate(names)}
 
 
 def measure(
@@ -352,6 +399,13 @@ def measure(
         (-2.0, 0.6666666666666667)
     """
     t = _check_spins(spins)
+    return summarize(moments_of(t, lattice, J), t.shape[1], beta=beta, log_weights=log_weights, n_blocks=n_blocks)
+
+
+def moments_of(spins: object, lattice: object, J: float = 1.0) -> dict[str, np.ndarray]:
+    """Per-sample magnetisation and energy moments (:func:`magnetisation_moments` and
+    :func:`energy_moments` together), the input of :func:`summarize` and :func:`influences`."""
+    t = _check_spins(spins)
     moments = magnetisation_moments(t)
     moments.update(energy_moments(t, lattice, J))
-    return summarize(moments, t.shape[1], beta=beta, log_weights=log_weights, n_blocks=n_blocks)
+    return moments

@@ -44,7 +44,7 @@ from latticeflow.checkpoint import CheckpointError, check_kind, checkpoint_kind,
 from latticeflow.flow import Flow
 from latticeflow.ising import IsingHS
 
-from .diagnostics import Verdict, chain_verdict, split_rhat
+from .diagnostics import BOUND, PLAIN, Verdict, chain_verdict, split_rhat
 from .free_energy import Estimate, format_with_error
 from .latent import (
     ChainResult,
@@ -77,8 +77,6 @@ DTYPES = {"float32": torch.float32, "float64": torch.float64}
 CSV_COLUMNS = ("quantity", "method", "value", "stderr", "systematic", "exact", "deviation_sigma", "reliable",
                "reason")
 CROSS_CHECK_SIGMA = 3.0  # flow-side and target-side −ln Z/N must agree within this (see compute_estimates)
-PLAIN = Verdict(False, "plain flow average: biased by the flow's error (use a reweighted or Monte Carlo row)")
-BOUND = Verdict(False, "upper bound: F_q ≥ F by construction; the error bar is that of F_q, not of F")
 
 
 # ---------------------------------------------------------------------- settings
@@ -253,7 +251,8 @@ def estimate_rows(flow: FlowEstimates, chains: dict[str, dict[str, Estimate]] | 
         list of dicts with keys quantity, method, value, stderr, systematic, exact,
         deviation_sigma (NaN where unknown), reliable and reason (why not, "" when reliable).
         Plain flow averages and the variational bound are never reliable estimates of the
-        target; importance-sampling rows follow the weights' diagnostics (``flow.importance``).
+        target; importance-sampling rows follow the weights' diagnostics (``flow.importance``), and
+        each reweighted observable also the tail of its own samples' contributions (``flow.tails``).
 
     Raises:
         TypeError: flow is not a FlowEstimates.
@@ -278,7 +277,10 @@ def estimate_rows(flow: FlowEstimates, chains: dict[str, dict[str, Estimate]] | 
     for q in OBSERVABLES:
         for method, obs in methods.items():
             if q in obs:
-                rows.append(_row(q, method, obs[q], ex.get(q), judged.get(method, Verdict(False, "not diagnosed"))))
+                verdict = judged.get(method, Verdict(False, "not diagnosed"))
+                if method == "flow reweighted" and q in flow.tails:  # where large weights meet extreme values
+                    verdict = Verdict.combine(verdict, flow.tails[q][1])
+                rows.append(_row(q, method, obs[q], ex.get(q), verdict))
     return rows
 
 

@@ -11,6 +11,9 @@ Notation as in :mod:`analysis.observables`: β the inverse temperature, N = L² 
   χ = βN(⟨m²⟩ − ⟨|m|⟩²): self-normalised importance averages Σ w O / Σ w of the improved
   (Rao-Blackwellised) conditional moments E[O(s) | x] of the spins s ∼ p(s | x) (they average
   to the Ising Boltzmann averages, since the HS joint density's marginal in s is Boltzmann);
+* a verdict on every error bar (``reliable``, ``reason``, ``pareto_k``): the tail of the weights
+  and of each estimate's own per-sample contributions (below T_c, rare configurations between the
+  two magnetised modes carry large weights and extreme values of m and H at once);
 
 next to the exact values of the same finite periodic lattice (Kaufman: F/N, U/N, C/N;
 enumeration for N ≤ 16: the magnetisation moments) and Onsager's infinite-lattice F/N and U/N.
@@ -40,6 +43,7 @@ import torch  # noqa: E402
 from latticeflow import exact  # noqa: E402
 from latticeflow.ising import IsingHS, critical  # noqa: E402
 
+from .diagnostics import BOUND, PLAIN, Verdict  # noqa: E402
 from .free_energy import Estimate  # noqa: E402
 from .latent import flow_estimates  # noqa: E402
 from .plots import _save  # noqa: E402
@@ -48,7 +52,8 @@ __all__ = ["COLUMNS", "QUANTITIES", "estimate_rows", "exact_curves", "plot_finit
 
 #: Columns of the tidy table (``sweep.csv``): one row per (β, quantity, method).
 COLUMNS = ("beta", "beta_name", "L", "quantity", "normalisation", "method", "value", "stderr", "exact",
-           "exact_stderr", "exact_source", "deviation_sigma", "onsager", "ess", "n_samples", "epochs", "warm_start_from", "train_s", "measure_s")
+           "exact_stderr", "exact_source", "deviation_sigma", "reliable", "reason", "pareto_k", "onsager", "ess",
+           "n_samples", "epochs", "warm_start_from", "train_s", "measure_s")
 #: Swendsen-Wang sweeps per chain (16 chains) behind the magnetisation references when N > 16.
 SW_SWEEPS = 2000
 #: quantity → (label, observable key of :func:`analysis.observables.measure`)
@@ -57,8 +62,9 @@ QUANTITIES = {"energy": "U/N", "specific_heat": "C/N", "abs_m": "⟨|m|⟩", "m2
 
 
 def _row(quantity: str, normalisation: str, method: str, est: Estimate | float, exact_value: float | Estimate | None,
-         onsager: float | None = None, source: str = "exact") -> dict[str, Any]:
-    """One tidy row; a reference with an error (an Estimate: Swendsen-Wang) enters the deviation in quadrature."""
+         verdict: tuple[float, Verdict], onsager: float | None = None, source: str = "exact") -> dict[str, Any]:
+    """One tidy row; a reference with an error (an Estimate: Swendsen-Wang) enters the deviation in quadrature;
+    ``verdict`` is (the Pareto k̂ behind it or NaN, the Verdict on the error bar)."""
     value, err = (est.value, est.stderr) if isinstance(est, Estimate) else (float(est), math.nan)
     ref = exact_value if isinstance(exact_value, Estimate) else Estimate(math.nan if exact_value is None
                                                                           else float(exact_value), 0.0)
@@ -69,6 +75,7 @@ def _row(quantity: str, normalisation: str, method: str, est: Estimate | float, 
     return {"quantity": quantity, "normalisation": normalisation, "method": method, "value": value, "stderr": err,
             "exact": ex, "exact_stderr": ex_err if math.isfinite(ex) else math.nan,
             "exact_source": source if math.isfinite(ex) else "", "deviation_sigma": dev,
+            "reliable": verdict[1].reliable, "reason": verdict[1].reason, "pareto_k": verdict[0],
             "onsager": math.nan if onsager is None else float(onsager)}
 
 
@@ -76,13 +83,15 @@ def _free_energy_rows(fe: Any, suffix: str = "", onsager: float | None = None) -
     """Variational and importance-weighted F/N in the HS and Ising normalisations, methods + ``suffix``;
     ``onsager`` (L = ∞) goes with the Ising rows."""
     ref = fe.exact
+    bound, weights = (math.nan, BOUND), (fe.importance.pareto_k, fe.importance.tail)
     return [
-        _row("free_energy", "hs", "variational" + suffix, fe.free_energy_variational, ref.get("free_energy_hs")),
-        _row("free_energy", "hs", "importance" + suffix, fe.free_energy_importance, ref.get("free_energy_hs")),
+        _row("free_energy", "hs", "variational" + suffix, fe.free_energy_variational, ref.get("free_energy_hs"), bound),
+        _row("free_energy", "hs", "importance" + suffix, fe.free_energy_importance, ref.get("free_energy_hs"),
+             weights),
         _row("free_energy", "ising", "variational" + suffix, fe.free_energy_variational_ising,
-             ref.get("free_energy_ising"), onsager),
+             ref.get("free_energy_ising"), bound, onsager),
         _row("free_energy", "ising", "importance" + suffix, fe.free_energy_importance_ising,
-             ref.get("free_energy_ising"), onsager),
+             ref.get("free_energy_ising"), weights, onsager),
     ]
 
 
@@ -110,8 +119,13 @@ def estimate_rows(flow: torch.nn.Module, target: IsingHS, n_samples: int = 4096,
         ``method`` ("variational", "importance", "reweighted", "flow"), ``value``, ``stderr``,
         ``exact`` (NaN where unknown), ``exact_stderr`` (0 for closed forms and enumeration, the
         jackknife error of a Swendsen-Wang reference), ``exact_source`` ("exact" or "swendsen-wang"),
-        ``deviation_sigma`` = (value − exact)/√(stderr² + exact_stderr²), ``onsager``
-        (the infinite lattice, NaN where not applicable) and ``ess``, ``n_samples``, ``measure_s``.
+        ``deviation_sigma`` = (value − exact)/√(stderr² + exact_stderr²), ``reliable`` and
+        ``reason`` (the verdict on the error bar: importance and reweighted rows need the weights'
+        Pareto k̂ ≤ 0.7 and a Kish ESS ≥ 100, and a reweighted row also the k̂ of its own samples'
+        contributions, :func:`analysis.diagnostics.influence_verdict`; variational and plain flow
+        rows are never estimates of the target), ``pareto_k`` (the k̂ behind the verdict: the
+        weights' for F, the contributions' for an observable), ``onsager`` (the infinite lattice,
+        NaN where not applicable) and ``ess``, ``n_samples``, ``measure_s``.
     """
     model = copy.deepcopy(flow).to(dtype).eval()
     fe = flow_estimates(model, target, n_samples=n_samples, batch=batch, generator=generator, n_spin_images=0)
@@ -130,8 +144,10 @@ def estimate_rows(flow: torch.nn.Module, target: IsingHS, n_samples: int = 4096,
         reference, source = ref.get(key), "exact"
         if reference is None and key in sw:
             reference, source = sw[key], "swendsen-wang"
-        rows.append(_row(key, "", "reweighted", fe.observables_reweighted[key], reference, onsager, source))
-        rows.append(_row(key, "", "flow", fe.observables[key], reference, onsager, source))
+        k, tail = fe.tails[key]
+        rows.append(_row(key, "", "reweighted", fe.observables_reweighted[key], reference,
+                         (k, Verdict.combine(fe.importance.tail, tail)), onsager, source))
+        rows.append(_row(key, "", "flow", fe.observables[key], reference, (math.nan, PLAIN), onsager, source))
     for r in rows:
         r.update(ess=fe.ess, n_samples=fe.n_samples, measure_s=fe.seconds)
     return rows

@@ -65,6 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "instead of tearing it in two [off]")
     s.add_argument("--samples", type=positive_int, default=None,
                    help="flow samples measured per β (free energies, U/N, C/N, ...) [4096]")
+    s.add_argument("--max-samples", type=positive_int, default=None,
+                   help="a β whose importance-weighted error bars fail the tail rules (Pareto k̂ of the "
+                        "weights or of an estimate's own contributions) is measured again with this many "
+                        "samples; equal to --samples: never [4 × --samples]")
     s.add_argument("--conditioned", type=nonnegative_int, default=None, metavar="DEGREE",
                    help="instead of one flow per β: one flow conditioned on β over the grid's range (a Legendre "
                         "series of this degree in β, each coefficient a potential of the configured family), "
@@ -131,9 +135,10 @@ def run_sweep(args: argparse.Namespace) -> dict:
     if conditioned:
         from latticeflow.conditioned import conditioned_sweep
 
-        if args.warm_epochs is not None or args.cold_epochs is not None or args.cold_mixture:
-            raise ValueError("--warm-epochs, --cold-epochs and --cold-mixture belong to a warm-started sweep, "
-                             "not to --conditioned")
+        if (args.warm_epochs is not None or args.cold_epochs is not None or args.cold_mixture
+                or args.max_samples is not None):
+            raise ValueError("--warm-epochs, --cold-epochs, --cold-mixture and --max-samples belong to a "
+                             "warm-started sweep, not to --conditioned")
         if resume and args.conditioned is not None and args.conditioned != manifest.get("degree"):
             raise ValueError(f"--conditioned {args.conditioned} (sweep: {manifest.get('degree')}): a resumed sweep "
                              f"keeps its configuration ({args.resume})")
@@ -145,7 +150,7 @@ def run_sweep(args: argparse.Namespace) -> dict:
         if resume and args.conditioned is not None:
             raise ValueError(f"--conditioned: {args.resume} holds a warm-started sweep")
         table = sweep(config, grid, out=out, warm_epochs=args.warm_epochs, cold_epochs=args.cold_epochs,
-                      cold_mixture=args.cold_mixture, samples=args.samples,
+                      cold_mixture=args.cold_mixture, samples=args.samples, max_samples=args.max_samples,
                       step_check=args.step_check, max_minutes=args.max_minutes, resume=resume, force=args.force,
                       device=device, progress=not args.quiet, verbose=True, plot=not args.no_plot,
                       checkpoint_every=args.checkpoint_every, make_trainer=make_trainer)
@@ -226,10 +231,11 @@ def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
     if isinstance(args.beta, BetaGrid) or (args.resume is not None and args.resume.name == MANIFEST):
         return run_sweep(args)
-    sweep_only = ("warm_epochs", "cold_epochs", "cold_mixture", "samples", "step_check", "conditioned")
+    sweep_only = ("warm_epochs", "cold_epochs", "cold_mixture", "samples", "max_samples", "step_check",
+                  "conditioned")
     if any(getattr(args, k) is not None for k in sweep_only):
-        raise ValueError("--warm-epochs, --cold-epochs, --cold-mixture, --samples, --step-check and --conditioned "
-                         "belong to a sweep: give --beta a grid (e.g. 0.3:0.6:8)")
+        raise ValueError("--warm-epochs, --cold-epochs, --cold-mixture, --samples, --max-samples, --step-check and "
+                         "--conditioned belong to a sweep: give --beta a grid (e.g. 0.3:0.6:8)")
     run = RunStart("ising", out=args.out, resume=args.resume, force=args.force, outputs=OUTPUTS)
     out = run.out
     config = config_from_args(args, run.base)

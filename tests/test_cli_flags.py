@@ -267,10 +267,13 @@ def test_ising_sweep_flags(tmp_path: Path) -> None:
     def sweep(out: Path, *extra: str) -> tuple[list[int], set[int]]:
         mi.main(ISING.argv(out, "--epochs", "4", "--beta", "0.3,0.4", *extra))
         logs = [len(pd.read_csv(out / d / "log.csv")) for d in ("b00_0.300000", "b01_0.400000")]
-        return logs, set(pd.read_csv(out / "sweep.csv")["n_samples"])
+        table = pd.read_csv(out / "sweep.csv")
+        return logs, set(table["n_samples"]) | set(table["extended_from"]) - {0}
 
-    assert sweep(tmp_path / "control") == ([4, 1], {4096})  # defaults: --epochs / 4, 4096 samples
-    assert sweep(tmp_path / "run", "--warm-epochs", "2", "--samples", "16") == ([4, 2], {16})
+    # defaults: --epochs / 4, 4096 samples (this 4-epoch flow has ESS ≈ 0 and fails the tail rules, so its β
+    # are measured again with 4 × 4096: --max-samples)
+    assert sweep(tmp_path / "control") == ([4, 1], {4096, 16384})
+    assert sweep(tmp_path / "run", "--warm-epochs", "2", "--samples", "16", "--max-samples", "16") == ([4, 2], {16})
     assert exit_status(mi.cli, ISING.argv(tmp_path / "single", "--samples", "16")) == 2  # a sweep's flag, one β
     assert not (tmp_path / "single").exists()
     # --step-check: the free energies measured again with each RK4 step split (default 2, 1: none)
@@ -282,6 +285,35 @@ def test_ising_sweep_flags(tmp_path: Path) -> None:
         assert len(fine) == (0 if refine == 1 else 4)
         assert ("step_refine" in table) == (refine > 1) and (fine.get("step_refine", fine.index) == refine).all()
         assert json.loads((tmp_path / out / "sweep.json").read_text())["step_check"] == refine
+
+
+@covers("ising", "--max-samples")
+def test_ising_max_samples_flag(tmp_path: Path) -> None:
+    # a β whose importance-weighted error bars fail the tail rules is measured again with --max-samples
+    # fresh samples (default 4 × --samples); 16 samples always fail them (no tail fit below 25 values,
+    # Kish ESS < 100), so every β is measured again here
+    def measured(out: Path, *extra: str) -> tuple[set[int], set[int], int]:
+        mi.main(ISING.argv(out, "--epochs", "2", "--beta", "0.3,0.4", "--samples", "16", *extra))
+        table = pd.read_csv(out / "sweep.csv")
+        first = table[~table["method"].str.endswith("_refined")]
+        assert (table[table["method"].str.endswith("_refined")]["n_samples"] == 16).all()  # the step check: not again
+        return (set(first["n_samples"]), set(table["extended_from"]),
+                json.loads((out / "sweep.json").read_text())["max_samples"])
+
+    assert measured(tmp_path / "control") == ({64}, {16}, 64)
+    assert measured(tmp_path / "run", "--max-samples", "40") == ({40}, {16}, 40)
+    assert measured(tmp_path / "never", "--max-samples", "16") == ({16}, {0}, 16)
+    rows = pd.read_csv(tmp_path / "never" / "sweep.csv")
+    judged = rows[rows["method"].isin(["importance", "reweighted"])]
+    assert not judged["reliable"].any() and judged["reason"].str.contains("Kish ESS").all()  # said, not hidden
+    assert (~rows[rows["method"].isin(["variational", "flow"])]["reliable"]).all()  # a bound, plain averages
+    # a resume keeps it; fewer than --samples, a single β and --conditioned refuse it
+    assert exit_status(mi.cli, ["--resume", str(tmp_path / "run"), "--max-samples", "80", "--quiet"]) == 2
+    for name, extra in (("few", ("--beta", "0.3,0.4", "--samples", "16", "--max-samples", "8")),
+                        ("single", ("--max-samples", "64")),
+                        ("cond", ("--beta", "0.3,0.4", "--conditioned", "1", "--max-samples", "64"))):
+        assert exit_status(mi.cli, ISING.argv(tmp_path / name, *extra)) == 2
+        assert not (tmp_path / name).exists()
 
 
 @covers("ising", "--cold-epochs")

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from analysis.diagnostics import (MIN_EFFECTIVE_SAMPLES, RHAT_MAX, TAU_LENGTHS, Verdict, chain_verdict,
+from analysis.diagnostics import (MIN_EFFECTIVE_SAMPLES, PARETO_K_MAX, RHAT_MAX, TAU_LENGTHS, Verdict, chain_verdict,
                                   importance_diagnostics, split_rhat)
 from analysis.latent import overdispersed_start, physical_hmc
 from latticeflow import ising
@@ -55,6 +55,30 @@ def test_importance_diagnostics_known_tails():
     wide = importance_diagnostics(1.0 * rng.normal(size=B))  # log-normal σ=1: light tail but ESS/B ≈ e^(−1)
     assert wide.pareto_k < 0.7 and wide.ess / B == pytest.approx(math.exp(-1), rel=0.1)
     assert not wide.verdict.reliable and "Kish ESS/B" in wide.verdict.reason
+    assert wide.tail.reliable  # the tail rules alone (a sweep's): k̂ and Kish ESS ≥ 100 hold
+    assert not few.tail.reliable and "Kish ESS" in few.tail.reason
+
+
+def test_influence_verdict_reads_the_tail_of_an_estimates_contributions():
+    """|ψ| with a Pareto tail of index k (U^(−k) times a random sign): k̂ recovers k and the verdict
+    follows pareto_k_max(B); a Gaussian ψ (a light tail) is reliable; too few values cannot be judged."""
+    from analysis.diagnostics import influence_verdict, pareto_k_max
+
+    rng = np.random.default_rng(5)
+    B = 20000
+    assert pareto_k_max(B) == PARETO_K_MAX and pareto_k_max(100) == pytest.approx(0.5)
+    k, v = influence_verdict(rng.normal(size=B))
+    assert v.reliable and k < 0.3
+    for true_k in (0.3, 0.9):
+        psi = rng.choice([-1.0, 1.0], size=B) * rng.uniform(size=B) ** (-true_k)
+        k, v = influence_verdict(psi)
+        assert k == pytest.approx(true_k, abs=0.12)
+        assert v.reliable == (true_k < PARETO_K_MAX) and ("heavy-tailed" in v.reason) == (true_k > PARETO_K_MAX)
+    k, v = influence_verdict(np.ones(50))  # equal contributions: no tail at all
+    assert k == -math.inf and v.reliable
+    k, v = influence_verdict(rng.normal(size=20))  # fewer than 25 values: no tail fit
+    assert math.isnan(k) and not v.reliable
+    assert not influence_verdict([1.0, math.nan, 2.0])[1].reliable
 
 
 def test_overdispersed_start_spans_both_ordered_states():

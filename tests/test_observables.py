@@ -6,7 +6,7 @@ import pytest
 import torch
 from scipy.stats import binom
 
-from analysis.observables import energy_moments, magnetisation_moments, measure, summarize
+from analysis.observables import energy_moments, influences, magnetisation_moments, measure, moments_of, summarize
 from latticeflow import SquareLattice
 from latticeflow.exact import enumerate_ising
 
@@ -160,3 +160,25 @@ def test_bad_input():
         measure(np.ones((3, 16)), lat, beta=-1)
     with pytest.raises(ValueError, match=r"at least 2 samples"):
         measure(np.ones((1, 16)), lat)
+
+
+# ---------------------------------------------------------------------- per-sample contributions
+def test_influences_are_the_leave_one_out_differences_behind_the_jackknife():
+    """ψ_b = (B − 1)(θ − θ_(−b)): for a weighted mean exactly (B − 1) w_b (O_b − θ)/(W − w_b), and for
+    every derived quantity the single-sample jackknife's variance is Σ(ψ − ψ̄)²/(B(B − 1))."""
+    rng = np.random.default_rng(3)
+    B, L = 500, 3
+    t = np.tanh(rng.normal(0.3, 1.0, size=(B, L * L)))
+    lw = rng.normal(size=B)
+    moments = moments_of(t, SquareLattice(L), J=1.0)
+    psi = influences(moments, L * L, beta=0.4, log_weights=lw)
+    w = np.exp(lw - lw.max())
+    e = moments["energy"]
+    theta = np.sum(w * e) / w.sum()
+    np.testing.assert_allclose(psi["energy"], (B - 1) * w * (e - theta) / (w.sum() - w), rtol=1e-9, atol=1e-12)
+    one_out = summarize(moments, L * L, beta=0.4, log_weights=lw, n_blocks=B)
+    for name in ("specific_heat", "binder", "susceptibility", "abs_m"):
+        p = psi[name]
+        assert one_out[name].stderr == pytest.approx(math.sqrt(np.sum((p - p.mean()) ** 2) / (B * (B - 1))),
+                                                     rel=1e-9), name
+    assert set(psi) == set(one_out)

@@ -420,6 +420,14 @@ def test_magnetisation_reference_is_swendsen_wang_where_enumeration_cannot_reach
         assert r["deviation_sigma"] == pytest.approx((r["value"] - r["exact"]) / math.hypot(r["stderr"],
                                                                                          r["exact_stderr"]))
     assert rw.loc["energy", "exact_source"] == "exact" and rw.loc["energy", "exact_stderr"] == 0  # Kaufman
+    # every error bar carries a verdict. This untrained Gaussian flow (ESS/B 0.04) passes the weights' own
+    # tail rule (k̂ 0.61, F within 1σ), but the contributions to the reweighted observables are heavier-tailed
+    # (k̂ 0.78-0.88 for these four): their rows say so. The bound and the plain averages are never estimates.
+    imp = rows[rows["method"] == "importance"]
+    assert imp["reliable"].all() and (imp["pareto_k"] < 0.67).all()
+    for q in ("energy", "specific_heat", "abs_m", "m2"):
+        assert not rw.loc[q, "reliable"] and rw.loc[q, "pareto_k"] > 0.74 and "heavy-tailed" in rw.loc[q, "reason"]
+    assert (rows[rows["method"].isin(["variational", "flow"])]["reliable"] == False).all()  # noqa: E712
     none = pd.DataFrame(estimate_rows(flow, target, n_samples=256, generator=torch.Generator().manual_seed(0),
                                       sw_sweeps=0)).set_index(["quantity", "method"])
     assert np.isnan(none.loc[("abs_m", "reweighted"), "exact"]) and none.loc[("abs_m", "reweighted"), "exact_source"] == ""
