@@ -232,13 +232,21 @@ def _pick(table: pd.DataFrame, quantity: str, method: str, normalisation: str = 
     return sel.sort_values("beta")
 
 
+def _reliable(rows: pd.DataFrame) -> np.ndarray:
+    """The rows' verdicts as a boolean array (rows written before the verdicts, without one: reliable)."""
+    if "reliable" not in rows:
+        return np.ones(len(rows), dtype=bool)
+    return rows["reliable"].map(lambda v: str(v).strip().lower() not in ("false", "0")).to_numpy(dtype=bool)
+
+
 def plot_sweep(table: pd.DataFrame, path: str | Path, *, L: int, J: float = 1.0, title: str = "",
                n_dense: int = 200) -> Path:
     """F/N, U/N and C/N against β: estimates with error bars on the exact finite-L curves, residuals in σ.
 
     Top row: Kaufman's curves of the same L (thick), Onsager's infinite lattice (thin grey), the
     importance-weighted F/N and the reweighted U/N, C/N with one-σ error bars, and the variational
-    F/N (open markers, an upper bound). Bottom row: (estimate − exact)/σ with ±1σ and ±2σ bands.
+    F/N (open markers, an upper bound). Bottom row: (estimate − exact)/σ with ±1σ and ±2σ bands,
+    open where the row's verdict says the error bar is not reliable.
     Writes ``path`` as PNG and PDF.
 
     Args:
@@ -282,7 +290,12 @@ def plot_sweep(table: pd.DataFrame, path: str | Path, *, L: int, J: float = 1.0,
         res.axhspan(-2, 2, color="0.93")
         res.axhspan(-1, 1, color="0.85")
         res.axhline(0.0, color="k", lw=0.8)
-        res.plot(est["beta"], sigma, "o", ms=4, color="C3")
+        ok = _reliable(est)
+        res.plot(est["beta"][ok], sigma[ok], "o", ms=4, color="C3")
+        if (~ok).any():  # the verdict says the error bar is likely too small: an open marker
+            res.plot(est["beta"][~ok], sigma[~ok], "o", ms=5, mfc="none", color="C3",
+                     label="error bar not reliable (heavy tail)")
+            res.legend(fontsize=6, loc="lower left")
         finite_sigma = sigma[np.isfinite(sigma)]
         bound = max(3.0, 1.15 * float(np.abs(finite_sigma).max())) if finite_sigma.size else 3.0
         res.set_ylim(-bound, bound)

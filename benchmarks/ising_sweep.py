@@ -46,10 +46,20 @@ def per_beta(table: pd.DataFrame) -> pd.DataFrame:
                      "F_var-exact": fv["value"] - fv["exact"], "F_IS-exact": fi["value"] - fi["exact"],
                      "F_IS_sigma": fi["deviation_sigma"], "U-exact": u["value"] - u["exact"],
                      "U_sigma": u["deviation_sigma"], "C-exact": c["value"] - c["exact"], "C_sigma": c["deviation_sigma"],
-                     **{f"{q}_sigma": pick(q, "reweighted")["deviation_sigma"] for q in ("abs_m", "binder")
+                     **{f"{q}_sigma": pick(q, "reweighted")["deviation_sigma"] for q in ("abs_m", "binder", "susceptibility")
                         if len(g[(g["quantity"] == q) & (g["method"] == "reweighted")])},
-                     **_refined(g)})
+                     **_refined(g), "samples": int(fi["n_samples"]), **_verdicts(g)})
     return pd.DataFrame(rows)
+
+
+def _verdicts(g: pd.DataFrame) -> dict[str, str]:
+    """The importance and reweighted rows whose error bars the sweep marks not reliable (tables with verdicts)."""
+    if "reliable" not in g:
+        return {}
+    from analysis.thermo import _reliable
+
+    sel = g[g["method"].isin(["importance", "reweighted"]) & (g["normalisation"].fillna("") != "ising")]
+    return {"not_reliable": ",".join(sel["quantity"][~_reliable(sel)])}
 
 
 def _refined(g: pd.DataFrame) -> dict[str, float]:

@@ -391,6 +391,16 @@ def test_exact_curves_are_kaufman_and_onsager() -> None:
     assert curves["onsager_specific_heat"].iloc[1] == pytest.approx(coarse, rel=1e-4)  # O(h²) apart
 
 
+def test_plot_sweep_reads_the_verdicts_of_old_and_new_tables() -> None:
+    """Open residual markers for rows whose verdict is "not reliable"; a row without one (a table written
+    before the verdicts, or its old β in a resumed sweep) counts as reliable, as it was drawn then."""
+    from analysis.thermo import _reliable
+
+    mixed = pd.DataFrame({"reliable": [True, False, np.nan, "False", "True"]})
+    assert _reliable(mixed).tolist() == [True, False, True, False, True]
+    assert _reliable(pd.DataFrame({"value": [1.0, 2.0]})).tolist() == [True, True]
+
+
 def test_plot_sweep_refuses_an_empty_table(tmp_path: Path) -> None:
     from analysis.thermo import COLUMNS, plot_sweep
 
