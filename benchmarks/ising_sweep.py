@@ -10,6 +10,7 @@ units of its standard error, and the ESS. Extra flags go to the driver.
     python benchmarks/ising_sweep.py --table runs/sweep_l16   # the per-β table of a finished sweep
     python benchmarks/ising_sweep.py --finite-size runs/sweep_l4 runs/sweep_l8 --out runs/fss   # C/N and Binder at several L
     python benchmarks/ising_sweep.py --step-check runs/sweep_l16 --from-beta 0.44   # its β again at ε/2
+    python benchmarks/ising_sweep.py --remeasure runs/sweep_l16 --only 10,11 --threads 1   # today's verdicts
 """
 
 from __future__ import annotations
@@ -129,6 +130,52 @@ def step_check(folder: str, from_beta: float, refine: int = 2, samples: int = 40
     return table
 
 
+def remeasure(folder: str, from_beta: float, samples: int | None = None, max_samples: int | None = None,
+              only: list[int] | None = None) -> pd.DataFrame:
+    """The finished β of a sweep measured again by today's :func:`latticeflow.sweep.measure_beta`.
+
+    Same seeds as the sweep (so with its ``samples`` the first measurement repeats the sweep's own
+    samples, and with the sweep's settings all of them), the verdicts and the extension to
+    ``max_samples`` of the current code, and the sweep's step check.
+    For sweeps measured before the tail rules; the rows go to ``FOLDER/remeasured.csv`` (the
+    sweep's own files are left as they are) and the per-β table is printed.
+    """
+    from analysis.report import load_model
+    from latticeflow.config import IsingConfig
+    from latticeflow.sweep import measure_beta
+
+    root = Path(folder)
+    manifest = json.loads((root / "sweep.json").read_text())
+    if manifest.get("method") == "conditioned":
+        raise SystemExit(f"{root} is a β-conditioned sweep: it has one flow, not a checkpoint per β")
+    config = IsingConfig.from_dict(manifest["config"])
+    samples = int(samples or manifest["samples"])
+    max_samples = int(max_samples or manifest.get("max_samples", 4 * samples))
+    step = int(manifest.get("step_check", 1))
+    frames = []
+    for k, name in enumerate(manifest["runs"]):
+        run = root / name
+        if not (run / "estimates.csv").is_file() or (only is not None and k not in only):
+            continue
+        flow, target, _ = load_model(run / "checkpoint.pt")
+        if float(target.beta) < from_beta:
+            continue
+        old = pd.read_csv(run / "estimates.csv").iloc[0]
+        t0 = time.perf_counter()
+        table = measure_beta(flow, target, k, config, samples, step, None, max_samples=max_samples, verbose=True,
+                             epochs=int(old["epochs"]), train_s=float(old["train_s"]))
+        print(f"β = {float(target.beta):.6f}: measured in {time.perf_counter() - t0:.0f} s", flush=True)
+        frames.append(table)
+    if not frames:
+        raise SystemExit(f"{root}: no finished β to measure again")
+    table = pd.concat(frames, ignore_index=True)
+    table.to_csv(root / "remeasured.csv", index=False)
+    out = per_beta(table)
+    with pd.option_context("display.width", 250, "display.float_format", "{:.4g}".format):
+        print(out.to_string(index=False))
+    return table
+
+
 def main(argv: list[str] | None = None) -> pd.DataFrame:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="benchmarks/results/ising_sweep/l8", help="sweep folder [%(default)s]")
@@ -140,8 +187,22 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
                    help="only draw the finite-size figure of these finished sweeps into --out/finite_size.png")
     p.add_argument("--step-check", default=None, metavar="SWEEP_FOLDER",
                    help="only measure the finished β of this sweep again at half the RK4 step (step_check.csv)")
-    p.add_argument("--from-beta", type=float, default=0.0, help="with --step-check: only β >= this [all]")
+    p.add_argument("--from-beta", type=float, default=0.0,
+                   help="with --step-check or --remeasure: only β >= this [all]")
+    p.add_argument("--remeasure", default=None, metavar="SWEEP_FOLDER",
+                   help="only measure the finished β of this sweep again with today's verdicts and extension "
+                        "(the sweep's seeds; remeasured.csv)")
+    p.add_argument("--only", default=None, help="with --remeasure: the β by their place in the grid, e.g. 10,11 [all]")
+    p.add_argument("--samples", type=int, default=None, help="with --remeasure: first samples [the sweep's]")
+    p.add_argument("--max-samples", type=int, default=None,
+                   help="with --remeasure: samples of a β measured again [the sweep's, or 4 × --samples]")
     args = p.parse_args(argv)
+    if args.remeasure:
+        import torch
+
+        torch.set_num_threads(int(args.threads))
+        only = None if args.only is None else [int(k) for k in args.only.split(",")]
+        return remeasure(args.remeasure, args.from_beta, args.samples, args.max_samples, only)
     if args.step_check:
         return step_check(args.step_check, args.from_beta)
     if args.finite_size:

@@ -467,6 +467,20 @@ def test_finite_size_figure_from_two_sweeps(tmp_path: Path) -> None:
     assert set(check["beta"]) == {0.5} and (check["step_refine"] == 2).all()
     assert set(check["method"]) == {"variational_refined", "importance_refined"} and check["value"].notna().all()
     assert len(pd.read_csv(tmp_path / "s4" / "step_check.csv")) == 4
+    # --remeasure: the finished β again with today's verdicts, from the sweep's seeds. With the sweep's own
+    # settings (64 samples, Kish ESS < 100: measured again with its max_samples, 256) it repeats the sweep's
+    # measurement sample for sample; --max-samples 64: the first 64 only
+    first = bench.main(["--remeasure", str(tmp_path / "s4"), "--only", "1", "--max-samples", "64"])
+    assert set(first["beta"]) == {0.5} and set(first["n_samples"]) == {64} and set(first["extended_from"]) == {0}
+    same = bench.main(["--remeasure", str(tmp_path / "s4"), "--only", "1"])
+    assert len(pd.read_csv(tmp_path / "s4" / "remeasured.csv")) == len(same)
+    main_rows = same[~same["method"].str.endswith("_refined")]  # the step check keeps its first 64
+    assert set(main_rows["n_samples"]) == {256} and set(same["extended_from"]) == {64}
+    sweep_rows = pd.read_csv(tmp_path / "s4" / "sweep.csv")
+    key = ["beta", "quantity", "normalisation", "method"]
+    both = same.fillna({"normalisation": ""}).merge(sweep_rows[sweep_rows["beta"] == 0.5].fillna({"normalisation": ""}),
+                                                    on=key, suffixes=("", "_sweep"))
+    assert len(both) == len(same) and np.allclose(both["value"], both["value_sweep"], rtol=1e-9, atol=1e-12)
     with pytest.raises(ValueError, match="at least one"):
         plot_finite_size({3: pd.DataFrame()}, tmp_path / "e.png")
 
