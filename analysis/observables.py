@@ -232,22 +232,6 @@ def _leave_one_block_out(
     return full, theta
 
 
-def _jackknife_ratio(
-    values: np.ndarray,
-    log_weights: np.ndarray | None,
-    n_blocks: int,
-    derived: Callable[[np.ndarray], np.ndarray],
-) -> tuple[np.ndarray, np.ndarray]:
-    """Block jackknife of derived(⟨O_1⟩, …, ⟨O_K⟩) with (weighted) sample means.
-
-    Arguments as :func:`_leave_one_block_out`. Returns (estimate, stderr), each shape (M,); the
-    estimate uses all samples.
-    """
-    full, theta = _leave_one_block_out(values, log_weights, n_blocks, derived)
-    err = np.sqrt((n_blocks - 1) / n_blocks * np.sum((theta - theta.mean(0)) ** 2, axis=0))
-    return full, err
-
-
 _MOMENT_KEYS = ("m", "abs_m", "m2", "m4", "energy", "energy_sq")
 
 
@@ -343,7 +327,8 @@ def summarize(
             B < 2 or bad n_blocks.
     """
     values, lw, n_blocks, names, derived = _prepare(moments, N, beta, log_weights, n_blocks)
-    est, err = _jackknife_ratio(values, lw, n_blocks, derived)
+    est, theta = _leave_one_block_out(values, lw, n_blocks, derived)
+    err = np.sqrt((n_blocks - 1) / n_blocks * np.sum((theta - theta.mean(0)) ** 2, axis=0))  # block jackknife
     return {name: Estimate(float(v), float(e)) for name, v, e in zip(names, est, err)}
 
 
