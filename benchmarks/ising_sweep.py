@@ -137,8 +137,9 @@ def remeasure(folder: str, from_beta: float, samples: int | None = None, max_sam
     Same seeds as the sweep (so with its ``samples`` the first measurement repeats the sweep's own
     samples, and with the sweep's settings all of them), the verdicts and the extension to
     ``max_samples`` of the current code, and the sweep's step check.
-    For sweeps measured before the tail rules; the rows go to ``FOLDER/remeasured.csv`` (the
-    sweep's own files are left as they are) and the per-β table is printed.
+    For sweeps measured before the tail rules; the rows go to ``FOLDER/remeasured.csv`` (with
+    ``only``: ``remeasured_<k>_<k>.csv``; the sweep's own files are left as they are) and the per-β
+    table is printed.
     """
     from analysis.report import load_model
     from latticeflow.config import IsingConfig
@@ -169,7 +170,8 @@ def remeasure(folder: str, from_beta: float, samples: int | None = None, max_sam
     if not frames:
         raise SystemExit(f"{root}: no finished β to measure again")
     table = pd.concat(frames, ignore_index=True)
-    table.to_csv(root / "remeasured.csv", index=False)
+    name = "remeasured.csv" if only is None else f"remeasured_{'_'.join(str(k) for k in sorted(only))}.csv"
+    table.to_csv(root / name, index=False)  # one file per subset: two subsets can run side by side
     out = per_beta(table)
     with pd.option_context("display.width", 250, "display.float_format", "{:.4g}".format):
         print(out.to_string(index=False))

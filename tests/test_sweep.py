@@ -473,7 +473,7 @@ def test_finite_size_figure_from_two_sweeps(tmp_path: Path) -> None:
     first = bench.main(["--remeasure", str(tmp_path / "s4"), "--only", "1", "--max-samples", "64"])
     assert set(first["beta"]) == {0.5} and set(first["n_samples"]) == {64} and set(first["extended_from"]) == {0}
     same = bench.main(["--remeasure", str(tmp_path / "s4"), "--only", "1"])
-    assert len(pd.read_csv(tmp_path / "s4" / "remeasured.csv")) == len(same)
+    assert len(pd.read_csv(tmp_path / "s4" / "remeasured_1.csv")) == len(same)
     main_rows = same[~same["method"].str.endswith("_refined")]  # the step check keeps its first 64
     assert set(main_rows["n_samples"]) == {256} and set(same["extended_from"]) == {64}
     sweep_rows = pd.read_csv(tmp_path / "s4" / "sweep.csv")
