@@ -90,6 +90,22 @@ def finite_size(folders: list[str], out: Path) -> pd.DataFrame:
     return pd.concat(tables.values(), ignore_index=True)
 
 
+def _finished(root: Path, from_beta: float, only: list[int] | None = None,
+              why: str = "") -> tuple[dict, list[tuple[int, Path]]]:
+    """A sweep's manifest and its finished β ≥ ``from_beta`` (with ``only``: those places in the grid)
+    as (place, run folder); a β-conditioned sweep, which has no checkpoint per β, is refused."""
+    manifest = json.loads((root / "sweep.json").read_text())
+    if manifest.get("method") == "conditioned":
+        raise SystemExit(f"{root} is a β-conditioned sweep: it has one flow, not a checkpoint per β{why}")
+    runs = []
+    for k, name in enumerate(manifest["runs"]):
+        run = root / name
+        if (run / "estimates.csv").is_file() and (only is None or k in only) \
+                and float(pd.read_csv(run / "estimates.csv")["beta"].iloc[0]) >= from_beta:
+            runs.append((k, run))
+    return manifest, runs
+
+
 def step_check(folder: str, from_beta: float, refine: int = 2, samples: int = 4096, seed: int = 11) -> pd.DataFrame:
     """The step check (:func:`analysis.thermo.step_check_rows`) of a finished sweep's β ≥ ``from_beta``.
 
@@ -105,15 +121,11 @@ def step_check(folder: str, from_beta: float, refine: int = 2, samples: int = 40
     from analysis.thermo import step_check_rows
 
     root = Path(folder)
-    if json.loads((root / "sweep.json").read_text()).get("method") == "conditioned":
-        raise SystemExit(f"{root} is a β-conditioned sweep: it has one flow, not a checkpoint per β; it measures the "
-                         "step check itself (--step-check N when it runs)")
+    _, runs = _finished(root, from_beta, why="; it measures the step check itself (--step-check N when it runs)")
     measured = pd.read_csv(root / "sweep.csv")
     rows = []
-    for run in sorted(p for p in root.glob("b[0-9]*_*") if (p / "estimates.csv").is_file()):
-        beta = float(pd.read_csv(run / "estimates.csv")["beta"].iloc[0])
-        if beta < from_beta:
-            continue
+    for _, run in runs:
+        beta = float(pd.read_csv(run / "estimates.csv")["beta"].iloc[0])  # as sweep.csv writes it
         flow, target, _ = load_model(run / "checkpoint.pt")
         for r in step_check_rows(flow, target, refine=refine, n_samples=samples,
                                  generator=torch.Generator().manual_seed(seed)):
@@ -146,21 +158,14 @@ def remeasure(folder: str, from_beta: float, samples: int | None = None, max_sam
     from latticeflow.sweep import measure_beta
 
     root = Path(folder)
-    manifest = json.loads((root / "sweep.json").read_text())
-    if manifest.get("method") == "conditioned":
-        raise SystemExit(f"{root} is a β-conditioned sweep: it has one flow, not a checkpoint per β")
+    manifest, runs = _finished(root, from_beta, only)
     config = IsingConfig.from_dict(manifest["config"])
     samples = int(samples or manifest["samples"])
     max_samples = int(max_samples or manifest.get("max_samples", 4 * samples))
     step = int(manifest.get("step_check", 1))
     frames = []
-    for k, name in enumerate(manifest["runs"]):
-        run = root / name
-        if not (run / "estimates.csv").is_file() or (only is not None and k not in only):
-            continue
+    for k, run in runs:
         flow, target, _ = load_model(run / "checkpoint.pt")
-        if float(target.beta) < from_beta:
-            continue
         old = pd.read_csv(run / "estimates.csv").iloc[0]
         t0 = time.perf_counter()
         table = measure_beta(flow, target, k, config, samples, step, None, max_samples=max_samples, verbose=True,
