@@ -202,7 +202,7 @@ def make_trainer(config: IsingConfig | dict[str, Any], device: torch.device | st
 
     from . import distributed as dist
     from .ising import ising
-    from .train import VariationalTrainer, cosine_schedule
+    from .train import VariationalTrainer, WallClockCosine, cosine_schedule
 
     config = config if isinstance(config, IsingConfig) else IsingConfig.from_dict(config)
     device = torch.device(device)
@@ -222,7 +222,10 @@ def make_trainer(config: IsingConfig | dict[str, Any], device: torch.device | st
     flow = flow.to(device)
     model = dist.wrap_sampler(flow, device)  # DDP(SampleModule(flow)) under torchrun: DDP averages the draws' gradients
     opt = torch.optim.Adam(parameter_groups(flow, config, target.N), lr=config.lr, weight_decay=config.weight_decay)
-    sched = cosine_schedule(opt, config.epochs, warmup=config.warmup) if config.schedule == "cosine" else None
+    if config.schedule_minutes is not None:
+        sched = WallClockCosine(opt, config.schedule_minutes, warmup=config.warmup)
+    else:
+        sched = cosine_schedule(opt, config.epochs, warmup=config.warmup) if config.schedule == "cosine" else None
     gen = dist.rank_generator(config.seed, device)  # rank 0: from (seed,); rank r: from (seed, r)
     trainer = VariationalTrainer(model, target, opt, batch_size=config.batch_size, scheduler=sched,
                                  config=saved_config if saved_config is not None else config.to_dict(),

@@ -327,6 +327,9 @@ def conditioned_sweep(config: IsingConfig | None, betas: Any, *, degree: int | N
             raise TypeError(f"config must be an IsingConfig, got {type(config).__name__}")
         if config.anneal_from is not None:
             raise ValueError("anneal_from does not apply to a β-conditioned sweep (it trains every β at once)")
+        if config.schedule_minutes is not None:
+            raise ValueError(f"schedule_minutes={config.schedule_minutes:g}: a sweep's learning-rate schedules run over "
+                             "epochs (--epochs, --warm-epochs); give those instead")
         if config.mixture != "none" or config.gradient_estimator != "total":
             raise ValueError("a β-conditioned sweep supports neither --mixture nor --gradient-estimator path yet")
         grid = parse_beta_grid(betas)

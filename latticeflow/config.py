@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import math
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, TypeVar
 
@@ -207,6 +208,43 @@ def grad_clip_flag(text: str) -> float | str:
     return _as_flag(check_grad_clip, text)
 
 
+#: ``schedule_minutes``: the cosine decay spans minutes of training instead of epochs
+#: (:class:`latticeflow.train.WallClockCosine`); a fresh run given it without ``epochs`` gets
+#: ``epochs = UNCAPPED_EPOCHS`` (:func:`uncapped`), so the minutes alone end it.
+SCHEDULE_MINUTES_HELP = ("spread the cosine learning-rate decay over this many minutes of training (wall time, "
+                         "summed over resumes) instead of over --epochs, and stop when they have passed, so a "
+                         "time budget always ends its decay; --epochs then only caps the run (no cap unless given)")
+UNCAPPED_EPOCHS = 10**9
+
+
+def uncapped(flags: dict[str, Any]) -> dict[str, Any]:
+    """A fresh run's explicit flags, with ``epochs = UNCAPPED_EPOCHS`` added when ``schedule_minutes``
+    is given and ``epochs`` is not (the minutes end the run, not the default epoch count)."""
+    if flags.get("schedule_minutes") is not None and "epochs" not in flags:
+        return {**flags, "epochs": UNCAPPED_EPOCHS}
+    return flags
+
+
+def check_schedule_minutes(config: Any) -> float | None:
+    """``config.schedule_minutes`` checked: None, or a finite number > 0 with the cosine schedule and
+    no β anneal (which runs over epochs).
+
+    Raises:
+        ValueError: naming the value or the setting it conflicts with.
+    """
+    m = config.schedule_minutes
+    if m is None:
+        return None
+    if isinstance(m, bool) or not isinstance(m, (int, float)) or not (math.isfinite(m) and m > 0):
+        raise ValueError(f"schedule_minutes must be a number > 0, got schedule_minutes={m!r}")
+    if config.schedule != "cosine":
+        raise ValueError(f"schedule_minutes={m:g} spreads the cosine decay over time; it needs schedule='cosine', "
+                         f"got schedule={config.schedule!r}")
+    if getattr(config, "anneal_from", None) is not None:
+        raise ValueError(f"schedule_minutes={m:g}: the β anneal (anneal_from) runs over epochs; give epochs instead")
+    return float(m)
+
+
 def kernel_size_for(value: int | None, L: int) -> int:
     """The conv kernel size: ``value``, or for None 5 (the largest odd size <= L when L < 5)."""
     return int(value) if value is not None else min(5, L if L % 2 else L - 1)
@@ -275,6 +313,8 @@ class IsingConfig(Config):
                                 "learning rate halved (0: stop at the first divergence)", parse=cli.nonnegative_int,
                                 group="training")
     schedule: str = option("cosine", "learning-rate schedule", choices=("cosine", "constant"), group="training")
+    schedule_minutes: float | None = option(None, SCHEDULE_MINUTES_HELP, parse=cli.positive_float, group="training",
+                                            show="none: the decay spans --epochs")
     anneal_from: float | None = option(None, "anneal β: train at this β first and move it linearly to --beta over "
                                        "--anneal-epochs (start hot, where the target is nearly Gaussian), then hold "
                                        "it; the log's beta column gives each epoch's β", parse=cli.beta_value,
@@ -312,6 +352,7 @@ class IsingConfig(Config):
         check_choice("mixture", self.mixture, MIXTURES)
         check_choice("dtype", self.dtype, DTYPE_NAMES)
         check_choice("schedule", self.schedule, ("cosine", "constant"))
+        set_(self, "schedule_minutes", check_schedule_minutes(self))
         check_choice("gradient_estimator", self.gradient_estimator, GRADIENT_ESTIMATORS)
         check_choice("conv_layers", self.conv_layers, (1, 2))
         set_(self, "step_size", check_positive("step_size", self.step_size))

@@ -16,7 +16,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import cli
-from .config import (ACTIVATIONS, DTYPE_NAMES, GRADIENT_ESTIMATORS, GROUPS, MIXTURES, SYMMETRIZE, Config, IsingConfig,
+from .config import (ACTIVATIONS, DTYPE_NAMES, GRADIENT_ESTIMATORS, GROUPS, MIXTURES, SCHEDULE_MINUTES_HELP, SYMMETRIZE, Config,
+                     IsingConfig,
                      _extensive_lr_flag, batch_for, grad_clip_flag, kernel_size_for, option)
 from .phi4 import Phi4, phi4, phi4_hopping
 
@@ -92,6 +93,8 @@ class Phi4Config(Config):
                                      choices=GRADIENT_ESTIMATORS, group="training")
     warmup: int = option(20, "learning-rate warm-up steps", parse=cli.nonnegative_int, group="training")
     schedule: str = option("cosine", "learning-rate schedule", choices=("cosine", "constant"), group="training")
+    schedule_minutes: float | None = option(None, SCHEDULE_MINUTES_HELP, parse=cli.positive_float, group="training",
+                                            show="none: the decay spans --epochs")
     seed: int = option(0, "seed of the initialisation and the samples", parse=int, group="training")
 
     def __post_init__(self) -> None:
@@ -134,7 +137,7 @@ class Phi4Config(Config):
 FLOW_KEYS = ("potential", "hidden", "activation", "bias", "channels", "kernel_size", "conv_layers", "init_scale",
              "quadratic_init", "time_dependent", "n_steps", "step_size", "symmetrize", "group", "mixture", "dtype", "grad_checkpoint",
              "batch", "lr", "extensive_lr", "weight_decay", "epochs", "grad_clip", "gradient_estimator", "max_rollbacks",
-             "warmup", "schedule", "seed")
+             "warmup", "schedule", "schedule_minutes", "seed")
 
 #: The built-in default of ``python -m models.phi4``.
 PHI4_DEFAULT = Phi4Config()

@@ -360,3 +360,6 @@ class RunStart:
         elif trainer.stop_reason == "time":
             print(f"stopped by the --max-minutes {max_minutes:g} budget after epoch {trainer.epoch}; "
                   f"continue with: {resume}")
+        elif trainer.stop_reason == "schedule":
+            print(f"the learning-rate schedule ran its {trainer.scheduler.seconds / 60:g} minutes (--schedule-minutes) "
+                  f"after epoch {trainer.epoch}")

@@ -653,6 +653,9 @@ def sweep(config: IsingConfig | None, betas: str | Sequence[float | str] | None,
             raise TypeError(f"config must be an IsingConfig, got {type(config).__name__}")
         if betas is None:
             raise ValueError("a sweep needs a β grid (betas)")
+        if config.schedule_minutes is not None:
+            raise ValueError(f"schedule_minutes={config.schedule_minutes:g}: a sweep's learning-rate schedules run over "
+                             "epochs (--epochs, --warm-epochs); give those instead")
         grid = parse_beta_grid(betas)
         warm_epochs = check_size("warm_epochs", warm_epochs) if warm_epochs is not None else max(1, config.epochs // 4)
         cold_epochs = check_size("cold_epochs", cold_epochs) if cold_epochs is not None else warm_epochs

@@ -127,7 +127,8 @@ class Trainer:
         self.kind = kind
         self._stop_signal: int | None = None
         self.last_checkpoint: Path | None = None
-        #: why the last :meth:`fit` ended: "epochs", "time", "signal", "diverged" (subclasses add theirs)
+        #: why the last :meth:`fit` ended: "epochs", "time", "schedule" (a :class:`WallClockCosine` ran
+        #: its minutes), "signal", "diverged" (subclasses add theirs)
         self.stop_reason: str | None = None
         #: the signal that stopped it (SIGINT 2, SIGTERM 15), for the exit status 128 + signal
         self.stop_signal: int | None = None
@@ -264,6 +265,21 @@ class Trainer:
     # ------------------------------------------------------------------ loop
     def _on_signal(self, signum, frame) -> None:  # noqa: ARG002
         self._stop_signal = signum
+
+    @property
+    def schedule_finished(self) -> bool:
+        """True when the scheduler is a :class:`WallClockCosine` whose minutes have passed."""
+        return isinstance(self.scheduler, WallClockCosine) and self.scheduler.finished
+
+    def _advance_schedule(self, wall_time: float) -> None:
+        """Step the scheduler after an epoch; a :class:`WallClockCosine` first learns the training
+        time so far, the largest over the ranks (one all-reduce), so that every rank sets the
+        same rate and stops after the same epoch."""
+        if isinstance(self.scheduler, WallClockCosine):
+            if dist.world_size() > 1:
+                wall_time = dist.all_reduce_max([wall_time])[0]
+            self.scheduler.elapsed = float(wall_time)
+        self.scheduler.step()
 
     def agree_to_stop(self, out_of_time: bool) -> tuple[int | None, bool]:
         """Share the stop decision with all ranks (one all-reduce; nothing in one process).
@@ -433,8 +449,9 @@ class Trainer:
         """Train until ``epochs`` epochs in total have run (counting resumed ones).
 
         Stops early, with a checkpoint, when ``max_minutes`` of wall time pass
-        (``stop_reason = "time"``) or on SIGINT/SIGTERM (``"signal"``, the signal number in
-        ``stop_signal``); ``"epochs"`` when all epochs ran. Subclasses stop for reasons of their
+        (``stop_reason = "time"``), when a :class:`WallClockCosine` schedule has run its minutes
+        (``"schedule"``; at once for a resumed run whose schedule had) or on SIGINT/SIGTERM
+        (``"signal"``, the signal number in ``stop_signal``); ``"epochs"`` when all epochs ran. Subclasses stop for reasons of their
         own through :meth:`before_epoch` (e.g. ``"early stopping"``), and may end a long epoch
         early once ``time.perf_counter()`` passes :attr:`deadline`.
 
@@ -447,13 +464,16 @@ class Trainer:
         self.deadline = None if max_minutes is None else start + 60.0 * max_minutes
         wall0 = self.records[-1]["wall_time"] if self.records else 0.0
         restore_signals = self.catch_signals()
-        bar = tqdm(total=epochs, initial=self.epoch, disable=not (self.progress and dist.is_main()),
+        bar = tqdm(total=None if isinstance(self.scheduler, WallClockCosine) else epochs, initial=self.epoch, disable=not (self.progress and dist.is_main()),
                    dynamic_ncols=True, leave=False)
         self.stop_reason = "epochs"
         self._snapshots: collections.deque = collections.deque(maxlen=2)
         self._rolled_back_to: dict[str, Any] | None = None
         try:
             while self.epoch < epochs:
+                if self.schedule_finished:  # a resumed run whose wall-clock schedule has run out
+                    self.stop_reason = "schedule"
+                    break
                 reason = self.before_epoch()
                 if reason is not None:
                     self.stop_reason = reason
@@ -472,12 +492,14 @@ class Trainer:
                     record["rollbacks"] = len(self.rollbacks)
                 self.records.append(record)
                 if self.scheduler is not None:
-                    self.scheduler.step()
+                    self._advance_schedule(record["wall_time"])
                 bar.update(1)
                 bar.set_postfix(self.postfix(record))
                 out_of_time = max_minutes is not None and time.perf_counter() - start > 60 * max_minutes
                 stop_signal, out_of_time = self.agree_to_stop(out_of_time)  # the same on every rank
-                if self.epoch % self.checkpoint_every == 0 or self.epoch == epochs or out_of_time or stop_signal:
+                schedule_done = self.schedule_finished
+                if (self.epoch % self.checkpoint_every == 0 or self.epoch == epochs or out_of_time or stop_signal
+                        or schedule_done):
                     self.save()
                     self._write_log()
                 if stop_signal is not None:
@@ -491,6 +513,9 @@ class Trainer:
                     if dist.is_main():
                         print(f"\nwall-clock budget of {max_minutes:g} min reached after epoch {self.epoch}; "
                               f"checkpoint {self.last_checkpoint}")
+                    break
+                if schedule_done:
+                    self.stop_reason = "schedule"
                     break
         finally:
             bar.close()
@@ -678,3 +703,46 @@ def cosine_schedule(optimizer: torch.optim.Optimizer, epochs: int, warmup: int =
         return final_fraction + (1 - final_fraction) * 0.5 * (1 + math.cos(math.pi * p))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+class WallClockCosine(torch.optim.lr_scheduler.LRScheduler):
+    """Linear warm-up over ``warmup`` epochs, then a cosine decay over ``minutes`` of training time.
+
+    The cosine of :func:`cosine_schedule` with its progress measured in wall time instead of
+    epochs: at the end of an epoch that finishes ``elapsed`` seconds of training (summed over
+    resumes: the log's ``wall_time``), the rate is lr·(f + (1 − f)·½(1 + cos(π·min(1, elapsed/T))))
+    with T = 60·minutes and f = ``final_fraction``. A run given a time budget then always ends
+    its decay at the budget, on a fast machine or a slow one, instead of being cut off part way
+    through a decay sized in epochs (or finishing it early). :class:`Trainer` sets
+    :attr:`elapsed` before each step (agreed across ranks under torchrun: the largest) and
+    stops once :attr:`finished`. The rate of each epoch is logged (``lr``), so a run's schedule
+    can be read back, though not replayed on another machine.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, minutes: float, warmup: int = 0,
+                 final_fraction: float = 0.01) -> None:
+        if not (isinstance(minutes, (int, float)) and math.isfinite(minutes) and minutes > 0):
+            raise ValueError(f"minutes must be a number > 0, got minutes={minutes!r}")
+        self.seconds = 60.0 * float(minutes)
+        self.warmup = check_size("warmup", warmup, minimum=0)
+        self.final_fraction = float(final_fraction)
+        #: seconds of training when the next rate is computed (set by the trainer before each step)
+        self.elapsed = 0.0
+        super().__init__(optimizer)
+
+    @property
+    def finished(self) -> bool:
+        """True once the decay has run its minutes."""
+        return self.elapsed >= self.seconds
+
+    def factor(self) -> float:
+        """The multiplier of the base rates for the next epoch (``last_epoch`` epochs done)."""
+        e = self.last_epoch
+        if self.warmup and e < self.warmup:
+            return (e + 1) / self.warmup
+        p = min(1.0, self.elapsed / self.seconds)
+        return self.final_fraction + (1 - self.final_fraction) * 0.5 * (1 + math.cos(math.pi * p))
+
+    def get_lr(self) -> list[float]:
+        f = self.factor()
+        return [base * f for base in self.base_lrs]

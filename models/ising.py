@@ -34,7 +34,8 @@ if __package__ in (None, ""):  # run as a script (e.g. by torchrun): make the re
 from latticeflow import distributed as dist
 from latticeflow.build import make_trainer
 from latticeflow.cli import add_run_arguments, checkpoint_file, nonnegative_int, positive_int, run_cli
-from latticeflow.config import ISING_DEFAULT, ISING_PAPER, IsingConfig, add_arguments, conflicts, given
+from latticeflow.config import (ISING_DEFAULT, ISING_PAPER, IsingConfig, add_arguments, conflicts, given,
+                                uncapped)
 from latticeflow.runs import RunStart, provenance, write_json
 from latticeflow.sweep import MANIFEST, BetaGrid, beta_or_grid
 
@@ -183,7 +184,7 @@ def config_from_args(args: argparse.Namespace, base: dict | IsingConfig | None =
     """
     flags = given(args, IsingConfig)
     if base is None:
-        return (ISING_PAPER if args.paper else ISING_DEFAULT).replace(**flags)
+        return (ISING_PAPER if args.paper else ISING_DEFAULT).replace(**uncapped(flags))
     base = base if isinstance(base, IsingConfig) else IsingConfig.from_dict(base)
     if args.paper:
         raise ValueError("--paper chooses a model, and a resumed run keeps the checkpoint's")

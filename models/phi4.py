@@ -31,7 +31,7 @@ import torch
 from latticeflow import distributed as dist
 from latticeflow.build import make_trainer as build_make_trainer
 from latticeflow.cli import add_run_arguments, positive_int, run_cli
-from latticeflow.config import add_arguments, conflicts, given
+from latticeflow.config import add_arguments, conflicts, given, uncapped
 from analysis.phi4_report import SCALARS, describe, flow_estimates, propagator_deviation, reference
 from latticeflow.phi4 import Phi4
 from latticeflow.phi4_config import PHI4_DEFAULT, Phi4Config
@@ -62,7 +62,7 @@ def config_from_args(args: argparse.Namespace, base: dict | None = None) -> Phi4
     """
     flags = given(args, Phi4Config)
     if base is None:
-        return PHI4_DEFAULT.replace(**flags)
+        return PHI4_DEFAULT.replace(**uncapped(flags))
     cfg = Phi4Config.from_dict(base)
     problem = conflicts(cfg, flags, RESUME_OVERRIDES)
     if problem:

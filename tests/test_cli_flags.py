@@ -210,6 +210,8 @@ ISING_CASES = table(
          pytest.approx(0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * 3 / 7))), control=("--warmup", "0")),
     Case("--warmup", ("--warmup", "2"), {"warmup": 2}, _lr_factor(0), 0.5),
     Case("--schedule", ("--schedule", "constant"), {"schedule": "constant"}, lambda b: b.trainer.scheduler is None, True),
+    Case("--schedule-minutes", ("--schedule-minutes", "0.5"), {"schedule_minutes": 0.5},  # the decay spans 30 s
+         lambda b: getattr(b.trainer.scheduler, "seconds", None), 30.0),
     Case("--grad-clip", ("--grad-clip", "0.5"), {"grad_clip": 0.5}, lambda b: b.trainer.grad_clip, 0.5),
     Case("--grad-clip", ("--grad-clip", "auto"), {"grad_clip": "auto"}, lambda b: b.trainer.grad_clip, "auto"),
     Case("--gradient-estimator", ("--gradient-estimator", "path"), {"gradient_estimator": "path"},
@@ -259,6 +261,32 @@ def test_ising_checkpoint_every(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     saved.clear()
     mi.main(ISING.argv(tmp_path / "run", "--epochs", "3", "--checkpoint-every", "2"))
     assert saved == [2, 3]
+
+
+def test_ising_schedule_minutes_flag(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from latticeflow.config import UNCAPPED_EPOCHS
+
+    base = ["--L", "3", "--hidden", "4", "--n-steps", "2", "--potential", "mlp", "--batch", "8"]
+    cfg = mi.config_from_args(mi.parse_args([*base, "--schedule-minutes", "2"]))
+    assert (cfg.schedule_minutes, cfg.epochs) == (2.0, UNCAPPED_EPOCHS)  # the minutes end the run, not 600 epochs
+    assert mi.config_from_args(mi.parse_args([*base, "--schedule-minutes", "2", "--epochs", "9"])).epochs == 9
+    assert mi.config_from_args(mi.parse_args(base)).epochs == 600
+    for extra, why in ((["--schedule", "constant"], "needs schedule='cosine'"),
+                       (["--anneal-from", "0.3"], "runs over epochs"),
+                       (["--beta", "0.3,0.4"], "a sweep's learning-rate schedules run over epochs")):
+        with pytest.raises(ValueError, match=why):
+            mi.main([*base, "--schedule-minutes", "1", *extra, "--out", str(tmp_path / "refused"), "--quiet"])
+    assert not (tmp_path / "refused").exists()
+    # a real run of 0.6 s: stopped by its schedule, each epoch's rate the cosine of the time before it
+    summary = mi.main([*base, "--schedule-minutes", "0.01", "--warmup", "0", "--out", str(tmp_path / "run"),
+                       "--quiet", "--no-plot"])
+    assert summary["stop_reason"] == "schedule"
+    assert "the learning-rate schedule ran its 0.01 minutes" in capsys.readouterr().out
+    log = pd.read_csv(tmp_path / "run" / "log.csv")
+    assert log["wall_time"].iloc[-1] >= 0.6 and (log["wall_time"].iloc[:-1] < 0.6).all()
+    p = [min(1.0, t / 0.6) for t in [0.0, *log["wall_time"].iloc[:-1]]]
+    assert log["lr"].tolist() == pytest.approx([1e-2 * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * q))) for q in p],
+                                               rel=1e-9)
 
 
 @covers("ising", "--warm-epochs", "--samples", "--step-check")

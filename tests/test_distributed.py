@@ -294,3 +294,19 @@ def test_wall_clock_budget_stops_all_ranks_together(tmp_path):
     assert proc.stdout.count("wall-clock budget of 0.0008 min reached") == 1, proc.stdout[-2000:]
     state = load_checkpoint(out / "checkpoint.pt")
     assert 1 <= state["epoch"] == len(pd.read_csv(out / "log.csv")) < 100000
+
+
+@pytest.mark.slow
+def test_wall_clock_schedule_ends_all_ranks_together(tmp_path):
+    out = tmp_path / "run"
+    # 0.3 s of schedule: each rank measures its own time; they step with the largest and stop after the same
+    # epoch (a rank leaving alone would leave the other waiting in the next all-reduce until the timeout)
+    proc = _run(_torchrun(2, "--schedule", "cosine", "--schedule-minutes", "0.005", "--warmup", "0", "--checkpoint-every", "100000",
+                          "--out", str(out)))
+    assert proc.stdout.count("the learning-rate schedule ran its 0.005 minutes") == 1, proc.stdout[-2000:]
+    state = load_checkpoint(out / "checkpoint.pt")
+    log = pd.read_csv(out / "log.csv")
+    assert state["epoch"] == len(log) >= 1 and state["config"]["schedule_minutes"] == 0.005
+    # rank 0's rates follow the cosine of an agreed time no earlier than its own clock
+    assert state["scheduler"]["elapsed"] >= log["wall_time"].iloc[-1] >= 0.3
+    assert (log["lr"].diff().iloc[1:] <= 1e-15).all()

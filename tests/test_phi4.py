@@ -251,6 +251,19 @@ def test_quadratic_init_flag_reaches_the_flow():
             assert float(torch.linalg.eigvalsh(A).max()) * 2 * T == pytest.approx(math.log(float(spec.max())), abs=1e-5)
 
 
+def test_schedule_minutes_flag_reaches_the_trainer():
+    from latticeflow.config import UNCAPPED_EPOCHS
+    from latticeflow.train import WallClockCosine
+
+    cfg = mp.config_from_args(mp.build_parser().parse_args(["--L", "3", "--hidden", "4", "--schedule-minutes", "2"]))
+    assert (cfg.schedule_minutes, cfg.epochs) == (2.0, UNCAPPED_EPOCHS)
+    assert cfg.flow_config().schedule_minutes == 2.0
+    trainer, _ = mp.make_trainer(cfg, torch.device("cpu"), None, progress=False)
+    assert isinstance(trainer.scheduler, WallClockCosine) and trainer.scheduler.seconds == 120.0
+    with pytest.raises(ValueError, match="needs schedule='cosine'"):
+        mp.config_from_args(mp.build_parser().parse_args(["--schedule-minutes", "2", "--schedule", "constant"]))
+
+
 def test_driver_flags_reach_the_config():
     args = mp.build_parser().parse_args(["--L", "5", "--kappa", "0.2", "--lam-tilde", "0.7", "--hidden", "8"])
     cfg = mp.config_from_args(args)
@@ -272,7 +285,8 @@ SWITCHES = {"bias": ("--no-bias", False), "time_dependent": ("--no-time-dependen
 
 
 def test_every_config_flag_reaches_the_config_and_the_flow_config():
-    assert set(FLAG_VALUES) | set(SWITCHES) == set(Phi4Config.keys())  # a new field needs a line here
+    # a new field needs a line here (schedule_minutes excludes --schedule constant: tested on its own below)
+    assert set(FLAG_VALUES) | set(SWITCHES) | {"schedule_minutes"} == set(Phi4Config.keys())
     argv = [a for k, v in FLAG_VALUES.items() for a in ("--" + k.replace("_", "-"), v)] + [f for f, _ in SWITCHES.values()]
     cfg = mp.config_from_args(mp.build_parser().parse_args(argv))
     for k, v in FLAG_VALUES.items():

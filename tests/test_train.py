@@ -298,3 +298,56 @@ def test_grad_clip_values_are_checked(bad):
     flow = DiagonalGaussian(3)
     with pytest.raises(ValueError, match="grad_clip must be None, 'auto' or a finite number > 0"):
         VariationalTrainer(flow, GaussianTarget(3), torch.optim.Adam(flow.parameters()), grad_clip=bad)
+
+
+def _timed_trainer(tmp_path, monkeypatch, minutes=1.0, warmup=0):
+    """A trainer with a WallClockCosine whose clock reads 10 s per finished epoch (no real time)."""
+    from latticeflow import train as lftrain
+
+    torch.manual_seed(0)
+    flow = DiagonalGaussian(3)
+    opt = torch.optim.Adam(flow.parameters(), lr=0.05)
+    tr = VariationalTrainer(flow, GaussianTarget(3), opt, batch_size=32, out_dir=tmp_path, progress=False,
+                            scheduler=lftrain.WallClockCosine(opt, minutes, warmup=warmup),
+                            generator=torch.Generator().manual_seed(1), checkpoint_every=2)
+    monkeypatch.setattr(lftrain.time, "perf_counter", lambda: 10.0 * tr.epoch)
+    return tr
+
+
+def _cosine(p, f=0.01):
+    return f + (1 - f) * 0.5 * (1 + math.cos(math.pi * min(1.0, p)))
+
+
+def test_wall_clock_cosine_decays_over_the_training_time_and_stops_there(tmp_path, monkeypatch):
+    tr = _timed_trainer(tmp_path, monkeypatch, minutes=1.0, warmup=2)
+    log = tr.fit(100)  # the epoch cap is far; the 60 s of the schedule end the run
+    assert tr.stop_reason == "schedule" and len(log) == 6  # 10 s per epoch
+    assert log["wall_time"].tolist() == [10.0 * k for k in range(1, 7)]
+    # the rate of epoch k+1 is lr·cos-factor(wall time after epoch k) once the warm-up (epochs 1, 2) is over
+    expected = [0.05 * 0.5, 0.05 * 1.0] + [0.05 * _cosine(10.0 * k / 60) for k in range(2, 6)]
+    assert log["lr"].tolist() == pytest.approx(expected, rel=1e-12)
+    assert tr.optimizer.param_groups[0]["lr"] == pytest.approx(0.05 * 0.01)  # decayed to the final fraction
+    assert load_checkpoint(tmp_path / "checkpoint.pt")["epoch"] == 6  # the last epoch is saved
+
+
+def test_wall_clock_cosine_resumes_where_its_time_left_off(tmp_path, monkeypatch):
+    whole = _timed_trainer(tmp_path / "whole", monkeypatch).fit(100)
+    first = _timed_trainer(tmp_path / "parts", monkeypatch)
+    first.fit(3)  # stopped by the epoch cap after 30 s
+    second = _timed_trainer(tmp_path / "parts", monkeypatch)
+    second.load(tmp_path / "parts" / "checkpoint.pt")
+    log = second.fit(100)
+    assert second.stop_reason == "schedule"
+    pd.testing.assert_frame_equal(log, whole)  # the same rates and the same samples: an exact resume
+    third = _timed_trainer(tmp_path / "parts", monkeypatch)
+    third.load(tmp_path / "parts" / "checkpoint.pt")
+    assert len(third.fit(100)) == 6 and third.stop_reason == "schedule"  # nothing left to run
+
+
+@pytest.mark.parametrize("bad", [0, -1.0, float("nan"), float("inf"), "10"])
+def test_wall_clock_cosine_minutes_are_checked(bad):
+    from latticeflow.train import WallClockCosine
+
+    opt = torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    with pytest.raises(ValueError, match="minutes must be a number > 0"):
+        WallClockCosine(opt, bad)
