@@ -31,7 +31,7 @@ from torch import Tensor
 
 from ._checks import check_batch, check_beta, check_size
 from .build import DTYPES, as_config, build_potential, lattice_quadratics, parameter_groups
-from .config import IsingConfig
+from .config import IsingConfig, refuse_schedule_minutes
 from .distributed import rank_generator
 from .flow import MongeAmpereFlow, WrappedFlow, derived_generator
 from .ising import MIN_EIGENVALUE, ising
@@ -327,9 +327,7 @@ def conditioned_sweep(config: IsingConfig | None, betas: Any, *, degree: int | N
             raise TypeError(f"config must be an IsingConfig, got {type(config).__name__}")
         if config.anneal_from is not None:
             raise ValueError("anneal_from does not apply to a β-conditioned sweep (it trains every β at once)")
-        if config.schedule_minutes is not None:
-            raise ValueError(f"schedule_minutes={config.schedule_minutes:g}: a sweep's learning-rate schedules run over "
-                             "epochs (--epochs, --warm-epochs); give those instead")
+        refuse_schedule_minutes(config)
         if config.mixture != "none" or config.gradient_estimator != "total":
             raise ValueError("a β-conditioned sweep supports neither --mixture nor --gradient-estimator path yet")
         grid = parse_beta_grid(betas)

@@ -245,6 +245,17 @@ def check_schedule_minutes(config: Any) -> float | None:
     return float(m)
 
 
+def refuse_schedule_minutes(config: Any) -> None:
+    """For the β sweeps, whose learning-rate schedules run over epochs.
+
+    Raises:
+        ValueError: ``config.schedule_minutes`` is set.
+    """
+    if config.schedule_minutes is not None:
+        raise ValueError(f"schedule_minutes={config.schedule_minutes:g}: a sweep's learning-rate schedules run over "
+                         "epochs (--epochs, --warm-epochs); give those instead")
+
+
 def kernel_size_for(value: int | None, L: int) -> int:
     """The conv kernel size: ``value``, or for None 5 (the largest odd size <= L when L < 5)."""
     return int(value) if value is not None else min(5, L if L % 2 else L - 1)

@@ -16,9 +16,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import cli
-from .config import (ACTIVATIONS, DTYPE_NAMES, GRADIENT_ESTIMATORS, GROUPS, MIXTURES, SCHEDULE_MINUTES_HELP, SYMMETRIZE, Config,
-                     IsingConfig,
-                     _extensive_lr_flag, batch_for, grad_clip_flag, kernel_size_for, option)
+from .config import (ACTIVATIONS, DTYPE_NAMES, GRADIENT_ESTIMATORS, GROUPS, MIXTURES, SCHEDULE_MINUTES_HELP, SYMMETRIZE,
+                     Config, IsingConfig, _extensive_lr_flag, batch_for, grad_clip_flag, kernel_size_for, option)
 from .phi4 import Phi4, phi4, phi4_hopping
 
 __all__ = ["Phi4Config", "PHI4_DEFAULT", "FLOW_KEYS"]

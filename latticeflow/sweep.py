@@ -65,7 +65,7 @@ import torch
 from ._checks import check_size
 from .build import make_trainer
 from .checkpoint import load_checkpoint
-from .config import IsingConfig
+from .config import IsingConfig, refuse_schedule_minutes
 from .exact import CRITICAL_BETA
 from .runs import RunFolder, RunFolderError, provenance, write_json
 from .train import TrainingDiverged, VariationalTrainer
@@ -653,9 +653,7 @@ def sweep(config: IsingConfig | None, betas: str | Sequence[float | str] | None,
             raise TypeError(f"config must be an IsingConfig, got {type(config).__name__}")
         if betas is None:
             raise ValueError("a sweep needs a β grid (betas)")
-        if config.schedule_minutes is not None:
-            raise ValueError(f"schedule_minutes={config.schedule_minutes:g}: a sweep's learning-rate schedules run over "
-                             "epochs (--epochs, --warm-epochs); give those instead")
+        refuse_schedule_minutes(config)
         grid = parse_beta_grid(betas)
         warm_epochs = check_size("warm_epochs", warm_epochs) if warm_epochs is not None else max(1, config.epochs // 4)
         cold_epochs = check_size("cold_epochs", cold_epochs) if cold_epochs is not None else warm_epochs

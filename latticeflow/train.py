@@ -451,8 +451,8 @@ class Trainer:
         Stops early, with a checkpoint, when ``max_minutes`` of wall time pass
         (``stop_reason = "time"``), when a :class:`WallClockCosine` schedule has run its minutes
         (``"schedule"``; at once for a resumed run whose schedule had) or on SIGINT/SIGTERM
-        (``"signal"``, the signal number in ``stop_signal``); ``"epochs"`` when all epochs ran. Subclasses stop for reasons of their
-        own through :meth:`before_epoch` (e.g. ``"early stopping"``), and may end a long epoch
+        (``"signal"``, the signal number in ``stop_signal``); ``"epochs"`` when all epochs ran.
+        Subclasses stop for reasons of their own through :meth:`before_epoch` (e.g. ``"early stopping"``), and may end a long epoch
         early once ``time.perf_counter()`` passes :attr:`deadline`.
 
         Raises:
@@ -464,7 +464,8 @@ class Trainer:
         self.deadline = None if max_minutes is None else start + 60.0 * max_minutes
         wall0 = self.records[-1]["wall_time"] if self.records else 0.0
         restore_signals = self.catch_signals()
-        bar = tqdm(total=None if isinstance(self.scheduler, WallClockCosine) else epochs, initial=self.epoch, disable=not (self.progress and dist.is_main()),
+        timed = isinstance(self.scheduler, WallClockCosine)  # its epochs are a cap, not a count to show
+        bar = tqdm(total=None if timed else epochs, initial=self.epoch, disable=not (self.progress and dist.is_main()),
                    dynamic_ncols=True, leave=False)
         self.stop_reason = "epochs"
         self._snapshots: collections.deque = collections.deque(maxlen=2)
@@ -699,10 +700,14 @@ def cosine_schedule(optimizer: torch.optim.Optimizer, epochs: int, warmup: int =
     def factor(e: int) -> float:
         if warmup and e < warmup:
             return (e + 1) / warmup
-        p = min(1.0, (e - warmup) / max(1, epochs - warmup))
-        return final_fraction + (1 - final_fraction) * 0.5 * (1 + math.cos(math.pi * p))
+        return _cosine(min(1.0, (e - warmup) / max(1, epochs - warmup)), final_fraction)
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def _cosine(p: float, final_fraction: float) -> float:
+    """The cosine decay's factor at progress p in [0, 1]: from 1 down to ``final_fraction``."""
+    return final_fraction + (1 - final_fraction) * 0.5 * (1 + math.cos(math.pi * p))
 
 
 class WallClockCosine(torch.optim.lr_scheduler.LRScheduler):
@@ -740,8 +745,7 @@ class WallClockCosine(torch.optim.lr_scheduler.LRScheduler):
         e = self.last_epoch
         if self.warmup and e < self.warmup:
             return (e + 1) / self.warmup
-        p = min(1.0, self.elapsed / self.seconds)
-        return self.final_fraction + (1 - self.final_fraction) * 0.5 * (1 + math.cos(math.pi * p))
+        return _cosine(min(1.0, self.elapsed / self.seconds), self.final_fraction)
 
     def get_lr(self) -> list[float]:
         f = self.factor()
