@@ -35,3 +35,17 @@ def test_seed_and_threads_reach_the_run_and_its_row(bench, tmp_path: Path, monke
     assert rows[0]["seed"] == 2 and rows[0]["stop_reason"] == "schedule"
     assert json.loads((tmp_path / "results.json").read_text())[0]["seed"] == 2
     assert "| tiny | `" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_procs_runs_the_preset_under_torchrun(bench, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tiny = ["--L", "3", "--hidden", "4", "--n-steps", "2", "--potential", "mlp", "--batch", "8",
+            "--schedule-minutes", "0.005", "--no-plot"]
+    monkeypatch.setitem(bench.RUNS, "tiny", (tiny, 1.0, 1e-3))
+    rows = bench.main(["--runs", "tiny", "--procs", "2", "--out", str(tmp_path)])
+    summary = json.loads((tmp_path / "tiny" / "summary.json").read_text())
+    assert rows[0]["procs"] == 2 and rows[0]["threads"] == 1  # one thread per rank by default
+    assert summary["provenance"]["processes"] == 2 and summary["provenance"]["threads"] == 1
+    assert rows[0]["epochs"] == summary["epochs"] >= 1 and rows[0]["stop_reason"] == "schedule"
+    with pytest.raises(SystemExit):
+        bench.main(["--runs", "tiny", "--procs", "0", "--out", str(tmp_path)])
