@@ -65,3 +65,55 @@ def test_bad_quadratic_arguments():
         QuadraticPotential(9, "d4")
     with pytest.raises(ValueError, match=r"symmetric='d4' needs a square lattice, got lattice_shape=\(2, 3\)"):
         QuadraticPotential((2, 3), "d4")
+
+
+@pytest.mark.parametrize("shape, symmetric", [((4, 4), "d4"), ((3, 5), "translation"), ((6, 6), "d4")])
+@pytest.mark.parametrize("time_dependent", [False, True])
+def test_dense_and_fft_methods_agree(shape, symmetric, time_dependent):
+    # the dense matmul of small lattices against the FFT (an independent computation of A x): values,
+    # Laplacian and the gradients of a loss with respect to x and to every parameter, in float64
+    torch.manual_seed(3)
+    fft = randomize(QuadraticPotential(shape, symmetric, time_dependent=time_dependent, method="fft"))
+    dense = QuadraticPotential(shape, symmetric, time_dependent=time_dependent, method="dense")
+    dense.load_state_dict(fft.state_dict())
+    assert dense.dense and not fft.dense and dense.pair_orbits is not None and fft.pair_orbits is None
+    N = shape[0] * shape[1]
+    x = torch.randn(5, N)
+    for t in (0.0, 0.37, torch.tensor(0.8), torch.rand(5)):  # per-sample times: the FFT in both
+        outs = []
+        for pot in (fft, dense):
+            pot.zero_grad()
+            xi = x.clone().requires_grad_(True)
+            with pot.shared_constants():
+                phi, g, lap = pot(xi, t)
+                phi2, g2, lap2 = pot(xi, t)  # the second evaluation reads the shared dense parts
+            loss = (phi * phi2).sum() + (g.sin() * g2).sum() + (lap * lap2).sum()
+            loss.backward()
+            outs.append([phi, g, lap, xi.grad, *(p.grad for p in pot.parameters())])
+        for a, b in zip(*outs, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_auto_method_is_dense_up_to_the_measured_size():
+    from latticeflow.potentials.quadratic import DENSE_MAX_SITES
+
+    assert QuadraticPotential((12, 12)).dense and DENSE_MAX_SITES == 144
+    assert not QuadraticPotential((16, 16)).dense
+    assert "method='auto'" in repr(QuadraticPotential((4, 4)))
+    with pytest.raises(ValueError, match="method"):
+        QuadraticPotential((4, 4), method="matmul")
+
+
+def test_set_method_switches_the_path_and_keeps_the_values():
+    pot = randomize(QuadraticPotential((16, 16), "d4", time_dependent=True))
+    x = torch.randn(3, 256)
+    before = pot(x, 0.4)
+    assert not pot.dense and pot.pair_orbits is None
+    pot.set_method("dense")
+    assert pot.dense and pot.pair_orbits.shape == (256, 256)
+    for a, b in zip(before, pot(x, 0.4), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    pot.set_method("fft")
+    assert not pot.dense and pot.pair_orbits is None
+    plain = QuadraticPotential(9, "none", method="dense")  # a plain vector: always its own dense matrix
+    assert not plain.dense and plain.pair_orbits is None

@@ -8,7 +8,10 @@ the same Laplacian for every sample, so log p changes by exactly −t·tr A and
 x(t) = e^{At} x(0) + (e^{At} − 1)A⁻¹b. On a periodic L1×L2 lattice A is circulant,
 A_ij = a(r_i − r_j), with one parameter per orbit of displacements
 (``latticeflow.symmetry.displacement_orbits``), and is applied by a real 2D FFT:
-A x = irfft2(x̂ · â) (â is real because a(dr) = a(−dr)), tr A = N·a(0).
+A x = irfft2(x̂ · â) (â is real because a(dr) = a(−dr)), tr A = N·a(0). On small lattices
+(N ≤ ``DENSE_MAX_SITES``) the FFTs cost more in per-call overhead than they save, and A is
+applied as one (N, N) matmul, gathered from the same orbit parameters at every evaluation
+(``python benchmarks/quadratic_speed.py`` prints the ratio of the two, forward and backward).
 
 Symbols: B batch, N = L1·L2 sites (or dim), t time.
 """
@@ -20,9 +23,21 @@ from torch import Tensor, nn
 
 from .._checks import check_choice, check_size
 from ..symmetry import displacement_orbits
-from .base import Evaluation, Noise, Potential, _at_time
+from .base import Evaluation, Noise, Potential, _at_time, _is_scalar_time
 
-__all__ = ["QuadraticPotential"]
+__all__ = ["DENSE_MAX_SITES", "QuadraticPotential"]
+
+#: The largest lattice (sites) on which ``method="auto"`` applies the circulant A as a dense matmul: one
+#: training evaluation (forward + backward, batch 256, 1 thread) ran 6.1x faster than the FFTs at L=4, 3.3x at
+#: L=8, 2.8x at L=12 and 0.8x at L=16 (README, ``benchmarks/quadratic_speed.py``).
+DENSE_MAX_SITES = 144
+
+
+def _displacements(L1: int, L2: int) -> tuple[Tensor, Tensor]:
+    """Row and column indices of r_i − r_j on the L1×L2 torus, each (N, N), sites in row-major order."""
+    r, c = torch.meshgrid(torch.arange(L1), torch.arange(L2), indexing="ij")
+    r, c = r.reshape(-1), c.reshape(-1)
+    return (r[:, None] - r[None, :]) % L1, (c[:, None] - c[None, :]) % L2
 
 
 def _lattice_shape(shape: object) -> tuple[int, int]:
@@ -41,8 +56,10 @@ class QuadraticPotential(Potential):
     On an L1×L2 periodic lattice (``lattice_shape=(L1, L2)``) A is circulant,
     A_ij = a(r_i − r_j), with a kernel over displacement orbits: a(dr) = a(−dr) always
     (``symmetric="translation"``), and also D4-invariant with ``symmetric="d4"`` (square
-    lattices). A is applied with a 2D real FFT in O(N log N), never as a dense matrix, and
-    tr A = N·a(0). The linear term is b = c·1 (translation invariant); ``linear=False`` drops
+    lattices). A is applied with a 2D real FFT in O(N log N) (``method="fft"``), or as a dense
+    (N, N) matrix gathered from the orbit parameters (``method="dense"``, O(N²) per sample but
+    one matmul); ``method="auto"`` takes the dense matmul up to ``DENSE_MAX_SITES`` sites, where
+    it is measured faster, and the FFT above. tr A = N·a(0). The linear term is b = c·1 (translation invariant); ``linear=False`` drops
     it, making φ Z2-even. ``symmetric="none"`` (the only choice when ``lattice_shape`` is an
     int N) uses a dense symmetric A = (M + Mᵀ)/2 and a free b: O(N²) per sample.
 
@@ -54,12 +71,15 @@ class QuadraticPotential(Potential):
         symmetric: ``"d4"``, ``"translation"`` or ``"none"``.
         linear: include the linear term b.
         time_dependent: parameters vary linearly in t.
+        method: how a lattice potential applies A: ``"auto"``, ``"fft"`` or ``"dense"`` (same
+            parameters and values; per-sample times (B,) always take the FFT).
     """
 
     def __init__(self, lattice_shape: int | tuple[int, int], symmetric: str = "d4", linear: bool = True,
-                 time_dependent: bool = False) -> None:
+                 time_dependent: bool = False, method: str = "auto") -> None:
         super().__init__()
         self.symmetric = check_choice("symmetric", symmetric, ("d4", "translation", "none"))
+
         if isinstance(lattice_shape, int) and not isinstance(lattice_shape, bool):
             self.dim = check_size("lattice_shape", lattice_shape)
             self.shape = None
@@ -81,6 +101,8 @@ class QuadraticPotential(Potential):
             orbits = displacement_orbits(*self.shape, d4=self.symmetric == "d4")
             self.register_buffer("orbits", orbits, persistent=False)
             n_a, b_shape = (int(orbits.max()) + 1,), ()
+        self.register_buffer("pair_orbits", None, persistent=False)
+        self.set_method(method)
         self.a = nn.Parameter(torch.zeros(n_a))
         self.a_t = nn.Parameter(torch.zeros(n_a)) if self.time_dependent else None
         self.b = nn.Parameter(torch.zeros(b_shape)) if self.linear else None
@@ -89,7 +111,17 @@ class QuadraticPotential(Potential):
     def extra_repr(self) -> str:
         shape = self.shape if self.shape is not None else self.dim
         return (f"lattice_shape={shape}, symmetric={self.symmetric!r}, linear={self.linear}, "
-                f"time_dependent={self.time_dependent}")
+                f"time_dependent={self.time_dependent}, method={self.method!r}")
+
+    def set_method(self, method: str) -> None:
+        """How a lattice potential applies A from now on: ``"auto"``, ``"fft"`` or ``"dense"``
+        (values and parameters unchanged; see the class docstring)."""
+        self.method = check_choice("method", method, ("auto", "fft", "dense"))
+        self.dense = self.orbits is not None and (method == "dense" or (method == "auto" and self.dim <= DENSE_MAX_SITES))
+        if self.dense and self.pair_orbits is None:  # A_ij = a[pair_orbits[i, j]], the orbit of r_i − r_j
+            self.pair_orbits = self.orbits[_displacements(*self.shape)]
+        elif not self.dense:
+            self.pair_orbits = None
 
     def kernel(self, t: Tensor | float = 0.0) -> Tensor:
         """The circulant kernel a(dr) as an (L1, L2) image (row 0 of A); (B, L1, L2) for t of shape (B,)."""
@@ -136,11 +168,11 @@ class QuadraticPotential(Potential):
         if self.orbits is None:
             M = _at_time(self.a, self.a_t, t)
             return 0.5 * (M + M.transpose(-1, -2))
-        L1, L2 = self.shape
-        K = self.kernel(t)
-        r, c = torch.meshgrid(torch.arange(L1), torch.arange(L2), indexing="ij")
-        r, c = r.reshape(-1), c.reshape(-1)
-        return K[(r[:, None] - r[None, :]) % L1, (c[:, None] - c[None, :]) % L2]
+        return self.kernel(t)[_displacements(*self.shape)]
+
+    def _dense_parts(self) -> tuple[Tensor, Tensor | None]:
+        """A's constant and time parts as dense (N, N) matrices, gathered from the orbit parameters."""
+        return self.a[self.pair_orbits], None if self.a_t is None else self.a_t[self.pair_orbits]
 
     def _evaluate(self, x: Tensor, t: Tensor | float, noise: Noise, value: bool) -> Evaluation:
         B, N = x.shape
@@ -148,6 +180,11 @@ class QuadraticPotential(Potential):
             A = self.matrix(t)
             Ax = x @ A if A.dim() == 2 else torch.einsum("bij,bj->bi", A, x)
             lap = torch.diagonal(A, dim1=-2, dim2=-1).sum(-1).expand(B)
+        elif self.dense and _is_scalar_time(t):
+            A0, A1 = self._shared("dense", self._dense_parts)
+            A = A0 if A1 is None else A0 + t * A1  # symmetric: a(dr) = a(−dr)
+            Ax = x @ A
+            lap = (N * A[0, 0]).expand(B)
         else:
             L1, L2 = self.shape
             # K(dr) = K(−dr) makes its Fourier transform real: A x = irfft2(x̂ · K̂)

@@ -1,0 +1,140 @@
+"""The quadratic potential's two ways of applying the circulant A: FFTs against one dense matmul.
+
+For each lattice size, in one run and on one thread count, interleaved rounds (A B, B A, ...),
+ratio of medians FFT ÷ dense (above 1: the dense matmul is faster):
+
+- ``part``: one evaluation of a time-dependent quadratic potential (gradient and Laplacian of a
+  batch), forward and backward, as in training;
+- ``flow`` (with ``--flow``): a training iteration (sample, reverse-KL loss, backward, Adam step)
+  of the driver's flow at that size, built from ``--driver-flags``, with its quadratic part
+  switched between the two (``QuadraticPotential.set_method``; same weights, same samples).
+
+    python benchmarks/quadratic_speed.py --sizes 4 8 12 16 --threads 1
+    python benchmarks/quadratic_speed.py --sizes 4 8 --flow --threads 1
+
+``latticeflow.potentials.quadratic.DENSE_MAX_SITES`` (the largest N on which the driver's
+``method="auto"`` takes the dense matmul) is set from this script's ``part`` ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+import latticeflow as lf  # noqa: E402
+from latticeflow.build import build_flow  # noqa: E402
+from latticeflow.potentials import QuadraticPotential  # noqa: E402
+
+# the l4 preset of benchmarks/ising_accuracy.py
+DEFAULT_DRIVER_FLAGS = "--hidden 128 --potential quadratic+mlp"
+
+
+def interleaved(steps: dict[str, Callable[[], None]], rounds: int, iters: int) -> dict[str, list[float]]:
+    """Seconds per call of each step, per round, in alternating order after one warm-up call each."""
+    for step in steps.values():
+        step()
+    out: dict[str, list[float]] = {n: [] for n in steps}
+    names = list(steps)
+    for r in range(rounds):
+        for n in (names if r % 2 == 0 else names[::-1]):
+            t0 = time.perf_counter()
+            for _ in range(iters):
+                steps[n]()
+            out[n].append((time.perf_counter() - t0) / iters)
+    return out
+
+
+def set_quadratic_method(module: torch.nn.Module, method: str) -> int:
+    """Switch every lattice QuadraticPotential inside ``module`` to ``method``; how many there were."""
+    quads = [m for m in module.modules() if isinstance(m, QuadraticPotential) and m.orbits is not None]
+    for q in quads:
+        q.set_method(method)
+    return len(quads)
+
+
+def part_steps(L: int, batch: int) -> dict[str, Callable[[], None]]:
+    torch.manual_seed(0)
+    pot = QuadraticPotential((L, L), "d4", linear=False, time_dependent=True)
+    with torch.no_grad():
+        for p in pot.parameters():
+            p.normal_(0, 0.1)
+    x = torch.randn(batch, L * L, requires_grad=True)
+
+    def step(method: str) -> Callable[[], None]:
+        def run() -> None:
+            pot.set_method(method)
+            _, g, lap = pot(x, 0.3)
+            (g.square().sum() + lap.sum()).backward()
+        return run
+
+    return {"fft": step("fft"), "dense": step("dense")}
+
+
+def flow_steps(L: int, driver_flags: str) -> tuple[dict[str, Callable[[], None]], int]:
+    from models import ising as driver  # the repository root is on sys.path (above)
+
+    config = driver.config_from_args(driver.parse_args(["--L", str(L), *shlex.split(driver_flags)]))
+    target = lf.ising(L, lf.critical)
+    torch.manual_seed(0)
+    flow = build_flow(config.to_dict(), target.lattice)
+    opt = torch.optim.Adam(flow.parameters(), lr=1e-3)
+    gen = torch.Generator().manual_seed(0)
+    batch = config.batch_size
+
+    def step(method: str) -> Callable[[], None]:
+        def run() -> None:
+            set_quadratic_method(flow, method)
+            x, logp = flow.sample(batch, generator=gen)
+            loss = (logp + target.energy(x)).mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        return run
+
+    if set_quadratic_method(flow, "auto") == 0:
+        raise SystemExit(f"--driver-flags {driver_flags!r}: the flow has no quadratic part to switch")
+    return {"fft": step("fft"), "dense": step("dense")}, batch
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--sizes", type=int, nargs="+", default=[4, 8, 12, 16])
+    p.add_argument("--batch", type=int, default=256, help="batch of the part timing")
+    p.add_argument("--flow", action="store_true", help="also time training iterations of the driver's flow")
+    p.add_argument("--driver-flags", default=DEFAULT_DRIVER_FLAGS,
+                   help=f"models/ising.py flags of the flow besides --L (default {DEFAULT_DRIVER_FLAGS!r})")
+    p.add_argument("--rounds", type=int, default=7)
+    p.add_argument("--iters", type=int, default=20, help="calls per round of the part timing (flow: a fifth)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; ratio = FFT ÷ dense (median of "
+          f"{args.rounds} interleaved rounds)")
+    print("| L | N | what | FFT (ms) | dense (ms) | FFT ÷ dense |")
+    print("|---:|---:|---|---:|---:|---:|")
+    rows = []
+    for L in args.sizes:
+        cases = [("part", part_steps(L, args.batch), args.iters)]
+        if args.flow:
+            steps, batch = flow_steps(L, args.driver_flags)
+            cases.append((f"flow (batch {batch})", steps, max(1, args.iters // 5)))
+        for what, steps, iters in cases:
+            t = interleaved(steps, args.rounds, iters)
+            fft, dense = statistics.median(t["fft"]), statistics.median(t["dense"])
+            rows.append({"L": L, "what": what, "fft_s": fft, "dense_s": dense, "ratio": fft / dense})
+            print(f"| {L} | {L * L} | {what} | {fft * 1e3:.3f} | {dense * 1e3:.3f} | {fft / dense:.2f} |")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
