@@ -373,13 +373,13 @@ class Trainer:
 
     def _snapshot(self) -> dict[str, Any]:
         """This rank's training state in memory (model, optimiser, scheduler, RNG, epoch, log length)."""
-        return copy.deepcopy({
-            "model": dist.unwrap(self.model).state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
-            "rng": rng_state(self.generator),
+        return {
+            "model": _state_copy(dist.unwrap(self.model).state_dict()),
+            "optimizer": _state_copy(self.optimizer.state_dict()),
+            "scheduler": _state_copy(self.scheduler.state_dict()) if self.scheduler is not None else None,
+            "rng": rng_state(self.generator),  # fresh objects already
             "epoch": self.epoch,
-        })
+        }
 
     def _restore_snapshot(self, snap: dict[str, Any]) -> None:
         dist.unwrap(self.model).load_state_dict(snap["model"])
@@ -632,6 +632,29 @@ class VariationalTrainer(Trainer):
     def postfix(self, record: dict[str, float]) -> dict[str, str]:
         name = next(iter(free_energy_columns(self.target)))
         return {"F/N": f"{record[name]:.5f}", "ess": f"{record['ess']:.3f}"}
+
+
+def _state_copy(obj: Any) -> Any:
+    """A deep copy of a state dict (dicts, lists and tuples of tensors and plain values): tensors
+    cloned, containers rebuilt, anything else through ``copy.deepcopy``. The same result as
+    ``copy.deepcopy`` at a fraction of its cost: the trainer snapshots its state every epoch, and at
+    L=4 (h=128) deepcopy took 1.3–1.5 ms of a ~60 ms epoch for the model and Adam states, this
+    0.2–0.4 ms (measured in one run, 1 thread)."""
+    if isinstance(obj, Tensor):
+        return obj.detach().clone()
+    if isinstance(obj, dict):
+        out = {k: _state_copy(v) for k, v in obj.items()}
+        if type(obj) is dict:
+            return out
+        new = type(obj)(out)  # a state_dict's OrderedDict, with its _metadata (module versions)
+        new.__dict__.update(copy.deepcopy(vars(obj)))
+        return new
+    if isinstance(obj, (list, tuple)):
+        items = [_state_copy(v) for v in obj]
+        return items if type(obj) is list else tuple(items) if type(obj) is tuple else copy.deepcopy(obj)
+    if obj is None or isinstance(obj, (bool, int, float, complex, str, bytes)):
+        return obj
+    return copy.deepcopy(obj)
 
 
 def path_gradient_surrogate(flow: Any, target: Target, x: Tensor, noise: Any = None) -> Tensor:

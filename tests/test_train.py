@@ -1,5 +1,6 @@
 """Training loop: exact resume, checkpoints, divergence, and the variational bound on a Gaussian."""
 
+import copy
 import math
 
 import pandas as pd
@@ -351,3 +352,34 @@ def test_wall_clock_cosine_minutes_are_checked(bad):
     opt = torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
     with pytest.raises(ValueError, match="minutes must be a number > 0"):
         WallClockCosine(opt, bad)
+
+
+def test_state_copy_is_a_deep_copy_of_a_training_state():
+    from latticeflow.train import _state_copy
+
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 1))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    model(torch.randn(5, 3)).sum().backward()
+    opt.step()
+    state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": 3, "rng": [1, (2, 3.5), None]}
+    snap = _state_copy(state)
+    ref = copy.deepcopy(state)
+    with torch.no_grad():  # the live state moves on; the snapshot must not
+        for p in model.parameters():
+            p.add_(1.0)
+        for s in opt.state.values():
+            s["exp_avg"].add_(1.0)
+            s["step"].add_(1.0)
+
+    def same(a, b):
+        if isinstance(a, torch.Tensor):
+            return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+        if isinstance(a, dict):
+            return (type(a) is type(b) and a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+                    and same(getattr(a, "_metadata", None), getattr(b, "_metadata", None)))
+        if isinstance(a, (list, tuple)):
+            return type(a) is type(b) and len(a) == len(b) and all(map(same, a, b))
+        return a == b
+
+    assert same(snap, ref) and not same(snap["model"], model.state_dict())
+    assert snap["optimizer"]["param_groups"] is not state["optimizer"]["param_groups"]
