@@ -85,3 +85,42 @@ def test_bad_groups_and_indices():
         sym(torch.zeros(2, 9), 0.0, torch.tensor([0, 9]))
     with pytest.raises(ValueError, match=r"symmetry index must have shape \(2,\), got shape=\(3,\)"):
         sym(torch.zeros(2, 9), 0.0, torch.tensor([0, 1, 2]))
+
+
+def test_a_sum_steps_in_the_frame_of_its_symmetrised_part_only_when_the_rest_is_invariant():
+    from latticeflow.build import make_group
+    from latticeflow.flow import MongeAmpereFlow
+    from latticeflow.potentials import QuadraticPotential
+
+    lat = SquareLattice(4)
+    group = make_group("space+z2", lat)
+    quad = randomize(QuadraticPotential((4, 4), "d4", linear=False, time_dependent=True))
+    assert quad.invariant_under(group) and quad.invariant_under(translation_group(lat))
+    # a linear term is odd under the spin flip; a translation-only kernel is not D4-invariant
+    assert not randomize(QuadraticPotential((4, 4), "d4")).invariant_under(group)
+    assert QuadraticPotential((4, 4), "d4").invariant_under(make_group("space", lat))
+    assert not QuadraticPotential((4, 4), "translation", linear=False).invariant_under(group)
+    assert QuadraticPotential((4, 4), "translation", linear=False).invariant_under(translation_group(lat))
+    assert not QuadraticPotential((12, 12), "d4", method="fft").invariant_under(make_group("space", SquareLattice(16)))
+
+    sym = Symmetrized(randomize(MLPPotential(16, 6, activation="lncosh", time_dependent=True)), group)
+    framed = quad + sym
+    assert framed._frame_index == 1 and sym.frame_group() is group
+    assert (randomize(QuadraticPotential((4, 4), "d4")) + sym)._frame_index is None  # not invariant
+    assert (sym + Symmetrized(MLPPotential(16, 3), group))._frame_index is None  # two frames
+    assert (quad + Symmetrized(MLPPotential(16, 3), group, "exact"))._frame_index is None  # no random element
+
+    # the same flow with and without the frame: samples, ln p, ln q of given points and every gradient
+    plain = quad + sym
+    plain._frame_index = None
+    results = []
+    for pot in (framed, plain):
+        flow = MongeAmpereFlow(pot, n_steps=3, step_size=0.1)
+        assert (pot.step_frame(flow.draw_noise(2, torch.Generator().manual_seed(0))[0]) is None) == (pot is plain)
+        flow.zero_grad()
+        x, logp = flow.sample(5, generator=torch.Generator().manual_seed(1))
+        lq = flow.log_prob(x.detach() * 0.9, generator=torch.Generator().manual_seed(2))
+        (logp.sum() + (x ** 3).sum() + lq.sum()).backward()
+        results.append([x, logp, lq, *(p.grad for p in flow.parameters())])
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-11, atol=1e-11)

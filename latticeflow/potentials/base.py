@@ -155,6 +155,17 @@ class Potential(nn.Module):
         """
         return None
 
+    def frame_group(self) -> Any:
+        """The symmetry group whose random element :meth:`step_frame` applies for a whole step, or
+        None (the default: no such frame)."""
+        return None
+
+    def invariant_under(self, group: Any) -> bool:
+        """True only if φ(g·x) = φ(x) for every element g of ``group`` and every value of the
+        parameters (structurally, not by chance); False (the default) when not known. A sum steps
+        in the frame of its symmetrised part only if every other part is invariant under its group."""
+        return False
+
     def forward(self, x: Tensor, t: Tensor | float = 0.0, noise: Noise = None) -> tuple[Tensor, Tensor, Tensor]:
         """Value, gradient and Laplacian.
 
@@ -208,6 +219,12 @@ class SumPotential(Potential):
 
     Noise: a tuple with one token per part (None for deterministic parts), or None if no
     part is stochastic.
+
+    Steps in a frame (:meth:`step_frame`) when exactly one part has one (a randomly symmetrised
+    potential) and every other part is deterministic and invariant under that part's group
+    (:meth:`Potential.invariant_under`, e.g. the D4-symmetric quadratic part under the space
+    group × Z2): then φ(x) = ψ(g·x) + Σ_others φ_j(g·x) for the whole step, and the state is
+    permuted twice per step instead of twice per RK stage.
     """
 
     def __init__(self, *potentials: Potential) -> None:
@@ -223,6 +240,24 @@ class SumPotential(Potential):
             raise ValueError(f"all potentials must have the same dim, got dims={dims}")
         self.dim = dims[0]
         self.parts = nn.ModuleList(parts)
+        self._frame_index: int | None = None
+        framed = [i for i, p in enumerate(parts) if p.frame_group() is not None]
+        if len(framed) == 1:
+            k = framed[0]
+            group = parts[k].frame_group()
+            if all(not p.stochastic and p.invariant_under(group) for i, p in enumerate(parts) if i != k):
+                self._frame_index = k
+
+    def step_frame(self, noise: Noise) -> Frame | None:
+        """The frame of the symmetrised part, with the invariant parts evaluated in it (class docstring)."""
+        k = self._frame_index
+        if k is None or noise is None:
+            return None
+        frame = self.parts[k].step_frame(noise[k])
+        if frame is None:
+            return None
+        into, out_of, inner, inner_noise = frame
+        return into, out_of, _FramedSum([p for i, p in enumerate(self.parts) if i != k], inner), inner_noise
 
     @property
     def stochastic(self) -> bool:
@@ -248,3 +283,18 @@ class SumPotential(Potential):
                 if value:
                     phi = phi + f
         return phi, grad, lap
+
+
+class _FramedSum:
+    """The drift of a :class:`SumPotential` inside its frame: the invariant parts (deterministic)
+    plus the framed part's inner potential, which alone takes the step's noise token."""
+
+    def __init__(self, others: list[Potential], inner: Potential) -> None:
+        self.others, self.inner = others, inner
+
+    def grad_and_laplacian(self, x: Tensor, t: Tensor | float = 0.0, noise: Noise = None) -> tuple[Tensor, Tensor]:
+        grad, lap = self.inner.grad_and_laplacian(x, t, noise)
+        for p in self.others:
+            g, l_ = p.grad_and_laplacian(x, t, None)
+            grad, lap = grad + g, lap + l_
+        return grad, lap

@@ -18,6 +18,8 @@ Symbols: B batch, N = L1·L2 sites (or dim), t time.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor, nn
 
@@ -122,6 +124,22 @@ class QuadraticPotential(Potential):
             self.pair_orbits = self.orbits[_displacements(*self.shape)]
         elif not self.dense:
             self.pair_orbits = None
+
+    def invariant_under(self, group: Any) -> bool:
+        """Whether A (and b) are invariant under every element of ``group`` whatever the
+        parameters: A_{p(i) p(j)} and A_ij in the same displacement orbit for every permutation p,
+        and no linear term if the group flips signs. Checked on the orbit table, on lattices of at
+        most ``DENSE_MAX_SITES`` sites (False above: the check costs G·N² there, the saving is small)."""
+        if self.orbits is None or self.dim > DENSE_MAX_SITES or getattr(group, "dim", None) != self.dim:
+            return False
+        if self.b is not None and bool((group.signs < 0).any()):
+            return False
+        pairs = self.orbits[_displacements(*self.shape)]
+        perms = group.perms.long()
+        for block in perms.split(64):  # (g, N, N) at a time
+            if not bool((pairs[block[:, :, None], block[:, None, :]] == pairs).all()):
+                return False
+        return True
 
     def kernel(self, t: Tensor | float = 0.0) -> Tensor:
         """The circulant kernel a(dr) as an (L1, L2) image (row 0 of A); (B, L1, L2) for t of shape (B,)."""

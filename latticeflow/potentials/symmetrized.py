@@ -100,6 +100,7 @@ class Symmetrized(Potential):
             self.register_buffer("inverse_perms", group.inverse_perms.long(), persistent=False)
         self.register_buffer("signs", group.signs.clone().to(torch.get_default_dtype()), persistent=False)
         self._has_flip = bool((group.signs < 0).any())
+        self._group = group if self.mode == "random" else None  # for frame_group (a plain attribute)
 
     def extra_repr(self) -> str:
         return f"group={self.group_name!r} (order {self.order}), mode={self.mode!r}"
@@ -136,6 +137,10 @@ class Symmetrized(Potential):
         if self.potential.stochastic:
             return draw, self.potential.resample(batch if self.mode == "random" else batch * self.order, generator)
         return draw
+
+    def frame_group(self) -> Any:
+        """The group (random mode): its element g_b fixes φ(x) = φ̃(g_b·x) for a step."""
+        return self._group
 
     def step_frame(self, noise: Noise) -> Frame | None:
         """Random mode: φ(x) = φ̃(g_b·x) for the whole step, so step in y = g_b·x with φ̃.
