@@ -1,16 +1,20 @@
-"""The quadratic potential's two ways of applying the circulant A: FFTs against one dense matmul.
+"""Small-lattice speed: the quadratic potential's FFTs against one dense matmul, and a sum stepping in
+its symmetrised part's frame against one that permutes at every RK stage.
 
 For each lattice size, in one run and on one thread count, interleaved rounds (A B, B A, ...),
-ratio of medians FFT ÷ dense (above 1: the dense matmul is faster):
+ratio of medians A ÷ B (above 1: B is faster):
 
 - ``part``: one evaluation of a time-dependent quadratic potential (gradient and Laplacian of a
-  batch), forward and backward, as in training;
+  batch), forward and backward, as in training; A = FFT, B = dense;
 - ``flow`` (with ``--flow``): a training iteration (sample, reverse-KL loss, backward, Adam step)
   of the driver's flow at that size, built from ``--driver-flags``, with its quadratic part
-  switched between the two (``QuadraticPotential.set_method``; same weights, same samples).
+  switched between the two (``QuadraticPotential.set_method``; same weights, same samples);
+- ``flow, frame`` (with ``--flow``, where the flow's sum has a frame): the same iteration with the
+  quadratic part at its default, A = without the frame, B = with it.
 
     python benchmarks/quadratic_speed.py --sizes 4 8 12 16 --threads 1
     python benchmarks/quadratic_speed.py --sizes 4 8 --flow --threads 1
+    python benchmarks/quadratic_speed.py --sizes 4 --flow --threads 1 --iters 50   # the accuracy preset's L=4 flow
 
 ``latticeflow.potentials.quadratic.DENSE_MAX_SITES`` (the largest N on which the driver's
 ``method="auto"`` takes the dense matmul) is set from this script's ``part`` ratios.
@@ -32,7 +36,7 @@ import torch  # noqa: E402
 
 import latticeflow as lf  # noqa: E402
 from latticeflow.build import build_flow  # noqa: E402
-from latticeflow.potentials import QuadraticPotential  # noqa: E402
+from latticeflow.potentials import QuadraticPotential, SumPotential  # noqa: E402
 
 # the l4 preset of benchmarks/ising_accuracy.py
 DEFAULT_DRIVER_FLAGS = "--hidden 128 --potential quadratic+mlp"
@@ -102,7 +106,22 @@ def flow_steps(L: int, driver_flags: str) -> tuple[dict[str, Callable[[], None]]
 
     if set_quadratic_method(flow, "auto") == 0:
         raise SystemExit(f"--driver-flags {driver_flags!r}: the flow has no quadratic part to switch")
-    return {"fft": step("fft"), "dense": step("dense")}, batch
+    steps = {"fft": step("fft"), "dense": step("dense")}
+    sums = [m for m in flow.modules() if isinstance(m, SumPotential) and m._frame_index is not None]
+    framed = {}
+    if sums:
+        def frame(on: bool) -> Callable[[], None]:
+            auto = step("auto")
+
+            def run() -> None:
+                for m, k in zip(sums, frames, strict=True):
+                    m._frame_index = k if on else None
+                auto()
+            return run
+
+        frames = [m._frame_index for m in sums]
+        framed = {"unframed": frame(False), "framed": frame(True)}
+    return steps, framed, batch
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -118,21 +137,23 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; ratio = FFT ÷ dense (median of "
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; ratio = A ÷ B (medians of "
           f"{args.rounds} interleaved rounds)")
-    print("| L | N | what | FFT (ms) | dense (ms) | FFT ÷ dense |")
-    print("|---:|---:|---|---:|---:|---:|")
+    print("| L | N | what | A | B | A (ms) | B (ms) | A ÷ B |")
+    print("|---:|---:|---|---|---|---:|---:|---:|")
     rows = []
     for L in args.sizes:
         cases = [("part", part_steps(L, args.batch), args.iters)]
         if args.flow:
-            steps, batch = flow_steps(L, args.driver_flags)
+            steps, framed, batch = flow_steps(L, args.driver_flags)
             cases.append((f"flow (batch {batch})", steps, max(1, args.iters // 5)))
+            if framed:
+                cases.append((f"flow, frame (batch {batch})", framed, max(1, args.iters // 5)))
         for what, steps, iters in cases:
             t = interleaved(steps, args.rounds, iters)
-            fft, dense = statistics.median(t["fft"]), statistics.median(t["dense"])
-            rows.append({"L": L, "what": what, "fft_s": fft, "dense_s": dense, "ratio": fft / dense})
-            print(f"| {L} | {L * L} | {what} | {fft * 1e3:.3f} | {dense * 1e3:.3f} | {fft / dense:.2f} |")
+            (a, ta), (b, tb) = ((n, statistics.median(v)) for n, v in t.items())
+            rows.append({"L": L, "what": what, "a": a, "b": b, "a_s": ta, "b_s": tb, "ratio": ta / tb})
+            print(f"| {L} | {L * L} | {what} | {a} | {b} | {ta * 1e3:.3f} | {tb * 1e3:.3f} | {ta / tb:.2f} |")
     return rows
 
 
