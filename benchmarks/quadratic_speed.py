@@ -31,30 +31,17 @@ from pathlib import Path
 from typing import Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 
 import latticeflow as lf  # noqa: E402
 from latticeflow.build import build_flow  # noqa: E402
 from latticeflow.potentials import QuadraticPotential, SumPotential  # noqa: E402
+from ising_speed import time_interleaved  # noqa: E402
 
 # the l4 preset of benchmarks/ising_accuracy.py
 DEFAULT_DRIVER_FLAGS = "--hidden 128 --potential quadratic+mlp"
-
-
-def interleaved(steps: dict[str, Callable[[], None]], rounds: int, iters: int) -> dict[str, list[float]]:
-    """Seconds per call of each step, per round, in alternating order after one warm-up call each."""
-    for step in steps.values():
-        step()
-    out: dict[str, list[float]] = {n: [] for n in steps}
-    names = list(steps)
-    for r in range(rounds):
-        for n in (names if r % 2 == 0 else names[::-1]):
-            t0 = time.perf_counter()
-            for _ in range(iters):
-                steps[n]()
-            out[n].append((time.perf_counter() - t0) / iters)
-    return out
 
 
 def set_quadratic_method(module: torch.nn.Module, method: str) -> int:
@@ -150,7 +137,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             if framed:
                 cases.append((f"flow, frame (batch {batch})", framed, max(1, args.iters // 5)))
         for what, steps, iters in cases:
-            t = interleaved(steps, args.rounds, iters)
+            t = time_interleaved(steps, args.rounds, iters)
             (a, ta), (b, tb) = ((n, statistics.median(v)) for n, v in t.items())
             rows.append({"L": L, "what": what, "a": a, "b": b, "a_s": ta, "b_s": tb, "ratio": ta / tb})
             print(f"| {L} | {L * L} | {what} | {a} | {b} | {ta * 1e3:.3f} | {tb * 1e3:.3f} | {ta / tb:.2f} |")
