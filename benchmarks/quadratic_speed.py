@@ -38,7 +38,7 @@ import torch  # noqa: E402
 import latticeflow as lf  # noqa: E402
 from latticeflow.build import build_flow  # noqa: E402
 from latticeflow.potentials import QuadraticPotential, SumPotential  # noqa: E402
-from ising_speed import time_interleaved  # noqa: E402
+from ising_speed import time_interleaved, training_step  # noqa: E402
 
 # the l4 preset of benchmarks/ising_accuracy.py
 DEFAULT_DRIVER_FLAGS = "--hidden 128 --potential quadratic+mlp"
@@ -77,18 +77,13 @@ def flow_steps(L: int, driver_flags: str) -> tuple[dict[str, Callable[[], None]]
     target = lf.ising(L, lf.critical)
     torch.manual_seed(0)
     flow = build_flow(config.to_dict(), target.lattice)
-    opt = torch.optim.Adam(flow.parameters(), lr=1e-3)
-    gen = torch.Generator().manual_seed(0)
     batch = config.batch_size
+    train = training_step(flow, target, batch)  # sample, reverse-KL loss, backward, Adam step
 
     def step(method: str) -> Callable[[], None]:
         def run() -> None:
             set_quadratic_method(flow, method)
-            x, logp = flow.sample(batch, generator=gen)
-            loss = (logp + target.energy(x)).mean()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            train()
         return run
 
     if set_quadratic_method(flow, "auto") == 0:
