@@ -397,6 +397,16 @@ def baseline_configs(L: int = PAPER_L, hidden: int = PAPER_HIDDEN, n_steps: int 
              f"T={default['n_steps'] * default['step_size']:g}, batch {default['batch']})", default, default["batch"])]
 
 
+def driver_config(flags: str) -> tuple[dict[str, Any], int]:
+    """The flow configuration (a dict) and L that ``models/ising.py FLAGS`` would train."""
+    import shlex
+
+    from models import ising as driver
+
+    cfg = driver.config_from_args(driver.parse_args(shlex.split(flags)))
+    return cfg.to_dict(), int(cfg.L)
+
+
 def compare_baseline(base: types.ModuleType, configs: list[tuple[str, dict[str, Any], int]], L: int = PAPER_L,
                      rounds: int = 7, iters: int = 2) -> dict[str, float | None]:
     """Print the baseline's and the current tree's s/iteration for each config, side by side;
@@ -503,6 +513,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--baseline-commit", metavar="REV", default=None,
                    help="time this tree's latticeflow against latticeflow at git commit REV (exported and imported "
                         "under another name), side by side in this process, and print the ratios")
+    p.add_argument("--baseline-flags", action="append", default=[], metavar="FLAGS",
+                   help="with --baseline-commit: also compare the flow that these models/ising.py flags build "
+                        "(e.g. '--L 4 --hidden 128 --potential quadratic+mlp'), at its own L and batch; repeatable")
     p.add_argument("--rounds", type=int, default=7, help="interleaved rounds of the side-by-side comparisons")
     p.add_argument("--round-iters", type=int, default=2, help="iterations of each side per round")
     p.add_argument("--default-table", type=int, nargs="+", metavar="L", default=None,
@@ -524,6 +537,9 @@ def main(argv: list[str] | None = None) -> None:
     loaded, why = open_original(args.original)
     orig: types.SimpleNamespace | str | None = why if why is not None else loaded
     base = None
+    if args.baseline_flags and args.baseline_commit is None:
+        raise SystemExit("--baseline-flags needs --baseline-commit")
+    extra = [driver_config(flags) for flags in args.baseline_flags]  # bad flags fail before any timing
     if args.baseline_commit is not None:
         try:
             base = load_baseline(args.baseline_commit)
@@ -558,6 +574,9 @@ def main(argv: list[str] | None = None) -> None:
         compare_original(orig, rounds=args.rounds, iters=args.round_iters)
     if base is not None:
         compare_baseline(base, baseline_configs(), rounds=args.rounds, iters=args.round_iters)
+        for flags, (config, L) in zip(args.baseline_flags, extra, strict=True):
+            compare_baseline(base, [(f"models/ising.py {flags}", config, config["batch"])], L=L, rounds=args.rounds,
+                             iters=args.round_iters)
     if args.sizes:
         print("scaling with L (same configuration, hidden 512):")
         print("  L      N   s/iter   ratio to L=16")

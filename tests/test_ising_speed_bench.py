@@ -141,3 +141,17 @@ def test_default_table_flag_reaches_the_table(bench, monkeypatch):
         sizes=sizes, iters=iters, threads=threads))
     bench.main(["--default-table", "8", "16", "--iters", "3", "--threads", "1"])
     assert seen == {"sizes": [8, 16], "iters": 3, "threads": 1}
+
+
+def test_baseline_flags_build_the_driver_flow_and_need_a_commit(bench, capsys):
+    with pytest.raises(SystemExit, match="--baseline-flags needs --baseline-commit"):
+        bench.main(["--baseline-flags", "--L 4", "--iters", "1", "--sizes"])
+    with pytest.raises(SystemExit):  # a bad driver flag fails before any timing
+        bench.main(["--baseline-commit", "HEAD", "--baseline-flags", "--L 4 --no-such-flag", "--iters", "1"])
+    config, L = bench.driver_config("--L 3 --hidden 4 --potential quadratic+mlp --n-steps 2 --batch 8")
+    assert (L, config["hidden"], config["potential"], config["n_steps"], config["batch"]) == (3, 4, "quadratic+mlp", 2, 8)
+    head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True,
+                          check=True).stdout.strip()
+    ratios = bench.compare_baseline(bench.load_baseline(head), [("tiny", config, config["batch"])], L=L,
+                                    rounds=1, iters=1)
+    assert math.isfinite(ratios["tiny"]) and "tiny:" in capsys.readouterr().out

@@ -57,7 +57,9 @@ class _MLPDrift(torch.autograd.Function):
             d1, d2 = base, torch.addcmul(base, base, base, value=-1.0)
         else:
             d1, d2, _ = derivs(base, None)
-        grad = (d1 * w) @ W
+        # u W with u = a'(h)⊙w: with more samples than inputs (B > N) w goes into W, an (h, N) product,
+        # instead of into the (B, h) derivatives
+        grad = d1 @ (w[:, None] * W) if x.shape[0] > x.shape[1] else (d1 * w) @ W
         lap = d2 @ (w * wsq)
         ctx.activation = activation
         ctx.has_bias = b is not None
@@ -81,27 +83,53 @@ class _MLPDrift(torch.autograd.Function):
 def _mlp_drift_vjp(x: Tensor, W: Tensor, b: Tensor | None, w: Tensor, wsq: Tensor, base: Tensor,
                    d2: Tensor | None, dG: Tensor | None, dL: Tensor | None, needs: tuple[bool, ...],
                    activation: str, inplace: bool) -> tuple[Tensor | None, ...]:
-    """The backward formulas of :class:`_MLPDrift` (see its docstring)."""
-    d1, d2, d3 = FUSED[activation][1](base, d2)
-    dh = dW = dw = dwsq = None
+    """The backward formulas of :class:`_MLPDrift` (see its docstring).
+
+    With more samples than inputs (B > N, the small lattices) the readout w is folded into the
+    (h, N) weights instead of the (B, h) derivatives: (ĜWᵀ)⊙w = Ĝ(w⊙W)ᵀ, and with M = a'(h)ᵀĜ
+    (h, N), uᵀĜ = w⊙M and Σ_batch (ĜWᵀ)⊙a'(h) = Σ_N W⊙M. For ln cosh (a' = tanh and the third
+    derivative −2 a' a'') both terms of ∂/∂h share the factor a'':
+    ∂/∂h = a''⊙((ĜWᵀ)⊙w − 2 tanh(h)⊙(L̂⊗c)). Each saves passes over (B, h) tensors, which
+    dominate an L=4 iteration.
+    """
+    fold = x.shape[0] > x.shape[1]
+    lncosh = activation == "lncosh"
+    if lncosh:
+        d1, d3 = base, None
+        if d2 is None:
+            d2 = 1.0 - base * base
+    else:
+        d1, d2, d3 = FUSED[activation][1](base, d2)
+    dh = dW = dw = dwsq = None  # for ln cosh, dh lacks the common factor a'' until the end
     if dG is not None:
-        du = dG @ W.t()  # (B, h)
-        dh = du * (w * d2)
-        if needs[1]:
-            dW = (d1 * w).t() @ dG
-        if needs[3]:
-            dw = (du * d1).sum(0)
-    if dL is not None:
-        c3 = torch.outer(dL, w * wsq)
-        if dh is None:
-            dh = c3.mul_(d3) if inplace else c3 * d3
+        if fold:
+            dh = dG @ (w[:, None] * W).t()  # (B, h): (ĜWᵀ)⊙w
+            if needs[1] or needs[3]:
+                M = d1.t() @ dG  # (h, N)
+                dW = w[:, None] * M if needs[1] else None
+                dw = (W * M).sum(1) if needs[3] else None
         else:
-            dh = dh.addcmul_(c3, d3) if inplace else torch.addcmul(dh, c3, d3)
+            du = dG @ W.t()  # (B, h)
+            dh = du * w
+            if needs[1]:
+                dW = (d1 * w).t() @ dG
+            if needs[3]:
+                dw = (du * d1).sum(0)
+        if not lncosh:
+            dh = dh.mul_(d2) if inplace else dh * d2
+    if dL is not None:
         dc = dL @ d2  # (h,): ∂/∂c
         if needs[3]:
             dw = dc * wsq if dw is None else dw + dc * wsq
         if needs[4]:
             dwsq = dc * w
+        c3, d = (torch.outer(dL, -2.0 * (w * wsq)), d1) if lncosh else (torch.outer(dL, w * wsq), d3)
+        if dh is None:
+            dh = c3.mul_(d) if inplace else c3 * d
+        else:
+            dh = dh.addcmul_(c3, d) if inplace else torch.addcmul(dh, c3, d)
+    if lncosh and dh is not None:
+        dh = dh.mul_(d2) if inplace else dh * d2
     dx = db = None
     if dh is not None:
         if needs[0]:
