@@ -100,7 +100,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     print("|---|---|---:|---:|---:|---:|---|---|---:|---:|---:|")
     for r in rows:
         below = r["error"] < -3 * r["stderr"]
-        print(f"| {r['run']} | `{r['flags']}` | {r['seed']} | {r['procs']} × {r['threads']} | {r['wall_s']:.0f} | {r['epochs']} | {r['free_energy_hs']:.5f}({r['stderr'] * 1e5:.0f}) | "
+        print(f"| {r['run']} | `{r['flags']}` | {r['seed']} | {r['procs']} × {r['threads']} | {r['wall_s']:.0f} | "
+              f"{r['epochs']} | {r['free_energy_hs']:.5f}({r['stderr'] * 1e5:.0f}) | "
               f"{r['exact_hs']:.5f} | {r['error']:.2e}{' BELOW EXACT: BUG' if below else ''} | "
               f"{abs(r['error']) / r['target']:.2f} | {r['ess']:.3f} |")
     Path(args.out).mkdir(parents=True, exist_ok=True)

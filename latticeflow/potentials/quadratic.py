@@ -30,8 +30,8 @@ from .base import Evaluation, Noise, Potential, _at_time, _is_scalar_time
 __all__ = ["DENSE_MAX_SITES", "QuadraticPotential"]
 
 #: The largest lattice (sites) on which ``method="auto"`` applies the circulant A as a dense matmul: one
-#: training evaluation (forward + backward, batch 256, 1 thread) ran 6.1x faster than the FFTs at L=4, 3.3x at
-#: L=8, 2.8x at L=12 and 0.8x at L=16 (README, ``benchmarks/quadratic_speed.py``).
+#: evaluation (forward + backward, batch 256, 1 thread) ran 2.22x faster than the FFTs at L=4, 2.05x at L=8,
+#: 1.37x at L=12 and 0.72x at L=16 (``python benchmarks/quadratic_speed.py --sizes 4 8 12 16 --threads 1``; README).
 DENSE_MAX_SITES = 144
 
 
@@ -61,9 +61,10 @@ class QuadraticPotential(Potential):
     lattices). A is applied with a 2D real FFT in O(N log N) (``method="fft"``), or as a dense
     (N, N) matrix gathered from the orbit parameters (``method="dense"``, O(N²) per sample but
     one matmul); ``method="auto"`` takes the dense matmul up to ``DENSE_MAX_SITES`` sites, where
-    it is measured faster, and the FFT above. tr A = N·a(0). The linear term is b = c·1 (translation invariant); ``linear=False`` drops
-    it, making φ Z2-even. ``symmetric="none"`` (the only choice when ``lattice_shape`` is an
-    int N) uses a dense symmetric A = (M + Mᵀ)/2 and a free b: O(N²) per sample.
+    it is measured faster, and the FFT above. tr A = N·a(0). The linear term is b = c·1
+    (translation invariant); ``linear=False`` drops it, making φ Z2-even. ``symmetric="none"``
+    (the only choice when ``lattice_shape`` is an int N) uses a dense symmetric A = (M + Mᵀ)/2
+    and a free b: O(N²) per sample.
 
     Time dependence: every parameter θ becomes θ + t·θ', with θ' initialised at zero.
     All parameters start at zero: the initial flow is the identity.
@@ -81,7 +82,6 @@ class QuadraticPotential(Potential):
                  time_dependent: bool = False, method: str = "auto") -> None:
         super().__init__()
         self.symmetric = check_choice("symmetric", symmetric, ("d4", "translation", "none"))
-
         if isinstance(lattice_shape, int) and not isinstance(lattice_shape, bool):
             self.dim = check_size("lattice_shape", lattice_shape)
             self.shape = None
@@ -119,7 +119,8 @@ class QuadraticPotential(Potential):
         """How a lattice potential applies A from now on: ``"auto"``, ``"fft"`` or ``"dense"``
         (values and parameters unchanged; see the class docstring)."""
         self.method = check_choice("method", method, ("auto", "fft", "dense"))
-        self.dense = self.orbits is not None and (method == "dense" or (method == "auto" and self.dim <= DENSE_MAX_SITES))
+        small = self.dim <= DENSE_MAX_SITES
+        self.dense = self.orbits is not None and (method == "dense" or (method == "auto" and small))
         if self.dense and self.pair_orbits is None:  # A_ij = a[pair_orbits[i, j]], the orbit of r_i − r_j
             self.pair_orbits = self.orbits[_displacements(*self.shape)]
         elif not self.dense:
