@@ -29,11 +29,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
 
 from models import ising as driver  # noqa: E402
-
-REPO = Path(__file__).resolve().parents[1]
 
 # name -> (driver flags, wall-clock budget in minutes, target |error| per site)
 RUNS: dict[str, tuple[list[str], float, float]] = {

@@ -23,10 +23,8 @@ ratio of medians A ÷ B (above 1: B is faster):
 from __future__ import annotations
 
 import argparse
-import shlex
 import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Callable
 
@@ -38,7 +36,7 @@ import torch  # noqa: E402
 import latticeflow as lf  # noqa: E402
 from latticeflow.build import build_flow  # noqa: E402
 from latticeflow.potentials import QuadraticPotential, SumPotential  # noqa: E402
-from ising_speed import time_interleaved, training_step  # noqa: E402
+from ising_speed import driver_config, time_interleaved, training_step  # noqa: E402
 
 # the l4 preset of benchmarks/ising_accuracy.py
 DEFAULT_DRIVER_FLAGS = "--hidden 128 --potential quadratic+mlp"
@@ -71,13 +69,11 @@ def part_steps(L: int, batch: int) -> dict[str, Callable[[], None]]:
 
 
 def flow_steps(L: int, driver_flags: str) -> tuple[dict[str, Callable[[], None]], int]:
-    from models import ising as driver  # the repository root is on sys.path (above)
-
-    config = driver.config_from_args(driver.parse_args(["--L", str(L), *shlex.split(driver_flags)]))
+    config, _ = driver_config(f"--L {L} {driver_flags}")
     target = lf.ising(L, lf.critical)
     torch.manual_seed(0)
-    flow = build_flow(config.to_dict(), target.lattice)
-    batch = config.batch_size
+    flow = build_flow(config, target.lattice)
+    batch = config["batch"]
     train = training_step(flow, target, batch)  # sample, reverse-KL loss, backward, Adam step
 
     def step(method: str) -> Callable[[], None]:

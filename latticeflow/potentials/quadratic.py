@@ -121,8 +121,8 @@ class QuadraticPotential(Potential):
         self.method = check_choice("method", method, ("auto", "fft", "dense"))
         small = self.dim <= DENSE_MAX_SITES
         self.dense = self.orbits is not None and (method == "dense" or (method == "auto" and small))
-        if self.dense and self.pair_orbits is None:  # A_ij = a[pair_orbits[i, j]], the orbit of r_i − r_j
-            self.pair_orbits = self.orbits[_displacements(*self.shape)]
+        if self.dense and self.pair_orbits is None:
+            self.pair_orbits = self._pair_table()
         elif not self.dense:
             self.pair_orbits = None
 
@@ -135,12 +135,16 @@ class QuadraticPotential(Potential):
             return False
         if self.b is not None and bool((group.signs < 0).any()):
             return False
-        pairs = self.orbits[_displacements(*self.shape)]
+        pairs = self.pair_orbits if self.pair_orbits is not None else self._pair_table()
         perms = group.perms.long()
         for block in perms.split(64):  # (g, N, N) at a time
             if not bool((pairs[block[:, :, None], block[:, None, :]] == pairs).all()):
                 return False
         return True
+
+    def _pair_table(self) -> Tensor:
+        """(N, N) orbit indices: A_ij = a[table[i, j]], the orbit of r_i − r_j."""
+        return self.orbits[_displacements(*self.shape)]
 
     def kernel(self, t: Tensor | float = 0.0) -> Tensor:
         """The circulant kernel a(dr) as an (L1, L2) image (row 0 of A); (B, L1, L2) for t of shape (B,)."""
