@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from latticeflow.ising import log_cosh as ising_log_cosh
-from latticeflow.potentials.activations import ACTIVATIONS, EVEN_ACTIVATIONS, FUSED, log_cosh
+from latticeflow.potentials.activations import ACTIVATIONS, EVEN_ACTIVATIONS, FUSED, log_cosh, tanh, tanh_
 
 pytestmark = pytest.mark.usefixtures("float64")
 
@@ -58,3 +58,33 @@ def test_log_cosh_is_stable_and_defined_once():
     assert ising_log_cosh is log_cosh
     h = torch.randn(20)
     assert torch.equal(ACTIVATIONS["lncosh"](h, True)[0], log_cosh(h))
+
+
+@pytest.mark.parametrize("dtype, atol", [(torch.float64, 4e-16), (torch.float32, 2e-7)])
+def test_tanh_via_sigmoid_is_tanh_to_rounding(dtype, atol):
+    # 2σ(2h) − 1 against torch.tanh: the absolute error bound the docstring states, saturation at ±1
+    # (no NaN from inf/inf), NaN kept
+    h = torch.cat([torch.linspace(-30.0, 30.0, 6001), torch.tensor([-1e30, 1e30, -math.inf, math.inf])]).to(dtype)
+    got = tanh(h)
+    assert got.dtype == dtype
+    torch.testing.assert_close(got, torch.tanh(h), rtol=0, atol=atol)
+    assert got.abs().max() <= 1.0
+    assert torch.isnan(tanh(torch.tensor([math.nan], dtype=dtype))).all()
+    # in place on a buffer, with or without the doubling done by the caller
+    buf = h.clone()
+    assert tanh_(buf) is buf and torch.equal(buf, got)
+    buf2 = 2.0 * h
+    assert torch.equal(tanh_(buf2, doubled=True), got)
+    h0 = h.clone()  # the out-of-place form leaves its input alone
+    tanh(h)
+    assert torch.equal(h, h0)
+
+
+def test_tanh_via_sigmoid_differentiates_like_tanh():
+    # recorded (grad-enabled) path: first and second derivatives are those of tanh, in float64
+    h = torch.linspace(-5.0, 5.0, 41, requires_grad=True)
+    (d1,) = torch.autograd.grad(tanh(h).sum(), h, create_graph=True)
+    (d2,) = torch.autograd.grad(d1.sum(), h)
+    th = torch.tanh(h.detach())
+    torch.testing.assert_close(d1.detach(), 1 - th * th, rtol=0, atol=1e-15)
+    torch.testing.assert_close(d2, -2 * th * (1 - th * th), rtol=0, atol=1e-15)
