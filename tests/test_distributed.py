@@ -307,6 +307,8 @@ def test_wall_clock_schedule_ends_all_ranks_together(tmp_path):
     state = load_checkpoint(out / "checkpoint.pt")
     log = pd.read_csv(out / "log.csv")
     assert state["epoch"] == len(log) >= 1 and state["config"]["schedule_minutes"] == 0.005
-    # rank 0's rates follow the cosine of an agreed time no earlier than its own clock
-    assert state["scheduler"]["elapsed"] >= log["wall_time"].iloc[-1] >= 0.3
+    # rank 0's rates follow the cosine of an agreed time (the largest over the ranks) no earlier than its own
+    # clock; the schedule ends when that agreed time passes 0.3 s, so rank 0's own last wall time may be less
+    assert state["scheduler"]["elapsed"] >= 0.3
+    assert state["scheduler"]["elapsed"] >= log["wall_time"].iloc[-1] > 0
     assert (log["lr"].diff().iloc[1:] <= 1e-15).all()
