@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["ACTIVATIONS", "EVEN_ACTIVATIONS", "FUSED", "log_cosh", "tanh", "tanh_"]
+__all__ = ["ACTIVATIONS", "EVEN_ACTIVATIONS", "FUSED", "fused_forward", "log_cosh", "pre_scale", "tanh", "tanh_"]
 
 _LN2 = math.log(2.0)
 
@@ -138,3 +138,22 @@ FUSED: dict[str, tuple[Callable[[Tensor], Tensor], Derivatives]] = {
     "lncosh": (tanh, _lncosh_derivatives),
     "tanh": (tanh, _tanh_derivatives),
 }
+
+
+def pre_scale(activation: str) -> float:
+    """The factor a fused stage's matmul applies to its pre-activations for :func:`fused_forward`:
+    2 for the tanh-based activations (tanh h = 2σ(2h) − 1 starts from 2h), 1 for softplus."""
+    return 1.0 if activation == "softplus" else 2.0
+
+
+def fused_forward(activation: str, h: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(base, a', a'') of a fused stage's forward pass, in place on ``h`` = pre_scale · (pre-activations),
+    a fresh buffer; the third derivative is left to the backward pass (``FUSED``)."""
+    if activation == "softplus":  # a' = σ is the base itself
+        base = torch.sigmoid_(h)
+        return base, base, torch.addcmul(base, base, base, value=-1.0)
+    base = tanh_(h, doubled=True)
+    if activation == "lncosh":  # a' = tanh is the base itself
+        return base, base, 1.0 - base * base
+    d1, d2, _ = FUSED[activation][1](base, None)
+    return base, d1, d2

@@ -32,7 +32,7 @@ from torch import Tensor, nn
 
 from .._checks import check_choice, check_size
 from ..symmetry import d4_average, displacement_orbits
-from .activations import ACTIVATIONS, EVEN_ACTIVATIONS, FUSED, tanh_
+from .activations import ACTIVATIONS, EVEN_ACTIVATIONS, FUSED, fused_forward, pre_scale
 from .base import Evaluation, Noise, Potential, _initial_readout, _is_scalar_time, _readout
 
 __all__ = ["CONV_METHODS", "ConvPotential", "auto_method"]
@@ -217,14 +217,9 @@ class _ConvDrift(torch.autograd.Function):
         B, N = x.shape
         C = A.shape[0]
         z = stencil.patches(x)
-        if activation == "softplus":
-            h = A @ z if b is None else torch.addmm(b[:, None], A, z)
-            base = torch.sigmoid_(h)
-            d1, d2 = base, torch.addcmul(base, base, base, value=-1.0)
-        else:  # base tanh h = 2σ(2h) − 1, with 2h formed by the matmul
-            h = (2.0 * A) @ z if b is None else torch.addmm(b[:, None], A, z, beta=2.0, alpha=2.0)
-            base = tanh_(h, doubled=True)
-            d1, d2 = (base, 1.0 - base * base) if activation == "lncosh" else FUSED[activation][1](base, None)[:2]
+        s = pre_scale(activation)  # the matmul forms s·h (2h for tanh h = 2σ(2h) − 1)
+        h = (s * A) @ z if b is None else torch.addmm(b[:, None], A, z, beta=s, alpha=s)
+        base, d1, d2 = fused_forward(activation, h)
         grad = stencil.fold((A * w[:, None]).t() @ d1)
         S = d2.reshape(C, N, B).sum(1)  # (C, B)
         lap = (w * ksq) @ S

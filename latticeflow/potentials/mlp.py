@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from .._checks import check_choice, check_size
-from .activations import ACTIVATIONS, FUSED, tanh_
+from .activations import ACTIVATIONS, FUSED, fused_forward, pre_scale
 from .base import Evaluation, Noise, Potential, _initial_readout, _is_scalar_time, _readout, _time_col
 
 __all__ = ["MLPPotential"]
@@ -50,14 +50,9 @@ class _MLPDrift(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: Tensor, W: Tensor, b: Tensor | None, w: Tensor, wsq: Tensor,
                 activation: str) -> tuple[Tensor, Tensor]:
-        if activation == "softplus":  # a' = σ is the base itself; the third derivative waits
-            h = x @ W.t() if b is None else torch.addmm(b, x, W.t())
-            base = torch.sigmoid_(h)
-            d1, d2 = base, torch.addcmul(base, base, base, value=-1.0)
-        else:  # base tanh h = 2σ(2h) − 1, with 2h formed by the matmul
-            h = (x @ W.t()).mul_(2.0) if b is None else torch.addmm(b, x, W.t(), beta=2.0, alpha=2.0)
-            base = tanh_(h, doubled=True)
-            d1, d2 = (base, 1.0 - base * base) if activation == "lncosh" else FUSED[activation][1](base, None)[:2]
+        s = pre_scale(activation)  # the matmul forms s·h (2h for tanh h = 2σ(2h) − 1)
+        h = (x @ W.t()).mul_(s) if b is None else torch.addmm(b, x, W.t(), beta=s, alpha=s)
+        base, d1, d2 = fused_forward(activation, h)
         # u W with u = a'(h)⊙w: with more samples than inputs (B > N) w goes into W, an (h, N) product,
         # instead of into the (B, h) derivatives
         grad = d1 @ (w[:, None] * W) if x.shape[0] > x.shape[1] else (d1 * w) @ W
