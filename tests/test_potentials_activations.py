@@ -6,7 +6,9 @@ import pytest
 import torch
 
 from latticeflow.ising import log_cosh as ising_log_cosh
-from latticeflow.potentials.activations import ACTIVATIONS, EVEN_ACTIVATIONS, FUSED, log_cosh, tanh, tanh_
+from latticeflow.potentials import activations
+from latticeflow.potentials.activations import (ACTIVATIONS, EVEN_ACTIVATIONS, FUSED, fused_forward, log_cosh, pre_scale,
+                                               tanh, tanh_, tanh_via_sigmoid)
 
 pytestmark = pytest.mark.usefixtures("float64")
 
@@ -61,7 +63,8 @@ def test_log_cosh_is_stable_and_defined_once():
 
 
 @pytest.mark.parametrize("dtype, atol", [(torch.float64, 4e-16), (torch.float32, 2e-7)])
-def test_tanh_via_sigmoid_is_tanh_to_rounding(dtype, atol):
+def test_tanh_via_sigmoid_is_tanh_to_rounding(dtype, atol, monkeypatch):
+    monkeypatch.setenv("LATTICEFLOW_TANH", "sigmoid")
     # 2σ(2h) − 1 against torch.tanh: the absolute error bound the docstring states, saturation at ±1
     # (no NaN from inf/inf), NaN kept
     h = torch.cat([torch.linspace(-30.0, 30.0, 6001), torch.tensor([-1e30, 1e30, -math.inf, math.inf])]).to(dtype)
@@ -80,7 +83,9 @@ def test_tanh_via_sigmoid_is_tanh_to_rounding(dtype, atol):
     assert torch.equal(h, h0)
 
 
-def test_tanh_via_sigmoid_differentiates_like_tanh():
+@pytest.mark.parametrize("method", ["torch", "sigmoid"])
+def test_tanh_differentiates_like_tanh(method, monkeypatch):
+    monkeypatch.setenv("LATTICEFLOW_TANH", method)
     # recorded (grad-enabled) path: first and second derivatives are those of tanh, in float64
     h = torch.linspace(-5.0, 5.0, 41, requires_grad=True)
     (d1,) = torch.autograd.grad(tanh(h).sum(), h, create_graph=True)
@@ -88,3 +93,49 @@ def test_tanh_via_sigmoid_differentiates_like_tanh():
     th = torch.tanh(h.detach())
     torch.testing.assert_close(d1.detach(), 1 - th * th, rtol=0, atol=1e-15)
     torch.testing.assert_close(d2, -2 * th * (1 - th * th), rtol=0, atol=1e-15)
+
+
+def test_tanh_method_from_the_environment(monkeypatch):
+    h = torch.randn(50, dtype=torch.float64) * 4
+    monkeypatch.setenv("LATTICEFLOW_TANH", "torch")
+    assert not tanh_via_sigmoid(torch.float64)
+    assert torch.equal(tanh(h), torch.tanh(h))  # exactly torch's
+    assert pre_scale("lncosh", torch.float64) == 1.0 and pre_scale("softplus", torch.float64) == 1.0
+    monkeypatch.setenv("LATTICEFLOW_TANH", "sigmoid")
+    assert tanh_via_sigmoid(torch.float64) and pre_scale("tanh", torch.float64) == 2.0
+    assert torch.equal(tanh(h), torch.sigmoid(2 * h) * 2 - 1)
+    assert not torch.equal(tanh(h), torch.tanh(h))  # a different rounding: the setting took effect
+    monkeypatch.setenv("LATTICEFLOW_TANH", "fast")
+    with pytest.raises(ValueError, match="LATTICEFLOW_TANH"):
+        tanh(h)
+
+
+def test_tanh_auto_choice_is_timed_once_and_kept(monkeypatch):
+    # "auto" (or unset) times both forms once per (device type, dtype) and keeps the answer
+    monkeypatch.delenv("LATTICEFLOW_TANH", raising=False)
+    monkeypatch.setattr(activations, "_timed_choice", {})
+    timed = activations._sigmoid_form_is_faster
+    calls = []
+    monkeypatch.setattr(activations, "_sigmoid_form_is_faster", lambda dtype: calls.append(dtype) or True)
+    assert tanh_via_sigmoid(torch.float32) and tanh_via_sigmoid(torch.float32, "cpu")
+    assert calls == [torch.float32]
+    monkeypatch.setattr(activations, "_sigmoid_form_is_faster", lambda dtype: calls.append(dtype) or False)
+    monkeypatch.setenv("LATTICEFLOW_TANH", "auto")
+    assert not tanh_via_sigmoid(torch.float64) and calls == [torch.float32, torch.float64]
+    assert not tanh_via_sigmoid(torch.float32, "meta")  # devices other than the CPU take torch.tanh, untimed
+    assert calls == [torch.float32, torch.float64]
+    # the real timing returns a bool on this machine
+    assert timed(torch.float32, rounds=1) in (True, False)
+
+
+@pytest.mark.parametrize("method", ["torch", "sigmoid"])
+@pytest.mark.parametrize("activation", ["softplus", "lncosh", "tanh"])
+def test_fused_forward_with_its_pre_scale_gives_the_derivatives(method, activation, monkeypatch):
+    # a fused stage forms pre_scale·h in its matmul and hands it to fused_forward: (a', a'') must be
+    # the activation table's at h, whichever form of tanh is in use
+    monkeypatch.setenv("LATTICEFLOW_TANH", method)
+    h = torch.randn(7, 5, dtype=torch.float64) * 3
+    _, d1, d2 = fused_forward(activation, h * pre_scale(activation, h.dtype))
+    _, r1, r2 = ACTIVATIONS[activation](h, False)
+    torch.testing.assert_close(d1, r1, rtol=0, atol=1e-15)
+    torch.testing.assert_close(d2, r2, rtol=0, atol=1e-15)

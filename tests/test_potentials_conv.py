@@ -118,7 +118,9 @@ def test_direct_matches_fft_and_autograd(L, k, layers, td):
 
 
 @pytest.mark.parametrize("L, k, layers, td", [c for c in CASES if c[0] != 3])
-def test_direct_hot_path_backward_matches_fft(L, k, layers, td):
+@pytest.mark.parametrize("tanh_method", ["torch", "sigmoid"])  # both forms of tanh (activations.tanh_via_sigmoid)
+def test_direct_hot_path_backward_matches_fft(L, k, layers, td, tanh_method, monkeypatch):
+    monkeypatch.setenv("LATTICEFLOW_TANH", tanh_method)
     # training differentiates the integrator's (∇φ, ∇²φ) in x and the parameters, over stages that
     # share constants; a second derivative (double backward) must stay exact too
     for d4, act in ((False, "softplus"), (True, "lncosh"), (False, "tanh")):

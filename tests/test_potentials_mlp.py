@@ -16,7 +16,10 @@ pytestmark = pytest.mark.usefixtures("float64")
 @pytest.mark.parametrize("time_dependent", [False, True])
 @pytest.mark.parametrize("batch", [4, 9])  # fewer and more samples than inputs (N=6): both backward layouts
 @pytest.mark.parametrize("loss", ["both", "grad", "laplacian"])  # which of the node's outputs get gradients
-def test_fused_mlp_matches_plain_autograd_in_first_and_second_order(activation, time_dependent, batch, loss):
+@pytest.mark.parametrize("tanh_method", ["torch", "sigmoid"])  # both forms of tanh (activations.tanh_via_sigmoid)
+def test_fused_mlp_matches_plain_autograd_in_first_and_second_order(activation, time_dependent, batch, loss,
+                                                                    tanh_method, monkeypatch):
+    monkeypatch.setenv("LATTICEFLOW_TANH", tanh_method)
     torch.manual_seed(3)
     fused = randomize(MLPPotential(6, 5, activation=activation, time_dependent=time_dependent))
     plain = MLPPotential(6, 5, activation=activation, time_dependent=time_dependent, fused=False)

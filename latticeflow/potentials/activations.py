@@ -18,9 +18,13 @@ Tables:
   stage is computed from one saved "base" tensor, base(h) = σ(h) or tanh h.
 - :data:`EVEN_ACTIVATIONS`: the names with a(−h) = a(h).
 
-tanh is evaluated as 2σ(2h) − 1 (:func:`tanh`, :func:`tanh_`): the same function to rounding,
-and torch's CPU sigmoid is several times faster than its tanh (``python
-benchmarks/activation_speed.py`` prints the ratios; README, speed section).
+tanh is evaluated either by ``torch.tanh`` or as 2σ(2h) − 1 (:func:`tanh`, :func:`tanh_`): the
+same function to rounding (2e-7 in float32). Which is faster depends on the CPU: on one machine of
+this project torch's sigmoid form ran 4–5× faster than ``torch.tanh``, on another (with AMX) 3×
+slower (``python benchmarks/activation_speed.py`` prints the ratio). :func:`tanh_via_sigmoid`
+times both once per process, dtype and device type and takes the faster; the environment
+variable ``LATTICEFLOW_TANH=torch`` or ``=sigmoid`` fixes the choice (for bitwise-reproducible
+runs on one machine).
 
 Symbols: h pre-activations (any shape), σ the logistic sigmoid.
 """
@@ -28,13 +32,17 @@ Symbols: h pre-activations (any shape), σ the logistic sigmoid.
 from __future__ import annotations
 
 import math
+import os
+import statistics
+import time
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["ACTIVATIONS", "EVEN_ACTIVATIONS", "FUSED", "fused_forward", "log_cosh", "pre_scale", "tanh", "tanh_"]
+__all__ = ["ACTIVATIONS", "EVEN_ACTIVATIONS", "FUSED", "TANH_METHODS", "fused_forward", "log_cosh", "pre_scale", "tanh",
+           "tanh_", "tanh_via_sigmoid"]
 
 _LN2 = math.log(2.0)
 
@@ -57,25 +65,88 @@ def log_cosh(x: Tensor) -> Tensor:
     return a + F.softplus(-2.0 * a) - _LN2
 
 
-def tanh(h: Tensor) -> Tensor:
-    """tanh h as 2σ(2h) − 1, out of place and differentiable (any shape).
+#: how tanh is computed, from the environment variable LATTICEFLOW_TANH: "auto" (the faster of
+#: the two, timed once per process, dtype and device type), "torch" (``torch.tanh``) or "sigmoid"
+#: (2σ(2h) − 1)
+TANH_METHODS = ("auto", "torch", "sigmoid")
+_TANH_ENV = "LATTICEFLOW_TANH"
+#: (device type, dtype) -> whether 2σ(2h) − 1 was the faster on this machine (filled on first use)
+_timed_choice: dict[tuple[str, torch.dtype], bool] = {}
 
-    Equal to ``torch.tanh`` to rounding: within 2e-7 in float32 and 4e-16 in float64 in absolute
-    terms (tanh is bounded by 1; relative accuracy near h = 0 is not kept, and nothing here needs
-    it). Four cheap passes instead of one slow one: on this project's machine (torch 2.13, AVX512
-    and AVX2 kernels alike) the sigmoid form runs 3–5× faster than ``torch.tanh``
+
+def _sigmoid_form_is_faster(dtype: torch.dtype, rounds: int = 7) -> bool:
+    """Time ``torch.tanh`` and 2σ(2h) − 1 on a (16, 16384) CPU tensor of ``dtype`` (the conv
+    stage's plane at L=16 with half its batch), interleaved, with the current thread count; True
+    when the sigmoid form's median is below 0.9 of tanh's (ties keep ``torch.tanh``). About 10 ms."""
+    gen = torch.Generator().manual_seed(0)
+    x = 3.0 * torch.randn(16, 16384, generator=gen, dtype=dtype)
+    out = torch.empty_like(x)
+    runs = {"torch": lambda: torch.tanh(x, out=out),
+            "sigmoid": lambda: torch.sigmoid(torch.mul(x, 2.0, out=out), out=out).mul_(2.0).sub_(1.0)}
+    times: dict[str, list[float]] = {k: [] for k in runs}
+    with torch.no_grad():
+        for f in runs.values():
+            f()
+        for _ in range(rounds):
+            for k, f in runs.items():
+                t0 = time.perf_counter()
+                f()
+                times[k].append(time.perf_counter() - t0)
+    return statistics.median(times["sigmoid"]) < 0.9 * statistics.median(times["torch"])
+
+
+def tanh_via_sigmoid(dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> bool:
+    """Whether :func:`tanh` and :func:`tanh_` use 2σ(2h) − 1 (True) or ``torch.tanh`` here.
+
+    Set by ``LATTICEFLOW_TANH`` ("torch", "sigmoid"; "auto" or unset: timed once per process,
+    dtype and device type by :func:`_sigmoid_form_is_faster`; devices other than the CPU take
+    ``torch.tanh``). The two agree to rounding, so the choice moves results by rounding only.
+
+    Raises:
+        ValueError: LATTICEFLOW_TANH is set to something else.
+    """
+    mode = os.environ.get(_TANH_ENV, "auto") or "auto"
+    if mode == "torch":
+        return False
+    if mode == "sigmoid":
+        return True
+    if mode != "auto":
+        raise ValueError(f"{_TANH_ENV} must be one of {TANH_METHODS}, got {mode!r}")
+    kind = torch.device(device).type
+    key = (kind, dtype)
+    got = _timed_choice.get(key)
+    if got is None:
+        got = _timed_choice[key] = kind == "cpu" and _sigmoid_form_is_faster(dtype)
+    return got
+
+
+def tanh(h: Tensor) -> Tensor:
+    """tanh h, out of place and differentiable (any shape), by ``torch.tanh`` or as 2σ(2h) − 1,
+    whichever :func:`tanh_via_sigmoid` says is faster here.
+
+    The sigmoid form equals ``torch.tanh`` to rounding: within 2e-7 in float32 and 4e-16 in
+    float64 in absolute terms (tanh is bounded by 1; relative accuracy near h = 0 is not kept,
+    and nothing here needs it): four cheap passes instead of one that is slow on some CPUs
     (``benchmarks/activation_speed.py``).
     """
+    if not tanh_via_sigmoid(h.dtype, h.device):
+        return torch.tanh(h)
     if torch.is_grad_enabled() and h.requires_grad:
         return torch.sigmoid(2.0 * h) * 2.0 - 1.0
-    return tanh_(h * 2.0, doubled=True)
+    return tanh_(h * 2.0, doubled=True, via_sigmoid=True)
 
 
-def tanh_(h: Tensor, doubled: bool = False) -> Tensor:
+def tanh_(h: Tensor, doubled: bool = False, via_sigmoid: bool | None = None) -> Tensor:
     """:func:`tanh` in place on ``h`` (a fresh buffer nothing else reads; not for recorded ops).
 
-    ``doubled=True`` says ``h`` already holds 2h (a matmul can produce it at no cost).
+    ``doubled=True`` says ``h`` already holds 2h (a matmul can produce it at no cost; the
+    stages ask :func:`pre_scale` whether to). ``via_sigmoid`` forces the form (None: as
+    :func:`tanh_via_sigmoid` says).
     """
+    if via_sigmoid is None:
+        via_sigmoid = tanh_via_sigmoid(h.dtype, h.device)
+    if not via_sigmoid:
+        return torch.tanh_(h.mul_(0.5) if doubled else h)
     if not doubled:
         h.mul_(2.0)
     return torch.sigmoid_(h).mul_(2.0).sub_(1.0)
@@ -88,14 +159,24 @@ def _softplus(h: Tensor, value: bool) -> tuple[Tensor | None, Tensor, Tensor]:
     return (F.softplus(h) if value else None), s, s - s * s
 
 
+def _one_minus_square(t: Tensor) -> Tensor:
+    """1 − t² as one fused op with one new tensor (differentiable).
+
+    ``1.0 - t * t`` allocates two tensors of t's size, one of them a temporary; for the conv
+    stage's 4 MB planes that pair of allocations cost 0.7–2.3 ms against 0.33 ms for this on the
+    project's machine (1 thread, depending on the allocator's state: freshly mapped pages fault).
+    """
+    return torch.addcmul(t.new_ones(()), t, t, value=-1.0)
+
+
 def _lncosh(h: Tensor, value: bool) -> tuple[Tensor | None, Tensor, Tensor]:
     th = tanh(h)
-    return (log_cosh(h) if value else None), th, 1.0 - th * th
+    return (log_cosh(h) if value else None), th, _one_minus_square(th)
 
 
 def _tanh(h: Tensor, value: bool) -> tuple[Tensor | None, Tensor, Tensor]:
     th = tanh(h)
-    d1 = 1.0 - th * th
+    d1 = _one_minus_square(th)
     return (th if value else None), d1, -2.0 * th * d1
 
 
@@ -120,7 +201,7 @@ def _softplus_derivatives(s: Tensor, d2: Tensor | None) -> tuple[Tensor, Tensor,
 
 def _lncosh_derivatives(th: Tensor, d2: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
     if d2 is None:
-        d2 = 1.0 - th * th
+        d2 = _one_minus_square(th)
     return th, d2, -2.0 * th * d2
 
 
@@ -140,20 +221,25 @@ FUSED: dict[str, tuple[Callable[[Tensor], Tensor], Derivatives]] = {
 }
 
 
-def pre_scale(activation: str) -> float:
+def pre_scale(activation: str, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> float:
     """The factor a fused stage's matmul applies to its pre-activations for :func:`fused_forward`:
-    2 for the tanh-based activations (tanh h = 2σ(2h) − 1 starts from 2h), 1 for softplus."""
-    return 1.0 if activation == "softplus" else 2.0
+    2 for the tanh-based activations when tanh is computed as 2σ(2h) − 1 (it starts from 2h;
+    :func:`tanh_via_sigmoid`), else 1."""
+    if activation == "softplus":
+        return 1.0
+    return 2.0 if tanh_via_sigmoid(dtype, device) else 1.0
 
 
 def fused_forward(activation: str, h: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """(base, a', a'') of a fused stage's forward pass, in place on ``h`` = pre_scale · (pre-activations),
-    a fresh buffer; the third derivative is left to the backward pass (``FUSED``)."""
+    """(base, a', a'') of a fused stage's forward pass, in place on ``h`` = pre_scale · (pre-activations)
+    (:func:`pre_scale` with h's dtype and device), a fresh buffer; the third derivative is left to the
+    backward pass (``FUSED``)."""
     if activation == "softplus":  # a' = σ is the base itself
         base = torch.sigmoid_(h)
         return base, base, torch.addcmul(base, base, base, value=-1.0)
-    base = tanh_(h, doubled=True)
-    if activation == "lncosh":  # a' = tanh is the base itself
-        return base, base, 1.0 - base * base
+    doubled = tanh_via_sigmoid(h.dtype, h.device)
+    base = tanh_(h, doubled=doubled, via_sigmoid=doubled)
+    if activation == "lncosh":  # a' = tanh is the base itself; a'' = 1 − tanh² in one pass (see _one_minus_square)
+        return base, base, _one_minus_square(base)
     d1, d2, _ = FUSED[activation][1](base, None)
     return base, d1, d2

@@ -217,7 +217,7 @@ class _ConvDrift(torch.autograd.Function):
         B, N = x.shape
         C = A.shape[0]
         z = stencil.patches(x)
-        s = pre_scale(activation)  # the matmul forms s·h (2h for tanh h = 2σ(2h) − 1)
+        s = pre_scale(activation, x.dtype, x.device)  # the matmul forms s·h (2h for tanh h = 2σ(2h) − 1)
         h = (s * A) @ z if b is None else torch.addmm(b[:, None], A, z, beta=s, alpha=s)
         base, d1, d2 = fused_forward(activation, h)
         grad = stencil.fold((A * w[:, None]).t() @ d1)

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from .._checks import check_choice, check_size
-from .activations import ACTIVATIONS, FUSED, fused_forward, pre_scale
+from .activations import ACTIVATIONS, FUSED, _one_minus_square, fused_forward, pre_scale
 from .base import Evaluation, Noise, Potential, _initial_readout, _is_scalar_time, _readout, _time_col
 
 __all__ = ["MLPPotential"]
@@ -50,7 +50,7 @@ class _MLPDrift(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: Tensor, W: Tensor, b: Tensor | None, w: Tensor, wsq: Tensor,
                 activation: str) -> tuple[Tensor, Tensor]:
-        s = pre_scale(activation)  # the matmul forms s·h (2h for tanh h = 2σ(2h) − 1)
+        s = pre_scale(activation, x.dtype, x.device)  # the matmul forms s·h (2h for tanh h = 2σ(2h) − 1)
         h = (x @ W.t()).mul_(s) if b is None else torch.addmm(b, x, W.t(), beta=s, alpha=s)
         base, d1, d2 = fused_forward(activation, h)
         # u W with u = a'(h)⊙w: with more samples than inputs (B > N) w goes into W, an (h, N) product,
@@ -93,7 +93,7 @@ def _mlp_drift_vjp(x: Tensor, W: Tensor, b: Tensor | None, w: Tensor, wsq: Tenso
     if lncosh:
         d1, d3 = base, None
         if d2 is None:
-            d2 = 1.0 - base * base
+            d2 = _one_minus_square(base)
     else:
         d1, d2, d3 = FUSED[activation][1](base, d2)
     dh = dW = dw = dwsq = None  # for ln cosh, dh lacks the common factor a'' until the end
