@@ -30,3 +30,24 @@ def test_flags_and_a_tiny_run(capsys: pytest.CaptureFixture) -> None:
     assert out.count("thread(s)") == len(bench.SHAPES) and "bfloat16" in out and "(1.00×)" in out
     with pytest.raises(SystemExit):
         bench.parse_args(["--repeats", "0"])
+
+
+def test_iterations_flag_times_both_precisions_and_restores_the_setting(capsys: pytest.CaptureFixture) -> None:
+    threads = torch.get_num_threads()
+    before = torch.get_float32_matmul_precision()
+    try:
+        args = bench.parse_args(["--iterations", "--rounds", "3"])
+        assert args.iterations and args.rounds == 3
+        assert not bench.parse_args([]).iterations
+        results = bench.main(["--threads", "1", "--repeats", "1", "--iterations", "--rounds", "1"])
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.get_float32_matmul_precision() == before
+    ratios = results[(1, "iterations")]
+    assert set(ratios) == {"paper configuration", "driver's default at L=16"}
+    assert all(math.isfinite(r) and r > 0 for r in ratios.values())
+    out = capsys.readouterr().out
+    assert "highest ÷ medium" in out and "medium changes a matmul by up to" in out
+    with bench.float32_matmul_precision("medium"):
+        assert torch.get_float32_matmul_precision() == "medium"
+    assert torch.get_float32_matmul_precision() == before
