@@ -234,9 +234,14 @@ def provenance(device: Any = None) -> dict[str, Any]:
 
     from . import __version__
     from . import distributed as dist
+    from .potentials.activations import tanh_via_sigmoid
 
+    # the form of tanh the fused stages used (timed per process unless LATTICEFLOW_TANH fixes it):
+    # results differ by rounding between the two
+    tanh_form = "sigmoid" if tanh_via_sigmoid(torch.get_default_dtype(), device or "cpu") else "torch"
     return {"latticeflow": __version__, "torch": torch.__version__, "python": platform.python_version(),
             "platform": platform.platform(), "machine": platform.machine(), "host": socket.gethostname(),
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(), "tanh": tanh_form,
             "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
             "threads": torch.get_num_threads(), "processes": dist.world_size(),
             "device": str(device) if device is not None else "cpu", "git_commit": _git_commit(),

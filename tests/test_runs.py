@@ -294,6 +294,8 @@ def test_outputs_name_normalisations_and_resolved_values(tmp_path):
     prov = s["provenance"]
     assert prov["torch"] == torch.__version__ and prov["threads"] == 1 and prov["device"] == "cpu"
     assert {"latticeflow", "python", "git_commit", "host"} <= set(prov)
+    # the tanh form the fused stages used (timed per process) and the CPU kernels torch dispatched to
+    assert prov["tanh"] in ("torch", "sigmoid") and prov["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
     # this process's peak RSS (the test process: at least the torch it imported, well under the machine)
     assert 50 < prov["peak_rss_mib"] < 1e6
     assert (out / "convergence.png").is_file() and (out / "convergence.pdf").is_file()
