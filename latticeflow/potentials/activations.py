@@ -164,7 +164,8 @@ def _one_minus_square(t: Tensor) -> Tensor:
 
     ``1.0 - t * t`` allocates two tensors of t's size, one of them a temporary; for the conv
     stage's 4 MB planes that pair of allocations cost 0.7–2.3 ms against 0.33 ms for this on the
-    project's machine (1 thread, depending on the allocator's state: freshly mapped pages fault).
+    project's machine (1 thread; how much depends on the allocator's state, which a training loop
+    does not control).
     """
     return torch.addcmul(t.new_ones(()), t, t, value=-1.0)
 
