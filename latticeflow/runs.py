@@ -228,8 +228,15 @@ def _git_commit() -> str | None:
     return sha + ("+dirty" if dirty else "")
 
 
+#: the commit of the code this process imported: a run's provenance names the code that ran, not
+#: what the checkout holds when the run ends (a 30-minute run outlives commits made beside it)
+_IMPORTED_COMMIT = _git_commit()
+
+
 def provenance(device: Any = None) -> dict[str, Any]:
-    """Software and machine of a run: versions, device, threads, processes, git commit, host, time."""
+    """Software and machine of a run: versions, device, threads, processes, host, time, and the git
+    commit of the code this process imported (``git_commit``; ``git_commit_at_end`` as well when
+    the checkout has moved on since)."""
     import torch
 
     from . import __version__
@@ -244,8 +251,14 @@ def provenance(device: Any = None) -> dict[str, Any]:
             "cpu_capability": torch.backends.cpu.get_cpu_capability(), "tanh": tanh_form,
             "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
             "threads": torch.get_num_threads(), "processes": dist.world_size(),
-            "device": str(device) if device is not None else "cpu", "git_commit": _git_commit(),
-            "peak_rss_mib": peak_rss_mib(), "finished": time.strftime("%Y-%m-%d %H:%M:%S %z")}
+            "device": str(device) if device is not None else "cpu", "git_commit": _IMPORTED_COMMIT,
+            **_commit_changed(), "peak_rss_mib": peak_rss_mib(), "finished": time.strftime("%Y-%m-%d %H:%M:%S %z")}
+
+
+def _commit_changed() -> dict[str, str | None]:
+    """``{"git_commit_at_end": ...}`` when the checkout moved on (or changed) while this process ran, else {}."""
+    now = _git_commit()
+    return {} if now == _IMPORTED_COMMIT else {"git_commit_at_end": now}
 
 
 def peak_rss_mib() -> float | None:

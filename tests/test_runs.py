@@ -348,3 +348,17 @@ def test_a_phi4_checkpoint_is_named_by_the_ising_tools(tmp_path, capsys):
                             "epoch": 1}, tmp_path / "p" / "checkpoint.pt")
     assert mi.cli(["--resume", str(phi4), "--epochs", "5", "--quiet"]) == 2
     assert "is a φ⁴ checkpoint (written by python -m models.phi4" in capsys.readouterr().err
+
+
+def test_provenance_names_the_commit_that_was_imported(monkeypatch):
+    # a long run outlives commits made beside it: its files name the code that ran, and say when the
+    # checkout moved on
+    import latticeflow.runs as runs
+
+    monkeypatch.setattr(runs, "_IMPORTED_COMMIT", "a" * 40)
+    monkeypatch.setattr(runs, "_git_commit", lambda: "b" * 40)
+    prov = runs.provenance()
+    assert prov["git_commit"] == "a" * 40 and prov["git_commit_at_end"] == "b" * 40
+    monkeypatch.setattr(runs, "_git_commit", lambda: "a" * 40)
+    prov = runs.provenance()
+    assert prov["git_commit"] == "a" * 40 and "git_commit_at_end" not in prov
