@@ -47,7 +47,8 @@ RUNS: dict[str, tuple[list[str], float, float]] = {
     # or machine gives fewer epochs, never a decay cut off part way: 1e-3 at L=4 in 1 minute on 1 core, and at
     # L=16 in 30 minutes on 2 cores with the Z2 mixture of the potential without Z2 (README)
     "l4min": (["--L", "4", "--hidden", "128", "--potential", "quadratic+mlp", "--schedule-minutes", "0.95"], 1.0, 1e-3),
-    # batch 128: 9.77e-4 and 1.04e-3 with two seeds side by side on one core each (README)
+    # batch 128: 9.77e-4 and 1.04e-3 with two seeds side by side on one core each; 8.27e-4 and 7.94e-4 with
+    # --procs 2, seeds 0 and 1 one after the other (README)
     "l16mix": (["--L", "16", "--hidden", "512", "--group", "space", "--mixture", "z2", "--batch", "128",
                 "--schedule-minutes", "29.5"], 30.0, 1e-3),
     # the paper's potential (softplus MLP, time-independent) with the same budget as l4, for contrast
