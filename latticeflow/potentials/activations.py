@@ -82,7 +82,7 @@ def _sigmoid_form_is_faster(dtype: torch.dtype, rounds: int = 7) -> bool:
     x = 3.0 * torch.randn(16, 16384, generator=gen, dtype=dtype)
     out = torch.empty_like(x)
     runs = {"torch": lambda: torch.tanh(x, out=out),
-            "sigmoid": lambda: torch.sigmoid(torch.mul(x, 2.0, out=out), out=out).mul_(2.0).sub_(1.0)}
+            "sigmoid": lambda: tanh_(torch.mul(x, 2.0, out=out), doubled=True, via_sigmoid=True)}
     times: dict[str, list[float]] = {k: [] for k in runs}
     with torch.no_grad():
         for f in runs.values():
@@ -231,14 +231,15 @@ def pre_scale(activation: str, dtype: torch.dtype = torch.float32, device: torch
     return 2.0 if tanh_via_sigmoid(dtype, device) else 1.0
 
 
-def fused_forward(activation: str, h: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """(base, a', a'') of a fused stage's forward pass, in place on ``h`` = pre_scale · (pre-activations)
-    (:func:`pre_scale` with h's dtype and device), a fresh buffer; the third derivative is left to the
-    backward pass (``FUSED``)."""
+def fused_forward(activation: str, h: Tensor, scale: float | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """(base, a', a'') of a fused stage's forward pass, in place on ``h`` = scale · (pre-activations),
+    a fresh buffer; the third derivative is left to the backward pass (``FUSED``). ``scale`` is the
+    :func:`pre_scale` the stage's matmul applied (None: looked up for h's dtype and device), so a
+    stage decides the tanh form once."""
     if activation == "softplus":  # a' = σ is the base itself
         base = torch.sigmoid_(h)
         return base, base, torch.addcmul(base, base, base, value=-1.0)
-    doubled = tanh_via_sigmoid(h.dtype, h.device)
+    doubled = tanh_via_sigmoid(h.dtype, h.device) if scale is None else scale == 2.0
     base = tanh_(h, doubled=doubled, via_sigmoid=doubled)
     if activation == "lncosh":  # a' = tanh is the base itself; a'' = 1 − tanh² in one pass (see _one_minus_square)
         return base, base, _one_minus_square(base)

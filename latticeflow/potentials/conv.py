@@ -219,7 +219,7 @@ class _ConvDrift(torch.autograd.Function):
         z = stencil.patches(x)
         s = pre_scale(activation, x.dtype, x.device)  # the matmul forms s·h (2h for tanh h = 2σ(2h) − 1)
         h = (s * A) @ z if b is None else torch.addmm(b[:, None], A, z, beta=s, alpha=s)
-        base, d1, d2 = fused_forward(activation, h)
+        base, d1, d2 = fused_forward(activation, h, s)
         grad = stencil.fold((A * w[:, None]).t() @ d1)
         S = d2.reshape(C, N, B).sum(1)  # (C, B)
         lap = (w * ksq) @ S

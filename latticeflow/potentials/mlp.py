@@ -52,7 +52,7 @@ class _MLPDrift(torch.autograd.Function):
                 activation: str) -> tuple[Tensor, Tensor]:
         s = pre_scale(activation, x.dtype, x.device)  # the matmul forms s·h (2h for tanh h = 2σ(2h) − 1)
         h = (x @ W.t()).mul_(s) if b is None else torch.addmm(b, x, W.t(), beta=s, alpha=s)
-        base, d1, d2 = fused_forward(activation, h)
+        base, d1, d2 = fused_forward(activation, h, s)
         # u W with u = a'(h)⊙w: with more samples than inputs (B > N) w goes into W, an (h, N) product,
         # instead of into the (B, h) derivatives
         grad = d1 @ (w[:, None] * W) if x.shape[0] > x.shape[1] else (d1 * w) @ W
