@@ -145,3 +145,26 @@ def test_direct_is_the_default_for_small_kernels():
     assert "method='direct'" in repr(ConvPotential(8, kernel_size=3))
     with pytest.raises(ValueError, match="method"):
         ConvPotential(8, method="winograd")
+
+
+@pytest.mark.parametrize("conv_kernel", ["eager", "native"])  # LATTICEFLOW_CONV_KERNEL (latticeflow.native)
+@pytest.mark.parametrize("L, k, td", [(4, 3, False), (6, 5, True), (5, 1, False)])
+def test_direct_hot_path_first_order_backward_matches_fft(L, k, td, conv_kernel, monkeypatch):
+    # what training runs at every RK stage: one backward (no create_graph) through (∇φ, ∇²φ) of
+    # two chained stages, by the eager stage and by the compiled kernel, against the FFT path
+    from latticeflow import native
+
+    if conv_kernel == "native" and native.load() is None:
+        pytest.skip("the conv kernel could not be built here")
+    monkeypatch.setenv("LATTICEFLOW_CONV_KERNEL", conv_kernel)
+    for d4, act in ((False, "softplus"), (True, "lncosh"), (False, "tanh")):
+        grads = []
+        for pot in _pair(L, k, 1, td, d4, act):
+            x = torch.randn(19, L * L, generator=torch.Generator().manual_seed(5)).requires_grad_(True)
+            with pot.shared_constants():
+                g, lap = pot.grad_and_laplacian(x, 0.4)
+                g2, lap2 = pot.grad_and_laplacian(g, 0.6)
+            first = torch.autograd.grad((g2**2).sum() + lap.sum() + (lap2**3).sum(), [x, *pot.parameters()])
+            grads.append([g, lap, g2, lap2, *first])
+        for a, b in zip(*grads):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-9)

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .. import native
 from .._checks import check_choice, check_size
 from ..symmetry import d4_average, displacement_orbits
 from .activations import ACTIVATIONS, EVEN_ACTIVATIONS, FUSED, fused_forward, pre_scale
@@ -98,6 +99,7 @@ class _Stencil:
         self.L, self.k, self.p = L, k, k // 2
         # padded row P is lattice row (P − p) mod L: made once per device, not at every RK stage
         self._wraps: dict[torch.device, Tensor] = {}
+        self._tables: native.ConvTables | None = None
         if basis is None:
             self.J, self.rows, self.coefs = k * k, None, None
         else:
@@ -107,6 +109,12 @@ class _Stencil:
             self.J = basis.shape[0]
             self.rows = rows.tolist()
             self.coefs = basis[rows, torch.arange(k * k)].tolist()
+
+    def tables(self) -> native.ConvTables:
+        """The neighbour tables of the compiled kernel (``latticeflow.native``), made once."""
+        if self._tables is None:
+            self._tables = native.ConvTables(self.L, self.k, self.rows, self.coefs)
+        return self._tables
 
     def _wrap(self, device: torch.device) -> Tensor:
         """(L+2p,) the lattice row (or column) of each padded row: (P − p) mod L."""
@@ -191,6 +199,22 @@ def _drift_reference(x: Tensor, A: Tensor, b: Tensor | None, w: Tensor, ksq: Ten
     return grad, lap
 
 
+def _reference_backward(needs: tuple[bool, ...], inputs: tuple[Tensor | None, ...], stencil: _Stencil,
+                        activation: str, dG: Tensor | None, dL: Tensor | None) -> tuple[Tensor | None, ...]:
+    """The backward of :class:`_ConvDrift` under create_graph=True: :func:`_drift_reference`
+    differentiated with recorded ops, so that higher derivatives stay exact."""
+    # on aliases, so that a path from one input to another (ksq = ‖A‖² when A = K) is not counted twice
+    inputs = tuple(None if t is None else t.view_as(t) for t in inputs)
+    wrt = [i for i, t in enumerate(inputs) if needs[i] and t is not None]
+    outs = [(o, g) for o, g in zip(_drift_reference(*inputs, stencil, activation), (dG, dL)) if g is not None]
+    got = torch.autograd.grad([o for o, _ in outs], [inputs[i] for i in wrt], [g for _, g in outs],
+                              create_graph=True, allow_unused=True)
+    res: list[Tensor | None] = [None] * 7
+    for i, g in zip(wrt, got):
+        res[i] = g
+    return tuple(res)
+
+
 class _ConvDrift(torch.autograd.Function):
     """(∇φ, ∇²φ) of φ = Σ_{c,s} w_c a(h_{c,s}), h = A·z(x) + b, with a hand-written backward.
 
@@ -234,18 +258,7 @@ class _ConvDrift(torch.autograd.Function):
         needs = ctx.needs_input_grad
         stencil, activation = ctx.stencil, ctx.activation
         if torch.is_grad_enabled():  # create_graph=True: differentiate the reference with recorded ops
-            # on aliases, so that a path from one input to another (ksq = ‖A‖² when A = K) is not counted twice
-            inputs = tuple(None if t is None else t.view_as(t) for t in (x, A, b, w, ksq))
-            x, A, b, w, ksq = inputs
-            wrt = [i for i, t in enumerate(inputs) if needs[i] and t is not None]
-            outs = [(o, g) for o, g in zip(_drift_reference(x, A, b, w, ksq, stencil, activation), (dG, dL))
-                    if g is not None]
-            got = torch.autograd.grad([o for o, _ in outs], [inputs[i] for i in wrt], [g for _, g in outs],
-                                      create_graph=True, allow_unused=True)
-            res: list[Tensor | None] = [None] * 7
-            for i, g in zip(wrt, got):
-                res[i] = g
-            return tuple(res)
+            return _reference_backward(needs, (x, A, b, w, ksq), stencil, activation, dG, dL)
         B, N = x.shape
         C = A.shape[0]
         dh = dA = dw = dksq = None
@@ -285,6 +298,40 @@ class _ConvDrift(torch.autograd.Function):
                 dx = stencil.fold(A.t() @ dh)
         return (dx, dA if needs[1] else None, db, dw if needs[3] else None, dksq if needs[4] else None,
                 None, None)
+
+
+class _ConvDriftNative(torch.autograd.Function):
+    """:class:`_ConvDrift` computed by the compiled kernel (``latticeflow.native``): the same
+    outputs and gradients to rounding, one pass over the lattice per block of samples instead of
+    a pass over C·N·B numbers per elementwise step; it saves only x (the backward recomputes
+    the activations). Under create_graph=True its backward is :func:`_reference_backward`."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, A: Tensor, b: Tensor | None, w: Tensor, ksq: Tensor, stencil: _Stencil,
+                activation: str) -> tuple[Tensor, Tensor]:
+        x, A, w = x.contiguous(), A.contiguous(), w.contiguous()
+        bias = b.contiguous() if b is not None else A.new_zeros(A.shape[0])
+        grad, S = native.conv_forward(x, stencil.tables(), A, bias, w, activation)
+        ctx.stencil, ctx.activation, ctx.has_bias = stencil, activation, b is not None
+        ctx.save_for_backward(x, A, b if b is not None else A.new_empty(0), w, ksq)
+        return grad, (w * ksq) @ S
+
+    @staticmethod
+    def backward(ctx: Any, dG: Tensor | None, dL: Tensor | None) -> tuple[Tensor | None, ...]:
+        x, A, b, w, ksq = ctx.saved_tensors
+        b = b if ctx.has_bias else None
+        needs = ctx.needs_input_grad
+        if torch.is_grad_enabled():
+            return _reference_backward(needs, (x, A, b, w, ksq), ctx.stencil, ctx.activation, dG, dL)
+        dG = torch.zeros_like(x) if dG is None else dG.contiguous()
+        dL = x.new_zeros(x.shape[0]) if dL is None else dL.contiguous()
+        bias = b if b is not None else A.new_zeros(A.shape[0])
+        dx, P, M, db, T = native.conv_backward(x, dG, dL, ctx.stencil.tables(), A, bias, w, (w * ksq).contiguous(),
+                                               ctx.activation)
+        dA = P + M * w[:, None]
+        dw = (A * M).sum(1) + ksq * T
+        return (dx if needs[0] else None, dA if needs[1] else None, db if needs[2] and b is not None else None,
+                dw if needs[3] else None, w * T if needs[4] else None, None, None)
 
 
 # ---------------------------------------------------------------------- the potential
@@ -416,7 +463,9 @@ class ConvPotential(Potential):
         if self.layers == 1 and not value and _is_scalar_time(t):
             # the integrator's hot path: one autograd node per stage (see _ConvDrift)
             w = _readout(self.readout, self.readout_t, t)
-            grad, lap = _ConvDrift.apply(x, A, self.conv_bias, w, ksq, stencil, self.activation)
+            drift = (_ConvDriftNative if native.available(x, stencil.k * stencil.k, self.activation)
+                     else _ConvDrift)
+            grad, lap = drift.apply(x, A, self.conv_bias, w, ksq, stencil, self.activation)
             return None, grad, lap
         z = _Patches.apply(x, stencil)  # (J, N·B)
         h = A @ z if self.conv_bias is None else torch.addmm(self.conv_bias[:, None], A, z)  # (C, N·B)

@@ -1,0 +1,226 @@
+"""Compiled CPU kernels: the fused RK stage of the one-layer convolutional potential.
+
+The eager direct convolution (``latticeflow.potentials.conv``) makes every elementwise step of
+a stage a pass over C·N·B numbers (16·256·256 floats, 4 MB, at L=16 with the default batch), and
+about fifteen such passes, not the arithmetic, set its cost. ``conv_stage.cpp`` does the same
+stage one lattice site at a time for a block of samples held in the vector lanes, and its
+backward recomputes the activations from x instead of reading them back. It is plain C++ over
+raw pointers (no torch headers), compiled with the system's ``c++`` on first use (a few
+seconds), cached by a hash of the source, the flags, the compiler and the CPU's flags, and
+called through ``ctypes`` (which releases the GIL). It splits the batch over
+``torch.get_num_threads()`` OpenMP threads: torch's own libgomp when torch uses one (the kernel
+names the same ``libgomp.so.1``, which the loader finds already loaded), so the kernel and torch's
+operators share one thread team instead of two teams competing for the cores.
+
+``LATTICEFLOW_CONV_KERNEL`` chooses: ``auto`` (the default: the compiled kernel on CPU tensors
+of float32/float64 when it compiles, else eager), ``native`` (the kernel or an error) or
+``eager`` (never compile). The cache directory is ``$LATTICEFLOW_CACHE/native`` (default
+``~/.cache/latticeflow/native``). The kernel and the eager path agree to rounding
+(tests/test_native_conv.py: float64 to 1e-12, every output and every parameter gradient).
+
+Symbols: B batch, N = L² sites, K2 = k² kernel offsets, J patch planes, C channels.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+__all__ = ["KERNEL_MODES", "ConvTables", "available", "conv_backward", "conv_forward", "kernel_mode", "load"]
+
+KERNEL_MODES = ("auto", "native", "eager")
+_ENV = "LATTICEFLOW_CONV_KERNEL"
+_SOURCE = Path(__file__).with_name("conv_stage.cpp")
+_SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
+_ACT = {"softplus": 0, "lncosh": 1, "tanh": 2}
+_BASE_FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-shared", "-fPIC", "-std=c++17"]
+_lock = threading.Lock()
+_lib: ctypes.CDLL | None = None
+_load_error: str | None = None
+
+
+def kernel_mode() -> str:
+    """``LATTICEFLOW_CONV_KERNEL`` ("auto" when unset).
+
+    Raises:
+        ValueError: set to something other than :data:`KERNEL_MODES`.
+    """
+    mode = os.environ.get(_ENV, "auto") or "auto"
+    if mode not in KERNEL_MODES:
+        raise ValueError(f"{_ENV} must be one of {KERNEL_MODES}, got {mode!r}")
+    return mode
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _compiler() -> str | None:
+    return os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("LATTICEFLOW_CACHE") or Path.home() / ".cache" / "latticeflow"
+    return Path(root) / "native"
+
+
+def _build(cxx: str) -> Path:
+    """Compile ``conv_stage.cpp`` into the cache (once per source, flags, compiler and CPU)."""
+    source = _SOURCE.read_bytes()
+    version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout
+    # OpenMP (the libgomp torch has loaded, when it uses one) with glibc's vector exp, then without
+    # either: the kernel is correct, only slower, in every variant
+    attempts = [(["-fopenmp", "-DLF_SIMD_EXP"], ["-lmvec", "-lm"]), (["-fopenmp"], ["-lm"]), ([], ["-lm"])]
+    key = hashlib.sha256(b"\0".join([source, " ".join(_BASE_FLAGS).encode(), repr(attempts).encode(),
+                                     version.encode(), _cpu_flags().encode()])).hexdigest()[:16]
+    out_dir = _cache_dir()
+    target = out_dir / f"conv_stage-{key}.so"
+    if target.exists():
+        return target
+    out_dir.mkdir(parents=True, exist_ok=True)
+    errors = []
+    for defines, libs in attempts:
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=out_dir)
+        os.close(fd)
+        cmd = [cxx, *_BASE_FLAGS, *defines, str(_SOURCE), "-o", tmp, *libs]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode == 0:
+            os.replace(tmp, target)  # atomic: a concurrent process sees no half-written library
+            return target
+        os.unlink(tmp)
+        errors.append(done.stderr.strip().splitlines()[-1:] or [f"exit {done.returncode}"])
+    raise RuntimeError(f"could not compile {_SOURCE.name}: {errors}")
+
+
+def _declare(lib: ctypes.CDLL) -> None:
+    p, i = ctypes.c_void_p, ctypes.c_int
+    for suffix in _SUFFIX.values():
+        f = getattr(lib, f"lf_conv_forward_{suffix}")
+        f.argtypes = [p, i, i, i, i, i, p, p, p, p, p, p, p, i, p, p, i]
+        f.restype = None
+        g = getattr(lib, f"lf_conv_backward_{suffix}")
+        g.argtypes = [p, p, p, i, i, i, i, i, p, p, p, p, p, p, p, p, i, p, p, p, p, p, i]
+        g.restype = None
+    lib.lf_conv_max_offsets.restype = i
+
+
+def load() -> ctypes.CDLL | None:
+    """The compiled kernel library, compiling it on first use; None when it cannot be built (the
+    reason is kept for ``LATTICEFLOW_CONV_KERNEL=native``'s error) or the mode is "eager"."""
+    global _lib, _load_error
+    if kernel_mode() == "eager":
+        return None
+    with _lock:
+        if _lib is None and _load_error is None:
+            cxx = _compiler()
+            try:
+                if cxx is None:
+                    raise RuntimeError("no C++ compiler (c++, g++ or $CXX) on PATH")
+                lib = ctypes.CDLL(str(_build(cxx)))
+                _declare(lib)
+                _lib = lib
+            except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+                _load_error = str(e)
+    if _lib is None and kernel_mode() == "native":
+        raise RuntimeError(f"{_ENV}=native but the kernel is unavailable: {_load_error}")
+    return _lib
+
+
+def available(x: Tensor, k2: int, activation: str) -> bool:
+    """Whether the compiled stage takes this input: a CPU tensor of float32/float64, at most
+    81 kernel offsets (k <= 9), an activation it knows, and the library loaded."""
+    if x.device.type != "cpu" or x.dtype not in _SUFFIX or activation not in _ACT or k2 > 81:
+        return False
+    return load() is not None
+
+
+class ConvTables:
+    """The integer tables of a k×k stencil on the L×L torus that the kernel reads.
+
+    The k² offsets d = (r, q) (row-major, displacement (r − p, q − p), p = k//2) are listed
+    grouped by the patch plane they feed (``rows[d]``, stably sorted): ``order`` is that listing,
+    ``start[j] .. start[j+1] − 1`` the positions of plane j's offsets. In that order, ``nbr[s, i]``
+    is the site s + (d − p), ``nbm[s, i]`` the site s − (d − p), and ``coef(dtype)[i]`` the weight
+    of offset d (the kernel basis; without one, every offset is its own plane with weight 1).
+    """
+
+    def __init__(self, L: int, k: int, rows: list[int] | None, coefs: list[float] | None) -> None:
+        p = k // 2
+        rows = list(range(k * k)) if rows is None else list(rows)
+        coefs = [1.0] * (k * k) if coefs is None else list(coefs)
+        order = sorted(range(k * k), key=lambda d: rows[d])
+        i = torch.arange(L)[:, None, None]
+        j = torch.arange(L)[None, :, None]
+        r = torch.tensor([d // k - p for d in order])[None, None, :]
+        q = torch.tensor([d % k - p for d in order])[None, None, :]
+        self.nbr = (((i + r) % L) * L + (j + q) % L).reshape(L * L, k * k).to(torch.int32).contiguous()
+        self.nbm = (((i - r) % L) * L + (j - q) % L).reshape(L * L, k * k).to(torch.int32).contiguous()
+        self.J = max(rows) + 1
+        counts = torch.bincount(torch.tensor(rows), minlength=self.J)
+        self.start = torch.cat([torch.zeros(1, dtype=torch.int64), counts.cumsum(0)]).to(torch.int32)
+        self.order = order
+        self._coefs = [coefs[d] for d in order]
+        self._coef: dict[torch.dtype, Tensor] = {}
+        self.K2 = k * k
+
+    def coef(self, dtype: torch.dtype) -> Tensor:
+        """The offsets' weights in the grouped order, as ``dtype`` (made once per dtype)."""
+        got = self._coef.get(dtype)
+        if got is None:
+            got = self._coef[dtype] = torch.tensor(self._coefs, dtype=dtype)
+        return got
+
+
+def _ptr(t: Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def conv_forward(x: Tensor, tables: ConvTables, A: Tensor, bias: Tensor, w: Tensor, activation: str
+                 ) -> tuple[Tensor, Tensor]:
+    """(grad (B, N), S (C, B)) of the one-layer stage: grad = ∇φ, S_cb = Σ_s a''(h_{c,s,b}).
+
+    x (B, N), A (C, J), bias (C,), w (C,) contiguous, one dtype; see ``conv_stage.cpp``.
+    """
+    lib = load()
+    B, N = x.shape
+    C = A.shape[0]
+    grad = torch.empty_like(x)
+    S = x.new_empty(C, B)
+    f = getattr(lib, f"lf_conv_forward_{_SUFFIX[x.dtype]}")
+    f(_ptr(x), B, N, tables.K2, tables.J, C, _ptr(tables.nbr), _ptr(tables.nbm), _ptr(tables.start),
+      _ptr(tables.coef(x.dtype)), _ptr(A), _ptr(bias), _ptr(w), _ACT[activation], _ptr(grad), _ptr(S),
+      torch.get_num_threads())
+    return grad, S
+
+
+def conv_backward(x: Tensor, dG: Tensor, dL: Tensor, tables: ConvTables, A: Tensor, bias: Tensor, w: Tensor,
+                  cvec: Tensor, activation: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(dx (B, N), P (C, J), M (C, J), db (C,), T (C,)) from the cotangents dG (B, N) of grad and
+    dL (B,) of lap = cvec·S: dh = w⊙(A ẑ)⊙a'' + (cvec ⊗ dL)⊙a''', ẑ = patches(dG), P = Σ dh zᵀ,
+    M = Σ a' ẑᵀ, db = Σ dh, T = Σ a'' dL, dx = fold(Aᵀ dh)."""
+    lib = load()
+    B, N = x.shape
+    C, J = A.shape
+    dx = torch.empty_like(x)
+    g = getattr(lib, f"lf_conv_backward_{_SUFFIX[x.dtype]}")
+    P, M, db, T = x.new_zeros(C, J), x.new_zeros(C, J), x.new_zeros(C), x.new_zeros(C)
+    g(_ptr(x), _ptr(dG), _ptr(dL), B, N, tables.K2, tables.J, C, _ptr(tables.nbr), _ptr(tables.nbm),
+      _ptr(tables.start), _ptr(tables.coef(x.dtype)), _ptr(A), _ptr(bias), _ptr(w), _ptr(cvec), _ACT[activation],
+      _ptr(dx), _ptr(P), _ptr(M), _ptr(db), _ptr(T), torch.get_num_threads())
+    return dx, P, M, db, T

@@ -1,0 +1,353 @@
+// One RK stage of the one-layer convolutional potential, fused: its drift (∇φ, the site sums of
+// a''(h) that give ∇²φ) and the backward of both, for latticeflow.potentials.conv._ConvDrift.
+//
+// The potential is φ = Σ_{c,s} w_c a(h_{c,s}) with h_c(s) = b_c + Σ_j A_cj z_j(s) and the
+// patches z_j(s) = Σ_{d: row[d] = j} coef[d] x(nbr[s, d]) (nbr[s, d] = s + d − p on the torus,
+// d running over the k² kernel offsets; J = k² without D4 symmetry, the number of D4 orbits of
+// offsets with it). The eager implementation computes the same quantities with planes of
+// C·N·B numbers, one pass over memory per elementwise operation; here every sample's planes
+// are made one lattice site at a time, for a block of V samples held in the vector lanes, so
+// that nothing of size C·N·B is ever stored: the backward recomputes h from x instead of
+// saving it. Only the (J, N, V) planes of the adjoint convolution are kept per block.
+//
+// Activations (act): 0 softplus (base σ(h)), 1 ln cosh (base tanh h), 2 tanh (base tanh h);
+// d1 = a', d2 = a'', d3 = a''' as in latticeflow.potentials.activations. exp is IEEE (no
+// -ffast-math); the simd declarations below let gcc call glibc's vector exp (libmvec), which
+// the header declares only under -ffast-math.
+//
+// Plain C ABI over raw pointers (no torch headers: it compiles in about a second); the caller
+// (latticeflow.native) checks shapes, dtypes, contiguity and finiteness, and splits the batch
+// across threads, each call owning the blocks [b_begin, b_end) and its own accumulators.
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#ifdef LF_SIMD_EXP
+extern "C" float expf(float) __attribute__((simd("notinbranch"), nothrow, const));
+extern "C" double exp(double) __attribute__((simd("notinbranch"), nothrow, const));
+#else
+#include <cmath>
+#endif
+
+namespace {
+
+constexpr int JMAX = 81;  // k² for k = 9, the largest kernel the direct method takes
+
+// one block of samples in the lanes of a 64-byte vector (GCC vector extensions: one AVX-512
+// register, or two AVX2 registers); V = 16 float32 or 8 float64 samples
+typedef float vf32 __attribute__((vector_size(64)));
+typedef double vf64 __attribute__((vector_size(64)));
+template <typename T> struct Lanes;
+template <> struct Lanes<float> { typedef vf32 type; };
+template <> struct Lanes<double> { typedef vf64 type; };
+
+inline float exp_(float v) { return expf(v); }
+inline double exp_(double v) { return exp(v); }
+
+// (d1, d2, d3) = (a', a'', a''') of the activation at h, for the n = C·V numbers of a site
+// (one vectorised loop over the lanes of all channels; d3 may be null)
+template <typename T, int ACT>
+inline void derivatives(const T* __restrict h, T* __restrict d1, T* __restrict d2, T* __restrict d3, int n) {
+#pragma omp simd
+    for (int i = 0; i < n; ++i) {
+        T a1, a2, a3;
+        if (ACT == 0) {  // softplus: σ, σ(1 − σ), σ(1 − σ)(1 − 2σ)
+            const T s = T(1) / (T(1) + exp_(-h[i]));
+            a1 = s;
+            a2 = s * (T(1) - s);
+            a3 = a2 * (T(1) - T(2) * s);
+        } else {  // tanh h = 1 − 2 / (1 + e^{2h}) (±1 at overflow)
+            const T t = T(1) - T(2) / (T(1) + exp_(T(2) * h[i]));
+            const T u = T(1) - t * t;
+            if (ACT == 1) {  // ln cosh: tanh, 1 − tanh², −2 tanh (1 − tanh²)
+                a1 = t;
+                a2 = u;
+                a3 = T(-2) * t * u;
+            } else {  // tanh: 1 − tanh², −2 tanh (1 − tanh²), (1 − tanh²)(6 tanh² − 2)
+                a1 = u;
+                a2 = T(-2) * t * u;
+                a3 = u * (T(6) * t * t - T(2));
+            }
+        }
+        d1[i] = a1;
+        d2[i] = a2;
+        if (d3) d3[i] = a3;
+    }
+}
+
+// the stencil: the offsets d grouped by patch plane (start[j] .. start[j+1] − 1 feed plane j)
+struct Geometry {
+    int B, N, K2, J, C;
+    const int32_t* nbr;    // (N, K2): site s + d − p, d in grouped order
+    const int32_t* nbm;    // (N, K2): site s − (d − p), d in grouped order
+    const int32_t* start;  // (J + 1,)
+};
+
+// x (B, N) rows b0 .. b0 + nb − 1 into the lanes of xl (N,), lanes past nb zero
+template <typename T, typename VT>
+void load_block(const T* x, int N, int b0, int nb, VT* xl) {
+    for (int s = 0; s < N; ++s) {
+        VT a = VT{};
+        for (int v = 0; v < nb; ++v) a[v] = x[(int64_t)(b0 + v) * N + s];
+        xl[s] = a;
+    }
+}
+
+// z (J,) = the patches of site s: z_j = Σ_{d in group j} coef_d xl[s + d − p]
+template <typename T, typename VT>
+inline void patches(const Geometry& g, const T* coef, const VT* xl, int s, VT* z) {
+    const int32_t* nb = g.nbr + (int64_t)s * g.K2;
+    for (int j = 0; j < g.J; ++j) {
+        VT acc = VT{};
+        for (int d = g.start[j]; d < g.start[j + 1]; ++d) acc += coef[d] * xl[nb[d]];
+        z[j] = acc;
+    }
+}
+
+// rows b0 .. b0 + nb − 1 of out (B, N): the adjoint of patches applied to y (J, N)
+template <typename T, typename VT>
+void fold_block(const Geometry& g, const T* coef, const VT* y, int b0, int nb, T* out) {
+    const int N = g.N;
+    for (int s = 0; s < N; ++s) {
+        VT acc0 = VT{}, acc1 = VT{};
+        const int32_t* nm = g.nbm + (int64_t)s * g.K2;
+        for (int j = 0; j < g.J; ++j) {
+            const VT* yj = y + (int64_t)j * N;
+            int d = g.start[j];
+            for (; d + 1 < g.start[j + 1]; d += 2) {
+                acc0 += coef[d] * yj[nm[d]];
+                acc1 += coef[d + 1] * yj[nm[d + 1]];
+            }
+            if (d < g.start[j + 1]) acc0 += coef[d] * yj[nm[d]];
+        }
+        const VT acc = acc0 + acc1;
+        for (int v = 0; v < nb; ++v) out[(int64_t)(b0 + v) * N + s] = acc[v];
+    }
+}
+
+// h (C,) = bias + A z with A (C, J) read as At (J, C): C independent accumulations
+template <typename T, typename VT>
+inline void affine(const T* At, const T* bias, const VT* z, int J, int C, VT* h) {
+    for (int c = 0; c < C; ++c) h[c] = VT{} + bias[c];
+    for (int j = 0; j < J; ++j) {
+        const VT zj = z[j];
+        const T* a = At + (int64_t)j * C;
+        for (int c = 0; c < C; ++c) h[c] += a[c] * zj;
+    }
+}
+
+// y = Σ_c A_cj v_c for each j, A (C, J)
+template <typename T, typename VT>
+inline VT contract(const T* A, int J, int C, int j, const VT* v) {
+    VT acc0 = VT{}, acc1 = VT{};
+    int c = 0;
+    for (; c + 1 < C; c += 2) {
+        acc0 += A[(int64_t)c * J + j] * v[c];
+        acc1 += A[(int64_t)(c + 1) * J + j] * v[c + 1];
+    }
+    if (c < C) acc0 += A[(int64_t)c * J + j] * v[c];
+    return acc0 + acc1;
+}
+
+// forward: grad (B, N) = fold(Aᵀ (w⊙a'(h))), S (C, B) = Σ_s a''(h)
+template <typename T, int ACT>
+void forward(const T* x, const Geometry& g, const T* coef, const T* A, const T* bias, const T* w,
+             T* grad, T* S, int b_begin, int b_end) {
+    typedef typename Lanes<T>::type VT;
+    constexpr int V = sizeof(VT) / sizeof(T);
+    const int N = g.N, J = g.J, C = g.C;
+    std::vector<VT> xl(N), y((size_t)J * N), Sv(C), h(C), d1(C), d2(C);
+    std::vector<T> Aw((size_t)C * J), At((size_t)J * C);
+    for (int c = 0; c < C; ++c)
+        for (int j = 0; j < J; ++j) {
+            Aw[c * J + j] = A[c * J + j] * w[c];
+            At[j * C + c] = A[c * J + j];
+        }
+    VT z[JMAX];
+    for (int b0 = b_begin; b0 < b_end; b0 += V) {
+        const int nb = b_end - b0 < V ? b_end - b0 : V;
+        load_block<T>(x, N, b0, nb, xl.data());
+        for (int c = 0; c < C; ++c) Sv[c] = VT{};
+        for (int s = 0; s < N; ++s) {
+            patches<T>(g, coef, xl.data(), s, z);
+            affine<T>(At.data(), bias, z, J, C, h.data());
+            derivatives<T, ACT>((const T*)h.data(), (T*)d1.data(), (T*)d2.data(), nullptr, C * V);
+            for (int c = 0; c < C; ++c) Sv[c] += d2[c];
+            for (int j = 0; j < J; ++j) y[(size_t)j * N + s] = contract<T>(Aw.data(), J, C, j, d1.data());
+        }
+        for (int c = 0; c < C; ++c)
+            for (int v = 0; v < nb; ++v) S[(int64_t)c * g.B + b0 + v] = Sv[c][v];
+        fold_block<T>(g, coef, y.data(), b0, nb, grad);
+    }
+}
+
+// Σ_s a[r][s] b[q][s] for all r < R, q < Q, added lane-summed to out (R, Q): a (R, N), b (Q, N)
+template <typename T, typename VT>
+void cross(const VT* a, const VT* b, int R, int Q, int N, T* out) {
+    for (int r = 0; r < R; ++r)
+        for (int q = 0; q < Q; ++q) {
+            const VT* ar = a + (int64_t)r * N;
+            const VT* bq = b + (int64_t)q * N;
+            VT acc0 = VT{}, acc1 = VT{}, acc2 = VT{}, acc3 = VT{};
+            int s = 0;
+            for (; s + 3 < N; s += 4) {
+                acc0 += ar[s] * bq[s];
+                acc1 += ar[s + 1] * bq[s + 1];
+                acc2 += ar[s + 2] * bq[s + 2];
+                acc3 += ar[s + 3] * bq[s + 3];
+            }
+            for (; s < N; ++s) acc0 += ar[s] * bq[s];
+            const VT acc = (acc0 + acc1) + (acc2 + acc3);
+            T sum = T(0);
+            for (int v = 0; v < (int)(sizeof(VT) / sizeof(T)); ++v) sum += acc[v];
+            out[(int64_t)r * Q + q] += sum;
+        }
+}
+
+// backward from cotangents dG (B, N) of grad and dL (B,) of lap = cvec·S (cvec = w⊙‖K‖²):
+// dx (B, N); accumulated (added to): P (C, J) = Σ dh zᵀ, M (C, J) = Σ a' ẑᵀ, db (C) = Σ dh,
+// Tc (C) = Σ_s,b a'' dL, where dh = w⊙(A ẑ)⊙a'' + (cvec ⊗ dL)⊙a''' and ẑ = patches(dG)
+template <typename T, int ACT>
+void backward(const T* x, const T* dG, const T* dL, const Geometry& g, const T* coef, const T* A, const T* bias,
+              const T* w, const T* cvec, T* dx, T* P, T* M, T* db, T* Tc, int b_begin, int b_end) {
+    typedef typename Lanes<T>::type VT;
+    constexpr int V = sizeof(VT) / sizeof(T);
+    const int N = g.N, J = g.J, C = g.C;
+    // per block: the patches of x and dG (J, N), dh and a' (C, N), the adjoint planes u (J, N)
+    std::vector<VT> xl(N), gl(N), Z((size_t)J * N), ZG((size_t)J * N), DH((size_t)C * N), D1((size_t)C * N),
+        u((size_t)J * N), h(C), ag(C), d1(C), d2(C), d3(C), dh(C), dbv(C, VT{}), Tv(C, VT{});
+    std::vector<T> At((size_t)J * C);
+    for (int c = 0; c < C; ++c)
+        for (int j = 0; j < J; ++j) At[j * C + c] = A[c * J + j];
+    const std::vector<T> zero(C, T(0));
+    VT z[JMAX], zg[JMAX];
+    for (int b0 = b_begin; b0 < b_end; b0 += V) {
+        const int nb = b_end - b0 < V ? b_end - b0 : V;
+        load_block<T>(x, N, b0, nb, xl.data());
+        load_block<T>(dG, N, b0, nb, gl.data());
+        VT dl = VT{};
+        for (int v = 0; v < nb; ++v) dl[v] = dL[b0 + v];
+        for (int s = 0; s < N; ++s) {
+            patches<T>(g, coef, xl.data(), s, z);
+            patches<T>(g, coef, gl.data(), s, zg);
+            affine<T>(At.data(), bias, z, J, C, h.data());
+            affine<T>(At.data(), zero.data(), zg, J, C, ag.data());
+            derivatives<T, ACT>((const T*)h.data(), (T*)d1.data(), (T*)d2.data(), (T*)d3.data(), C * V);
+            for (int c = 0; c < C; ++c) {
+                const VT e = w[c] * ag[c] * d2[c] + cvec[c] * dl * d3[c];
+                dh[c] = e;
+                dbv[c] += e;
+                Tv[c] += d2[c] * dl;
+                DH[(size_t)c * N + s] = e;
+                D1[(size_t)c * N + s] = d1[c];
+            }
+            for (int j = 0; j < J; ++j) {
+                Z[(size_t)j * N + s] = z[j];
+                ZG[(size_t)j * N + s] = zg[j];
+                u[(size_t)j * N + s] = contract<T>(A, J, C, j, dh.data());
+            }
+        }
+        cross<T>(DH.data(), Z.data(), C, J, N, P);
+        cross<T>(D1.data(), ZG.data(), C, J, N, M);
+        fold_block<T>(g, coef, u.data(), b0, nb, dx);
+    }
+    for (int c = 0; c < C; ++c)
+        for (int v = 0; v < V; ++v) {
+            db[c] += dbv[c][v];
+            Tc[c] += Tv[c][v];
+        }
+}
+
+// the blocks of V samples in [0, B), split into nt contiguous runs: run t is [begin, end)
+inline void run_of(int B, int V, int nt, int t, int& begin, int& end) {
+    const int64_t blocks = (B + V - 1) / V;
+    begin = (int)std::min<int64_t>(B, blocks * t / nt * V);
+    end = (int)std::min<int64_t>(B, blocks * (t + 1) / nt * V);
+}
+
+template <typename T>
+void forward_all(const T* x, const Geometry& g, const T* coef, const T* A, const T* bias, const T* w, int act,
+                 T* grad, T* S, int nt) {
+    constexpr int V = sizeof(typename Lanes<T>::type) / sizeof(T);
+#pragma omp parallel num_threads(nt)
+    {
+        int t = 0, n = 1;
+#ifdef _OPENMP
+        t = omp_get_thread_num();
+        n = omp_get_num_threads();
+#endif
+        int begin, end;
+        run_of(g.B, V, n, t, begin, end);
+        if (end > begin) {
+            if (act == 0) forward<T, 0>(x, g, coef, A, bias, w, grad, S, begin, end);
+            else if (act == 1) forward<T, 1>(x, g, coef, A, bias, w, grad, S, begin, end);
+            else forward<T, 2>(x, g, coef, A, bias, w, grad, S, begin, end);
+        }
+    }
+}
+
+// the parameter sums (P, M, db, Tc) of each thread are kept apart and added in thread order
+// afterwards, so that a result depends on the thread count but not on the threads' timing
+template <typename T>
+void backward_all(const T* x, const T* dG, const T* dL, const Geometry& g, const T* coef, const T* A,
+                  const T* bias, const T* w, const T* cvec, int act, T* dx, T* P, T* M, T* db, T* Tc, int nt) {
+    constexpr int V = sizeof(typename Lanes<T>::type) / sizeof(T);
+    const size_t CJ = (size_t)g.C * g.J, size = 2 * CJ + 2 * (size_t)g.C;
+    std::vector<T> parts((size_t)nt * size, T(0));
+    int used = 1;
+#pragma omp parallel num_threads(nt)
+    {
+        int t = 0, n = 1;
+#ifdef _OPENMP
+        t = omp_get_thread_num();
+        n = omp_get_num_threads();
+#endif
+#pragma omp single
+        used = n;
+        int begin, end;
+        run_of(g.B, V, n, t, begin, end);
+        T* mine = parts.data() + (size_t)t * size;
+        if (end > begin) {
+            T *p = mine, *m = mine + CJ, *b = mine + 2 * CJ, *c = b + g.C;
+            if (act == 0) backward<T, 0>(x, dG, dL, g, coef, A, bias, w, cvec, dx, p, m, b, c, begin, end);
+            else if (act == 1) backward<T, 1>(x, dG, dL, g, coef, A, bias, w, cvec, dx, p, m, b, c, begin, end);
+            else backward<T, 2>(x, dG, dL, g, coef, A, bias, w, cvec, dx, p, m, b, c, begin, end);
+        }
+    }
+    for (int t = 0; t < used; ++t) {
+        const T* mine = parts.data() + (size_t)t * size;
+        for (size_t i = 0; i < CJ; ++i) {
+            P[i] += mine[i];
+            M[i] += mine[CJ + i];
+        }
+        for (int c = 0; c < g.C; ++c) {
+            db[c] += mine[2 * CJ + c];
+            Tc[c] += mine[2 * CJ + g.C + c];
+        }
+    }
+}
+
+}  // namespace
+
+#define LF_EXPORT(T, SUFFIX)                                                                                       \
+    extern "C" void lf_conv_forward_##SUFFIX(const T* x, int B, int N, int K2, int J, int C, const int32_t* nbr,  \
+                                             const int32_t* nbm, const int32_t* start, const T* coef, const T* A,  \
+                                             const T* bias, const T* w, int act, T* grad, T* S, int nt) {          \
+        forward_all<T>(x, Geometry{B, N, K2, J, C, nbr, nbm, start}, coef, A, bias, w, act, grad, S, nt);          \
+    }                                                                                                              \
+    extern "C" void lf_conv_backward_##SUFFIX(const T* x, const T* dG, const T* dL, int B, int N, int K2, int J,  \
+                                              int C, const int32_t* nbr, const int32_t* nbm, const int32_t* start, \
+                                              const T* coef, const T* A, const T* bias, const T* w, const T* cvec, \
+                                              int act, T* dx, T* P, T* M, T* db, T* Tc, int nt) {                  \
+        backward_all<T>(x, dG, dL, Geometry{B, N, K2, J, C, nbr, nbm, start}, coef, A, bias, w, cvec, act, dx, P, \
+                        M, db, Tc, nt);                                                                            \
+    }
+
+LF_EXPORT(float, f32)
+LF_EXPORT(double, f64)
+
+extern "C" int lf_conv_max_offsets() { return JMAX; }

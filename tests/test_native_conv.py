@@ -1,0 +1,181 @@
+"""The compiled conv stage (latticeflow.native) against the eager one, float64 and float32.
+
+The kernel computes the one-layer conv potential's (∇φ, ∇²φ) and their backward one lattice
+site at a time for blocks of samples; every output and every gradient must equal the eager
+implementation's (_ConvDrift, itself tested against FFTs and autograd in test_potentials_conv)
+to rounding, for every activation, with and without D4 kernels and a bias, for batches that
+do not fill the last block, at 1 and 2 threads. Skipped where no C++ compiler can build it.
+"""
+
+import pytest
+import torch
+
+from latticeflow import native
+from latticeflow.potentials import ConvPotential
+from latticeflow.potentials.conv import _ConvDrift, _ConvDriftNative, _d4_kernel_basis, _Stencil
+
+from potential_helpers import randomize
+
+
+@pytest.fixture
+def kernel():
+    if native.load() is None:
+        pytest.skip(f"the conv kernel could not be built here: {native._load_error}")
+    return native
+
+
+def _inputs(L, k, d4, C, B, bias, dtype, seed=1):
+    st = _Stencil(L, k, _d4_kernel_basis(k).to(dtype) if d4 else None)
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, L * L, generator=g, dtype=dtype).requires_grad_()
+    A = (0.5 * torch.randn(C, st.J, generator=g, dtype=dtype)).requires_grad_()
+    b = (0.3 * torch.randn(C, generator=g, dtype=dtype)).requires_grad_() if bias else None
+    w = (0.3 * torch.randn(C, generator=g, dtype=dtype)).requires_grad_()
+    ksq = (torch.rand(C, generator=g, dtype=dtype) + 0.5).requires_grad_()
+    dG, dL = torch.randn(B, L * L, generator=g, dtype=dtype), torch.randn(B, generator=g, dtype=dtype)
+    return st, (x, A, b, w, ksq), (dG, dL)
+
+
+def _outputs(F, st, inputs, cot, act):
+    grad, lap = F.apply(*inputs, st, act)
+    wrt = [t for t in inputs if t is not None]
+    return [grad, lap, *torch.autograd.grad((grad, lap), wrt, cot)]
+
+
+CASES = [(6, 3, False, 5, 13, True), (5, 5, True, 4, 21, False), (7, 5, True, 3, 8, True), (4, 1, False, 2, 17, False)]
+
+
+@pytest.mark.parametrize("L, k, d4, C, B, bias", CASES)
+@pytest.mark.parametrize("act", ["softplus", "lncosh", "tanh"])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_kernel_matches_eager_float64(kernel, L, k, d4, C, B, bias, act, threads, monkeypatch):
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)  # what the kernel reads
+    st, inputs, cot = _inputs(L, k, d4, C, B, bias, torch.float64)
+    for a, b in zip(_outputs(_ConvDriftNative, st, inputs, cot, act), _outputs(_ConvDrift, st, inputs, cot, act)):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("act", ["softplus", "lncosh", "tanh"])
+def test_kernel_matches_eager_float32(kernel, act):
+    # float32 at L=16, k=5, 16 channels, the default flow's stage: the two sum in different orders
+    # (and exp differs by a few ulp), so they agree to float32 rounding of sums of ~400 terms
+    st, inputs, cot = _inputs(16, 5, True, 16, 40, False, torch.float32)
+    for a, b in zip(_outputs(_ConvDriftNative, st, inputs, cot, act), _outputs(_ConvDrift, st, inputs, cot, act)):
+        torch.testing.assert_close(a, b, rtol=2e-5, atol=2e-5 * float(b.detach().abs().max()))
+
+
+def test_kernel_results_across_thread_counts(kernel, monkeypatch):
+    # the batch is split over threads and the parameter sums added in thread order: 1, 2 and 3
+    # threads give the same numbers to float64 rounding (not bitwise: the sums are grouped differently)
+    st, inputs, cot = _inputs(6, 3, True, 4, 37, True, torch.float64)
+    runs = []
+    for n in (1, 2, 3):
+        monkeypatch.setattr(torch, "get_num_threads", lambda n=n: n)
+        runs.append(_outputs(_ConvDriftNative, st, inputs, cot, "lncosh"))
+    for other in runs[1:]:
+        for a, b in zip(other, runs[0]):
+            torch.testing.assert_close(a, b, rtol=1e-13, atol=1e-13)
+
+
+def test_double_backward_through_the_kernel_is_exact(kernel):
+    # create_graph=True differentiates the recorded reference: second derivatives as eager's
+    st, inputs, cot = _inputs(5, 3, True, 3, 6, True, torch.float64)
+    seconds = []
+    for F in (_ConvDriftNative, _ConvDrift):
+        grad, lap = F.apply(*inputs, st, "tanh")
+        wrt = [t for t in inputs if t is not None]
+        first = torch.autograd.grad((grad**2).sum() + (lap**3).sum(), wrt, create_graph=True)
+        seconds.append(torch.autograd.grad((first[0] ** 2).sum() + first[1].sum(), wrt, allow_unused=True))
+    for a, b in zip(*seconds):
+        torch.testing.assert_close(a, b, rtol=1e-11, atol=1e-11)
+
+
+@pytest.mark.parametrize("td", [False, True])
+def test_potential_takes_the_kernel_and_trains_the_same(kernel, td, monkeypatch):
+    # ConvPotential.grad_and_laplacian with LATTICEFLOW_CONV_KERNEL=native and =eager: the same
+    # drift and parameter gradients (the path the flow's training runs at every RK stage)
+    torch.manual_seed(0)
+    pot = randomize(ConvPotential(6, channels=4, kernel_size=3, activation="lncosh", d4=True, z2=True,
+                                  time_dependent=td)).double()
+    x = torch.randn(11, 36, dtype=torch.float64)
+    runs = {}
+    for mode in ("native", "eager"):
+        monkeypatch.setenv("LATTICEFLOW_CONV_KERNEL", mode)
+        calls = []
+        with monkeypatch.context() as m:
+            m.setattr(_ConvDriftNative, "apply", lambda *a, _f=_ConvDriftNative.apply: calls.append(1) or _f(*a))
+            xr = x.clone().requires_grad_()
+            with pot.shared_constants():
+                g, lap = pot.grad_and_laplacian(xr, 0.3)
+            loss = (g * torch.sin(xr)).sum() + lap.square().sum()
+            runs[mode] = [g, lap, *torch.autograd.grad(loss, [xr, *pot.parameters()])]
+        assert bool(calls) == (mode == "native")
+    for a, b in zip(runs["native"], runs["eager"]):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_tables_are_a_stencil_and_its_adjoint():
+    # nbr[s, i] = s + d_i − p and nbm[s, i] = s − (d_i − p): inverse permutations of the sites
+    for L, k, d4 in ((5, 3, True), (6, 5, False), (4, 1, True)):
+        st = _Stencil(L, k, _d4_kernel_basis(k) if d4 else None)
+        t = st.tables()
+        N = L * L
+        assert t.nbr.shape == t.nbm.shape == (N, k * k)
+        sites = torch.arange(N)
+        for i in range(k * k):
+            assert torch.equal(t.nbr[t.nbm[:, i].long(), i].long(), sites)
+            assert sorted(t.nbr[:, i].tolist()) == list(range(N))
+        # the grouped order covers every offset once, plane by plane
+        assert sorted(t.order) == list(range(k * k))
+        rows = st.rows if st.rows is not None else list(range(k * k))
+        for j in range(t.J):
+            assert {rows[d] for d in t.order[t.start[j]:t.start[j + 1]]} == {j}
+        # offset d = (r, q) moves site (0, 0) to (r − p, q − p) mod L
+        p = k // 2
+        for i, d in enumerate(t.order):
+            r, q = divmod(d, k)
+            assert int(t.nbr[0, i]) == ((r - p) % L) * L + (q - p) % L
+
+
+def test_kernel_mode_setting(monkeypatch):
+    monkeypatch.setenv("LATTICEFLOW_CONV_KERNEL", "eager")
+    assert native.kernel_mode() == "eager" and native.load() is None
+    assert not native.available(torch.zeros(2, 4), 9, "lncosh")
+    monkeypatch.setenv("LATTICEFLOW_CONV_KERNEL", "fast")
+    with pytest.raises(ValueError, match="LATTICEFLOW_CONV_KERNEL must be one of"):
+        native.kernel_mode()
+    monkeypatch.delenv("LATTICEFLOW_CONV_KERNEL")
+    assert native.kernel_mode() == "auto"
+
+
+def test_without_a_compiler_auto_falls_back_and_native_says_why(monkeypatch, tmp_path):
+    monkeypatch.setattr(native, "_lib", None)
+    monkeypatch.setattr(native, "_load_error", None)
+    monkeypatch.setattr(native, "_compiler", lambda: None)
+    monkeypatch.setenv("LATTICEFLOW_CACHE", str(tmp_path))
+    monkeypatch.setenv("LATTICEFLOW_CONV_KERNEL", "auto")
+    assert native.load() is None and not native.available(torch.zeros(2, 4), 9, "lncosh")
+    pot = ConvPotential(4, channels=2, kernel_size=3)
+    g, lap = pot.grad_and_laplacian(torch.randn(3, 16), 0.0)  # the eager stage
+    assert g.shape == (3, 16) and lap.shape == (3,)
+    monkeypatch.setenv("LATTICEFLOW_CONV_KERNEL", "native")
+    with pytest.raises(RuntimeError, match="no C.. compiler"):
+        native.load()
+
+
+def test_inputs_the_kernel_does_not_take():
+    # float16, 9 > 81 offsets, an unknown activation: eager (and never a call into the kernel)
+    assert not native.available(torch.zeros(2, 4, dtype=torch.float16), 9, "lncosh")
+    assert not native.available(torch.zeros(2, 4), 121, "lncosh")
+    assert not native.available(torch.zeros(2, 4), 9, "relu")
+
+
+def test_build_is_cached_and_atomic(kernel, monkeypatch, tmp_path):
+    # a fresh cache builds one library; a second build finds it instead of compiling again
+    monkeypatch.setenv("LATTICEFLOW_CACHE", str(tmp_path))
+    cxx = native._compiler()
+    first = native._build(cxx)
+    assert first.parent == tmp_path / "native" and first.exists()
+    assert [p.name for p in first.parent.iterdir()] == [first.name]  # no temporary left behind
+    mtime = first.stat().st_mtime_ns
+    assert native._build(cxx) == first and first.stat().st_mtime_ns == mtime
