@@ -56,12 +56,15 @@ def test_kernel_matches_eager_float64(kernel, L, k, d4, C, B, bias, act, threads
 
 
 @pytest.mark.parametrize("act", ["softplus", "lncosh", "tanh"])
-def test_kernel_matches_eager_float32(kernel, act):
-    # float32 at L=16, k=5, 16 channels, the default flow's stage: the two sum in different orders
-    # (and exp differs by a few ulp), so they agree to float32 rounding of sums of ~400 terms
-    st, inputs, cot = _inputs(16, 5, True, 16, 40, False, torch.float32)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_kernel_matches_eager_at_the_default_size(kernel, act, dtype):
+    # L=16, k=5 with D4 kernels, 16 channels: the default flow's stage, which (with ln cosh) has
+    # its own compiled instantiation. In float32 the two sum in different orders (and exp differs
+    # by a few ulp), so they agree to float32 rounding of sums of ~10⁴ terms
+    st, inputs, cot = _inputs(16, 5, True, 16, 40, False, dtype)
+    tol = 2e-5 if dtype == torch.float32 else 1e-12
     for a, b in zip(_outputs(_ConvDriftNative, st, inputs, cot, act), _outputs(_ConvDrift, st, inputs, cot, act)):
-        torch.testing.assert_close(a, b, rtol=2e-5, atol=2e-5 * float(b.detach().abs().max()))
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol * float(b.detach().abs().max()))
 
 
 def test_kernel_results_across_thread_counts(kernel, monkeypatch):
@@ -140,7 +143,7 @@ def test_tables_are_a_stencil_and_its_adjoint():
 def test_kernel_mode_setting(monkeypatch):
     monkeypatch.setenv("LATTICEFLOW_CONV_KERNEL", "eager")
     assert native.kernel_mode() == "eager" and native.load() is None
-    assert not native.available(torch.zeros(2, 4), 9, "lncosh")
+    assert not native.available(torch.zeros(2, 4), 9, "lncosh", 4)
     monkeypatch.setenv("LATTICEFLOW_CONV_KERNEL", "fast")
     with pytest.raises(ValueError, match="LATTICEFLOW_CONV_KERNEL must be one of"):
         native.kernel_mode()
@@ -154,7 +157,7 @@ def test_without_a_compiler_auto_falls_back_and_native_says_why(monkeypatch, tmp
     monkeypatch.setattr(native, "_compiler", lambda: None)
     monkeypatch.setenv("LATTICEFLOW_CACHE", str(tmp_path))
     monkeypatch.setenv("LATTICEFLOW_CONV_KERNEL", "auto")
-    assert native.load() is None and not native.available(torch.zeros(2, 4), 9, "lncosh")
+    assert native.load() is None and not native.available(torch.zeros(2, 4), 9, "lncosh", 4)
     pot = ConvPotential(4, channels=2, kernel_size=3)
     g, lap = pot.grad_and_laplacian(torch.randn(3, 16), 0.0)  # the eager stage
     assert g.shape == (3, 16) and lap.shape == (3,)
@@ -164,10 +167,11 @@ def test_without_a_compiler_auto_falls_back_and_native_says_why(monkeypatch, tmp
 
 
 def test_inputs_the_kernel_does_not_take():
-    # float16, 9 > 81 offsets, an unknown activation: eager (and never a call into the kernel)
-    assert not native.available(torch.zeros(2, 4, dtype=torch.float16), 9, "lncosh")
-    assert not native.available(torch.zeros(2, 4), 121, "lncosh")
-    assert not native.available(torch.zeros(2, 4), 9, "relu")
+    # float16, 121 > 81 offsets, 65 > 64 channels, an unknown activation: eager
+    assert not native.available(torch.zeros(2, 4, dtype=torch.float16), 9, "lncosh", 4)
+    assert not native.available(torch.zeros(2, 4), 121, "lncosh", 4)
+    assert not native.available(torch.zeros(2, 4), 9, "lncosh", 65)
+    assert not native.available(torch.zeros(2, 4), 9, "relu", 4)
 
 
 def test_build_is_cached_and_atomic(kernel, monkeypatch, tmp_path):

@@ -118,7 +118,9 @@ def _declare(lib: ctypes.CDLL) -> None:
         g.argtypes = [p, p, p, i, i, i, i, i, p, p, p, p, p, p, p, p, i, p, p, p, p, p, i]
         g.restype = None
     lib.lf_conv_max_offsets.restype = i
-
+    lib.lf_conv_max_channels.restype = i
+    if (lib.lf_conv_max_offsets(), lib.lf_conv_max_channels()) != (MAX_OFFSETS, MAX_CHANNELS):
+        raise RuntimeError("conv_stage.cpp's limits differ from latticeflow.native's")
 
 def load() -> ctypes.CDLL | None:
     """The compiled kernel library, compiling it on first use; None when it cannot be built (the
@@ -142,10 +144,15 @@ def load() -> ctypes.CDLL | None:
     return _lib
 
 
-def available(x: Tensor, k2: int, activation: str) -> bool:
+#: the kernel's limits (conv_stage.cpp: JMAX, CMAX)
+MAX_OFFSETS, MAX_CHANNELS = 81, 64
+
+
+def available(x: Tensor, k2: int, activation: str, channels: int) -> bool:
     """Whether the compiled stage takes this input: a CPU tensor of float32/float64, at most
-    81 kernel offsets (k <= 9), an activation it knows, and the library loaded."""
-    if x.device.type != "cpu" or x.dtype not in _SUFFIX or activation not in _ACT or k2 > 81:
+    81 kernel offsets (k <= 9) and 64 channels, an activation it knows, and the library loaded."""
+    if (x.device.type != "cpu" or x.dtype not in _SUFFIX or activation not in _ACT or k2 > MAX_OFFSETS
+            or channels > MAX_CHANNELS):
         return False
     return load() is not None
 

@@ -36,6 +36,10 @@ extern "C" double exp(double) __attribute__((simd("notinbranch"), nothrow, const
 namespace {
 
 constexpr int JMAX = 81;  // k² for k = 9, the largest kernel the direct method takes
+constexpr int CMAX = 64;  // the most channels the kernel takes
+// the default flow's conv part (ln cosh, 16 channels, 5×5 D4 kernels: J = 6 planes) gets its own
+// instantiation with J and C known at compile time (loops unrolled, the per-site sums in registers)
+constexpr int JDEF = 6, CDEF = 16;
 
 // one block of samples in the lanes of a 64-byte vector (GCC vector extensions: one AVX-512
 // register, or two AVX2 registers); V = 16 float32 or 8 float64 samples
@@ -99,9 +103,9 @@ void load_block(const T* x, int N, int b0, int nb, VT* xl) {
 
 // z (J,) = the patches of site s: z_j = Σ_{d in group j} coef_d xl[s + d − p]
 template <typename T, typename VT>
-inline void patches(const Geometry& g, const T* coef, const VT* xl, int s, VT* z) {
+inline void patches(const Geometry& g, const T* coef, const VT* xl, int s, VT* z, int J) {
     const int32_t* nb = g.nbr + (int64_t)s * g.K2;
-    for (int j = 0; j < g.J; ++j) {
+    for (int j = 0; j < J; ++j) {
         VT acc = VT{};
         for (int d = g.start[j]; d < g.start[j + 1]; ++d) acc += coef[d] * xl[nb[d]];
         z[j] = acc;
@@ -153,14 +157,16 @@ inline VT contract(const T* A, int J, int C, int j, const VT* v) {
     return acc0 + acc1;
 }
 
-// forward: grad (B, N) = fold(Aᵀ (w⊙a'(h))), S (C, B) = Σ_s a''(h)
-template <typename T, int ACT>
+// forward: grad (B, N) = fold(Aᵀ (w⊙a'(h))), S (C, B) = Σ_s a''(h); JT, CT: J and C when known at
+// compile time (0: read from g)
+template <typename T, int ACT, int JT, int CT>
 void forward(const T* x, const Geometry& g, const T* coef, const T* A, const T* bias, const T* w,
              T* grad, T* S, int b_begin, int b_end) {
     typedef typename Lanes<T>::type VT;
     constexpr int V = sizeof(VT) / sizeof(T);
-    const int N = g.N, J = g.J, C = g.C;
-    std::vector<VT> xl(N), y((size_t)J * N), Sv(C), h(C), d1(C), d2(C);
+    const int N = g.N, J = JT ? JT : g.J, C = CT ? CT : g.C;
+    std::vector<VT> xl(N), y((size_t)J * N), Sv(C);
+    VT h[CMAX], d1[CMAX], d2[CMAX];
     std::vector<T> Aw((size_t)C * J), At((size_t)J * C);
     for (int c = 0; c < C; ++c)
         for (int j = 0; j < J; ++j) {
@@ -173,11 +179,11 @@ void forward(const T* x, const Geometry& g, const T* coef, const T* A, const T* 
         load_block<T>(x, N, b0, nb, xl.data());
         for (int c = 0; c < C; ++c) Sv[c] = VT{};
         for (int s = 0; s < N; ++s) {
-            patches<T>(g, coef, xl.data(), s, z);
-            affine<T>(At.data(), bias, z, J, C, h.data());
-            derivatives<T, ACT>((const T*)h.data(), (T*)d1.data(), (T*)d2.data(), nullptr, C * V);
+            patches<T>(g, coef, xl.data(), s, z, J);
+            affine<T>(At.data(), bias, z, J, C, h);
+            derivatives<T, ACT>((const T*)h, (T*)d1, (T*)d2, nullptr, C * V);
             for (int c = 0; c < C; ++c) Sv[c] += d2[c];
-            for (int j = 0; j < J; ++j) y[(size_t)j * N + s] = contract<T>(Aw.data(), J, C, j, d1.data());
+            for (int j = 0; j < J; ++j) y[(size_t)j * N + s] = contract<T>(Aw.data(), J, C, j, d1);
         }
         for (int c = 0; c < C; ++c)
             for (int v = 0; v < nb; ++v) S[(int64_t)c * g.B + b0 + v] = Sv[c][v];
@@ -185,41 +191,74 @@ void forward(const T* x, const Geometry& g, const T* coef, const T* A, const T* 
     }
 }
 
-// Σ_s a[r][s] b[q][s] for all r < R, q < Q, added lane-summed to out (R, Q): a (R, N), b (Q, N)
+// Σ_s a[r][s] b[q][s] for all r < R, q < Q, added lane-summed to out (R, Q): a (R, N), b (Q, N);
+// tiles of 2 rows × 3 columns keep 6 sums in registers (5 loads per 6 multiply-adds)
+template <typename T, typename VT>
+inline T lane_sum(VT v) {
+    T sum = T(0);
+    for (int i = 0; i < (int)(sizeof(VT) / sizeof(T)); ++i) sum += v[i];
+    return sum;
+}
+
 template <typename T, typename VT>
 void cross(const VT* a, const VT* b, int R, int Q, int N, T* out) {
-    for (int r = 0; r < R; ++r)
-        for (int q = 0; q < Q; ++q) {
-            const VT* ar = a + (int64_t)r * N;
-            const VT* bq = b + (int64_t)q * N;
-            VT acc0 = VT{}, acc1 = VT{}, acc2 = VT{}, acc3 = VT{};
-            int s = 0;
-            for (; s + 3 < N; s += 4) {
-                acc0 += ar[s] * bq[s];
-                acc1 += ar[s + 1] * bq[s + 1];
-                acc2 += ar[s + 2] * bq[s + 2];
-                acc3 += ar[s + 3] * bq[s + 3];
+    int r = 0;
+    for (; r + 1 < R; r += 2) {
+        const VT *a0 = a + (int64_t)r * N, *a1 = a0 + N;
+        int q = 0;
+        for (; q + 2 < Q; q += 3) {
+            const VT *b0 = b + (int64_t)q * N, *b1 = b0 + N, *b2 = b1 + N;
+            VT s00 = VT{}, s01 = VT{}, s02 = VT{}, s10 = VT{}, s11 = VT{}, s12 = VT{};
+            for (int s = 0; s < N; ++s) {
+                const VT x0 = a0[s], x1 = a1[s], y0 = b0[s], y1 = b1[s], y2 = b2[s];
+                s00 += x0 * y0; s01 += x0 * y1; s02 += x0 * y2;
+                s10 += x1 * y0; s11 += x1 * y1; s12 += x1 * y2;
             }
-            for (; s < N; ++s) acc0 += ar[s] * bq[s];
-            const VT acc = (acc0 + acc1) + (acc2 + acc3);
-            T sum = T(0);
-            for (int v = 0; v < (int)(sizeof(VT) / sizeof(T)); ++v) sum += acc[v];
-            out[(int64_t)r * Q + q] += sum;
+            T* o0 = out + (int64_t)r * Q + q;
+            T* o1 = o0 + Q;
+            o0[0] += lane_sum<T>(s00); o0[1] += lane_sum<T>(s01); o0[2] += lane_sum<T>(s02);
+            o1[0] += lane_sum<T>(s10); o1[1] += lane_sum<T>(s11); o1[2] += lane_sum<T>(s12);
         }
+        for (; q < Q; ++q) {
+            const VT* bq = b + (int64_t)q * N;
+            VT s0 = VT{}, s1 = VT{};
+            for (int s = 0; s < N; ++s) {
+                s0 += a0[s] * bq[s];
+                s1 += a1[s] * bq[s];
+            }
+            out[(int64_t)r * Q + q] += lane_sum<T>(s0);
+            out[(int64_t)(r + 1) * Q + q] += lane_sum<T>(s1);
+        }
+    }
+    for (; r < R; ++r) {
+        const VT* ar = a + (int64_t)r * N;
+        for (int q = 0; q < Q; ++q) {
+            const VT* bq = b + (int64_t)q * N;
+            VT s0 = VT{}, s1 = VT{};
+            int s = 0;
+            for (; s + 1 < N; s += 2) {
+                s0 += ar[s] * bq[s];
+                s1 += ar[s + 1] * bq[s + 1];
+            }
+            if (s < N) s0 += ar[s] * bq[s];
+            out[(int64_t)r * Q + q] += lane_sum<T>(s0 + s1);
+        }
+    }
 }
 
 // backward from cotangents dG (B, N) of grad and dL (B,) of lap = cvec·S (cvec = w⊙‖K‖²):
 // dx (B, N); accumulated (added to): P (C, J) = Σ dh zᵀ, M (C, J) = Σ a' ẑᵀ, db (C) = Σ dh,
 // Tc (C) = Σ_s,b a'' dL, where dh = w⊙(A ẑ)⊙a'' + (cvec ⊗ dL)⊙a''' and ẑ = patches(dG)
-template <typename T, int ACT>
+template <typename T, int ACT, int JT, int CT>
 void backward(const T* x, const T* dG, const T* dL, const Geometry& g, const T* coef, const T* A, const T* bias,
               const T* w, const T* cvec, T* dx, T* P, T* M, T* db, T* Tc, int b_begin, int b_end) {
     typedef typename Lanes<T>::type VT;
     constexpr int V = sizeof(VT) / sizeof(T);
-    const int N = g.N, J = g.J, C = g.C;
+    const int N = g.N, J = JT ? JT : g.J, C = CT ? CT : g.C;
     // per block: the patches of x and dG (J, N), dh and a' (C, N), the adjoint planes u (J, N)
     std::vector<VT> xl(N), gl(N), Z((size_t)J * N), ZG((size_t)J * N), DH((size_t)C * N), D1((size_t)C * N),
-        u((size_t)J * N), h(C), ag(C), d1(C), d2(C), d3(C), dh(C), dbv(C, VT{}), Tv(C, VT{});
+        u((size_t)J * N), dbv(C, VT{}), Tv(C, VT{});
+    VT h[CMAX], ag[CMAX], d1[CMAX], d2[CMAX], d3[CMAX], dh[CMAX];
     std::vector<T> At((size_t)J * C);
     for (int c = 0; c < C; ++c)
         for (int j = 0; j < J; ++j) At[j * C + c] = A[c * J + j];
@@ -232,11 +271,11 @@ void backward(const T* x, const T* dG, const T* dL, const Geometry& g, const T* 
         VT dl = VT{};
         for (int v = 0; v < nb; ++v) dl[v] = dL[b0 + v];
         for (int s = 0; s < N; ++s) {
-            patches<T>(g, coef, xl.data(), s, z);
-            patches<T>(g, coef, gl.data(), s, zg);
-            affine<T>(At.data(), bias, z, J, C, h.data());
-            affine<T>(At.data(), zero.data(), zg, J, C, ag.data());
-            derivatives<T, ACT>((const T*)h.data(), (T*)d1.data(), (T*)d2.data(), (T*)d3.data(), C * V);
+            patches<T>(g, coef, xl.data(), s, z, J);
+            patches<T>(g, coef, gl.data(), s, zg, J);
+            affine<T>(At.data(), bias, z, J, C, h);
+            affine<T>(At.data(), zero.data(), zg, J, C, ag);
+            derivatives<T, ACT>((const T*)h, (T*)d1, (T*)d2, (T*)d3, C * V);
             for (int c = 0; c < C; ++c) {
                 const VT e = w[c] * ag[c] * d2[c] + cvec[c] * dl * d3[c];
                 dh[c] = e;
@@ -248,7 +287,7 @@ void backward(const T* x, const T* dG, const T* dL, const Geometry& g, const T* 
             for (int j = 0; j < J; ++j) {
                 Z[(size_t)j * N + s] = z[j];
                 ZG[(size_t)j * N + s] = zg[j];
-                u[(size_t)j * N + s] = contract<T>(A, J, C, j, dh.data());
+                u[(size_t)j * N + s] = contract<T>(A, J, C, j, dh);
             }
         }
         cross<T>(DH.data(), Z.data(), C, J, N, P);
@@ -283,9 +322,10 @@ void forward_all(const T* x, const Geometry& g, const T* coef, const T* A, const
         int begin, end;
         run_of(g.B, V, n, t, begin, end);
         if (end > begin) {
-            if (act == 0) forward<T, 0>(x, g, coef, A, bias, w, grad, S, begin, end);
-            else if (act == 1) forward<T, 1>(x, g, coef, A, bias, w, grad, S, begin, end);
-            else forward<T, 2>(x, g, coef, A, bias, w, grad, S, begin, end);
+            if (act == 0) forward<T, 0, 0, 0>(x, g, coef, A, bias, w, grad, S, begin, end);
+            else if (act == 1 && g.J == JDEF && g.C == CDEF) forward<T, 1, JDEF, CDEF>(x, g, coef, A, bias, w, grad, S, begin, end);
+            else if (act == 1) forward<T, 1, 0, 0>(x, g, coef, A, bias, w, grad, S, begin, end);
+            else forward<T, 2, 0, 0>(x, g, coef, A, bias, w, grad, S, begin, end);
         }
     }
 }
@@ -313,9 +353,10 @@ void backward_all(const T* x, const T* dG, const T* dL, const Geometry& g, const
         T* mine = parts.data() + (size_t)t * size;
         if (end > begin) {
             T *p = mine, *m = mine + CJ, *b = mine + 2 * CJ, *c = b + g.C;
-            if (act == 0) backward<T, 0>(x, dG, dL, g, coef, A, bias, w, cvec, dx, p, m, b, c, begin, end);
-            else if (act == 1) backward<T, 1>(x, dG, dL, g, coef, A, bias, w, cvec, dx, p, m, b, c, begin, end);
-            else backward<T, 2>(x, dG, dL, g, coef, A, bias, w, cvec, dx, p, m, b, c, begin, end);
+            if (act == 0) backward<T, 0, 0, 0>(x, dG, dL, g, coef, A, bias, w, cvec, dx, p, m, b, c, begin, end);
+            else if (act == 1 && g.J == JDEF && g.C == CDEF) backward<T, 1, JDEF, CDEF>(x, dG, dL, g, coef, A, bias, w, cvec, dx, p, m, b, c, begin, end);
+            else if (act == 1) backward<T, 1, 0, 0>(x, dG, dL, g, coef, A, bias, w, cvec, dx, p, m, b, c, begin, end);
+            else backward<T, 2, 0, 0>(x, dG, dL, g, coef, A, bias, w, cvec, dx, p, m, b, c, begin, end);
         }
     }
     for (int t = 0; t < used; ++t) {
@@ -351,3 +392,4 @@ LF_EXPORT(float, f32)
 LF_EXPORT(double, f64)
 
 extern "C" int lf_conv_max_offsets() { return JMAX; }
+extern "C" int lf_conv_max_channels() { return CMAX; }

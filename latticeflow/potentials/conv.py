@@ -463,7 +463,7 @@ class ConvPotential(Potential):
         if self.layers == 1 and not value and _is_scalar_time(t):
             # the integrator's hot path: one autograd node per stage (see _ConvDrift)
             w = _readout(self.readout, self.readout_t, t)
-            drift = (_ConvDriftNative if native.available(x, stencil.k * stencil.k, self.activation)
+            drift = (_ConvDriftNative if native.available(x, stencil.k * stencil.k, self.activation, self.channels)
                      else _ConvDrift)
             grad, lap = drift.apply(x, A, self.conv_bias, w, ksq, stencil, self.activation)
             return None, grad, lap
