@@ -166,6 +166,32 @@ def test_without_a_compiler_auto_falls_back_and_native_says_why(monkeypatch, tmp
         native.load()
 
 
+def test_status_names_what_ran_without_building(monkeypatch):
+    monkeypatch.setattr(native, "_lib", None)
+    monkeypatch.setattr(native, "_load_error", None)
+    monkeypatch.setenv("LATTICEFLOW_CONV_KERNEL", "auto")
+    assert native.status() == "not loaded"
+    monkeypatch.setattr(native, "_load_error", "no C++ compiler")
+    assert native.status() == "eager (kernel unavailable: no C++ compiler)"
+    monkeypatch.setenv("LATTICEFLOW_CONV_KERNEL", "eager")
+    assert native.status() == "eager (LATTICEFLOW_CONV_KERNEL=eager)"
+
+
+@pytest.mark.parametrize("which", ["grad", "lap"])
+def test_one_output_used(kernel, which):
+    # a backward from ∇φ alone or from ∇²φ alone (the other cotangent None): as eager's
+    st, inputs, _ = _inputs(5, 3, True, 3, 9, True, torch.float64)
+    res = []
+    for F in (_ConvDriftNative, _ConvDrift):
+        grad, lap = F.apply(*inputs, st, "softplus")
+        out = (grad * grad.detach().cos()).sum() if which == "grad" else (lap**2).sum()
+        res.append(torch.autograd.grad(out, [t for t in inputs if t is not None], allow_unused=True))
+    for a, b in zip(*res):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
 def test_inputs_the_kernel_does_not_take():
     # float16, 121 > 81 offsets, 65 > 64 channels, an unknown activation: eager
     assert not native.available(torch.zeros(2, 4, dtype=torch.float16), 9, "lncosh", 4)

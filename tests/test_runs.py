@@ -296,6 +296,10 @@ def test_outputs_name_normalisations_and_resolved_values(tmp_path):
     assert {"latticeflow", "python", "git_commit", "host"} <= set(prov)
     # the tanh form the fused stages used (timed per process) and the CPU kernels torch dispatched to
     assert prov["tanh"] in ("torch", "sigmoid") and prov["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    # the conv stage the run's conv part ran on (the default flow at L=4 has one)
+    from latticeflow import native
+
+    assert prov["conv_kernel"] == native.status() and prov["conv_kernel"].startswith(("compiled (conv_stage-", "eager ("))
     # this process's peak RSS (the test process: at least the torch it imported, well under the machine)
     assert 50 < prov["peak_rss_mib"] < 1e6
     assert (out / "convergence.png").is_file() and (out / "convergence.pdf").is_file()

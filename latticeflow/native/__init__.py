@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-__all__ = ["KERNEL_MODES", "ConvTables", "available", "conv_backward", "conv_forward", "kernel_mode", "load"]
+__all__ = ["KERNEL_MODES", "ConvTables", "available", "conv_backward", "conv_forward", "kernel_mode", "load", "status"]
 
 KERNEL_MODES = ("auto", "native", "eager")
 _ENV = "LATTICEFLOW_CONV_KERNEL"
@@ -142,6 +142,18 @@ def load() -> ctypes.CDLL | None:
     if _lib is None and kernel_mode() == "native":
         raise RuntimeError(f"{_ENV}=native but the kernel is unavailable: {_load_error}")
     return _lib
+
+
+def status() -> str:
+    """What this process's CPU conv stages ran on, for a run's provenance, without building anything:
+    "compiled (FILE)", "eager (REASON)", or "not loaded" (no conv stage asked for the kernel)."""
+    if _lib is not None:
+        return f"compiled ({Path(_lib._name).name})"
+    if kernel_mode() == "eager":
+        return f"eager ({_ENV}=eager)"
+    if _load_error is not None:
+        return f"eager (kernel unavailable: {_load_error})"
+    return "not loaded"
 
 
 #: the kernel's limits (conv_stage.cpp: JMAX, CMAX)
