@@ -12,7 +12,7 @@ import torch
 
 from latticeflow import native
 from latticeflow.potentials import ConvPotential
-from latticeflow.potentials.conv import _ConvDrift, _ConvDriftNative, _d4_kernel_basis, _Stencil
+from latticeflow.potentials.conv import _ConvDrift, _ConvDriftNative, _d4_kernel_basis, _native_takes, _Stencil
 
 from potential_helpers import randomize
 
@@ -190,6 +190,18 @@ def test_one_output_used(kernel, which):
         assert (a is None) == (b is None)
         if a is not None:
             torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_parameters_of_another_dtype_never_reach_the_kernel(kernel):
+    # the kernel reads raw memory: float64 x with float32 parameters goes to the eager stage
+    st, (x, A, b, w, _), _ = _inputs(5, 3, True, 3, 4, True, torch.float64)
+    assert _native_takes(x, A, b, w, st, "lncosh")
+    assert not _native_takes(x, A.float(), b, w, st, "lncosh")
+    assert not _native_takes(x, A, b.float(), w, st, "lncosh")
+    assert not _native_takes(x, A, None, w.float(), st, "lncosh")
+    pot = ConvPotential(5, channels=3, kernel_size=3)  # float32 parameters
+    with pytest.raises(RuntimeError):  # as before the kernel existed: torch refuses the mixed matmul
+        pot.grad_and_laplacian(torch.randn(2, 25, dtype=torch.float64), 0.0)
 
 
 def test_inputs_the_kernel_does_not_take():

@@ -83,7 +83,7 @@ def _cache_dir() -> Path:
 def _build(cxx: str) -> Path:
     """Compile ``conv_stage.cpp`` into the cache (once per source, flags, compiler and CPU)."""
     source = _SOURCE.read_bytes()
-    version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout
+    version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=60).stdout
     # OpenMP (the libgomp torch has loaded, when it uses one) with glibc's vector exp, then without
     # either: the kernel is correct, only slower, in every variant
     attempts = [(["-fopenmp", "-DLF_SIMD_EXP"], ["-lmvec", "-lm"]), (["-fopenmp"], ["-lm"]), ([], ["-lm"])]
@@ -99,7 +99,7 @@ def _build(cxx: str) -> Path:
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=out_dir)
         os.close(fd)
         cmd = [cxx, *_BASE_FLAGS, *defines, str(_SOURCE), "-o", tmp, *libs]
-        done = subprocess.run(cmd, capture_output=True, text=True)
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
         if done.returncode == 0:
             os.replace(tmp, target)  # atomic: a concurrent process sees no half-written library
             return target
@@ -121,6 +121,7 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.lf_conv_max_channels.restype = i
     if (lib.lf_conv_max_offsets(), lib.lf_conv_max_channels()) != (MAX_OFFSETS, MAX_CHANNELS):
         raise RuntimeError("conv_stage.cpp's limits differ from latticeflow.native's")
+
 
 def load() -> ctypes.CDLL | None:
     """The compiled kernel library, compiling it on first use; None when it cannot be built (the

@@ -1,5 +1,5 @@
 // One RK stage of the one-layer convolutional potential, fused: its drift (∇φ, the site sums of
-// a''(h) that give ∇²φ) and the backward of both, for latticeflow.potentials.conv._ConvDrift.
+// a''(h) that give ∇²φ) and the backward of both, for latticeflow.potentials.conv._ConvDriftNative.
 //
 // The potential is φ = Σ_{c,s} w_c a(h_{c,s}) with h_c(s) = b_c + Σ_j A_cj z_j(s) and the
 // patches z_j(s) = Σ_{d: row[d] = j} coef[d] x(nbr[s, d]) (nbr[s, d] = s + d − p on the torus,
@@ -8,16 +8,18 @@
 // C·N·B numbers, one pass over memory per elementwise operation; here every sample's planes
 // are made one lattice site at a time, for a block of V samples held in the vector lanes, so
 // that nothing of size C·N·B is ever stored: the backward recomputes h from x instead of
-// saving it. Only the (J, N, V) planes of the adjoint convolution are kept per block.
+// saving it. Per block of V samples it keeps the (J, N) planes of the adjoint convolution and, in
+// the backward, the (C, N) and (J, N) planes whose products are the parameter gradients.
 //
 // Activations (act): 0 softplus (base σ(h)), 1 ln cosh (base tanh h), 2 tanh (base tanh h);
 // d1 = a', d2 = a'', d3 = a''' as in latticeflow.potentials.activations. exp is IEEE (no
 // -ffast-math); the simd declarations below let gcc call glibc's vector exp (libmvec), which
 // the header declares only under -ffast-math.
 //
-// Plain C ABI over raw pointers (no torch headers: it compiles in about a second); the caller
-// (latticeflow.native) checks shapes, dtypes, contiguity and finiteness, and splits the batch
-// across threads, each call owning the blocks [b_begin, b_end) and its own accumulators.
+// Plain C ABI over raw pointers (no torch headers: it compiles in a few seconds); the caller
+// (latticeflow.native, latticeflow.potentials.conv) passes contiguous tensors of one dtype. The
+// batch is split over nt OpenMP threads, each owning a contiguous run of blocks and its own
+// parameter sums, which are added in thread order at the end.
 #include <algorithm>
 #include <cstdint>
 #include <cstring>

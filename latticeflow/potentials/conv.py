@@ -334,6 +334,15 @@ class _ConvDriftNative(torch.autograd.Function):
                 dw if needs[3] else None, w * T if needs[4] else None, None, None)
 
 
+def _native_takes(x: Tensor, A: Tensor, b: Tensor | None, w: Tensor, stencil: _Stencil, activation: str) -> bool:
+    """Whether :class:`_ConvDriftNative` computes this stage: the kernel takes x (CPU, float32 or
+    float64, k <= 9, C <= 64, see ``native.available``) and the parameters have x's dtype and
+    device (the kernel reads raw memory: a mismatch goes to the eager stage, which raises)."""
+    if any(t is not None and (t.dtype != x.dtype or t.device != x.device) for t in (A, b, w)):
+        return False
+    return native.available(x, stencil.k * stencil.k, activation, A.shape[0])
+
+
 # ---------------------------------------------------------------------- the potential
 class ConvPotential(Potential):
     """Translation-invariant convolutional potential on the periodic L×L lattice.
@@ -463,8 +472,7 @@ class ConvPotential(Potential):
         if self.layers == 1 and not value and _is_scalar_time(t):
             # the integrator's hot path: one autograd node per stage (see _ConvDrift)
             w = _readout(self.readout, self.readout_t, t)
-            drift = (_ConvDriftNative if native.available(x, stencil.k * stencil.k, self.activation, self.channels)
-                     else _ConvDrift)
+            drift = _ConvDriftNative if _native_takes(x, A, self.conv_bias, w, stencil, self.activation) else _ConvDrift
             grad, lap = drift.apply(x, A, self.conv_bias, w, ksq, stencil, self.activation)
             return None, grad, lap
         z = _Patches.apply(x, stencil)  # (J, N·B)
