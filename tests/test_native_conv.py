@@ -210,6 +210,7 @@ def test_inputs_the_kernel_does_not_take():
     assert not native.available(torch.zeros(2, 4), 121, "lncosh", 4)
     assert not native.available(torch.zeros(2, 4), 9, "lncosh", 65)
     assert not native.available(torch.zeros(2, 4), 9, "relu", 4)
+    assert not native.available(torch.zeros(2, 4, device="meta"), 9, "lncosh", 4)  # any device but the CPU
 
 
 def test_build_is_cached_and_atomic(kernel, monkeypatch, tmp_path):
