@@ -310,22 +310,30 @@ inline void run_of(int B, int V, int nt, int t, int& begin, int& end) {
     end = (int)std::min<int64_t>(B, blocks * (t + 1) / nt * V);
 }
 
+// inside a parallel region: this thread's index (returned), the team's size and this thread's run
+inline int this_run(int B, int V, int& team, int& begin, int& end) {
+    int t = 0, n = 1;
+#ifdef _OPENMP
+    t = omp_get_thread_num();
+    n = omp_get_num_threads();
+#endif
+    run_of(B, V, n, t, begin, end);
+    team = n;
+    return t;
+}
+
 template <typename T>
 void forward_all(const T* x, const Geometry& g, const T* coef, const T* A, const T* bias, const T* w, int act,
                  T* grad, T* S, int nt) {
     constexpr int V = sizeof(typename Lanes<T>::type) / sizeof(T);
+    const bool dflt = g.J == JDEF && g.C == CDEF;
 #pragma omp parallel num_threads(nt)
     {
-        int t = 0, n = 1;
-#ifdef _OPENMP
-        t = omp_get_thread_num();
-        n = omp_get_num_threads();
-#endif
-        int begin, end;
-        run_of(g.B, V, n, t, begin, end);
+        int n, begin, end;
+        this_run(g.B, V, n, begin, end);
         if (end > begin) {
             if (act == 0) forward<T, 0, 0, 0>(x, g, coef, A, bias, w, grad, S, begin, end);
-            else if (act == 1 && g.J == JDEF && g.C == CDEF) forward<T, 1, JDEF, CDEF>(x, g, coef, A, bias, w, grad, S, begin, end);
+            else if (act == 1 && dflt) forward<T, 1, JDEF, CDEF>(x, g, coef, A, bias, w, grad, S, begin, end);
             else if (act == 1) forward<T, 1, 0, 0>(x, g, coef, A, bias, w, grad, S, begin, end);
             else forward<T, 2, 0, 0>(x, g, coef, A, bias, w, grad, S, begin, end);
         }
@@ -341,24 +349,23 @@ void backward_all(const T* x, const T* dG, const T* dL, const Geometry& g, const
     const size_t CJ = (size_t)g.C * g.J, size = 2 * CJ + 2 * (size_t)g.C;
     std::vector<T> parts((size_t)nt * size, T(0));
     int used = 1;
+    const bool dflt = g.J == JDEF && g.C == CDEF;
 #pragma omp parallel num_threads(nt)
     {
-        int t = 0, n = 1;
-#ifdef _OPENMP
-        t = omp_get_thread_num();
-        n = omp_get_num_threads();
-#endif
+        int n, begin, end;
+        const int t = this_run(g.B, V, n, begin, end);
 #pragma omp single
         used = n;
-        int begin, end;
-        run_of(g.B, V, n, t, begin, end);
         T* mine = parts.data() + (size_t)t * size;
         if (end > begin) {
             T *p = mine, *m = mine + CJ, *b = mine + 2 * CJ, *c = b + g.C;
-            if (act == 0) backward<T, 0, 0, 0>(x, dG, dL, g, coef, A, bias, w, cvec, dx, p, m, b, c, begin, end);
-            else if (act == 1 && g.J == JDEF && g.C == CDEF) backward<T, 1, JDEF, CDEF>(x, dG, dL, g, coef, A, bias, w, cvec, dx, p, m, b, c, begin, end);
-            else if (act == 1) backward<T, 1, 0, 0>(x, dG, dL, g, coef, A, bias, w, cvec, dx, p, m, b, c, begin, end);
-            else backward<T, 2, 0, 0>(x, dG, dL, g, coef, A, bias, w, cvec, dx, p, m, b, c, begin, end);
+#define LF_BACKWARD(ACT, JT, CT) \
+    backward<T, ACT, JT, CT>(x, dG, dL, g, coef, A, bias, w, cvec, dx, p, m, b, c, begin, end)
+            if (act == 0) LF_BACKWARD(0, 0, 0);
+            else if (act == 1 && dflt) LF_BACKWARD(1, JDEF, CDEF);
+            else if (act == 1) LF_BACKWARD(1, 0, 0);
+            else LF_BACKWARD(2, 0, 0);
+#undef LF_BACKWARD
         }
     }
     for (int t = 0; t < used; ++t) {
