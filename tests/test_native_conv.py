@@ -222,3 +222,17 @@ def test_build_is_cached_and_atomic(kernel, monkeypatch, tmp_path):
     assert [p.name for p in first.parent.iterdir()] == [first.name]  # no temporary left behind
     mtime = first.stat().st_mtime_ns
     assert native._build(cxx) == first and first.stat().st_mtime_ns == mtime
+
+
+def test_source_compiles_without_warnings(kernel, tmp_path):
+    # the library's flags with every warning an error (-Wall -Wextra): a warning about a loop bound
+    # or an uninitialised lane is a bug report from the compiler
+    import subprocess
+
+    cxx = native._compiler()
+    cmd = [cxx, *native._BASE_FLAGS, "-fopenmp", "-DLF_SIMD_EXP", "-Wall", "-Wextra", "-Werror",
+           str(native._SOURCE), "-o", str(tmp_path / "k.so"), "-lmvec", "-lm"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    if done.returncode != 0 and "mvec" in done.stderr:
+        pytest.skip("no libmvec here")
+    assert done.returncode == 0, done.stderr[-2000:]

@@ -202,8 +202,10 @@ inline T lane_sum(VT v) {
     return sum;
 }
 
+// (neither inlined nor cloned: its loops over sites need no constant sizes, and specialised to the
+// compile-time instantiation's sizes gcc 12 warns about its remainder loop, which then never runs)
 template <typename T, typename VT>
-void cross(const VT* a, const VT* b, int R, int Q, int N, T* out) {
+__attribute__((noinline, noclone)) void cross(const VT* a, const VT* b, int R, int Q, int N, T* out) {
     int r = 0;
     for (; r + 1 < R; r += 2) {
         const VT *a0 = a + (int64_t)r * N, *a1 = a0 + N;
