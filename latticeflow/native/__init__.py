@@ -127,8 +127,11 @@ def load() -> ctypes.CDLL | None:
     """The compiled kernel library, compiling it on first use; None when it cannot be built (the
     reason is kept for ``LATTICEFLOW_CONV_KERNEL=native``'s error) or the mode is "eager"."""
     global _lib, _load_error
-    if kernel_mode() == "eager":
+    mode = kernel_mode()
+    if mode == "eager":
         return None
+    if _lib is not None:  # every RK stage asks: no lock once loaded
+        return _lib
     with _lock:
         if _lib is None and _load_error is None:
             cxx = _compiler()
@@ -140,7 +143,7 @@ def load() -> ctypes.CDLL | None:
                 _lib = lib
             except (OSError, RuntimeError, subprocess.SubprocessError) as e:
                 _load_error = str(e)
-    if _lib is None and kernel_mode() == "native":
+    if _lib is None and mode == "native":
         raise RuntimeError(f"{_ENV}=native but the kernel is unavailable: {_load_error}")
     return _lib
 
@@ -207,8 +210,8 @@ class ConvTables:
         return got
 
 
-def _ptr(t: Tensor | None) -> int | None:
-    return None if t is None else t.data_ptr()
+def _ptr(t: Tensor) -> int:
+    return t.data_ptr()
 
 
 def conv_forward(x: Tensor, tables: ConvTables, A: Tensor, bias: Tensor, w: Tensor, activation: str
