@@ -36,6 +36,7 @@ import sys
 import time
 from pathlib import Path
 from typing import Callable
+from unittest import mock
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -48,19 +49,11 @@ from latticeflow import native  # noqa: E402
 from latticeflow.potentials import ConvPotential, MLPPotential, Potential  # noqa: E402
 
 
-@contextlib.contextmanager
-def conv_kernel(mode: str | None):
-    """LATTICEFLOW_CONV_KERNEL set to ``mode`` inside (None: left as it is)."""
-    old = os.environ.get("LATTICEFLOW_CONV_KERNEL")
-    if mode is not None:
-        os.environ["LATTICEFLOW_CONV_KERNEL"] = mode
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop("LATTICEFLOW_CONV_KERNEL", None)
-        else:
-            os.environ["LATTICEFLOW_CONV_KERNEL"] = old
+def conv_kernel(mode: str | None) -> contextlib.AbstractContextManager:
+    """LATTICEFLOW_CONV_KERNEL set to ``mode`` inside, restored after (None: left as it is)."""
+    if mode is None:
+        return contextlib.nullcontext()
+    return mock.patch.dict(os.environ, {"LATTICEFLOW_CONV_KERNEL": mode})
 
 
 def with_kernel(run: Callable[[], None], mode: str | None) -> Callable[[], None]:
