@@ -494,6 +494,41 @@ def matmul_gflops(B: int, N: int, h: int, dtype: torch.dtype, reps: int = 50) ->
     return 2.0 * B * N * h * reps / (time.perf_counter() - t0) / 1e9
 
 
+def stage_gemm_shapes(B: int, N: int, h: int) -> list[tuple[tuple[int, int], tuple[int, int]]]:
+    """The (m×k)@(k×n) operand shapes of the matmuls in one fused MLP stage, forward and backward.
+
+    For B ≤ N (the paper configuration; ``_MLPDrift`` in latticeflow/potentials/mlp.py):
+    forward h = xWᵀ and ∇φ = (a'⊙w)W; backward ĜWᵀ, (a'⊙w)ᵀĜ, (∂/∂h)W and (∂/∂h)ᵀx. Their
+    FLOPs are the 12·B·N·h of :func:`mlp_flops` × 3 without its elementwise term.
+    """
+    return [((B, N), (N, h)), ((B, h), (h, N)),
+            ((B, N), (N, h)), ((h, B), (B, N)), ((B, h), (h, N)), ((h, B), (B, N))]
+
+
+def stage_gemm_seconds(B: int, N: int, h: int, dtype: torch.dtype = torch.float32, reps: int = 50,
+                       rounds: int = 5) -> float:
+    """Seconds of the stage's matmuls (:func:`stage_gemm_shapes`) run back to back, median of ``rounds``.
+
+    What an iteration would cost if everything but its matmuls were free: the ceiling of the
+    roofline ratio is the model FLOPs over (this time × stages × the matmul speed).
+    """
+    ops = [(torch.randn(a, dtype=dtype), torch.randn(b, dtype=dtype)) for a, b in stage_gemm_shapes(B, N, h)]
+
+    def stage() -> None:
+        for a, b in ops:
+            torch.mm(a, b)
+
+    for _ in range(5):
+        stage()
+    times = []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            stage()
+        times.append((time.perf_counter() - t0) / reps)
+    return statistics.median(times)
+
+
 UNAVAILABLE = (f"ratio against the original: unavailable (no --original given; git clone {ORIGINAL_URL} "
                "and pass --original PATH to time it side by side in this process)")
 
@@ -557,6 +592,12 @@ def main(argv: list[str] | None = None) -> None:
     print(f"  {s:.3f} s/iteration = {1 / s:.2f} it/s")
     print(f"  achieved {flops / s / 1e9:.1f} GFLOP/s (model FLOPs {flops / 1e9:.2f} GFLOP/iter); "
           f"matmul ({B}x{N})@({N}x{h}) in this run: {mm:.1f} GFLOP/s; ratio {flops / s / 1e9 / mm:.2f}")
+    gemm = 4 * steps * stage_gemm_seconds(B, N, h)
+    gemm_flops = 4 * steps * sum(2.0 * a[0] * a[1] * b[1] for a, b in stage_gemm_shapes(B, N, h))
+    print(f"  its matmuls alone, back to back (the shapes of one fused MLP stage × {4 * steps} stages): "
+          f"{gemm:.3f} s/iteration at {gemm_flops / gemm / 1e9:.1f} GFLOP/s; everything else "
+          f"{max(s - gemm, 0.0):.3f} s ({max(s - gemm, 0.0) / s:.0%} of the iteration); "
+          f"the ratio with everything else free: {flops / gemm / 1e9 / mm:.2f}")
     if orig is None:
         print(f"  {UNAVAILABLE}")
     elif isinstance(orig, str):

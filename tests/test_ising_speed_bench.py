@@ -155,3 +155,39 @@ def test_baseline_flags_build_the_driver_flow_and_need_a_commit(bench, capsys):
     ratios = bench.compare_baseline(bench.load_baseline(head), [("tiny", config, config["batch"])], L=L,
                                     rounds=1, iters=1)
     assert math.isfinite(ratios["tiny"]) and "tiny:" in capsys.readouterr().out
+
+
+def test_stage_gemm_shapes_are_the_fused_stages_matmuls(bench):
+    """The matmuls the roofline ceiling times are those one fused MLP stage really runs (B ≤ N, the
+    paper configuration), forward and backward, found by recording every aten matmul it dispatches;
+    their FLOPs are mlp_flops' 12·B·N·h per stage."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from latticeflow.potentials import MLPPotential
+
+    B, N, h = 4, 16, 8
+    seen = []
+
+    class Matmuls(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = func.overloadpacket.__name__
+            if name in ("mm", "addmm", "addmm_"):
+                a, b = args[-2], args[-1]
+                if 1 not in (a.shape[0], b.shape[1]):  # matrix-vector products are the Laplacian's O(B·h) term
+                    seen.append((tuple(a.shape), tuple(b.shape)))
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(0)
+    pot = MLPPotential(N, h, activation="lncosh", bias=False, init_scale=0.5).double()
+    x = torch.randn(B, N, dtype=torch.float64, requires_grad=True)
+    with Matmuls():
+        g, lap = pot.grad_and_laplacian(x, 0.0)
+        (g.square().sum() + lap.sum()).backward()
+    assert sorted(seen) == sorted(bench.stage_gemm_shapes(B, N, h))
+    gemm_flops = sum(2 * a[0] * a[1] * b[1] for a, b in bench.stage_gemm_shapes(B, N, h))
+    assert gemm_flops == 12 * B * N * h == 3 * bench.mlp_flops(B, N, h) - 30 * B * h
+
+
+def test_stage_gemm_seconds_is_a_positive_time(bench):
+    t = bench.stage_gemm_seconds(4, 16, 8, reps=3, rounds=3)
+    assert math.isfinite(t) and t > 0
