@@ -164,7 +164,7 @@ def append_reference(row: dict, command: str) -> Path:
     return REFERENCE_CSV
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--runs", nargs="*", default=[], choices=sorted(RUNS))
     p.add_argument("--threads", type=int, default=1)
@@ -188,7 +188,7 @@ def main() -> None:
     p.add_argument("--hmc-accept", type=float, default=0.8, help="target acceptance of the step-size adaptation")
     p.add_argument("extra", nargs=argparse.REMAINDER, help="flags after -- go to models.phi4")
     p.add_argument("--out-root", default=None, help="folder for the training runs' folders (default: a temporary one)")
-    a = p.parse_args()
+    a = p.parse_args(argv)
     global OUT_ROOT
     if a.out_root:
         OUT_ROOT = Path(a.out_root)
