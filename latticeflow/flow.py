@@ -305,6 +305,7 @@ class MongeAmpereFlow(nn.Module):
                 g, lap = p.grad_and_laplacian(y, t, token)
                 return g, -lap  # eqs. 2-3: (∇φ, −∇²φ)
 
+            drift.rk4_step = p.rk4_step(token)  # type: ignore[attr-defined]  # the fused step, if any (ode.py)
             return drift
 
         def step_drift(k: int, t: float) -> ode.Drift | ode.FramedDrift:

@@ -202,13 +202,22 @@ def _check_state(x: object, logp: object) -> None:
         raise ValueError(f"x must have shape (B, N) and logp shape (B,), got {tuple(x.shape)} and {tuple(logp.shape)}")
 
 
+def _solver_step(f: Drift, t: float, x: Tensor, logp: Tensor, dt: float, solver: Solver) -> tuple[Tensor, Tensor]:
+    """``solver.step``, or the drift's fused RK4 step (an ``rk4_step(t, x, logp, dt)`` attribute, e.g.
+    the compiled small-lattice step of latticeflow.native.step) when the solver is RK4 and that step
+    takes this state (it answers None when not)."""
+    fused = getattr(f, "rk4_step", None) if type(solver) is RK4 else None
+    out = fused(t, x, logp, dt) if fused is not None else None
+    return solver.step(f, t, x, logp, dt) if out is None else out
+
+
 def _plain_step(f: Drift, t: float, x: Tensor, logp: Tensor, dt: float, solver: Solver) -> tuple[Tensor, Tensor]:
-    return solver.step(f, t, x, logp, dt)
+    return _solver_step(f, t, x, logp, dt, solver)
 
 
 def _framed_step(fd: FramedDrift, t: float, x: Tensor, logp: Tensor, dt: float,
                  solver: Solver) -> tuple[Tensor, Tensor]:
-    y, logp = solver.step(fd.drift, t, fd.into(x), logp, dt)
+    y, logp = _solver_step(fd.drift, t, fd.into(x), logp, dt, solver)
     return fd.out_of(y), logp
 
 

@@ -242,6 +242,7 @@ def provenance(device: Any = None) -> dict[str, Any]:
     from . import __version__
     from . import distributed as dist
     from . import native
+    from .native import step as native_step
     from .potentials.activations import tanh_via_sigmoid
 
     # the form of tanh the fused stages used (timed per process unless LATTICEFLOW_TANH fixes it):
@@ -252,6 +253,8 @@ def provenance(device: Any = None) -> dict[str, Any]:
             "cpu_capability": torch.backends.cpu.get_cpu_capability(), "tanh": tanh_form,
             # the conv stage's implementation (latticeflow.native): results differ by rounding between them
             "conv_kernel": native.status(),
+            # the small-lattice RK4 step's (latticeflow.native.step): likewise
+            "step_kernel": native_step.status(),
             "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
             "threads": torch.get_num_threads(), "processes": dist.world_size(),
             "device": str(device) if device is not None else "cpu", "git_commit": _IMPORTED_COMMIT,

@@ -300,6 +300,11 @@ def test_outputs_name_normalisations_and_resolved_values(tmp_path):
     from latticeflow import native
 
     assert prov["conv_kernel"] == native.status() and prov["conv_kernel"].startswith(("compiled (conv_stage-", "eager ("))
+    # and the small-lattice RK4 step's (not loaded when no step asked for it: this flow has a conv part)
+    from latticeflow.native import step as native_step
+
+    assert prov["step_kernel"] == native_step.status()
+    assert prov["step_kernel"].startswith(("compiled (mlp_step-", "eager (", "not loaded"))
     # this process's peak RSS (the test process: at least the torch it imported, well under the machine)
     assert 50 < prov["peak_rss_mib"] < 1e6
     assert (out / "convergence.png").is_file() and (out / "convergence.pdf").is_file()

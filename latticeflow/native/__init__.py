@@ -1,4 +1,5 @@
-"""Compiled CPU kernels: the fused RK stage of the one-layer convolutional potential.
+"""Compiled CPU kernels: the fused RK stage of the one-layer convolutional potential (here), and the
+fused RK4 step of the small-lattice MLP + quadratic drift (:mod:`latticeflow.native.step`).
 
 The eager direct convolution (``latticeflow.potentials.conv``) makes every elementwise step of
 a stage a pass over C·N·B numbers (16·256·256 floats, 4 MB, at L=16 with the default batch), and
@@ -32,6 +33,7 @@ import subprocess
 import tempfile
 import threading
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import Tensor
@@ -80,17 +82,18 @@ def _cache_dir() -> Path:
     return Path(root) / "native"
 
 
-def _build(cxx: str) -> Path:
-    """Compile ``conv_stage.cpp`` into the cache (once per source, flags, compiler and CPU)."""
-    source = _SOURCE.read_bytes()
+def _build(cxx: str, path: Path = _SOURCE, flags: tuple[str, ...] = ()) -> Path:
+    """Compile ``path`` (``conv_stage.cpp`` by default) with ``flags`` besides the common ones into a
+    shared library in the cache, once per source, flags, compiler and CPU."""
+    source = path.read_bytes()
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=60).stdout
     # OpenMP (the libgomp torch has loaded, when it uses one) with glibc's vector exp, then without
     # either: the kernel is correct, only slower, in every variant
     attempts = [(["-fopenmp", "-DLF_SIMD_EXP"], ["-lmvec", "-lm"]), (["-fopenmp"], ["-lm"]), ([], ["-lm"])]
-    key = hashlib.sha256(b"\0".join([source, " ".join(_BASE_FLAGS).encode(), repr(attempts).encode(),
+    key = hashlib.sha256(b"\0".join([source, " ".join([*_BASE_FLAGS, *flags]).encode(), repr(attempts).encode(),
                                      version.encode(), _cpu_flags().encode()])).hexdigest()[:16]
     out_dir = _cache_dir()
-    target = out_dir / f"conv_stage-{key}.so"
+    target = out_dir / f"{path.stem}-{key}.so"
     if target.exists():
         return target
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -98,14 +101,28 @@ def _build(cxx: str) -> Path:
     for defines, libs in attempts:
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=out_dir)
         os.close(fd)
-        cmd = [cxx, *_BASE_FLAGS, *defines, str(_SOURCE), "-o", tmp, *libs]
+        cmd = [cxx, *_BASE_FLAGS, *flags, *defines, str(path), "-o", tmp, *libs]
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
         if done.returncode == 0:
             os.replace(tmp, target)  # atomic: a concurrent process sees no half-written library
             return target
         os.unlink(tmp)
         errors.append(done.stderr.strip().splitlines()[-1:] or [f"exit {done.returncode}"])
-    raise RuntimeError(f"could not compile {_SOURCE.name}: {errors}")
+    raise RuntimeError(f"could not compile {path.name}: {errors}")
+
+
+def _open(path: Path, declare: Callable[[ctypes.CDLL], None], flags: tuple[str, ...] = ()) -> ctypes.CDLL:
+    """Build ``path`` with ``flags`` (or find it in the cache), load it and declare its functions.
+
+    Raises:
+        RuntimeError: no compiler, or it cannot compile; OSError: the library does not load.
+    """
+    cxx = _compiler()
+    if cxx is None:
+        raise RuntimeError("no C++ compiler (c++, g++ or $CXX) on PATH")
+    lib = ctypes.CDLL(str(_build(cxx, path, flags)))
+    declare(lib)
+    return lib
 
 
 def _declare(lib: ctypes.CDLL) -> None:
@@ -134,13 +151,8 @@ def load() -> ctypes.CDLL | None:
         return _lib
     with _lock:
         if _lib is None and _load_error is None:
-            cxx = _compiler()
             try:
-                if cxx is None:
-                    raise RuntimeError("no C++ compiler (c++, g++ or $CXX) on PATH")
-                lib = ctypes.CDLL(str(_build(cxx)))
-                _declare(lib)
-                _lib = lib
+                _lib = _open(_SOURCE, _declare)
             except (OSError, RuntimeError, subprocess.SubprocessError) as e:
                 _load_error = str(e)
     if _lib is None and mode == "native":

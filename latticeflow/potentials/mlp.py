@@ -15,7 +15,7 @@ Symbols: B batch, N = dim inputs, h hidden units, t time.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -137,6 +137,85 @@ def _mlp_drift_vjp(x: Tensor, W: Tensor, b: Tensor | None, w: Tensor, wsq: Tenso
     return dx, dW, db, dw, dwsq, None
 
 
+# ---------------------------------------------------------------------- fused RK4 step (small lattices)
+def _reference_rk4(y: Tensor, logp: Tensor, W: Tensor, b0: Tensor | None, b1: Tensor | None, w0: Tensor,
+                   w1: Tensor | None, A0: Tensor | None, A1: Tensor | None, activation: str, t: float,
+                   dt: float) -> tuple[Tensor, Tensor]:
+    """The step :class:`_MLPRK4Step` computes, in plain autograd ops (the double backward's graph).
+
+    The drift of φ(y) = Σ_k w_k a(W_k·y + b_k) + ½ yᵀA y with b = b0 + t b1, w = w0 + t w1,
+    A = A0 + t A1: v = yA + (a'(h)⊙w)W, ℓ = −(tr A + a''(h)·(w⊙‖W‖²)), stepped as ode.rk4_step.
+    """
+    act = ACTIVATIONS[activation]
+    wsq = W.square().sum(1)
+
+    def drift(tau: float, s: Tensor) -> tuple[Tensor, Tensor]:
+        h = s @ W.t()
+        if b0 is not None:
+            h = h + (b0 if b1 is None else b0 + tau * b1)
+        w = w0 if w1 is None else w0 + tau * w1
+        _, a1, a2 = act(h, False)
+        v = (a1 * w) @ W
+        lap = a2 @ (w * wsq)
+        if A0 is not None:
+            A = A0 if A1 is None else A0 + tau * A1
+            v = v + s @ A
+            lap = lap + torch.diagonal(A).sum()
+        return v, -lap
+
+    from ..ode import rk4_step
+
+    return rk4_step(drift, t, y, logp, dt)
+
+
+class _MLPRK4Step(torch.autograd.Function):
+    """One RK4 step of the MLP (+ quadratic) drift by the compiled kernel (latticeflow.native.step).
+
+    Forward and backward are one kernel call each; the backward recomputes the step's four stages
+    from its input y, the only tensor saved besides the parameters. A backward with
+    create_graph=True (path gradients) differentiates :func:`_reference_rk4` instead, so higher
+    derivatives stay exact.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, y: Tensor, logp: Tensor, W: Tensor, b0: Tensor | None, b1: Tensor | None, w0: Tensor,
+                w1: Tensor | None, A0: Tensor | None, A1: Tensor | None, activation: str, t: float,
+                dt: float) -> tuple[Tensor, Tensor]:
+        from ..native import step as native_step
+
+        params = [None if q is None else q.contiguous() for q in (W, b0, b1, w0, w1, A0, A1)]
+        y = y.contiguous()
+        ctx.activation, ctx.t, ctx.dt = activation, t, dt
+        ctx.absent = [q is None for q in params]
+        ctx.save_for_backward(y, logp, *[q if q is not None else y.new_empty(0) for q in params])
+        return native_step.rk4_forward(y, logp.contiguous(), *params, activation, t, dt)
+
+    @staticmethod
+    def backward(ctx: Any, gy: Tensor | None, glogp: Tensor | None) -> tuple[Tensor | None, ...]:
+        from ..native import step as native_step
+
+        y, logp, *saved = ctx.saved_tensors
+        params = [None if gone else q for q, gone in zip(saved, ctx.absent)]
+        gy = torch.zeros_like(y) if gy is None else gy.contiguous()
+        glogp = torch.zeros_like(logp) if glogp is None else glogp.contiguous()
+        needs = ctx.needs_input_grad
+        if torch.is_grad_enabled():  # create_graph=True: the same step in recorded ops
+            # through views: a nested grad with respect to W itself would also run every earlier step
+            # that used W (their paths reach W too), so each step's backward would run all before it
+            ins = [q.view_as(q) if q is not None else None for q in (y, logp, *params)]
+            inputs = [(i, q) for i, q in enumerate(ins) if q is not None and needs[i]]
+            out = _reference_rk4(*ins, ctx.activation, ctx.t, ctx.dt)
+            got = torch.autograd.grad(out, [q for _, q in inputs], (gy, glogp), create_graph=True, allow_unused=True)
+            grads: list[Tensor | None] = [None] * 9
+            for (i, q), g in zip(inputs, got):
+                grads[i] = torch.zeros_like(q) if g is None else g
+            return (*grads, None, None, None)
+        gy_in, *pgrads = native_step.rk4_backward(y, gy, glogp, *params, ctx.activation, ctx.t, ctx.dt)
+        grads = [gy_in if needs[0] else None, glogp if needs[1] else None]
+        grads += [g if needs[2 + i] else None for i, g in enumerate(pgrads)]
+        return (*grads, None, None, None)
+
+
 # ---------------------------------------------------------------------- the potential
 class MLPPotential(Potential):
     """The paper's one-hidden-layer potential φ(x) = Σ_k w_k a(W_k·x + b_k) (section 3).
@@ -192,6 +271,34 @@ class MLPPotential(Potential):
         else:
             self.readout_t = None
             self.bias_t = None
+
+    def rk4_step(self, noise: Noise, others: Sequence[Potential] = ()) -> Callable | None:
+        """The compiled RK4 step of this potential's drift (plus the quadratic parts ``others``) for
+        the integrator (:mod:`latticeflow.native.step`), or None where it does not apply: the unfused
+        path, a quadratic part it cannot take, or ``LATTICEFLOW_STEP_KERNEL=eager``. The step
+        returned answers None for a state the kernel does not take (device, dtype, size), and the
+        integrator then steps eagerly."""
+        from ..native import step as native_step
+        from .quadratic import QuadraticPotential
+
+        if not self.fused or noise is not None or self.activation not in native_step.ACTIVATIONS:
+            return None
+        if native_step.kernel_mode() == "eager":
+            return None
+        quads = list(others)
+        if len(quads) > 1 or not all(isinstance(q, QuadraticPotential) and q.dense_parts() is not None
+                                     for q in quads):
+            return None
+        quad = quads[0] if quads else None
+
+        def step(t: float, y: Tensor, logp: Tensor, dt: float) -> tuple[Tensor, Tensor] | None:
+            A0, A1 = quad.dense_parts() if quad is not None else (None, None)
+            params = [self.weight, self.bias, self.bias_t, self.readout, self.readout_t, A0, A1]
+            if not native_step.available(y, self.hidden, self.activation, params):
+                return None
+            return _MLPRK4Step.apply(y, logp, *params, self.activation, float(t), float(dt))
+
+        return step
 
     def _weight_norms(self) -> Tensor:
         """‖W_k‖², shape (h,): once per integration inside ``shared_constants``."""

@@ -197,6 +197,14 @@ class QuadraticPotential(Potential):
         """A's constant and time parts as dense (N, N) matrices, gathered from the orbit parameters."""
         return self.a[self.pair_orbits], None if self.a_t is None else self.a_t[self.pair_orbits]
 
+    def dense_parts(self) -> tuple[Tensor, Tensor | None] | None:
+        """(A0, A1) with A(t) = A0 + t A1 as dense (N, N) matrices (A1 None without time dependence),
+        once per integration inside ``shared_constants``; None unless this is a dense lattice
+        potential without a linear part (what the compiled RK4 step takes, latticeflow.native.step)."""
+        if self.orbits is None or not self.dense or self.b is not None:
+            return None
+        return self._shared("dense", self._dense_parts)
+
     def _evaluate(self, x: Tensor, t: Tensor | float, noise: Noise, value: bool) -> Evaluation:
         B, N = x.shape
         if self.orbits is None:

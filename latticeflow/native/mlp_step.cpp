@@ -1,0 +1,512 @@
+// One RK4 step of the flow's small-lattice drift, fused: the one-hidden-layer potential
+// φ(y) = Σ_k w_k a(W_k·y + b_k) plus a quadratic part ½ yᵀA y, with b, w and A linear in t,
+// for latticeflow.potentials.mlp (the integrator's step inside a symmetry frame, see
+// latticeflow.native.step). Forward: (y, ln p) at t → at t + dt, with the drift
+//
+//     v = ∇φ = yA + Σ_k w_k a'(h_k) W_k,      ℓ = −∇²φ = −(tr A + Σ_k w_k a''(h_k) ‖W_k‖²),
+//
+// h = W y + b; the stages and their combination are those of latticeflow.ode.rk4_step. Backward:
+// the cotangent of (y, ln p) at t from that at t + dt, and every parameter gradient, by
+// recomputing the step's four stages from y (nothing is saved between forward and backward).
+//
+// On small lattices (N ≤ 64 sites) the eager step is about 85 tensor operators per stage, each on
+// (B, h) or (B, N) numbers, and their dispatch, not the arithmetic, sets its cost. Here the step is
+// computed for a block of V samples held in the lanes of one 64-byte vector (GCC vector
+// extensions: 16 float32 or 8 float64 samples), parameters read as scalars.
+//
+// With u_k = W_k·v̄ and, for cotangents v̄ of v and ḡ of ℓ at one stage,
+//     e_k = w_k (a''(h_k) u_k − ḡ ‖W_k‖² a'''(h_k)):
+//     ȳ = v̄Aᵀ + Σ_k e_k W_k,     W̄_k += e_k y + w_k a'(h_k) v̄ − 2 ḡ w_k a''(h_k) W_k,
+//     b̄_k += e_k,     w̄_k += a'(h_k) u_k − ḡ ‖W_k‖² a''(h_k),     Ā += yᵀv̄ − ḡ I,
+// and each time-dependent part's gradient gets the same sums weighted by the stage's time.
+//
+// Activations (act): 0 softplus, 1 ln cosh, 2 tanh, as in latticeflow.potentials.activations; exp
+// is IEEE (no -ffast-math). Plain C ABI over raw pointers; the batch is split over nt OpenMP
+// threads, each with its own parameter sums, added in thread order at the end.
+
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#ifdef LF_SIMD_EXP
+extern "C" float expf(float) __attribute__((simd("notinbranch"), nothrow, const));
+extern "C" double exp(double) __attribute__((simd("notinbranch"), nothrow, const));
+#else
+#include <cmath>
+#endif
+
+namespace {
+
+constexpr int NMAX = 1024;  // sites
+constexpr int HMAX = 4096;  // hidden units
+
+typedef float vf32 __attribute__((vector_size(64)));
+typedef double vf64 __attribute__((vector_size(64)));
+template <typename T> struct Lanes;
+template <> struct Lanes<float> { typedef vf32 type; };
+template <> struct Lanes<double> { typedef vf64 type; };
+
+inline float exp_(float v) { return expf(v); }
+inline double exp_(double v) { return exp(v); }
+
+// (a', a'', a''') at the n numbers h (d3 may be null)
+template <typename T, int ACT>
+inline void derivatives(const T* __restrict h, T* __restrict d1, T* __restrict d2, T* __restrict d3, int n) {
+#pragma omp simd
+    for (int i = 0; i < n; ++i) {
+        T a1, a2, a3;
+        if (ACT == 0) {  // softplus: σ, σ(1 − σ), σ(1 − σ)(1 − 2σ)
+            const T s = T(1) / (T(1) + exp_(-h[i]));
+            a1 = s;
+            a2 = s * (T(1) - s);
+            a3 = a2 * (T(1) - T(2) * s);
+        } else {  // tanh h = 1 − 2 / (1 + e^{2h}) (±1 at overflow)
+            const T t = T(1) - T(2) / (T(1) + exp_(T(2) * h[i]));
+            const T u = T(1) - t * t;
+            if (ACT == 1) {  // ln cosh: tanh, 1 − tanh², −2 tanh (1 − tanh²)
+                a1 = t;
+                a2 = u;
+                a3 = T(-2) * t * u;
+            } else {  // tanh: 1 − tanh², −2 tanh (1 − tanh²), (1 − tanh²)(6 tanh² − 2)
+                a1 = u;
+                a2 = T(-2) * t * u;
+                a3 = u * (T(6) * t * t - T(2));
+            }
+        }
+        d1[i] = a1;
+        d2[i] = a2;
+        if (d3) d3[i] = a3;
+    }
+}
+
+// the parameters (null: absent; b1, w1, A1 the time-dependent parts)
+template <typename T>
+struct Params {
+    int N, H;
+    const T *W, *b0, *b1, *w0, *w1, *A0, *A1;
+};
+
+// the parameters at one stage time τ: b(τ), w(τ), A(τ), tr A(τ), and ‖W_k‖²
+template <typename T>
+struct Stage {
+    T tau;
+    std::vector<T> b, w, A;
+    T trA;
+    bool hasA;
+
+    void set(const Params<T>& p, double time) {
+        tau = T(time);
+        const int N = p.N, H = p.H;
+        b.assign(H, T(0));
+        w.assign(H, T(0));
+        for (int k = 0; k < H; ++k) {
+            if (p.b0) b[k] = p.b1 ? p.b0[k] + tau * p.b1[k] : p.b0[k];
+            w[k] = p.w1 ? p.w0[k] + tau * p.w1[k] : p.w0[k];
+        }
+        hasA = p.A0 != nullptr;
+        trA = T(0);
+        if (hasA) {
+            A.resize((size_t)N * N);
+            for (int64_t i = 0; i < (int64_t)N * N; ++i) A[i] = p.A1 ? p.A0[i] + tau * p.A1[i] : p.A0[i];
+            for (int i = 0; i < N; ++i) trA += A[(int64_t)i * N + i];
+        }
+    }
+};
+
+// out_k = init_k + W_k·s for every k (init null: 0), eight rows at a time so that eight independent
+// sums hide the multiply-add latency
+template <typename T, typename VT>
+inline void rows_dot(const T* W, int N, int H, const T* init, const VT* s, VT* out) {
+    constexpr int R = 8;
+    int k = 0;
+    for (; k + R <= H; k += R) {
+        VT acc[R];
+        for (int r = 0; r < R; ++r) acc[r] = VT{} + (init ? init[k + r] : T(0));
+        const T* Wk = W + (int64_t)k * N;
+        for (int i = 0; i < N; ++i) {
+            const VT si = s[i];
+            for (int r = 0; r < R; ++r) acc[r] += Wk[(int64_t)r * N + i] * si;
+        }
+        for (int r = 0; r < R; ++r) out[k + r] = acc[r];
+    }
+    for (; k < H; ++k) {
+        VT acc = VT{} + (init ? init[k] : T(0));
+        const T* Wk = W + (int64_t)k * N;
+        for (int i = 0; i < N; ++i) acc += Wk[i] * s[i];
+        out[k] = acc;
+    }
+}
+
+// out_j = Σ_k coef_k W_kj for every j, eight columns at a time: the sums stay in registers
+template <typename T, typename VT>
+inline void cols_dot(const T* W, int N, int H, const VT* coef, VT* out) {
+    constexpr int R = 8;
+    int j = 0;
+    for (; j + R <= N; j += R) {
+        VT acc[R];
+        for (int r = 0; r < R; ++r) acc[r] = VT{};
+        for (int k = 0; k < H; ++k) {
+            const VT ck = coef[k];
+            const T* Wk = W + (int64_t)k * N + j;
+            for (int r = 0; r < R; ++r) acc[r] += Wk[r] * ck;
+        }
+        for (int r = 0; r < R; ++r) out[j + r] = acc[r];
+    }
+    for (; j < N; ++j) {
+        VT acc = VT{};
+        for (int k = 0; k < H; ++k) acc += W[(int64_t)k * N + j] * coef[k];
+        out[j] = acc;
+    }
+}
+
+// the activation's derivatives at one stage point s: D = (a'(h), a''(h), a'''(h)) for h = W s + b(τ),
+// three runs of H lane vectors (the third only when asked); h is work space (H)
+template <typename T, int ACT, typename VT>
+inline void hidden(const Params<T>& p, const Stage<T>& st, const VT* s, VT* h, VT* D, bool third) {
+    constexpr int V = sizeof(VT) / sizeof(T);
+    const int H = p.H;
+    rows_dot(p.W, p.N, H, st.b.data(), s, h);
+    derivatives<T, ACT>((const T*)h, (T*)D, (T*)(D + H), third ? (T*)(D + 2 * H) : nullptr, H * V);
+}
+
+// the drift at a stage point s whose derivatives D are known: v = ∇φ (N lanes); returns ℓ = −∇²φ;
+// c: work space (H)
+template <typename T, typename VT>
+inline VT velocity(const Params<T>& p, const Stage<T>& st, const T* q, const VT* s, const VT* D, VT* v, VT* c) {
+    const int N = p.N, H = p.H;
+    VT lap = VT{} + st.trA;
+    for (int k = 0; k < H; ++k) {
+        c[k] = st.w[k] * D[k];
+        lap += (st.w[k] * q[k]) * D[H + k];
+    }
+    cols_dot(p.W, N, H, c, v);  // v_i = Σ_k w_k a'(h_k) W_ki
+    if (st.hasA) {
+        VT* va = c;  // c is free again: y @ A as Σ_j s_j A_j, through the same routine
+        cols_dot(st.A.data(), N, N, s, va);
+        for (int i = 0; i < N; ++i) v[i] += va[i];
+    }
+    return -lap;
+}
+
+// one thread's parameter sums, lanes kept apart until the end
+template <typename T>
+struct Sums {
+    typedef typename Lanes<T>::type VT;
+    std::vector<VT> W, R, b0, b1, w0, w1, A0, A1;
+    VT tr0{}, tr1{};
+    Sums(int N, int H, bool quad) : W((size_t)H * N), R(H), b0(H), b1(H), w0(H), w1(H),
+                                    A0(quad ? (size_t)N * N : 0), A1(quad ? (size_t)N * N : 0) {}
+};
+
+// the cotangent of the stage point s (sbar, N lanes) from those of its drift (vbar, gbar), given the
+// derivatives D at s (all three). Adds the quadratic part's sums; leaves in E, C and WB (H each) the
+// factors of the MLP's (W̄_k += E_k s + C_k v̄, b̄_k += E_k, w̄_k += WB_k), which add_block adds
+// for the block's four stages at once. u: work space (H)
+template <typename T, typename VT>
+inline void drift_vjp(const Params<T>& p, const Stage<T>& st, const T* q, const VT* s, const VT* D,
+                      const VT* vbar, VT gbar, VT* sbar, VT* u, VT* E, VT* C, VT* WB, Sums<T>& S) {
+    const int N = p.N, H = p.H;
+    const T tau = st.tau;
+    const VT *d1 = D, *d2 = D + H, *d3 = D + 2 * H;
+    rows_dot<T>(p.W, N, H, nullptr, vbar, u);  // u_k = W_k·v̄
+    for (int k = 0; k < H; ++k) {
+        const T wk_ = st.w[k];
+        const VT qg = q[k] * gbar;
+        E[k] = wk_ * (d2[k] * u[k] - qg * d3[k]);
+        C[k] = wk_ * d1[k];
+        WB[k] = d1[k] * u[k] - qg * d2[k];
+    }
+    cols_dot(p.W, N, H, E, sbar);  // s̄_j = Σ_k e_k W_kj
+    if (st.hasA) {
+        rows_dot<T>(st.A.data(), N, N, nullptr, vbar, u);  // Σ_i A_ji v̄_i (u is free again)
+        for (int j = 0; j < N; ++j) {  // Ā_ji += s_j v̄_i
+            sbar[j] += u[j];
+            const VT sj = s[j];
+            VT* gA0 = S.A0.data() + (int64_t)j * N;
+            VT* gA1 = S.A1.data() + (int64_t)j * N;
+            for (int i = 0; i < N; ++i) {
+                const VT sv = sj * vbar[i];
+                gA0[i] += sv;
+                if (p.A1) gA1[i] += tau * sv;
+            }
+        }
+        S.tr0 -= gbar;
+        if (p.A1) S.tr1 -= tau * gbar;
+    }
+}
+
+// the MLP's parameter sums of a block's four stages i (stage parameters st[i], derivatives D (12H),
+// cotangents of ℓ G[i], factors E, C, WB (4H each), stage points P and cotangents VB (4N each)):
+// W̄_kj += Σ_i (E_ik s_ij + C_ik v̄_ij), eight multiply-adds per load and store of the (H, N) lane
+// sums; b̄ += Σ_i E_i, w̄ += Σ_i WB_i (and their τ_i-weighted sums), R_k += Σ_i G_i w_ik a''_ik
+template <typename T, typename VT>
+inline void add_block(const Params<T>& p, const Stage<T>* const* st, const VT* D, const VT* G, const VT* E,
+                      const VT* C, const VT* WB, const VT* P, const VT* VB, Sums<T>& S) {
+    const int N = p.N, H = p.H;
+    for (int k = 0; k < H; ++k) {
+        const VT e0 = E[k], e1 = E[H + k], e2 = E[2 * H + k], e3 = E[3 * H + k];
+        const VT c0 = C[k], c1 = C[H + k], c2 = C[2 * H + k], c3 = C[3 * H + k];
+        VT* gW = S.W.data() + (int64_t)k * N;
+        for (int j = 0; j < N; ++j)
+            gW[j] += ((e0 * P[j] + c0 * VB[j]) + (e1 * P[N + j] + c1 * VB[N + j])) +
+                     ((e2 * P[2 * N + j] + c2 * VB[2 * N + j]) + (e3 * P[3 * N + j] + c3 * VB[3 * N + j]));
+        VT r = VT{}, b0 = VT{}, b1 = VT{}, w0 = VT{}, w1 = VT{};
+        for (int i = 0; i < 4; ++i) {
+            const VT e = E[(int64_t)i * H + k], wb = WB[(int64_t)i * H + k];
+            r += G[i] * (st[i]->w[k] * D[(int64_t)i * 3 * H + H + k]);
+            b0 += e;
+            w0 += wb;
+            b1 += st[i]->tau * e;
+            w1 += st[i]->tau * wb;
+        }
+        S.R[k] += r;
+        S.b0[k] += b0;
+        S.w0[k] += w0;
+        if (p.b1) S.b1[k] += b1;
+        if (p.w1) S.w1[k] += w1;
+    }
+}
+
+// rows r0 .. r0 + nb − 1 of x (B, N) into lanes (lanes past nb zero), and back
+template <typename T, typename VT>
+void load_rows(const T* x, int N, int r0, int nb, VT* out) {
+    for (int s = 0; s < N; ++s) {
+        VT a = VT{};
+        for (int v = 0; v < nb; ++v) a[v] = x[(int64_t)(r0 + v) * N + s];
+        out[s] = a;
+    }
+}
+template <typename T, typename VT>
+void store_rows(const VT* in, int N, int r0, int nb, T* x) {
+    for (int s = 0; s < N; ++s)
+        for (int v = 0; v < nb; ++v) x[(int64_t)(r0 + v) * N + s] = in[s][v];
+}
+
+// inside a parallel region: this thread's index and team size, and its run [begin, end) of rows
+inline int this_run(int B, int V, int& team, int& begin, int& end) {
+    int t = 0, n = 1;
+#ifdef _OPENMP
+    t = omp_get_thread_num();
+    n = omp_get_num_threads();
+#endif
+    const int64_t blocks = (B + V - 1) / V;
+    begin = (int)std::min<int64_t>(B, blocks * t / n * V);
+    end = (int)std::min<int64_t>(B, blocks * (t + 1) / n * V);
+    team = n;
+    return t;
+}
+
+template <typename T>
+void norms(const Params<T>& p, std::vector<T>& q) {
+    q.assign(p.H, T(0));
+    for (int k = 0; k < p.H; ++k)
+        for (int i = 0; i < p.N; ++i) q[k] += p.W[(int64_t)k * p.N + i] * p.W[(int64_t)k * p.N + i];
+}
+
+// the four stage points S (4N; S[0..N) = y0 on entry) of the step and the derivatives there, D (12H;
+// the third derivatives only when `third`); returns Σ_i c_i ℓ_i and leaves Σ_i c_i v_i in vsum
+// (c = 1, 2, 2, 1)
+template <typename T, int ACT, typename VT>
+inline VT stages(const Params<T>& p, const Stage<T>* st, const T* q, VT* S, VT* D, bool third, VT* h, VT* v,
+                 VT* vsum, T half, T full) {
+    const int N = p.N, H = p.H;
+    VT dl = VT{};
+    for (int i = 0; i < 4; ++i) {
+        const Stage<T>& sti = st[i == 0 ? 0 : (i == 3 ? 2 : 1)];
+        if (i > 0) {
+            const T a = i == 3 ? full : half;
+            for (int j = 0; j < N; ++j) S[(int64_t)i * N + j] = S[j] + a * v[j];
+        }
+        hidden<T, ACT>(p, sti, S + (int64_t)i * N, h, D + (int64_t)i * 3 * H, third);
+        const VT l = velocity(p, sti, q, S + (int64_t)i * N, D + (int64_t)i * 3 * H, v, h);
+        const T c = (i == 0 || i == 3) ? T(1) : T(2);
+        dl += c * l;
+        for (int j = 0; j < N; ++j) vsum[j] = i == 0 ? v[j] : vsum[j] + c * v[j];
+    }
+    return dl;
+}
+
+template <typename T, int ACT>
+void forward(const Params<T>& p, const T* y, const T* logp, int B, double t, double dt, T* y_out, T* logp_out,
+             int nt) {
+    typedef typename Lanes<T>::type VT;
+    constexpr int V = sizeof(VT) / sizeof(T);
+    const int N = p.N, H = p.H;
+    std::vector<T> q;
+    norms(p, q);
+    Stage<T> st[3];
+    st[0].set(p, t);
+    st[1].set(p, t + 0.5 * dt);
+    st[2].set(p, t + dt);
+    const T half = T(0.5 * dt), full = T(dt), sixth = T(dt / 6.0);
+#pragma omp parallel num_threads(nt)
+    {
+        int team, begin, end;
+        this_run(B, V, team, begin, end);
+        std::vector<VT> S(4 * (size_t)N), D(12 * (size_t)H), h(std::max(H, N)), v(N), vsum(N);
+        for (int r0 = begin; r0 < end; r0 += V) {
+            const int nb = std::min(V, end - r0);
+            load_rows(y, N, r0, nb, S.data());
+            const VT dl = stages<T, ACT>(p, st, q.data(), S.data(), D.data(), false, h.data(), v.data(), vsum.data(),
+                                         half, full);
+            for (int i = 0; i < N; ++i) v[i] = S[i] + sixth * vsum[i];
+            store_rows(v.data(), N, r0, nb, y_out);
+            for (int k = 0; k < nb; ++k) logp_out[r0 + k] = logp[r0 + k] + sixth * dl[k];
+        }
+    }
+}
+
+template <typename T, int ACT>
+void backward(const Params<T>& p, const T* y, const T* gy_out, const T* glogp_out, int B, double t, double dt,
+              T* gy, T* gW, T* gb0, T* gb1, T* gw0, T* gw1, T* gA0, T* gA1, int nt) {
+    typedef typename Lanes<T>::type VT;
+    constexpr int V = sizeof(VT) / sizeof(T);
+    const int N = p.N, H = p.H;
+    const bool quad = p.A0 != nullptr;
+    std::vector<T> q;
+    norms(p, q);
+    Stage<T> st[3];
+    st[0].set(p, t);
+    st[1].set(p, t + 0.5 * dt);
+    st[2].set(p, t + dt);
+    const T half = T(0.5 * dt), full = T(dt), sixth = T(dt / 6.0), third = T(dt / 3.0);
+    // per thread, the lane-summed parameter sums: W (H·N), then R, b0, b1, w0, w1 (H each), A0, A1 (N·N each),
+    // tr0, tr1
+    const int64_t width = (int64_t)H * N + 5 * (int64_t)H + (quad ? 2 * (int64_t)N * N + 2 : 0);
+    std::vector<T> per_thread;
+    int teams = 1;
+#pragma omp parallel num_threads(nt)
+    {
+        int team, begin, end;
+        const int me = this_run(B, V, team, begin, end);
+#pragma omp single
+        {
+            teams = team;
+            per_thread.assign((size_t)(team * width), T(0));
+        }  // implicit barrier
+        Sums<T> S(N, H, quad);
+        std::vector<VT> P(4 * (size_t)N), D(12 * (size_t)H), h(std::max(H, N)), v(N), vsum(N), yb(N),
+            gyo(N), VB(4 * (size_t)N), sb(N), E(4 * (size_t)H), C(4 * (size_t)H), WB(4 * (size_t)H);
+        const Stage<T>* sts[4] = {&st[0], &st[1], &st[1], &st[2]};
+        for (int r0 = begin; r0 < end; r0 += V) {
+            const int nb = std::min(V, end - r0);
+            load_rows(y, N, r0, nb, P.data());
+            load_rows(gy_out, N, r0, nb, gyo.data());
+            VT gl = VT{};
+            for (int k = 0; k < nb; ++k) gl[k] = glogp_out[r0 + k];
+            // the stage points and derivatives, made again as the forward made them (saving them instead
+            // costs more: a fresh megabyte per step to fault in)
+            stages<T, ACT>(p, st, q.data(), P.data(), D.data(), true, h.data(), v.data(), vsum.data(), half, full);
+            // y' = y + dt/6 (k1 + 2k2 + 2k3 + k4), ln p' = ln p + dt/6 (ℓ1 + 2ℓ2 + 2ℓ3 + ℓ4), (k_i, ℓ_i) at
+            // stage point i; back through stages 4, 3, 2, 1
+            const T wv[4] = {sixth, third, third, sixth};  // ∂y'/∂k_i and ∂ln p'/∂ℓ_i
+            const T ws[3] = {half, half, full};             // ∂s_{i+1}/∂k_i
+            for (int j = 0; j < N; ++j) {
+                yb[j] = gyo[j];
+                VB[3 * N + j] = sixth * gyo[j];
+            }
+            VT G[4];
+            for (int i = 3; i >= 0; --i) {
+                G[i] = wv[i] * gl;
+                drift_vjp<T>(p, *sts[i], q.data(), P.data() + (int64_t)i * N, D.data() + (int64_t)i * 3 * H,
+                             VB.data() + (int64_t)i * N, G[i], sb.data(), h.data(), E.data() + (int64_t)i * H,
+                             C.data() + (int64_t)i * H, WB.data() + (int64_t)i * H, S);
+                for (int j = 0; j < N; ++j) {
+                    yb[j] += sb[j];
+                    if (i > 0) VB[(int64_t)(i - 1) * N + j] = wv[i - 1] * gyo[j] + ws[i - 1] * sb[j];
+                }
+            }
+            add_block<T>(p, sts, D.data(), G, E.data(), C.data(), WB.data(), P.data(), VB.data(), S);
+            store_rows(yb.data(), N, r0, nb, gy);
+        }
+        T* mine = per_thread.data() + (int64_t)me * width;
+        auto lanes = [](const VT& a) {
+            T sum = T(0);
+            for (int l = 0; l < V; ++l) sum += a[l];
+            return sum;
+        };
+        for (int64_t i = 0; i < (int64_t)H * N; ++i) mine[i] = lanes(S.W[i]);
+        T* rest = mine + (int64_t)H * N;
+        for (int k = 0; k < H; ++k) {
+            rest[k] = lanes(S.R[k]);
+            rest[H + k] = lanes(S.b0[k]);
+            rest[2 * H + k] = lanes(S.b1[k]);
+            rest[3 * H + k] = lanes(S.w0[k]);
+            rest[4 * H + k] = lanes(S.w1[k]);
+        }
+        if (quad) {
+            T* a = rest + 5 * (int64_t)H;
+            for (int64_t i = 0; i < (int64_t)N * N; ++i) {
+                a[i] = lanes(S.A0[i]);
+                a[(int64_t)N * N + i] = lanes(S.A1[i]);
+            }
+            a[2 * (int64_t)N * N] = lanes(S.tr0);
+            a[2 * (int64_t)N * N + 1] = lanes(S.tr1);
+        }
+    }
+    // the threads' sums in thread order (the result depends on the thread count, not on timing)
+    std::vector<T> total(width, T(0));
+    for (int th = 0; th < teams; ++th)
+        for (int64_t i = 0; i < width; ++i) total[i] += per_thread[(size_t)(th * width + i)];
+    const T* R = total.data() + (int64_t)H * N;
+    for (int k = 0; k < H; ++k)
+        for (int i = 0; i < N; ++i)
+            gW[(int64_t)k * N + i] = total[(int64_t)k * N + i] - T(2) * R[k] * p.W[(int64_t)k * N + i];
+    for (int k = 0; k < H; ++k) {
+        if (gb0) gb0[k] = R[H + k];
+        if (gb1) gb1[k] = R[2 * H + k];
+        gw0[k] = R[3 * H + k];
+        if (gw1) gw1[k] = R[4 * H + k];
+    }
+    if (quad) {
+        const T* a = R + 5 * (int64_t)H;
+        for (int j = 0; j < N; ++j)
+            for (int i = 0; i < N; ++i) {
+                const int64_t ji = (int64_t)j * N + i;
+                gA0[ji] = a[ji] + (i == j ? a[2 * (int64_t)N * N] : T(0));
+                if (gA1) gA1[ji] = a[(int64_t)N * N + ji] + (i == j ? a[2 * (int64_t)N * N + 1] : T(0));
+            }
+    }
+}
+
+template <typename T>
+void forward_act(int act, const Params<T>& p, const T* y, const T* logp, int B, double t, double dt, T* y_out,
+                 T* logp_out, int nt) {
+    if (act == 0) forward<T, 0>(p, y, logp, B, t, dt, y_out, logp_out, nt);
+    else if (act == 1) forward<T, 1>(p, y, logp, B, t, dt, y_out, logp_out, nt);
+    else forward<T, 2>(p, y, logp, B, t, dt, y_out, logp_out, nt);
+}
+
+template <typename T>
+void backward_act(int act, const Params<T>& p, const T* y, const T* gy_out, const T* glogp_out, int B, double t,
+                  double dt, T* gy, T* gW, T* gb0, T* gb1, T* gw0, T* gw1, T* gA0, T* gA1, int nt) {
+    if (act == 0) backward<T, 0>(p, y, gy_out, glogp_out, B, t, dt, gy, gW, gb0, gb1, gw0, gw1, gA0, gA1, nt);
+    else if (act == 1) backward<T, 1>(p, y, gy_out, glogp_out, B, t, dt, gy, gW, gb0, gb1, gw0, gw1, gA0, gA1, nt);
+    else backward<T, 2>(p, y, gy_out, glogp_out, B, t, dt, gy, gW, gb0, gb1, gw0, gw1, gA0, gA1, nt);
+}
+
+}  // namespace
+
+#define LF_EXPORT(T, SUFFIX)                                                                                        \
+    extern "C" void lf_mlp_rk4_forward_##SUFFIX(const T* y, const T* logp, int B, int N, int H, const T* W,       \
+                                                const T* b0, const T* b1, const T* w0, const T* w1, const T* A0,   \
+                                                const T* A1, int act, double t, double dt, T* y_out, T* logp_out, \
+                                                int nt) {                                                          \
+        forward_act<T>(act, Params<T>{N, H, W, b0, b1, w0, w1, A0, A1}, y, logp, B, t, dt, y_out, logp_out, nt); \
+    }                                                                                                               \
+    extern "C" void lf_mlp_rk4_backward_##SUFFIX(                                                                  \
+        const T* y, const T* gy_out, const T* glogp_out, int B, int N, int H, const T* W, const T* b0, const T* b1, \
+        const T* w0, const T* w1, const T* A0, const T* A1, int act, double t, double dt, T* gy, T* gW, T* gb0,     \
+        T* gb1, T* gw0, T* gw1, T* gA0, T* gA1, int nt) {                                                          \
+        backward_act<T>(act, Params<T>{N, H, W, b0, b1, w0, w1, A0, A1}, y, gy_out, glogp_out, B, t, dt, gy, gW,  \
+                        gb0, gb1, gw0, gw1, gA0, gA1, nt);                                                         \
+    }
+
+LF_EXPORT(float, f32)
+LF_EXPORT(double, f64)
+
+extern "C" int lf_mlp_max_sites() { return NMAX; }
+extern "C" int lf_mlp_max_hidden() { return HMAX; }
