@@ -46,7 +46,9 @@ RUNS: dict[str, tuple[list[str], float, float]] = {
     # (--schedule-minutes, a little under the budget: the last epoch and the summary fit in it), so a slow day
     # or machine gives fewer epochs, never a decay cut off part way: 1e-3 at L=4 in 1 minute on 1 core, and at
     # L=16 in 30 minutes on 2 cores with the Z2 mixture of the potential without Z2 (README)
-    "l4min": (["--L", "4", "--hidden", "128", "--potential", "quadratic+mlp", "--schedule-minutes", "0.95"], 1.0, 1e-3),
+    # h=256 since the compiled RK4 step (latticeflow.native.step): more accurate per minute than h=128 there
+    # (README); without a C++ compiler the eager step pays 1.65x per epoch for the width
+    "l4min": (["--L", "4", "--hidden", "256", "--potential", "quadratic+mlp", "--schedule-minutes", "0.95"], 1.0, 1e-3),
     # batch 128: 9.77e-4 and 1.04e-3 with two seeds side by side on one core each; 8.27e-4 and 7.94e-4 with
     # --procs 2, seeds 0 and 1 one after the other (README)
     "l16mix": (["--L", "16", "--hidden", "512", "--group", "space", "--mixture", "z2", "--batch", "128",
