@@ -140,43 +140,6 @@ def test_tables_are_a_stencil_and_its_adjoint():
             assert int(t.nbr[0, i]) == ((r - p) % L) * L + (q - p) % L
 
 
-def test_kernel_mode_setting(monkeypatch):
-    monkeypatch.setenv("LATTICEFLOW_CONV_KERNEL", "eager")
-    assert native.kernel_mode() == "eager" and native.load() is None
-    assert not native.available(torch.zeros(2, 4), 9, "lncosh", 4)
-    monkeypatch.setenv("LATTICEFLOW_CONV_KERNEL", "fast")
-    with pytest.raises(ValueError, match="LATTICEFLOW_CONV_KERNEL must be one of"):
-        native.kernel_mode()
-    monkeypatch.delenv("LATTICEFLOW_CONV_KERNEL")
-    assert native.kernel_mode() == "auto"
-
-
-def test_without_a_compiler_auto_falls_back_and_native_says_why(monkeypatch, tmp_path):
-    monkeypatch.setattr(native, "_lib", None)
-    monkeypatch.setattr(native, "_load_error", None)
-    monkeypatch.setattr(native, "_compiler", lambda: None)
-    monkeypatch.setenv("LATTICEFLOW_CACHE", str(tmp_path))
-    monkeypatch.setenv("LATTICEFLOW_CONV_KERNEL", "auto")
-    assert native.load() is None and not native.available(torch.zeros(2, 4), 9, "lncosh", 4)
-    pot = ConvPotential(4, channels=2, kernel_size=3)
-    g, lap = pot.grad_and_laplacian(torch.randn(3, 16), 0.0)  # the eager stage
-    assert g.shape == (3, 16) and lap.shape == (3,)
-    monkeypatch.setenv("LATTICEFLOW_CONV_KERNEL", "native")
-    with pytest.raises(RuntimeError, match="no C.. compiler"):
-        native.load()
-
-
-def test_status_names_what_ran_without_building(monkeypatch):
-    monkeypatch.setattr(native, "_lib", None)
-    monkeypatch.setattr(native, "_load_error", None)
-    monkeypatch.setenv("LATTICEFLOW_CONV_KERNEL", "auto")
-    assert native.status() == "not loaded"
-    monkeypatch.setattr(native, "_load_error", "no C++ compiler")
-    assert native.status() == "eager (kernel unavailable: no C++ compiler)"
-    monkeypatch.setenv("LATTICEFLOW_CONV_KERNEL", "eager")
-    assert native.status() == "eager (LATTICEFLOW_CONV_KERNEL=eager)"
-
-
 @pytest.mark.parametrize("which", ["grad", "lap"])
 def test_one_output_used(kernel, which):
     # a backward from ∇φ alone or from ∇²φ alone (the other cotangent None): as eager's

@@ -198,15 +198,23 @@ def test_thread_counts_agree(kernel, monkeypatch):
             torch.testing.assert_close(a, b, rtol=1e-13, atol=1e-13)
 
 
-def test_kernel_mode_setting(monkeypatch):
-    monkeypatch.setenv("LATTICEFLOW_STEP_KERNEL", "eager")
-    assert native_step.kernel_mode() == "eager" and native_step.load() is None
-    assert MLPPotential(4, 3).rk4_step(None) is None
-    monkeypatch.setenv("LATTICEFLOW_STEP_KERNEL", "fast")
-    with pytest.raises(ValueError, match="LATTICEFLOW_STEP_KERNEL must be one of"):
-        native_step.kernel_mode()
-    monkeypatch.delenv("LATTICEFLOW_STEP_KERNEL")
-    assert native_step.kernel_mode() == "auto"
+@pytest.mark.parametrize("which", ["conv", "step"])
+def test_kernel_mode_setting(which, monkeypatch):
+    # both compiled kernels: "eager" never builds and nothing asks for the kernel; a bad value is refused
+    from latticeflow import native
+
+    mod, env = (native, "LATTICEFLOW_CONV_KERNEL") if which == "conv" else (native_step, "LATTICEFLOW_STEP_KERNEL")
+    monkeypatch.setenv(env, "eager")
+    assert mod.kernel_mode() == "eager" and mod.load() is None
+    if which == "conv":
+        assert not native.available(torch.zeros(2, 4), 9, "lncosh", 4)
+    else:
+        assert MLPPotential(4, 3).rk4_step(None) is None
+    monkeypatch.setenv(env, "fast")
+    with pytest.raises(ValueError, match=f"{env} must be one of"):
+        mod.kernel_mode()
+    monkeypatch.delenv(env)
+    assert mod.kernel_mode() == "auto"
 
 
 def test_what_the_kernel_does_not_take(kernel, monkeypatch):
@@ -244,15 +252,44 @@ def test_the_integrator_falls_back_when_the_step_declines():
     torch.testing.assert_close(x, torch.full((2, 3), (1 - 0.1 + 0.1**2 / 2) ** 5))
 
 
-def test_status_names_what_ran_without_building(monkeypatch):
-    monkeypatch.setattr(native_step, "_lib", None)
-    monkeypatch.setattr(native_step, "_load_error", None)
-    monkeypatch.setenv("LATTICEFLOW_STEP_KERNEL", "auto")
-    assert native_step.status() == "not loaded"
-    monkeypatch.setattr(native_step, "_load_error", "no C++ compiler")
-    assert native_step.status() == "eager (kernel unavailable: no C++ compiler)"
-    monkeypatch.setenv("LATTICEFLOW_STEP_KERNEL", "eager")
-    assert native_step.status() == "eager (LATTICEFLOW_STEP_KERNEL=eager)"
+@pytest.mark.parametrize("which", ["conv", "step"])
+def test_status_names_what_ran_without_building(which, monkeypatch):
+    # both compiled kernels (latticeflow.native: the conv stage; latticeflow.native.step)
+    from latticeflow import native
+
+    mod, env = (native, "LATTICEFLOW_CONV_KERNEL") if which == "conv" else (native_step, "LATTICEFLOW_STEP_KERNEL")
+    monkeypatch.setattr(mod, "_lib", None)
+    monkeypatch.setattr(mod, "_load_error", None)
+    monkeypatch.setenv(env, "auto")
+    assert mod.status() == "not loaded"
+    monkeypatch.setattr(mod, "_load_error", "no C++ compiler")
+    assert mod.status() == "eager (kernel unavailable: no C++ compiler)"
+    monkeypatch.setenv(env, "eager")
+    assert mod.status() == f"eager ({env}=eager)"
+
+
+@pytest.mark.parametrize("which", ["conv", "step"])
+def test_without_a_compiler_auto_runs_eagerly_and_native_says_why(which, monkeypatch, tmp_path):
+    from latticeflow import native
+    from latticeflow.potentials import ConvPotential
+
+    mod, env = (native, "LATTICEFLOW_CONV_KERNEL") if which == "conv" else (native_step, "LATTICEFLOW_STEP_KERNEL")
+    monkeypatch.setattr(mod, "_lib", None)
+    monkeypatch.setattr(mod, "_load_error", None)
+    monkeypatch.setattr(native, "_compiler", lambda: None)
+    monkeypatch.setenv("LATTICEFLOW_CACHE", str(tmp_path))
+    monkeypatch.setenv(env, "auto")
+    if which == "conv":  # the eager stage
+        assert not native.available(torch.zeros(2, 4), 9, "lncosh", 4)
+        g, lap = ConvPotential(4, channels=2, kernel_size=3).grad_and_laplacian(torch.randn(3, 16), 0.0)
+        assert g.shape == (3, 16) and lap.shape == (3,)
+    else:  # the eager step
+        x, _ = _flow("float32")[0].sample(5)
+        assert x.shape == (5, 16)
+    assert mod.load() is None
+    monkeypatch.setenv(env, "native")
+    with pytest.raises(RuntimeError, match="no C.. compiler"):
+        mod.load()
 
 
 def test_source_compiles_without_warnings(kernel, tmp_path):

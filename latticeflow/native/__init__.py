@@ -31,7 +31,9 @@ import platform
 import shutil
 import subprocess
 import tempfile
+import sys
 import threading
+import types
 from pathlib import Path
 from typing import Callable
 
@@ -46,6 +48,7 @@ _SOURCE = Path(__file__).with_name("conv_stage.cpp")
 _SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
 _ACT = {"softplus": 0, "lncosh": 1, "tanh": 2}
 _BASE_FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-shared", "-fPIC", "-std=c++17"]
+_FLAGS: tuple[str, ...] = ()  # this kernel's own flags (none)
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
 _load_error: str | None = None
@@ -57,9 +60,14 @@ def kernel_mode() -> str:
     Raises:
         ValueError: set to something other than :data:`KERNEL_MODES`.
     """
-    mode = os.environ.get(_ENV, "auto") or "auto"
+    return _mode_of(_ENV)
+
+
+def _mode_of(env: str) -> str:
+    """The setting ``env`` names: one of :data:`KERNEL_MODES`, "auto" when unset."""
+    mode = os.environ.get(env, "auto") or "auto"
     if mode not in KERNEL_MODES:
-        raise ValueError(f"{_ENV} must be one of {KERNEL_MODES}, got {mode!r}")
+        raise ValueError(f"{env} must be one of {KERNEL_MODES}, got {mode!r}")
     return mode
 
 
@@ -85,7 +93,8 @@ def _cache_dir() -> Path:
 def _build(cxx: str, path: Path = _SOURCE, flags: tuple[str, ...] = ()) -> Path:
     """Compile ``path`` (``conv_stage.cpp`` by default) with ``flags`` besides the common ones into a
     shared library in the cache, once per source, flags, compiler and CPU."""
-    source = path.read_bytes()
+    # the source and the headers beside it (lanes.h), which it includes
+    source = b"".join([path.read_bytes(), *(h.read_bytes() for h in sorted(path.parent.glob("*.h")))])
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=60).stdout
     # OpenMP (the libgomp torch has loaded, when it uses one) with glibc's vector exp, then without
     # either: the kernel is correct, only slower, in every variant
@@ -125,50 +134,72 @@ def _open(path: Path, declare: Callable[[ctypes.CDLL], None], flags: tuple[str, 
     return lib
 
 
+def _declare_kernel(lib: ctypes.CDLL, functions: dict[str, list], limits: dict[str, int]) -> None:
+    """Declare a kernel library's functions (each ``NAME_f32`` and ``NAME_f64`` takes ``functions[NAME]``
+    and returns nothing) and check its compiled-in limits (``int NAME()`` each) against ``limits``.
+
+    Raises:
+        RuntimeError: a limit differs (the source and its Python side out of step).
+    """
+    for suffix in _SUFFIX.values():
+        for name, argtypes in functions.items():
+            f = getattr(lib, f"{name}_{suffix}")
+            f.argtypes = argtypes
+            f.restype = None
+    for name, want in limits.items():
+        f = getattr(lib, name)
+        f.restype = ctypes.c_int
+        if f() != want:
+            raise RuntimeError(f"{Path(lib._name).name}: {name}() = {f()}, but the Python side expects {want}")
+
+
 def _declare(lib: ctypes.CDLL) -> None:
     p, i = ctypes.c_void_p, ctypes.c_int
-    for suffix in _SUFFIX.values():
-        f = getattr(lib, f"lf_conv_forward_{suffix}")
-        f.argtypes = [p, i, i, i, i, i, p, p, p, p, p, p, p, i, p, p, i]
-        f.restype = None
-        g = getattr(lib, f"lf_conv_backward_{suffix}")
-        g.argtypes = [p, p, p, i, i, i, i, i, p, p, p, p, p, p, p, p, i, p, p, p, p, p, i]
-        g.restype = None
-    lib.lf_conv_max_offsets.restype = i
-    lib.lf_conv_max_channels.restype = i
-    if (lib.lf_conv_max_offsets(), lib.lf_conv_max_channels()) != (MAX_OFFSETS, MAX_CHANNELS):
-        raise RuntimeError("conv_stage.cpp's limits differ from latticeflow.native's")
+    _declare_kernel(lib, {"lf_conv_forward": [p, i, i, i, i, i, p, p, p, p, p, p, p, i, p, p, i],
+                          "lf_conv_backward": [p, p, p, i, i, i, i, i, p, p, p, p, p, p, p, p, i, p, p, p, p, p, i]},
+                    {"lf_conv_max_offsets": MAX_OFFSETS, "lf_conv_max_channels": MAX_CHANNELS})
 
 
 def load() -> ctypes.CDLL | None:
     """The compiled kernel library, compiling it on first use; None when it cannot be built (the
     reason is kept for ``LATTICEFLOW_CONV_KERNEL=native``'s error) or the mode is "eager"."""
-    global _lib, _load_error
-    mode = kernel_mode()
+    return _load_kernel(sys.modules[__name__])
+
+
+def _load_kernel(mod: types.ModuleType) -> ctypes.CDLL | None:
+    """``load()`` of a kernel module ``mod`` (this one, or latticeflow.native.step): its library in
+    ``mod._lib`` (or the reason it could not be built in ``mod._load_error``) from ``mod._SOURCE``,
+    ``mod._declare`` and ``mod._FLAGS``, under the setting ``mod._ENV``."""
+    mode = _mode_of(mod._ENV)
     if mode == "eager":
         return None
-    if _lib is not None:  # every RK stage asks: no lock once loaded
-        return _lib
-    with _lock:
-        if _lib is None and _load_error is None:
+    if mod._lib is not None:  # every RK stage asks: no lock once loaded
+        return mod._lib
+    with mod._lock:
+        if mod._lib is None and mod._load_error is None:
             try:
-                _lib = _open(_SOURCE, _declare)
+                mod._lib = _open(mod._SOURCE, mod._declare, mod._FLAGS)
             except (OSError, RuntimeError, subprocess.SubprocessError) as e:
-                _load_error = str(e)
-    if _lib is None and mode == "native":
-        raise RuntimeError(f"{_ENV}=native but the kernel is unavailable: {_load_error}")
-    return _lib
+                mod._load_error = str(e)
+    if mod._lib is None and mode == "native":
+        raise RuntimeError(f"{mod._ENV}=native but the kernel is unavailable: {mod._load_error}")
+    return mod._lib
 
 
 def status() -> str:
     """What this process's CPU conv stages ran on, for a run's provenance, without building anything:
     "compiled (FILE)", "eager (REASON)", or "not loaded" (no conv stage asked for the kernel)."""
-    if _lib is not None:
-        return f"compiled ({Path(_lib._name).name})"
-    if kernel_mode() == "eager":
-        return f"eager ({_ENV}=eager)"
-    if _load_error is not None:
-        return f"eager (kernel unavailable: {_load_error})"
+    return _status_of(sys.modules[__name__])
+
+
+def _status_of(mod: types.ModuleType) -> str:
+    """``status()`` of a kernel module (see :func:`_load_kernel`)."""
+    if mod._lib is not None:
+        return f"compiled ({Path(mod._lib._name).name})"
+    if _mode_of(mod._ENV) == "eager":
+        return f"eager ({mod._ENV}=eager)"
+    if mod._load_error is not None:
+        return f"eager (kernel unavailable: {mod._load_error})"
     return "not loaded"
 
 

@@ -12,28 +12,16 @@
 // the backward, the (C, N) and (J, N) planes whose products are the parameter gradients.
 //
 // Activations (act): 0 softplus (base σ(h)), 1 ln cosh (base tanh h), 2 tanh (base tanh h);
-// d1 = a', d2 = a'', d3 = a''' as in latticeflow.potentials.activations. exp is IEEE (no
-// -ffast-math); the simd declarations below let gcc call glibc's vector exp (libmvec), which
-// the header declares only under -ffast-math.
+// d1 = a', d2 = a'', d3 = a''' as in latticeflow.potentials.activations (lanes.h).
 //
 // Plain C ABI over raw pointers (no torch headers: it compiles in a few seconds); the caller
 // (latticeflow.native, latticeflow.potentials.conv) passes contiguous tensors of one dtype. The
 // batch is split over nt OpenMP threads, each owning a contiguous run of blocks and its own
 // parameter sums, which are added in thread order at the end.
-#include <algorithm>
-#include <cstdint>
 #include <cstring>
 #include <vector>
-#ifdef _OPENMP
-#include <omp.h>
-#endif
 
-#ifdef LF_SIMD_EXP
-extern "C" float expf(float) __attribute__((simd("notinbranch"), nothrow, const));
-extern "C" double exp(double) __attribute__((simd("notinbranch"), nothrow, const));
-#else
-#include <cmath>
-#endif
+#include "lanes.h"
 
 namespace {
 
@@ -43,47 +31,10 @@ constexpr int CMAX = 64;  // the most channels the kernel takes
 // instantiation with J and C known at compile time (loops unrolled, the per-site sums in registers)
 constexpr int JDEF = 6, CDEF = 16;
 
-// one block of samples in the lanes of a 64-byte vector (GCC vector extensions: one AVX-512
-// register, or two AVX2 registers); V = 16 float32 or 8 float64 samples
-typedef float vf32 __attribute__((vector_size(64)));
-typedef double vf64 __attribute__((vector_size(64)));
-template <typename T> struct Lanes;
-template <> struct Lanes<float> { typedef vf32 type; };
-template <> struct Lanes<double> { typedef vf64 type; };
-
-inline float exp_(float v) { return expf(v); }
-inline double exp_(double v) { return exp(v); }
-
-// (d1, d2, d3) = (a', a'', a''') of the activation at h, for the n = C·V numbers of a site
-// (one vectorised loop over the lanes of all channels; d3 may be null)
-template <typename T, int ACT>
-inline void derivatives(const T* __restrict h, T* __restrict d1, T* __restrict d2, T* __restrict d3, int n) {
-#pragma omp simd
-    for (int i = 0; i < n; ++i) {
-        T a1, a2, a3;
-        if (ACT == 0) {  // softplus: σ, σ(1 − σ), σ(1 − σ)(1 − 2σ)
-            const T s = T(1) / (T(1) + exp_(-h[i]));
-            a1 = s;
-            a2 = s * (T(1) - s);
-            a3 = a2 * (T(1) - T(2) * s);
-        } else {  // tanh h = 1 − 2 / (1 + e^{2h}) (±1 at overflow)
-            const T t = T(1) - T(2) / (T(1) + exp_(T(2) * h[i]));
-            const T u = T(1) - t * t;
-            if (ACT == 1) {  // ln cosh: tanh, 1 − tanh², −2 tanh (1 − tanh²)
-                a1 = t;
-                a2 = u;
-                a3 = T(-2) * t * u;
-            } else {  // tanh: 1 − tanh², −2 tanh (1 − tanh²), (1 − tanh²)(6 tanh² − 2)
-                a1 = u;
-                a2 = T(-2) * t * u;
-                a3 = u * (T(6) * t * t - T(2));
-            }
-        }
-        d1[i] = a1;
-        d2[i] = a2;
-        if (d3) d3[i] = a3;
-    }
-}
+using lf::derivatives;
+using lf::Lanes;
+using lf::load_block;
+using lf::this_run;
 
 // the stencil: the offsets d grouped by patch plane (start[j] .. start[j+1] − 1 feed plane j)
 struct Geometry {
@@ -92,16 +43,6 @@ struct Geometry {
     const int32_t* nbm;    // (N, K2): site s − (d − p), d in grouped order
     const int32_t* start;  // (J + 1,)
 };
-
-// x (B, N) rows b0 .. b0 + nb − 1 into the lanes of xl (N,), lanes past nb zero
-template <typename T, typename VT>
-void load_block(const T* x, int N, int b0, int nb, VT* xl) {
-    for (int s = 0; s < N; ++s) {
-        VT a = VT{};
-        for (int v = 0; v < nb; ++v) a[v] = x[(int64_t)(b0 + v) * N + s];
-        xl[s] = a;
-    }
-}
 
 // z (J,) = the patches of site s: z_j = Σ_{d in group j} coef_d xl[s + d − p]
 template <typename T, typename VT>
@@ -303,25 +244,6 @@ void backward(const T* x, const T* dG, const T* dL, const Geometry& g, const T* 
             db[c] += dbv[c][v];
             Tc[c] += Tv[c][v];
         }
-}
-
-// the blocks of V samples in [0, B), split into nt contiguous runs: run t is [begin, end)
-inline void run_of(int B, int V, int nt, int t, int& begin, int& end) {
-    const int64_t blocks = (B + V - 1) / V;
-    begin = (int)std::min<int64_t>(B, blocks * t / nt * V);
-    end = (int)std::min<int64_t>(B, blocks * (t + 1) / nt * V);
-}
-
-// inside a parallel region: this thread's index (returned), the team's size and this thread's run
-inline int this_run(int B, int V, int& team, int& begin, int& end) {
-    int t = 0, n = 1;
-#ifdef _OPENMP
-    t = omp_get_thread_num();
-    n = omp_get_num_threads();
-#endif
-    run_of(B, V, n, t, begin, end);
-    team = n;
-    return t;
 }
 
 template <typename T>

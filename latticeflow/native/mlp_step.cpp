@@ -20,67 +20,23 @@
 //     b̄_k += e_k,     w̄_k += a'(h_k) u_k − ḡ ‖W_k‖² a''(h_k),     Ā += yᵀv̄ − ḡ I,
 // and each time-dependent part's gradient gets the same sums weighted by the stage's time.
 //
-// Activations (act): 0 softplus, 1 ln cosh, 2 tanh, as in latticeflow.potentials.activations; exp
-// is IEEE (no -ffast-math). Plain C ABI over raw pointers; the batch is split over nt OpenMP
+// Activations (act): 0 softplus, 1 ln cosh, 2 tanh, as in latticeflow.potentials.activations
+// (lanes.h). Plain C ABI over raw pointers; the batch is split over nt OpenMP
 // threads, each with its own parameter sums, added in thread order at the end.
 
-#include <algorithm>
-#include <cstdint>
 #include <vector>
-#ifdef _OPENMP
-#include <omp.h>
-#endif
 
-#ifdef LF_SIMD_EXP
-extern "C" float expf(float) __attribute__((simd("notinbranch"), nothrow, const));
-extern "C" double exp(double) __attribute__((simd("notinbranch"), nothrow, const));
-#else
-#include <cmath>
-#endif
+#include "lanes.h"
 
 namespace {
 
 constexpr int NMAX = 1024;  // sites
 constexpr int HMAX = 4096;  // hidden units
 
-typedef float vf32 __attribute__((vector_size(64)));
-typedef double vf64 __attribute__((vector_size(64)));
-template <typename T> struct Lanes;
-template <> struct Lanes<float> { typedef vf32 type; };
-template <> struct Lanes<double> { typedef vf64 type; };
-
-inline float exp_(float v) { return expf(v); }
-inline double exp_(double v) { return exp(v); }
-
-// (a', a'', a''') at the n numbers h (d3 may be null)
-template <typename T, int ACT>
-inline void derivatives(const T* __restrict h, T* __restrict d1, T* __restrict d2, T* __restrict d3, int n) {
-#pragma omp simd
-    for (int i = 0; i < n; ++i) {
-        T a1, a2, a3;
-        if (ACT == 0) {  // softplus: σ, σ(1 − σ), σ(1 − σ)(1 − 2σ)
-            const T s = T(1) / (T(1) + exp_(-h[i]));
-            a1 = s;
-            a2 = s * (T(1) - s);
-            a3 = a2 * (T(1) - T(2) * s);
-        } else {  // tanh h = 1 − 2 / (1 + e^{2h}) (±1 at overflow)
-            const T t = T(1) - T(2) / (T(1) + exp_(T(2) * h[i]));
-            const T u = T(1) - t * t;
-            if (ACT == 1) {  // ln cosh: tanh, 1 − tanh², −2 tanh (1 − tanh²)
-                a1 = t;
-                a2 = u;
-                a3 = T(-2) * t * u;
-            } else {  // tanh: 1 − tanh², −2 tanh (1 − tanh²), (1 − tanh²)(6 tanh² − 2)
-                a1 = u;
-                a2 = T(-2) * t * u;
-                a3 = u * (T(6) * t * t - T(2));
-            }
-        }
-        d1[i] = a1;
-        d2[i] = a2;
-        if (d3) d3[i] = a3;
-    }
-}
+using lf::derivatives;
+using lf::Lanes;
+using lf::load_block;
+using lf::this_run;
 
 // the parameters (null: absent; b1, w1, A1 the time-dependent parts)
 template <typename T>
@@ -270,33 +226,11 @@ inline void add_block(const Params<T>& p, const Stage<T>* const* st, const VT* D
     }
 }
 
-// rows r0 .. r0 + nb − 1 of x (B, N) into lanes (lanes past nb zero), and back
-template <typename T, typename VT>
-void load_rows(const T* x, int N, int r0, int nb, VT* out) {
-    for (int s = 0; s < N; ++s) {
-        VT a = VT{};
-        for (int v = 0; v < nb; ++v) a[v] = x[(int64_t)(r0 + v) * N + s];
-        out[s] = a;
-    }
-}
+// rows r0 .. r0 + nb − 1 of (B, N) from lanes (the inverse of load_block)
 template <typename T, typename VT>
 void store_rows(const VT* in, int N, int r0, int nb, T* x) {
     for (int s = 0; s < N; ++s)
         for (int v = 0; v < nb; ++v) x[(int64_t)(r0 + v) * N + s] = in[s][v];
-}
-
-// inside a parallel region: this thread's index and team size, and its run [begin, end) of rows
-inline int this_run(int B, int V, int& team, int& begin, int& end) {
-    int t = 0, n = 1;
-#ifdef _OPENMP
-    t = omp_get_thread_num();
-    n = omp_get_num_threads();
-#endif
-    const int64_t blocks = (B + V - 1) / V;
-    begin = (int)std::min<int64_t>(B, blocks * t / n * V);
-    end = (int)std::min<int64_t>(B, blocks * (t + 1) / n * V);
-    team = n;
-    return t;
 }
 
 template <typename T>
@@ -329,19 +263,32 @@ inline VT stages(const Params<T>& p, const Stage<T>* st, const T* q, VT* S, VT* 
     return dl;
 }
 
+// what a step's forward and backward both need: ‖W_k‖², the parameters at the stage times t,
+// t + dt/2 and t + dt, and the RK4 weights
+template <typename T>
+struct StepSetup {
+    std::vector<T> q;
+    Stage<T> st[3];
+    T half, full, sixth, third;
+    StepSetup(const Params<T>& p, double t, double dt)
+        : half(T(0.5 * dt)), full(T(dt)), sixth(T(dt / 6.0)), third(T(dt / 3.0)) {
+        norms(p, q);
+        st[0].set(p, t);
+        st[1].set(p, t + 0.5 * dt);
+        st[2].set(p, t + dt);
+    }
+};
+
 template <typename T, int ACT>
 void forward(const Params<T>& p, const T* y, const T* logp, int B, double t, double dt, T* y_out, T* logp_out,
              int nt) {
     typedef typename Lanes<T>::type VT;
     constexpr int V = sizeof(VT) / sizeof(T);
     const int N = p.N, H = p.H;
-    std::vector<T> q;
-    norms(p, q);
-    Stage<T> st[3];
-    st[0].set(p, t);
-    st[1].set(p, t + 0.5 * dt);
-    st[2].set(p, t + dt);
-    const T half = T(0.5 * dt), full = T(dt), sixth = T(dt / 6.0);
+    const StepSetup<T> ss(p, t, dt);
+    const std::vector<T>& q = ss.q;
+    const Stage<T>* st = ss.st;
+    const T half = ss.half, full = ss.full, sixth = ss.sixth;
 #pragma omp parallel num_threads(nt)
     {
         int team, begin, end;
@@ -349,7 +296,7 @@ void forward(const Params<T>& p, const T* y, const T* logp, int B, double t, dou
         std::vector<VT> S(4 * (size_t)N), D(12 * (size_t)H), h(std::max(H, N)), v(N), vsum(N);
         for (int r0 = begin; r0 < end; r0 += V) {
             const int nb = std::min(V, end - r0);
-            load_rows(y, N, r0, nb, S.data());
+            load_block(y, N, r0, nb, S.data());
             const VT dl = stages<T, ACT>(p, st, q.data(), S.data(), D.data(), false, h.data(), v.data(), vsum.data(),
                                          half, full);
             for (int i = 0; i < N; ++i) v[i] = S[i] + sixth * vsum[i];
@@ -366,13 +313,10 @@ void backward(const Params<T>& p, const T* y, const T* gy_out, const T* glogp_ou
     constexpr int V = sizeof(VT) / sizeof(T);
     const int N = p.N, H = p.H;
     const bool quad = p.A0 != nullptr;
-    std::vector<T> q;
-    norms(p, q);
-    Stage<T> st[3];
-    st[0].set(p, t);
-    st[1].set(p, t + 0.5 * dt);
-    st[2].set(p, t + dt);
-    const T half = T(0.5 * dt), full = T(dt), sixth = T(dt / 6.0), third = T(dt / 3.0);
+    const StepSetup<T> ss(p, t, dt);
+    const std::vector<T>& q = ss.q;
+    const Stage<T>* st = ss.st;
+    const T half = ss.half, full = ss.full, sixth = ss.sixth, third = ss.third;
     // per thread, the lane-summed parameter sums: W (H·N), then R, b0, b1, w0, w1 (H each), A0, A1 (N·N each),
     // tr0, tr1
     const int64_t width = (int64_t)H * N + 5 * (int64_t)H + (quad ? 2 * (int64_t)N * N + 2 : 0);
@@ -390,11 +334,11 @@ void backward(const Params<T>& p, const T* y, const T* gy_out, const T* glogp_ou
         Sums<T> S(N, H, quad);
         std::vector<VT> P(4 * (size_t)N), D(12 * (size_t)H), h(std::max(H, N)), v(N), vsum(N), yb(N),
             gyo(N), VB(4 * (size_t)N), sb(N), E(4 * (size_t)H), C(4 * (size_t)H), WB(4 * (size_t)H);
-        const Stage<T>* sts[4] = {&st[0], &st[1], &st[1], &st[2]};
+        const Stage<T>* const sts[4] = {&st[0], &st[1], &st[1], &st[2]};
         for (int r0 = begin; r0 < end; r0 += V) {
             const int nb = std::min(V, end - r0);
-            load_rows(y, N, r0, nb, P.data());
-            load_rows(gy_out, N, r0, nb, gyo.data());
+            load_block(y, N, r0, nb, P.data());
+            load_block(gy_out, N, r0, nb, gyo.data());
             VT gl = VT{};
             for (int k = 0; k < nb; ++k) gl[k] = glogp_out[r0 + k];
             // the stage points and derivatives, made again as the forward made them (saving them instead

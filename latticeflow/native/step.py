@@ -23,21 +23,19 @@ Symbols: B batch, N sites, H hidden units.
 from __future__ import annotations
 
 import ctypes
-import os
 import platform
-import subprocess
+import sys
 import threading
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from . import _open
+from . import KERNEL_MODES, _declare_kernel, _load_kernel, _mode_of, _status_of
 
 __all__ = ["AUTO_MAX_SITES", "KERNEL_MODES", "MAX_HIDDEN", "MAX_SITES", "available", "kernel_mode", "load",
            "rk4_backward", "rk4_forward", "status"]
 
-KERNEL_MODES = ("auto", "native", "eager")
 _ENV = "LATTICEFLOW_STEP_KERNEL"
 _SOURCE = Path(__file__).with_name("mlp_step.cpp")
 _SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
@@ -54,62 +52,28 @@ _load_error: str | None = None
 
 
 def kernel_mode() -> str:
-    """``LATTICEFLOW_STEP_KERNEL`` ("auto" when unset).
-
-    Raises:
-        ValueError: set to something other than :data:`KERNEL_MODES`.
-    """
-    mode = os.environ.get(_ENV, "auto") or "auto"
-    if mode not in KERNEL_MODES:
-        raise ValueError(f"{_ENV} must be one of {KERNEL_MODES}, got {mode!r}")
-    return mode
+    """``LATTICEFLOW_STEP_KERNEL``, read as :func:`latticeflow.native.kernel_mode` reads its own."""
+    return _mode_of(_ENV)
 
 
 def _declare(lib: ctypes.CDLL) -> None:
     p, i, d = ctypes.c_void_p, ctypes.c_int, ctypes.c_double
-    for suffix in _SUFFIX.values():
-        f = getattr(lib, f"lf_mlp_rk4_forward_{suffix}")
-        f.argtypes = [p, p, i, i, i, p, p, p, p, p, p, p, i, d, d, p, p, i]
-        f.restype = None
-        g = getattr(lib, f"lf_mlp_rk4_backward_{suffix}")
-        g.argtypes = [p, p, p, i, i, i, p, p, p, p, p, p, p, i, d, d, p, p, p, p, p, p, p, p, i]
-        g.restype = None
-    lib.lf_mlp_max_sites.restype = i
-    lib.lf_mlp_max_hidden.restype = i
-    if (lib.lf_mlp_max_sites(), lib.lf_mlp_max_hidden()) != (MAX_SITES, MAX_HIDDEN):
-        raise RuntimeError("mlp_step.cpp's limits differ from latticeflow.native.step's")
+    _declare_kernel(lib, {"lf_mlp_rk4_forward": [p, p, i, i, i, p, p, p, p, p, p, p, i, d, d, p, p, i],
+                          "lf_mlp_rk4_backward": [p, p, p, i, i, i, p, p, p, p, p, p, p, i, d, d, p, p, p, p, p, p, p,
+                                                  p, i]},
+                    {"lf_mlp_max_sites": MAX_SITES, "lf_mlp_max_hidden": MAX_HIDDEN})
 
 
 def load() -> ctypes.CDLL | None:
     """The compiled step library, compiling it on first use; None when it cannot be built (the
     reason is kept for ``LATTICEFLOW_STEP_KERNEL=native``'s error) or the mode is "eager"."""
-    global _lib, _load_error
-    mode = kernel_mode()
-    if mode == "eager":
-        return None
-    if _lib is not None:
-        return _lib
-    with _lock:
-        if _lib is None and _load_error is None:
-            try:
-                _lib = _open(_SOURCE, _declare, _FLAGS)
-            except (OSError, RuntimeError, subprocess.SubprocessError) as e:
-                _load_error = str(e)
-    if _lib is None and mode == "native":
-        raise RuntimeError(f"{_ENV}=native but the kernel is unavailable: {_load_error}")
-    return _lib
+    return _load_kernel(sys.modules[__name__])
 
 
 def status() -> str:
     """What this process's fused RK4 steps ran on, for a run's provenance, without building anything:
     "compiled (FILE)", "eager (REASON)", or "not loaded" (no step asked for the kernel)."""
-    if _lib is not None:
-        return f"compiled ({Path(_lib._name).name})"
-    if kernel_mode() == "eager":
-        return f"eager ({_ENV}=eager)"
-    if _load_error is not None:
-        return f"eager (kernel unavailable: {_load_error})"
-    return "not loaded"
+    return _status_of(sys.modules[__name__])
 
 
 def available(y: Tensor, hidden: int, activation: str, params: list[Tensor | None]) -> bool:
