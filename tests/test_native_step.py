@@ -168,6 +168,16 @@ def test_flow_with_the_kernel_equals_the_eager_flow(kernel, dtype, tol, monkeypa
         torch.testing.assert_close(a, b, rtol=tol, atol=tol * max(1.0, float(b.abs().max())))
 
 
+@pytest.mark.parametrize("dtype, tol", [("float64", 1e-12)])
+def test_unsymmetrised_sum_takes_the_kernel_too(kernel, dtype, tol, monkeypatch):
+    # no symmetrisation: the sum itself hands its quadratic part to the MLP's step
+    native, n_native = _flow_run("native", dtype, monkeypatch, symmetrize="none")
+    eager, n_eager = _flow_run("eager", dtype, monkeypatch, symmetrize="none")
+    assert n_native == 20 and n_eager == 0
+    for a, b in zip(native, eager):
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol * max(1.0, float(b.abs().max())))
+
+
 def test_path_gradient_with_the_kernel_equals_eager(kernel, monkeypatch):
     # the path-gradient estimator: the score by the backward integration at frozen parameters, then
     # the sampling path's backward

@@ -267,6 +267,16 @@ class SumPotential(Potential):
         into, out_of, inner, inner_noise = frame
         return into, out_of, _FramedSum([p for i, p in enumerate(self.parts) if i != k], inner), inner_noise
 
+    def rk4_step(self, noise: Noise, others: Sequence[Potential] = ()) -> Callable[..., Any] | None:
+        """Outside a frame: the fused RK4 step of the one part that offers one, with the other parts
+        folded into it where it can take them (deterministic parts, no noise); else None."""
+        if noise is not None or others:
+            return None
+        fusers = [p for p in self.parts if type(p).rk4_step is not Potential.rk4_step]
+        if len(fusers) != 1:
+            return None
+        return fusers[0].rk4_step(None, [p for p in self.parts if p is not fusers[0]])
+
     @property
     def stochastic(self) -> bool:
         return any(p.stochastic for p in self.parts)

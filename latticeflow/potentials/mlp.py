@@ -173,8 +173,8 @@ class _MLPRK4Step(torch.autograd.Function):
 
     Forward and backward are one kernel call each; the backward recomputes the step's four stages
     from its input y, the only tensor saved besides the parameters. A backward with
-    create_graph=True (path gradients) differentiates :func:`_reference_rk4` instead, so higher
-    derivatives stay exact.
+    create_graph=True (a second derivative, such as the gradient of ln|det ∂x/∂z|) differentiates
+    :func:`_reference_rk4` instead, so higher derivatives stay exact.
     """
 
     @staticmethod
