@@ -206,9 +206,18 @@ inline void add_block(const Params<T>& p, const Stage<T>* const* st, const VT* D
         const VT e0 = E[k], e1 = E[H + k], e2 = E[2 * H + k], e3 = E[3 * H + k];
         const VT c0 = C[k], c1 = C[H + k], c2 = C[2 * H + k], c3 = C[3 * H + k];
         VT* gW = S.W.data() + (int64_t)k * N;
-        for (int j = 0; j < N; ++j)
-            gW[j] += ((e0 * P[j] + c0 * VB[j]) + (e1 * P[N + j] + c1 * VB[N + j])) +
-                     ((e2 * P[2 * N + j] + c2 * VB[2 * N + j]) + (e3 * P[3 * N + j] + c3 * VB[3 * N + j]));
+        for (int j = 0; j < N; ++j) {  // one chain of eight multiply-adds (no separate multiplies and adds)
+            VT acc = gW[j];
+            acc += e0 * P[j];
+            acc += c0 * VB[j];
+            acc += e1 * P[N + j];
+            acc += c1 * VB[N + j];
+            acc += e2 * P[2 * N + j];
+            acc += c2 * VB[2 * N + j];
+            acc += e3 * P[3 * N + j];
+            acc += c3 * VB[3 * N + j];
+            gW[j] = acc;
+        }
         VT r = VT{}, b0 = VT{}, b1 = VT{}, w0 = VT{}, w1 = VT{};
         for (int i = 0; i < 4; ++i) {
             const VT e = E[(int64_t)i * H + k], wb = WB[(int64_t)i * H + k];
