@@ -253,8 +253,9 @@ class ConvTables:
         return got
 
 
-def _ptr(t: Tensor) -> int:
-    return t.data_ptr()
+def _ptr(t: Tensor | None) -> int | None:
+    """The tensor's data address for ctypes; None (a null pointer) for an absent tensor."""
+    return None if t is None else t.data_ptr()
 
 
 def conv_forward(x: Tensor, tables: ConvTables, A: Tensor, bias: Tensor, w: Tensor, activation: str

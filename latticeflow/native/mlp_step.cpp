@@ -249,11 +249,12 @@ void norms(const Params<T>& p, std::vector<T>& q) {
         for (int i = 0; i < p.N; ++i) q[k] += p.W[(int64_t)k * p.N + i] * p.W[(int64_t)k * p.N + i];
 }
 
-// the four stage points S (4N; S[0..N) = y0 on entry) of the step and the derivatives there, D (12H;
-// the third derivatives only when `third`); returns Σ_i c_i ℓ_i and leaves Σ_i c_i v_i in vsum
-// (c = 1, 2, 2, 1)
+// the four stage points S (4N; S[0..N) = y0 on entry) of the step and the derivatives there, D (12H).
+// For the forward (`backward` false): returns Σ_i c_i ℓ_i and leaves Σ_i c_i v_i in vsum (c = 1, 2, 2,
+// 1). For the backward's remade stages (`backward` true): the third derivatives too, and no drift at
+// the last stage point, which only the forward's combination reads
 template <typename T, int ACT, typename VT>
-inline VT stages(const Params<T>& p, const Stage<T>* st, const T* q, VT* S, VT* D, bool third, VT* h, VT* v,
+inline VT stages(const Params<T>& p, const Stage<T>* st, const T* q, VT* S, VT* D, bool backward, VT* h, VT* v,
                  VT* vsum, T half, T full) {
     const int N = p.N, H = p.H;
     VT dl = VT{};
@@ -263,7 +264,8 @@ inline VT stages(const Params<T>& p, const Stage<T>* st, const T* q, VT* S, VT* 
             const T a = i == 3 ? full : half;
             for (int j = 0; j < N; ++j) S[(int64_t)i * N + j] = S[j] + a * v[j];
         }
-        hidden<T, ACT>(p, sti, S + (int64_t)i * N, h, D + (int64_t)i * 3 * H, third);
+        hidden<T, ACT>(p, sti, S + (int64_t)i * N, h, D + (int64_t)i * 3 * H, backward);
+        if (backward && i == 3) break;
         const VT l = velocity(p, sti, q, S + (int64_t)i * N, D + (int64_t)i * 3 * H, v, h);
         const T c = (i == 0 || i == 3) ? T(1) : T(2);
         dl += c * l;

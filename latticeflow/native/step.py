@@ -31,15 +31,14 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from . import KERNEL_MODES, _declare_kernel, _load_kernel, _mode_of, _status_of
+from . import _ACT, _SUFFIX, KERNEL_MODES, _declare_kernel, _load_kernel, _mode_of, _ptr, _status_of
 
 __all__ = ["AUTO_MAX_SITES", "KERNEL_MODES", "MAX_HIDDEN", "MAX_SITES", "available", "kernel_mode", "load",
            "rk4_backward", "rk4_forward", "status"]
 
 _ENV = "LATTICEFLOW_STEP_KERNEL"
 _SOURCE = Path(__file__).with_name("mlp_step.cpp")
-_SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
-ACTIVATIONS = {"softplus": 0, "lncosh": 1, "tanh": 2}
+ACTIVATIONS = _ACT  # the activation codes both kernels read (lanes.h)
 #: the kernel's limits (mlp_step.cpp: NMAX, HMAX)
 MAX_SITES, MAX_HIDDEN = 1024, 4096
 #: ``auto`` takes lattices up to this many sites (L = 8): beyond, the eager step's matmuls win
@@ -90,10 +89,6 @@ def available(y: Tensor, hidden: int, activation: str, params: list[Tensor | Non
     if any(p is not None and (p.dtype != y.dtype or p.device.type != "cpu") for p in params):
         return False
     return load() is not None
-
-
-def _ptr(t: Tensor | None) -> int | None:
-    return None if t is None else t.data_ptr()
 
 
 def rk4_forward(y: Tensor, logp: Tensor, W: Tensor, b0: Tensor | None, b1: Tensor | None, w0: Tensor,

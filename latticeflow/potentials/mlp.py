@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from .._checks import check_choice, check_size
+from ..ode import rk4_step
 from .activations import ACTIVATIONS, FUSED, _one_minus_square, fused_forward, pre_scale
 from .base import Evaluation, Noise, Potential, _initial_readout, _is_scalar_time, _readout, _time_col
 
@@ -162,8 +163,6 @@ def _reference_rk4(y: Tensor, logp: Tensor, W: Tensor, b0: Tensor | None, b1: Te
             v = v + s @ A
             lap = lap + torch.diagonal(A).sum()
         return v, -lap
-
-    from ..ode import rk4_step
 
     return rk4_step(drift, t, y, logp, dt)
 
