@@ -1,7 +1,8 @@
-"""The compiled RK4 step of the small-lattice drift (latticeflow.native.step), float64 and float32.
+"""The compiled RK4 steps of the MLP drift (latticeflow.native.step), float64 and float32.
 
 The kernel takes one RK4 step of the MLP (+ dense quadratic) drift, forward and backward, for
-blocks of samples held in vector lanes. Checked here:
+blocks of samples held in vector lanes ("lanes", small lattices) or with its products by torch's
+BLAS gemm ("gemm", larger lattices). Checked here, for both:
 - the step and every gradient against the same step in plain autograd ops (``_reference_rk4``)
   to 1e-12 in float64, for every activation, with and without bias, time dependence and quadratic
   part, for batches that leave the last block part-filled, forward and backward in time, at 1 and
@@ -61,12 +62,23 @@ CASES = [  # N, H, B, bias, bias_t, readout_t, quad, quad_t
 ]
 
 
+def _compiled(path):
+    """The compiled step by ``path`` ("lanes" or "gemm"), called as _reference_rk4 is."""
+    if path == "gemm" and native_step.blas() is None:
+        pytest.skip(f"no BLAS gemm in this torch: {native_step._blas_error}")
+    return lambda *a: _MLPRK4Step.apply(*a, path)
+
+
+PATHS = ["lanes", "gemm"]
+
+
 @pytest.mark.parametrize("N, H, B, bias, bias_t, readout_t, quad, quad_t", CASES)
 @pytest.mark.parametrize("act", ["softplus", "lncosh", "tanh"])
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("dt", [0.1, -0.1])
+@pytest.mark.parametrize("path", PATHS)
 def test_step_matches_reference_float64(kernel, N, H, B, bias, bias_t, readout_t, quad, quad_t, act, threads, dt,
-                                        monkeypatch):
+                                        path, monkeypatch):
     monkeypatch.setattr(torch, "get_num_threads", lambda: threads)  # what the kernel reads
     dtype = torch.float64
     params = _params(N, H, bias, bias_t, readout_t, quad, quad_t, dtype)
@@ -74,7 +86,7 @@ def test_step_matches_reference_float64(kernel, N, H, B, bias, bias_t, readout_t
     y = torch.randn(B, N, generator=g, dtype=dtype).requires_grad_()
     logp = torch.randn(B, generator=g, dtype=dtype).requires_grad_()
     cot = (torch.randn(B, N, generator=g, dtype=dtype), torch.randn(B, generator=g, dtype=dtype))
-    got = _step_outputs(_MLPRK4Step.apply, y, logp, params, act, 0.37, dt, cot)
+    got = _step_outputs(_compiled(path), y, logp, params, act, 0.37, dt, cot)
     want = _step_outputs(_reference_rk4, y, logp, params, act, 0.37, dt, cot)
     assert len(got) == len(want)
     for a, b in zip(got, want):
@@ -82,22 +94,43 @@ def test_step_matches_reference_float64(kernel, N, H, B, bias, bias_t, readout_t
 
 
 @pytest.mark.parametrize("act", ["softplus", "lncosh", "tanh"])
-def test_kernel_backward_against_finite_differences(kernel, act):
+@pytest.mark.parametrize("path", PATHS)
+def test_kernel_backward_against_finite_differences(kernel, act, path):
     # gradcheck differentiates the kernel's own forward numerically: independent of the reference
     params = _params(5, 6, True, True, True, True, True, torch.float64, seed=7)
     y = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)
     logp = torch.randn(3, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda *a: _MLPRK4Step.apply(*a, act, 0.2, 0.1), (y, logp, *params))
+    step = _compiled(path)
+    assert torch.autograd.gradcheck(lambda *a: step(*a, act, 0.2, 0.1), (y, logp, *params))
 
 
-def test_double_backward_through_the_reference(kernel):
+def test_gemm_step_without_gradients_keeps_nothing_and_agrees(kernel):
+    # under no_grad the GEMM step keeps no stage tensors; its output is the one a gradient-keeping call gives
+    step = _compiled("gemm")
+    params = _params(20, 33, True, True, True, True, True, torch.float32, seed=2)
+    y = torch.randn(70, 20, generator=torch.Generator().manual_seed(1))
+    logp = torch.zeros(70)
+    kept = native_step.gemm_forward(y, logp, *[q.detach() if q is not None else None for q in params], "softplus",
+                                    0.1, 0.1, True)
+    bare = native_step.gemm_forward(y, logp, *[q.detach() if q is not None else None for q in params], "softplus",
+                                    0.1, 0.1, False)
+    assert kept[2].shape == (4, 70, 20) and kept[3].shape == (4, 70, 33) and bare[2] is None and bare[3] is None
+    torch.testing.assert_close(kept[0], bare[0], rtol=0, atol=0)
+    with torch.no_grad():
+        out = step(y, logp, *params, "softplus", 0.1, 0.1)
+    torch.testing.assert_close(out[0], bare[0], rtol=0, atol=0)
+    torch.testing.assert_close(out[1], bare[1], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_double_backward_through_the_reference(kernel, path):
     # create_graph=True differentiates _reference_rk4 in recorded ops: second derivatives exist and
     # equal the reference's own
     params = _params(6, 7, True, True, True, True, True, torch.float64, seed=9)
     y = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
     logp = torch.zeros(4, dtype=torch.float64, requires_grad=True)
     res = []
-    for f in (_MLPRK4Step.apply, _reference_rk4):
+    for f in (_compiled(path), _reference_rk4):
         out = f(y, logp, *params, "lncosh", 0.1, 0.1)
         loss = (out[0] ** 2).sum() + out[1].sum()
         gy, gW = torch.autograd.grad(loss, (y, params[0]), create_graph=True)
@@ -142,12 +175,15 @@ def _flow(dtype, hidden=24, L=4, **kw):
     return flow, target
 
 
-def _flow_run(mode, dtype, monkeypatch, **kw):
+def _flow_run(mode, dtype, monkeypatch, path="lanes", **kw):
     monkeypatch.setenv("LATTICEFLOW_STEP_KERNEL", mode)
+    if path == "gemm":  # every lattice takes the GEMM step
+        _compiled(path)
+        monkeypatch.setattr(native_step, "AUTO_MAX_SITES", 0)
     flow, target = _flow(dtype, **kw)
     calls = []
     real = _MLPRK4Step.apply
-    monkeypatch.setattr(_MLPRK4Step, "apply", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(_MLPRK4Step, "apply", lambda *a: calls.append(a[-1]) or real(*a))
     x, logp = flow.sample(37, generator=torch.Generator().manual_seed(1))
     (logp + target.energy(x)).mean().backward()
     grads = [p.grad.clone() for p in flow.parameters()]
@@ -156,12 +192,14 @@ def _flow_run(mode, dtype, monkeypatch, **kw):
     lp = flow.log_prob(x0, generator=torch.Generator().manual_seed(2))
     lp.sum().backward()
     grads += [p.grad.clone() for p in flow.parameters()]
+    assert len(set(calls)) <= 1 and (not calls or calls[0] == path)  # every step by the path asked for
     return [x.detach(), logp.detach(), lp.detach(), *grads], len(calls)
 
 
 @pytest.mark.parametrize("dtype, tol", [("float64", 1e-12), ("float32", 2e-5)])
-def test_flow_with_the_kernel_equals_the_eager_flow(kernel, dtype, tol, monkeypatch):
-    native, n_native = _flow_run("native", dtype, monkeypatch)
+@pytest.mark.parametrize("path", PATHS)
+def test_flow_with_the_kernel_equals_the_eager_flow(kernel, dtype, tol, path, monkeypatch):
+    native, n_native = _flow_run("native", dtype, monkeypatch, path)
     eager, n_eager = _flow_run("eager", dtype, monkeypatch)
     assert n_native == 20 and n_eager == 0  # ten steps of sampling, ten of the density
     for a, b in zip(native, eager):
@@ -169,9 +207,10 @@ def test_flow_with_the_kernel_equals_the_eager_flow(kernel, dtype, tol, monkeypa
 
 
 @pytest.mark.parametrize("dtype, tol", [("float64", 1e-12)])
-def test_unsymmetrised_sum_takes_the_kernel_too(kernel, dtype, tol, monkeypatch):
+@pytest.mark.parametrize("path", PATHS)
+def test_unsymmetrised_sum_takes_the_kernel_too(kernel, dtype, tol, path, monkeypatch):
     # no symmetrisation: the sum itself hands its quadratic part to the MLP's step
-    native, n_native = _flow_run("native", dtype, monkeypatch, symmetrize="none")
+    native, n_native = _flow_run("native", dtype, monkeypatch, path, symmetrize="none")
     eager, n_eager = _flow_run("eager", dtype, monkeypatch, symmetrize="none")
     assert n_native == 20 and n_eager == 0
     for a, b in zip(native, eager):
@@ -194,14 +233,17 @@ def test_path_gradient_with_the_kernel_equals_eager(kernel, monkeypatch):
         torch.testing.assert_close(a, b, rtol=1e-11, atol=1e-11)
 
 
-def test_thread_counts_agree(kernel, monkeypatch):
+@pytest.mark.parametrize("path", PATHS)
+def test_thread_counts_agree(kernel, path, monkeypatch):
+    # the kernel's own passes at 1, 2 and 3 threads (the GEMM step's products are the BLAS's, at torch's count)
     outs = []
+    step = _compiled(path)
     for threads in (1, 2, 3):
         monkeypatch.setattr(torch, "get_num_threads", lambda threads=threads: threads)
-        params = _params(16, 32, True, True, True, True, True, torch.float64)
+        params = _params(16, 40, True, True, True, True, True, torch.float64)
         y = torch.randn(50, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(0)).requires_grad_()
         logp = torch.zeros(50, dtype=torch.float64, requires_grad=True)
-        outs.append(_step_outputs(_MLPRK4Step.apply, y, logp, params, "lncosh", 0.0, 0.1,
+        outs.append(_step_outputs(step, y, logp, params, "lncosh", 0.0, 0.1,
                                   (torch.ones(50, 16, dtype=torch.float64), torch.ones(50, dtype=torch.float64))))
     for other in outs[1:]:
         for a, b in zip(outs[0], other):
@@ -235,12 +277,20 @@ def test_what_the_kernel_does_not_take(kernel, monkeypatch):
     assert not native_step.available(torch.zeros(2, 4, dtype=torch.float64), 3, "lncosh", [W])  # mixed dtypes
     assert not native_step.available(torch.zeros(2, 4), 3, "relu", [W])
     assert not native_step.available(torch.zeros(2, 4, device="meta"), 3, "lncosh", [W])  # any device but the CPU
+    assert native_step.available(torch.zeros(2, 4), 3, "lncosh", [W]) == "lanes"
     big = torch.zeros(2, native_step.AUTO_MAX_SITES + 1)
-    assert not native_step.available(big, 3, "lncosh", [torch.zeros(3, big.shape[1])])  # auto: eager is faster
+    if native_step.blas() is not None:  # larger lattices: the GEMM step, at any size
+        assert native_step.available(big, 3, "lncosh", [torch.zeros(3, big.shape[1])]) == "gemm"
+        assert native_step.available(torch.zeros(2, native_step.MAX_SITES + 1), native_step.MAX_HIDDEN + 1,
+                                     "lncosh", []) == "gemm"
+    assert not native_step.available(torch.zeros(2, 4), native_step.MAX_HIDDEN + 1, "lncosh", [])  # lanes' limit
+    # without torch's BLAS gemm: auto steps larger lattices eagerly, native says why
+    monkeypatch.setattr(native_step, "_blas_ptrs", None)
+    monkeypatch.setattr(native_step, "_blas_error", "torch exports no BLAS gemm: (test)")
+    assert native_step.available(big, 3, "lncosh", []) is None
     monkeypatch.setenv("LATTICEFLOW_STEP_KERNEL", "native")
-    assert native_step.available(big, 3, "lncosh", [torch.zeros(3, big.shape[1])])
-    assert not native_step.available(torch.zeros(2, native_step.MAX_SITES + 1), 3, "lncosh", [])
-    assert not native_step.available(torch.zeros(2, 4), native_step.MAX_HIDDEN + 1, "lncosh", [])
+    with pytest.raises(RuntimeError, match="GEMM step is unavailable: torch exports no BLAS gemm"):
+        native_step.available(big, 3, "lncosh", [])
     # potentials it does not take: an unfused MLP, a stochastic token, a quadratic part with a linear term
     assert MLPPotential(16, 3, fused=False).rk4_step(None) is None
     assert MLPPotential(16, 3).rk4_step(object()) is None

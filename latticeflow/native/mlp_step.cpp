@@ -245,8 +245,13 @@ void store_rows(const VT* in, int N, int r0, int nb, T* x) {
 template <typename T>
 void norms(const Params<T>& p, std::vector<T>& q) {
     q.assign(p.H, T(0));
-    for (int k = 0; k < p.H; ++k)
-        for (int i = 0; i < p.N; ++i) q[k] += p.W[(int64_t)k * p.N + i] * p.W[(int64_t)k * p.N + i];
+    for (int k = 0; k < p.H; ++k) {
+        const T* Wk = p.W + (int64_t)k * p.N;
+        T sum = T(0);
+#pragma omp simd reduction(+ : sum)
+        for (int i = 0; i < p.N; ++i) sum += Wk[i] * Wk[i];
+        q[k] = sum;
+    }
 }
 
 // the four stage points S (4N; S[0..N) = y0 on entry) of the step and the derivatives there, D (12H).
@@ -443,6 +448,235 @@ void backward_act(int act, const Params<T>& p, const T* y, const T* gy_out, cons
     else backward<T, 2>(p, y, gy_out, glogp_out, B, t, dt, gy, gW, gb0, gb1, gw0, gw1, gA0, gA1, nt);
 }
 
+
+// ---------------------------------------------------------------------- the GEMM step (larger lattices)
+// From about 64 sites on, the step's products are large enough for a BLAS gemm to run them at matmul
+// speed, and what costs beyond them is the eager step's ~40 tensor operators per stage. The GEMM step
+// computes the same step as forward/backward above with the products by the BLAS gemm that torch
+// itself calls (libtorch's sgemm_/dgemm_, column-major Fortran ABI, LP64; its pointer is an argument)
+// and everything else in a few fused passes: per stage, two gemms forward (h = S Wᵀ, v = U W) and two
+// backward (u = V̄ Wᵀ, S̄ = E W), plus two for W̄ = Σ_i (E_iᵀ S_i + C_iᵀ V̄_i) per step (K = 4B).
+// The forward keeps the stage points S_i and pre-activations h_i when the backward will need them
+// (save non-null); the backward then recomputes only the activations' derivatives. Row-parallel
+// passes in the forward (ℓ sums over k), column-parallel in the backward (parameter sums over b),
+// so every sum but the gemms' runs in a fixed order whatever the thread count.
+
+template <typename T>
+using Gemm = void (*)(const char*, const char*, const int*, const int*, const int*, const T*, const T*, const int*,
+                      const T*, const int*, const T*, T*, const int*);
+
+// row-major C (M×Nc) = alpha op(A) op(B) + beta C with op(A) (M×K), op(B) (K×Nc), as the column-major
+// Cᵀ = op(B)ᵀ op(A)ᵀ
+template <typename T>
+inline void mm(Gemm<T> g, bool ta, bool tb, int M, int Nc, int K, T alpha, const T* A, int lda, const T* B, int ldb,
+               T beta, T* C, int ldc) {
+    const char a = ta ? 'T' : 'N', b = tb ? 'T' : 'N';
+    g(&b, &a, &Nc, &M, &K, &alpha, B, &ldb, A, &lda, &beta, C, &ldc);
+}
+
+// a reused work buffer of at least n numbers (the calling thread's: no fresh pages to fault in per call)
+template <typename T>
+inline T* scratch(int slot, size_t n) {
+    thread_local std::vector<T> buf[6];
+    if (buf[slot].size() < n) buf[slot].resize(n);
+    return buf[slot].data();
+}
+
+// the columns [k0, k1) of thread me of nt over H, in multiples of 16
+inline void cols_of(int H, int nt, int me, int& k0, int& k1) {
+    const int chunks = (H + 15) / 16;
+    k0 = std::min(H, chunks * me / nt * 16);
+    k1 = std::min(H, chunks * (me + 1) / nt * 16);
+}
+
+// one forward stage at the points s (B, N): h = s Wᵀ + b(τ) into hs (B, H), v = ∇φ(s) into v (B, N),
+// ℓ = −∇²φ into l (B); U (B, H) work space
+template <typename T, int ACT>
+void gemm_stage(Gemm<T> g, const Params<T>& p, const Stage<T>& st, const T* q, int B, const T* s, T* hs, T* U, T* v,
+                T* l, int nt) {
+    const int N = p.N, H = p.H;
+    mm<T>(g, false, true, B, H, N, T(1), s, N, p.W, N, T(0), hs, H);
+    const T* bias = st.b.data();
+    const T* w = st.w.data();
+#pragma omp parallel num_threads(nt)
+    {
+        std::vector<T> d1(H), d2(H), wq(H);
+        for (int k = 0; k < H; ++k) wq[k] = w[k] * q[k];
+#pragma omp for schedule(static)
+        for (int b = 0; b < B; ++b) {
+            T* h = hs + (int64_t)b * H;
+#pragma omp simd
+            for (int k = 0; k < H; ++k) h[k] += bias[k];
+            derivatives<T, ACT>(h, d1.data(), d2.data(), nullptr, H);
+            T* u = U + (int64_t)b * H;
+            T lap = T(0);
+#pragma omp simd reduction(+ : lap)
+            for (int k = 0; k < H; ++k) {
+                u[k] = w[k] * d1[k];
+                lap += wq[k] * d2[k];
+            }
+            l[b] = -(lap + st.trA);
+        }
+    }
+    mm<T>(g, false, false, B, N, H, T(1), U, H, p.W, N, T(0), v, N);
+    if (st.hasA) mm<T>(g, false, false, B, N, N, T(1), s, N, st.A.data(), N, T(1), v, N);
+}
+
+template <typename T, int ACT>
+void gemm_forward(Gemm<T> g, const Params<T>& p, const T* y, const T* logp, int B, double t, double dt, T* y_out,
+                  T* logp_out, T* save_s, T* save_h, int nt) {
+    const int N = p.N, H = p.H;
+    const int64_t BN = (int64_t)B * N, BH = (int64_t)B * H;
+    const StepSetup<T> ss(p, t, dt);
+    const bool keep = save_s != nullptr;
+    T* S = keep ? save_s : scratch<T>(0, BN);  // the stage points (all four when kept, else the current one)
+    T* Hs = keep ? save_h : scratch<T>(1, BH);
+    T* U = scratch<T>(2, BH);
+    T* v = scratch<T>(3, 2 * BN);
+    T* vsum = v + BN;
+    T* l = scratch<T>(4, 2 * (size_t)B);
+    T* lsum = l + B;
+    for (int i = 0; i < 4; ++i) {
+        const Stage<T>& sti = ss.st[i == 0 ? 0 : (i == 3 ? 2 : 1)];
+        T* si = keep ? S + i * BN : S;
+        if (i == 0) {
+            std::copy(y, y + BN, si);
+        } else {
+            const T a = i == 3 ? ss.full : ss.half;
+#pragma omp simd
+            for (int64_t j = 0; j < BN; ++j) si[j] = y[j] + a * v[j];
+        }
+        gemm_stage<T, ACT>(g, p, sti, ss.q.data(), B, si, keep ? Hs + i * BH : Hs, U, v, l, nt);
+        const T c = (i == 0 || i == 3) ? T(1) : T(2);
+#pragma omp simd
+        for (int64_t j = 0; j < BN; ++j) vsum[j] = i == 0 ? v[j] : vsum[j] + c * v[j];
+        for (int b = 0; b < B; ++b) lsum[b] = i == 0 ? l[b] : lsum[b] + c * l[b];
+    }
+#pragma omp simd
+    for (int64_t j = 0; j < BN; ++j) y_out[j] = y[j] + ss.sixth * vsum[j];
+    for (int b = 0; b < B; ++b) logp_out[b] = logp[b] + ss.sixth * lsum[b];
+}
+
+// the backward of gemm_forward from its kept stage points S (4, B, N) and pre-activations Hs (4, B, H)
+template <typename T, int ACT>
+void gemm_backward(Gemm<T> g, const Params<T>& p, const T* S, const T* Hs, const T* gy_out, const T* glogp_out, int B,
+                   double t, double dt, T* gy, T* gW, T* gb0, T* gb1, T* gw0, T* gw1, T* gA0, T* gA1, int nt) {
+    const int N = p.N, H = p.H;
+    const int64_t BN = (int64_t)B * N, BH = (int64_t)B * H;
+    const StepSetup<T> ss(p, t, dt);
+    const T* q = ss.q.data();
+    const Stage<T>* const sts[4] = {&ss.st[0], &ss.st[1], &ss.st[1], &ss.st[2]};
+    const T wv[4] = {ss.sixth, ss.third, ss.third, ss.sixth};  // ∂y'/∂k_i and ∂ln p'/∂ℓ_i
+    const T ws[3] = {ss.half, ss.half, ss.full};               // ∂s_{i+1}/∂k_i
+    T* VB = scratch<T>(0, 4 * BN);  // the cotangents of the four stages' drifts
+    T* E = scratch<T>(1, 4 * BH);
+    T* C = scratch<T>(2, 4 * BH);
+    T* u = scratch<T>(3, BH);
+    T* sb = scratch<T>(4, BN);
+    // per hidden unit: R_k = Σ ḡ w_k a''_k, and b̄, w̄ with their τ-weighted sums
+    T* sums = scratch<T>(5, 5 * (size_t)H);
+    std::fill(sums, sums + 5 * (size_t)H, T(0));
+    T *R = sums, *B0 = sums + H, *B1 = sums + 2 * H, *W0 = sums + 3 * H, *W1 = sums + 4 * H;
+    std::copy(gy_out, gy_out + BN, gy);
+    for (int64_t j = 0; j < BN; ++j) VB[3 * BN + j] = ss.sixth * gy_out[j];
+    T trsum0 = T(0), trsum1 = T(0);
+    for (int i = 3; i >= 0; --i) {
+        const Stage<T>& st = *sts[i];
+        const T* w = st.w.data();
+        const T tau = st.tau;
+        const T* vb = VB + i * BN;
+        T* Ei = E + i * BH;
+        T* Ci = C + i * BH;
+        const T* hi = Hs + i * BH;
+        mm<T>(g, false, true, B, H, N, T(1), vb, N, p.W, N, T(0), u, H);  // u = V̄ Wᵀ
+#pragma omp parallel num_threads(nt)
+        {
+            int me = 0, team = 1;
+#ifdef _OPENMP
+            me = omp_get_thread_num();
+            team = omp_get_num_threads();
+#endif
+            int k0, k1;
+            cols_of(H, team, me, k0, k1);
+            const int n = k1 - k0;
+            std::vector<T> d1(n > 0 ? n : 1), d2(n > 0 ? n : 1), d3(n > 0 ? n : 1);
+            for (int b = 0; b < B && n > 0; ++b) {
+                const T G = wv[i] * glogp_out[b];
+                const int64_t o = (int64_t)b * H + k0;
+                derivatives<T, ACT>(hi + o, d1.data(), d2.data(), d3.data(), n);
+                const T* ub = u + o;
+                T* eb = Ei + o;
+                T* cb = Ci + o;
+#pragma omp simd
+                for (int c = 0; c < n; ++c) {
+                    const int k = k0 + c;
+                    const T qg = q[k] * G;
+                    const T e = w[k] * (d2[c] * ub[c] - qg * d3[c]);
+                    const T wb = d1[c] * ub[c] - qg * d2[c];
+                    eb[c] = e;
+                    cb[c] = w[k] * d1[c];
+                    R[k] += G * w[k] * d2[c];
+                    B0[k] += e;
+                    B1[k] += tau * e;
+                    W0[k] += wb;
+                    W1[k] += tau * wb;
+                }
+            }
+        }
+        mm<T>(g, false, false, B, N, H, T(1), Ei, H, p.W, N, T(0), sb, N);  // S̄ = E W
+        if (st.hasA) {
+            mm<T>(g, false, true, B, N, N, T(1), vb, N, st.A.data(), N, T(1), sb, N);  // + V̄ Aᵀ
+            T gs = T(0);
+            for (int b = 0; b < B; ++b) gs += wv[i] * glogp_out[b];
+            trsum0 += gs;
+            trsum1 += tau * gs;
+        }
+#pragma omp simd
+        for (int64_t j = 0; j < BN; ++j) {
+            gy[j] += sb[j];
+            if (i > 0) VB[(i - 1) * BN + j] = wv[i - 1] * gy_out[j] + ws[i - 1] * sb[j];
+        }
+    }
+    // W̄ = Σ_i E_iᵀ S_i + C_iᵀ V̄_i − 2 R_k W_k
+    mm<T>(g, true, false, H, N, 4 * B, T(1), E, H, S, N, T(0), gW, N);
+    mm<T>(g, true, false, H, N, 4 * B, T(1), C, H, VB, N, T(1), gW, N);
+    for (int k = 0; k < H; ++k)
+        for (int j = 0; j < N; ++j) gW[(int64_t)k * N + j] -= T(2) * R[k] * p.W[(int64_t)k * N + j];
+    for (int k = 0; k < H; ++k) {
+        if (gb0) gb0[k] = B0[k];
+        if (gb1) gb1[k] = B1[k];
+        gw0[k] = W0[k];
+        if (gw1) gw1[k] = W1[k];
+    }
+    if (p.A0) {  // Ā = Σ_i S_iᵀ V̄_i − Σ ḡ I, Ā1 the same weighted by τ_i
+        mm<T>(g, true, false, N, N, 4 * B, T(1), S, N, VB, N, T(0), gA0, N);
+        for (int j = 0; j < N; ++j) gA0[(int64_t)j * N + j] -= trsum0;
+        if (gA1) {
+            for (int i = 0; i < 4; ++i)
+                mm<T>(g, true, false, N, N, B, sts[i]->tau, S + i * BN, N, VB + i * BN, N, T(i == 0 ? 0 : 1), gA1, N);
+            for (int j = 0; j < N; ++j) gA1[(int64_t)j * N + j] -= trsum1;
+        }
+    }
+}
+
+template <typename T>
+void gemm_forward_act(Gemm<T> g, int act, const Params<T>& p, const T* y, const T* logp, int B, double t, double dt,
+                      T* y_out, T* logp_out, T* save_s, T* save_h, int nt) {
+    if (act == 0) gemm_forward<T, 0>(g, p, y, logp, B, t, dt, y_out, logp_out, save_s, save_h, nt);
+    else if (act == 1) gemm_forward<T, 1>(g, p, y, logp, B, t, dt, y_out, logp_out, save_s, save_h, nt);
+    else gemm_forward<T, 2>(g, p, y, logp, B, t, dt, y_out, logp_out, save_s, save_h, nt);
+}
+
+template <typename T>
+void gemm_backward_act(Gemm<T> g, int act, const Params<T>& p, const T* S, const T* Hs, const T* gy_out,
+                       const T* glogp_out, int B, double t, double dt, T* gy, T* gW, T* gb0, T* gb1, T* gw0, T* gw1,
+                       T* gA0, T* gA1, int nt) {
+    if (act == 0) gemm_backward<T, 0>(g, p, S, Hs, gy_out, glogp_out, B, t, dt, gy, gW, gb0, gb1, gw0, gw1, gA0, gA1, nt);
+    else if (act == 1)
+        gemm_backward<T, 1>(g, p, S, Hs, gy_out, glogp_out, B, t, dt, gy, gW, gb0, gb1, gw0, gw1, gA0, gA1, nt);
+    else gemm_backward<T, 2>(g, p, S, Hs, gy_out, glogp_out, B, t, dt, gy, gW, gb0, gb1, gw0, gw1, gA0, gA1, nt);
+}
+
 }  // namespace
 
 #define LF_EXPORT(T, SUFFIX)                                                                                        \
@@ -460,8 +694,26 @@ void backward_act(int act, const Params<T>& p, const T* y, const T* gy_out, cons
                         gb0, gb1, gw0, gw1, gA0, gA1, nt);                                                         \
     }
 
+#define LF_EXPORT_GEMM(T, SUFFIX)                                                                                   \
+    extern "C" void lf_mlp_rk4_gemm_forward_##SUFFIX(                                                              \
+        void* gemm, const T* y, const T* logp, int B, int N, int H, const T* W, const T* b0, const T* b1,          \
+        const T* w0, const T* w1, const T* A0, const T* A1, int act, double t, double dt, T* y_out, T* logp_out,   \
+        T* save_s, T* save_h, int nt) {                                                                            \
+        gemm_forward_act<T>((Gemm<T>)gemm, act, Params<T>{N, H, W, b0, b1, w0, w1, A0, A1}, y, logp, B, t, dt,    \
+                            y_out, logp_out, save_s, save_h, nt);                                                  \
+    }                                                                                                               \
+    extern "C" void lf_mlp_rk4_gemm_backward_##SUFFIX(                                                             \
+        void* gemm, const T* S, const T* Hs, const T* gy_out, const T* glogp_out, int B, int N, int H, const T* W, \
+        const T* b0, const T* b1, const T* w0, const T* w1, const T* A0, const T* A1, int act, double t, double dt, \
+        T* gy, T* gW, T* gb0, T* gb1, T* gw0, T* gw1, T* gA0, T* gA1, int nt) {                                    \
+        gemm_backward_act<T>((Gemm<T>)gemm, act, Params<T>{N, H, W, b0, b1, w0, w1, A0, A1}, S, Hs, gy_out,       \
+                             glogp_out, B, t, dt, gy, gW, gb0, gb1, gw0, gw1, gA0, gA1, nt);                       \
+    }
+
 LF_EXPORT(float, f32)
 LF_EXPORT(double, f64)
+LF_EXPORT_GEMM(float, f32)
+LF_EXPORT_GEMM(double, f64)
 
 extern "C" int lf_mlp_max_sites() { return NMAX; }
 extern "C" int lf_mlp_max_hidden() { return HMAX; }

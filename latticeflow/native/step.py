@@ -33,21 +33,23 @@ from torch import Tensor
 
 from . import _ACT, _SUFFIX, KERNEL_MODES, _declare_kernel, _load_kernel, _mode_of, _ptr, _status_of
 
-__all__ = ["AUTO_MAX_SITES", "KERNEL_MODES", "MAX_HIDDEN", "MAX_SITES", "available", "kernel_mode", "load",
-           "rk4_backward", "rk4_forward", "status"]
+__all__ = ["AUTO_MAX_SITES", "KERNEL_MODES", "MAX_HIDDEN", "MAX_SITES", "available", "blas", "gemm_backward",
+           "gemm_forward", "kernel_mode", "load", "rk4_backward", "rk4_forward", "status"]
 
 _ENV = "LATTICEFLOW_STEP_KERNEL"
 _SOURCE = Path(__file__).with_name("mlp_step.cpp")
 ACTIVATIONS = _ACT  # the activation codes both kernels read (lanes.h)
 #: the kernel's limits (mlp_step.cpp: NMAX, HMAX)
 MAX_SITES, MAX_HIDDEN = 1024, 4096
-#: ``auto`` takes lattices up to this many sites (L = 8): beyond, the eager step's matmuls win
+#: lattices up to this many sites (L = 8) take the lanes step, larger ones the GEMM step
 AUTO_MAX_SITES = 64
 #: gcc vectorises the activation loop 256 bits wide on some AVX-512 CPUs unless asked: ask (x86 only)
 _FLAGS = ("-mprefer-vector-width=512",) if platform.machine() in ("x86_64", "AMD64") else ()
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
 _load_error: str | None = None
+_blas_ptrs: dict[torch.dtype, int] | None = None
+_blas_error: str | None = None
 
 
 def kernel_mode() -> str:
@@ -59,8 +61,31 @@ def _declare(lib: ctypes.CDLL) -> None:
     p, i, d = ctypes.c_void_p, ctypes.c_int, ctypes.c_double
     _declare_kernel(lib, {"lf_mlp_rk4_forward": [p, p, i, i, i, p, p, p, p, p, p, p, i, d, d, p, p, i],
                           "lf_mlp_rk4_backward": [p, p, p, i, i, i, p, p, p, p, p, p, p, i, d, d, p, p, p, p, p, p, p,
-                                                  p, i]},
+                                                  p, i],
+                          "lf_mlp_rk4_gemm_forward": [p, p, p, i, i, i, p, p, p, p, p, p, p, i, d, d, p, p, p, p, i],
+                          "lf_mlp_rk4_gemm_backward": [p, p, p, p, p, i, i, i, p, p, p, p, p, p, p, i, d, d, p, p, p, p,
+                                                       p, p, p, p, i]},
                     {"lf_mlp_max_sites": MAX_SITES, "lf_mlp_max_hidden": MAX_HIDDEN})
+
+
+def blas() -> dict[torch.dtype, int] | None:
+    """The addresses of the BLAS gemm torch itself calls on the CPU (``sgemm_``/``dgemm_``, the Fortran
+    ABI, exported by libtorch_cpu with its MKL), for the GEMM step; None where this torch exports none
+    (the reason is kept in ``_blas_error``). Using torch's own gemm keeps one BLAS and one thread pool
+    in the process."""
+    global _blas_ptrs, _blas_error
+    if _blas_ptrs is None and _blas_error is None:
+        lib_dir = Path(torch.__file__).parent / "lib"
+        found = [path for path in sorted(lib_dir.glob("libtorch_cpu.*")) if path.suffix in (".so", ".dylib")]
+        try:
+            if not found:
+                raise OSError(f"no libtorch_cpu in {lib_dir}")
+            lib = ctypes.CDLL(str(found[0]))
+            _blas_ptrs = {torch.float32: ctypes.cast(lib.sgemm_, ctypes.c_void_p).value,
+                          torch.float64: ctypes.cast(lib.dgemm_, ctypes.c_void_p).value}
+        except (OSError, AttributeError) as e:
+            _blas_error = f"torch exports no BLAS gemm: {e}"
+    return _blas_ptrs
 
 
 def load() -> ctypes.CDLL | None:
@@ -75,20 +100,31 @@ def status() -> str:
     return _status_of(sys.modules[__name__])
 
 
-def available(y: Tensor, hidden: int, activation: str, params: list[Tensor | None]) -> bool:
-    """Whether the kernel takes this step: a CPU state of float32/float64 with parameters of the
-    same dtype on the CPU, a known activation, N ≤ :data:`MAX_SITES` and h ≤ :data:`MAX_HIDDEN`
-    (``auto``: N ≤ :data:`AUTO_MAX_SITES`), and the library loaded."""
+def available(y: Tensor, hidden: int, activation: str, params: list[Tensor | None]) -> str | None:
+    """Which compiled step takes this state: "lanes" (samples in vector lanes, lattices up to
+    :data:`AUTO_MAX_SITES` sites, h ≤ :data:`MAX_HIDDEN`), "gemm" (larger lattices: the products by
+    torch's BLAS gemm, :func:`blas`), or None (the eager step). Both need a CPU state of
+    float32/float64 with parameters of the same dtype on the CPU, a known activation and the library
+    loaded. ``native`` chooses as ``auto`` does but raises where the choice is unavailable."""
     mode = kernel_mode()
     if mode == "eager":
-        return False
+        return None
     N = y.shape[1]
-    if (y.device.type != "cpu" or y.dtype not in _SUFFIX or activation not in ACTIVATIONS or N > MAX_SITES
-            or hidden > MAX_HIDDEN or (mode == "auto" and N > AUTO_MAX_SITES)):
-        return False
+    if y.device.type != "cpu" or y.dtype not in _SUFFIX or activation not in ACTIVATIONS:
+        return None
     if any(p is not None and (p.dtype != y.dtype or p.device.type != "cpu") for p in params):
-        return False
-    return load() is not None
+        return None
+    if N <= AUTO_MAX_SITES:
+        if N > MAX_SITES or hidden > MAX_HIDDEN:
+            return None
+        return "lanes" if load() is not None else None
+    if load() is None:
+        return None
+    if blas() is None:
+        if mode == "native":
+            raise RuntimeError(f"{_ENV}=native but the GEMM step is unavailable: {_blas_error}")
+        return None
+    return "gemm"
 
 
 def rk4_forward(y: Tensor, logp: Tensor, W: Tensor, b0: Tensor | None, b1: Tensor | None, w0: Tensor,
@@ -118,4 +154,37 @@ def rk4_backward(y: Tensor, gy_out: Tensor, glogp_out: Tensor, W: Tensor, b0: Te
     g(_ptr(y), _ptr(gy_out), _ptr(glogp_out), B, N, W.shape[0], _ptr(W), _ptr(b0), _ptr(b1), _ptr(w0), _ptr(w1),
       _ptr(A0), _ptr(A1), ACTIVATIONS[activation], float(t), float(dt), _ptr(gy), *[_ptr(q) for q in grads],
       torch.get_num_threads())
+    return (gy, *grads)
+
+
+def gemm_forward(y: Tensor, logp: Tensor, W: Tensor, b0: Tensor | None, b1: Tensor | None, w0: Tensor,
+                 w1: Tensor | None, A0: Tensor | None, A1: Tensor | None, activation: str, t: float, dt: float,
+                 keep: bool) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+    """:func:`rk4_forward` by the GEMM step; with ``keep``, also the four stage points (4, B, N) and
+    pre-activations (4, B, H) that :func:`gemm_backward` reads (else None, None)."""
+    lib = load()
+    B, N = y.shape
+    H = W.shape[0]
+    y_out, logp_out = torch.empty_like(y), torch.empty_like(logp)
+    S = y.new_empty(4, B, N) if keep else None
+    Hs = y.new_empty(4, B, H) if keep else None
+    f = getattr(lib, f"lf_mlp_rk4_gemm_forward_{_SUFFIX[y.dtype]}")
+    f(blas()[y.dtype], _ptr(y), _ptr(logp), B, N, H, _ptr(W), _ptr(b0), _ptr(b1), _ptr(w0), _ptr(w1), _ptr(A0),
+      _ptr(A1), ACTIVATIONS[activation], float(t), float(dt), _ptr(y_out), _ptr(logp_out), _ptr(S), _ptr(Hs),
+      torch.get_num_threads())
+    return y_out, logp_out, S, Hs
+
+
+def gemm_backward(S: Tensor, Hs: Tensor, gy_out: Tensor, glogp_out: Tensor, W: Tensor, b0: Tensor | None,
+                  b1: Tensor | None, w0: Tensor, w1: Tensor | None, A0: Tensor | None, A1: Tensor | None,
+                  activation: str, t: float, dt: float) -> tuple[Tensor | None, ...]:
+    """:func:`rk4_backward` by the GEMM step, from the stage points and pre-activations its forward kept."""
+    lib = load()
+    _, B, N = S.shape
+    gy = torch.empty_like(gy_out)
+    grads = [torch.empty_like(p) if p is not None else None for p in (W, b0, b1, w0, w1, A0, A1)]
+    g = getattr(lib, f"lf_mlp_rk4_gemm_backward_{_SUFFIX[S.dtype]}")
+    g(blas()[S.dtype], _ptr(S), _ptr(Hs), _ptr(gy_out), _ptr(glogp_out), B, N, W.shape[0], _ptr(W), _ptr(b0),
+      _ptr(b1), _ptr(w0), _ptr(w1), _ptr(A0), _ptr(A1), ACTIVATIONS[activation], float(t), float(dt), _ptr(gy),
+      *[_ptr(q) for q in grads], torch.get_num_threads())
     return (gy, *grads)

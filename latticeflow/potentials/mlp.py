@@ -168,32 +168,42 @@ def _reference_rk4(y: Tensor, logp: Tensor, W: Tensor, b0: Tensor | None, b1: Te
 
 
 class _MLPRK4Step(torch.autograd.Function):
-    """One RK4 step of the MLP (+ quadratic) drift by the compiled kernel (latticeflow.native.step).
+    """One RK4 step of the MLP (+ quadratic) drift by a compiled step (latticeflow.native.step).
 
-    Forward and backward are one kernel call each; the backward recomputes the step's four stages
-    from its input y, the only tensor saved besides the parameters. A backward with
-    create_graph=True (a second derivative, such as the gradient of ln|det ∂x/∂z|) differentiates
-    :func:`_reference_rk4` instead, so higher derivatives stay exact.
+    Forward and backward are one kernel call each. The lanes step (small lattices) recomputes the
+    step's four stages in the backward from its input y, the only tensor saved besides the
+    parameters; the GEMM step (larger lattices) keeps its stage points and pre-activations when a
+    gradient is wanted. A backward with create_graph=True (a second derivative, such as the gradient
+    of ln|det ∂x/∂z|) differentiates :func:`_reference_rk4` instead, so higher derivatives stay exact.
     """
 
     @staticmethod
     def forward(ctx: Any, y: Tensor, logp: Tensor, W: Tensor, b0: Tensor | None, b1: Tensor | None, w0: Tensor,
                 w1: Tensor | None, A0: Tensor | None, A1: Tensor | None, activation: str, t: float,
-                dt: float) -> tuple[Tensor, Tensor]:
+                dt: float, path: str = "lanes") -> tuple[Tensor, Tensor]:
         from ..native import step as native_step
 
         params = [None if q is None else q.contiguous() for q in (W, b0, b1, w0, w1, A0, A1)]
         y = y.contiguous()
-        ctx.activation, ctx.t, ctx.dt = activation, t, dt
+        ctx.activation, ctx.t, ctx.dt, ctx.path = activation, t, dt, path
         ctx.absent = [q is None for q in params]
-        ctx.save_for_backward(y, logp, *[q if q is not None else y.new_empty(0) for q in params])
-        return native_step.rk4_forward(y, logp.contiguous(), *params, activation, t, dt)
+        stages: list[Tensor] = []
+        if path == "gemm":
+            y_out, logp_out, S, Hs = native_step.gemm_forward(y, logp.contiguous(), *params, activation, t, dt,
+                                                              any(ctx.needs_input_grad))
+            stages = [S, Hs] if S is not None else []
+        else:
+            y_out, logp_out = native_step.rk4_forward(y, logp.contiguous(), *params, activation, t, dt)
+        ctx.n_stages = len(stages)
+        ctx.save_for_backward(y, logp, *[q if q is not None else y.new_empty(0) for q in params], *stages)
+        return y_out, logp_out
 
     @staticmethod
     def backward(ctx: Any, gy: Tensor | None, glogp: Tensor | None) -> tuple[Tensor | None, ...]:
         from ..native import step as native_step
 
         y, logp, *saved = ctx.saved_tensors
+        stages = saved[len(saved) - ctx.n_stages:]
         params = [None if gone else q for q, gone in zip(saved, ctx.absent)]
         gy = torch.zeros_like(y) if gy is None else gy.contiguous()
         glogp = torch.zeros_like(logp) if glogp is None else glogp.contiguous()
@@ -208,11 +218,14 @@ class _MLPRK4Step(torch.autograd.Function):
             grads: list[Tensor | None] = [None] * 9
             for (i, q), g in zip(inputs, got):
                 grads[i] = torch.zeros_like(q) if g is None else g
-            return (*grads, None, None, None)
-        gy_in, *pgrads = native_step.rk4_backward(y, gy, glogp, *params, ctx.activation, ctx.t, ctx.dt)
+            return (*grads, None, None, None, None)
+        if ctx.path == "gemm":
+            gy_in, *pgrads = native_step.gemm_backward(*stages, gy, glogp, *params, ctx.activation, ctx.t, ctx.dt)
+        else:
+            gy_in, *pgrads = native_step.rk4_backward(y, gy, glogp, *params, ctx.activation, ctx.t, ctx.dt)
         grads = [gy_in if needs[0] else None, glogp if needs[1] else None]
         grads += [g if needs[2 + i] else None for i, g in enumerate(pgrads)]
-        return (*grads, None, None, None)
+        return (*grads, None, None, None, None)
 
 
 # ---------------------------------------------------------------------- the potential
@@ -293,9 +306,10 @@ class MLPPotential(Potential):
         def step(t: float, y: Tensor, logp: Tensor, dt: float) -> tuple[Tensor, Tensor] | None:
             A0, A1 = quad.dense_parts() if quad is not None else (None, None)
             params = [self.weight, self.bias, self.bias_t, self.readout, self.readout_t, A0, A1]
-            if not native_step.available(y, self.hidden, self.activation, params):
+            path = native_step.available(y, self.hidden, self.activation, params)
+            if path is None:
                 return None
-            return _MLPRK4Step.apply(y, logp, *params, self.activation, float(t), float(dt))
+            return _MLPRK4Step.apply(y, logp, *params, self.activation, float(t), float(dt), path)
 
         return step
 
