@@ -374,3 +374,30 @@ def test_a_run_records_the_step_kernel(kernel, tmp_path, monkeypatch):
                  "--epochs", "2", "--out", str(tmp_path / "run"), "--no-plot", "--quiet", "--threads", "1"])
     prov = json.loads((tmp_path / "run" / "summary.json").read_text())["provenance"]
     assert prov["step_kernel"] == native_step.status() and prov["step_kernel"].startswith("compiled (mlp_step-")
+
+
+def test_bfloat16_products_round_only_the_products(kernel, monkeypatch):
+    # inside native_step.products("bfloat16") a float32 GEMM step multiplies bfloat16 operands (float32 sums):
+    # its step and gradients agree with the float32 step to bfloat16 rounding (2^-8 relative per operand), not
+    # to float32 rounding; float64 steps and everything outside the block are untouched
+    if "bfloat16" not in (native_step.blas() or {}):
+        pytest.skip("this torch's BLAS has no bfloat16 gemm")
+    monkeypatch.setattr(native_step, "AUTO_MAX_SITES", 0)
+    params = _params(40, 64, True, True, True, False, False, torch.float32, seed=4)
+    y = torch.randn(32, 40, generator=torch.Generator().manual_seed(3)).requires_grad_()
+    logp = torch.zeros(32, requires_grad=True)
+    cot = (torch.randn(32, 40, generator=torch.Generator().manual_seed(5)), torch.ones(32))
+    assert native_step.available(y, 64, "softplus", params) == "gemm"
+    full = _step_outputs(_compiled("gemm"), y, logp, params, "softplus", 0.2, 0.1, cot)
+    before = dict(native_step.counts)
+    with native_step.products("bfloat16"):
+        assert native_step.available(y, 64, "softplus", params) == "gemm-bf16"
+        assert native_step.available(y.double(), 64, "softplus", [q.double() for q in params if q is not None]) == "gemm"
+    assert native_step.counts["bfloat16"] == before["bfloat16"] + 1 and native_step.counts["full"] == before["full"] + 1
+    assert native_step.available(y, 64, "softplus", params) == "gemm"  # the block's end restores float32
+    low = _step_outputs(_compiled("gemm-bf16"), y, logp, params, "softplus", 0.2, 0.1, cot)
+    errs = [float((a - b).detach().norm() / b.detach().norm()) for a, b in zip(low, full) if b.detach().norm() > 0]
+    assert max(errs) < 2e-2 and max(errs) > 1e-5  # bfloat16's rounding shows, and nothing more
+    with pytest.raises(ValueError, match="precision must be one of"):
+        with native_step.products("float16"):
+            pass

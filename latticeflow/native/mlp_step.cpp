@@ -24,6 +24,8 @@
 // (lanes.h). Plain C ABI over raw pointers; the batch is split over nt OpenMP
 // threads, each with its own parameter sums, added in thread order at the end.
 
+#include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "lanes.h"
@@ -465,22 +467,73 @@ template <typename T>
 using Gemm = void (*)(const char*, const char*, const int*, const int*, const int*, const T*, const T*, const int*,
                       const T*, const int*, const T*, T*, const int*);
 
-// row-major C (M×Nc) = alpha op(A) op(B) + beta C with op(A) (M×K), op(B) (K×Nc), as the column-major
-// Cᵀ = op(B)ᵀ op(A)ᵀ
-template <typename T>
-inline void mm(Gemm<T> g, bool ta, bool tb, int M, int Nc, int K, T alpha, const T* A, int lda, const T* B, int ldb,
-               T beta, T* C, int ldc) {
-    const char a = ta ? 'T' : 'N', b = tb ? 'T' : 'N';
-    g(&b, &a, &Nc, &M, &K, &alpha, B, &ldb, A, &lda, &beta, C, &ldc);
-}
+// MKL's gemm_bf16bf16f32_: bfloat16 operands, float32 sums and result (same ABI, operands as uint16)
+using GemmBf16 = void (*)(const char*, const char*, const int*, const int*, const int*, const float*, const uint16_t*,
+                          const int*, const uint16_t*, const int*, const float*, float*, const int*);
 
 // a reused work buffer of at least n numbers (the calling thread's: no fresh pages to fault in per call)
 template <typename T>
 inline T* scratch(int slot, size_t n) {
-    thread_local std::vector<T> buf[6];
+    thread_local std::vector<T> buf[8];
     if (buf[slot].size() < n) buf[slot].resize(n);
     return buf[slot].data();
 }
+
+// float32 → bfloat16, rounded to nearest even (finite inputs), over nt threads
+inline void to_bf16(const float* x, uint16_t* out, int64_t n, int nt) {
+#pragma omp parallel for simd num_threads(nt) schedule(static)
+    for (int64_t i = 0; i < n; ++i) {
+        uint32_t u;
+        std::memcpy(&u, x + i, 4);
+        out[i] = (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+    }
+}
+
+// the step's products: the T gemm, or (float only, lo non-null) bfloat16 operands with float32 sums.
+// W's bfloat16 copy is made once per call; other operands are rounded as they are used.
+template <typename T>
+struct Products {
+    Gemm<T> g;
+    GemmBf16 lo;
+    const T* W;
+    const uint16_t* Wlo;
+    int nt;
+
+    Products(void* gemm, void* gemm_lo, const T* W_, int64_t nW, int nt_)
+        : g((Gemm<T>)gemm), lo(nullptr), W(W_), Wlo(nullptr), nt(nt_) {
+        if constexpr (std::is_same<T, float>::value) {
+            if (gemm_lo) {
+                lo = (GemmBf16)gemm_lo;
+                uint16_t* buf = scratch<uint16_t>(0, (size_t)nW);
+                to_bf16(W_, buf, nW, nt);
+                Wlo = buf;
+            }
+        }
+    }
+
+    const uint16_t* rounded(const T* x, int64_t n, int slot) const {
+        if (x == W) return Wlo;
+        uint16_t* buf = scratch<uint16_t>(slot, (size_t)n);
+        to_bf16((const float*)x, buf, n, nt);
+        return buf;
+    }
+
+    // row-major C (M×Nc) = alpha op(A) op(B) + beta C with op(A) (M×K), op(B) (K×Nc) (rows of lda, ldb
+    // numbers), as the column-major Cᵀ = op(B)ᵀ op(A)ᵀ
+    void operator()(bool ta, bool tb, int M, int Nc, int K, T alpha, const T* A, int lda, const T* B, int ldb, T beta,
+                    T* C, int ldc) const {
+        const char a = ta ? 'T' : 'N', b = tb ? 'T' : 'N';
+        if constexpr (std::is_same<T, float>::value) {
+            if (lo) {
+                const uint16_t* Al = rounded(A, (int64_t)(ta ? K : M) * lda, 1);
+                const uint16_t* Bl = rounded(B, (int64_t)(tb ? Nc : K) * ldb, 2);
+                lo(&b, &a, &Nc, &M, &K, &alpha, Bl, &ldb, Al, &lda, &beta, C, &ldc);
+                return;
+            }
+        }
+        g(&b, &a, &Nc, &M, &K, &alpha, B, &ldb, A, &lda, &beta, C, &ldc);
+    }
+};
 
 // the columns [k0, k1) of thread me of nt over H, in multiples of 16
 inline void cols_of(int H, int nt, int me, int& k0, int& k1) {
@@ -492,10 +545,10 @@ inline void cols_of(int H, int nt, int me, int& k0, int& k1) {
 // one forward stage at the points s (B, N): h = s Wᵀ + b(τ) into hs (B, H), v = ∇φ(s) into v (B, N),
 // ℓ = −∇²φ into l (B); U (B, H) work space
 template <typename T, int ACT>
-void gemm_stage(Gemm<T> g, const Params<T>& p, const Stage<T>& st, const T* q, int B, const T* s, T* hs, T* U, T* v,
+void gemm_stage(const Products<T>& mm, const Params<T>& p, const Stage<T>& st, const T* q, int B, const T* s, T* hs, T* U, T* v,
                 T* l, int nt) {
     const int N = p.N, H = p.H;
-    mm<T>(g, false, true, B, H, N, T(1), s, N, p.W, N, T(0), hs, H);
+    mm(false, true, B, H, N, T(1), s, N, p.W, N, T(0), hs, H);
     const T* bias = st.b.data();
     const T* w = st.w.data();
 #pragma omp parallel num_threads(nt)
@@ -518,13 +571,13 @@ void gemm_stage(Gemm<T> g, const Params<T>& p, const Stage<T>& st, const T* q, i
             l[b] = -(lap + st.trA);
         }
     }
-    mm<T>(g, false, false, B, N, H, T(1), U, H, p.W, N, T(0), v, N);
-    if (st.hasA) mm<T>(g, false, false, B, N, N, T(1), s, N, st.A.data(), N, T(1), v, N);
+    mm(false, false, B, N, H, T(1), U, H, p.W, N, T(0), v, N);
+    if (st.hasA) mm(false, false, B, N, N, T(1), s, N, st.A.data(), N, T(1), v, N);
 }
 
 template <typename T, int ACT>
-void gemm_forward(Gemm<T> g, const Params<T>& p, const T* y, const T* logp, int B, double t, double dt, T* y_out,
-                  T* logp_out, T* save_s, T* save_h, int nt) {
+void gemm_forward(const Products<T>& mm, const Params<T>& p, const T* y, const T* logp, int B, double t, double dt,
+                  T* y_out, T* logp_out, T* save_s, T* save_h, int nt) {
     const int N = p.N, H = p.H;
     const int64_t BN = (int64_t)B * N, BH = (int64_t)B * H;
     const StepSetup<T> ss(p, t, dt);
@@ -543,23 +596,23 @@ void gemm_forward(Gemm<T> g, const Params<T>& p, const T* y, const T* logp, int 
             std::copy(y, y + BN, si);
         } else {
             const T a = i == 3 ? ss.full : ss.half;
-#pragma omp simd
+#pragma omp parallel for simd num_threads(nt) schedule(static)
             for (int64_t j = 0; j < BN; ++j) si[j] = y[j] + a * v[j];
         }
-        gemm_stage<T, ACT>(g, p, sti, ss.q.data(), B, si, keep ? Hs + i * BH : Hs, U, v, l, nt);
+        gemm_stage<T, ACT>(mm, p, sti, ss.q.data(), B, si, keep ? Hs + i * BH : Hs, U, v, l, nt);
         const T c = (i == 0 || i == 3) ? T(1) : T(2);
-#pragma omp simd
+#pragma omp parallel for simd num_threads(nt) schedule(static)
         for (int64_t j = 0; j < BN; ++j) vsum[j] = i == 0 ? v[j] : vsum[j] + c * v[j];
         for (int b = 0; b < B; ++b) lsum[b] = i == 0 ? l[b] : lsum[b] + c * l[b];
     }
-#pragma omp simd
+#pragma omp parallel for simd num_threads(nt) schedule(static)
     for (int64_t j = 0; j < BN; ++j) y_out[j] = y[j] + ss.sixth * vsum[j];
     for (int b = 0; b < B; ++b) logp_out[b] = logp[b] + ss.sixth * lsum[b];
 }
 
 // the backward of gemm_forward from its kept stage points S (4, B, N) and pre-activations Hs (4, B, H)
 template <typename T, int ACT>
-void gemm_backward(Gemm<T> g, const Params<T>& p, const T* S, const T* Hs, const T* gy_out, const T* glogp_out, int B,
+void gemm_backward(const Products<T>& mm, const Params<T>& p, const T* S, const T* Hs, const T* gy_out, const T* glogp_out, int B,
                    double t, double dt, T* gy, T* gW, T* gb0, T* gb1, T* gw0, T* gw1, T* gA0, T* gA1, int nt) {
     const int N = p.N, H = p.H;
     const int64_t BN = (int64_t)B * N, BH = (int64_t)B * H;
@@ -588,7 +641,7 @@ void gemm_backward(Gemm<T> g, const Params<T>& p, const T* S, const T* Hs, const
         T* Ei = E + i * BH;
         T* Ci = C + i * BH;
         const T* hi = Hs + i * BH;
-        mm<T>(g, false, true, B, H, N, T(1), vb, N, p.W, N, T(0), u, H);  // u = V̄ Wᵀ
+        mm(false, true, B, H, N, T(1), vb, N, p.W, N, T(0), u, H);  // u = V̄ Wᵀ
 #pragma omp parallel num_threads(nt)
         {
             int me = 0, team = 1;
@@ -623,25 +676,29 @@ void gemm_backward(Gemm<T> g, const Params<T>& p, const T* S, const T* Hs, const
                 }
             }
         }
-        mm<T>(g, false, false, B, N, H, T(1), Ei, H, p.W, N, T(0), sb, N);  // S̄ = E W
+        mm(false, false, B, N, H, T(1), Ei, H, p.W, N, T(0), sb, N);  // S̄ = E W
         if (st.hasA) {
-            mm<T>(g, false, true, B, N, N, T(1), vb, N, st.A.data(), N, T(1), sb, N);  // + V̄ Aᵀ
+            mm(false, true, B, N, N, T(1), vb, N, st.A.data(), N, T(1), sb, N);  // + V̄ Aᵀ
             T gs = T(0);
             for (int b = 0; b < B; ++b) gs += wv[i] * glogp_out[b];
             trsum0 += gs;
             trsum1 += tau * gs;
         }
-#pragma omp simd
+#pragma omp parallel for simd num_threads(nt) schedule(static)
         for (int64_t j = 0; j < BN; ++j) {
             gy[j] += sb[j];
             if (i > 0) VB[(i - 1) * BN + j] = wv[i - 1] * gy_out[j] + ws[i - 1] * sb[j];
         }
     }
     // W̄ = Σ_i E_iᵀ S_i + C_iᵀ V̄_i − 2 R_k W_k
-    mm<T>(g, true, false, H, N, 4 * B, T(1), E, H, S, N, T(0), gW, N);
-    mm<T>(g, true, false, H, N, 4 * B, T(1), C, H, VB, N, T(1), gW, N);
-    for (int k = 0; k < H; ++k)
-        for (int j = 0; j < N; ++j) gW[(int64_t)k * N + j] -= T(2) * R[k] * p.W[(int64_t)k * N + j];
+    mm(true, false, H, N, 4 * B, T(1), E, H, S, N, T(0), gW, N);
+    mm(true, false, H, N, 4 * B, T(1), C, H, VB, N, T(1), gW, N);
+#pragma omp parallel for num_threads(nt) schedule(static)
+    for (int k = 0; k < H; ++k) {
+        const T r = T(2) * R[k];
+#pragma omp simd
+        for (int j = 0; j < N; ++j) gW[(int64_t)k * N + j] -= r * p.W[(int64_t)k * N + j];
+    }
     for (int k = 0; k < H; ++k) {
         if (gb0) gb0[k] = B0[k];
         if (gb1) gb1[k] = B1[k];
@@ -649,32 +706,34 @@ void gemm_backward(Gemm<T> g, const Params<T>& p, const T* S, const T* Hs, const
         if (gw1) gw1[k] = W1[k];
     }
     if (p.A0) {  // Ā = Σ_i S_iᵀ V̄_i − Σ ḡ I, Ā1 the same weighted by τ_i
-        mm<T>(g, true, false, N, N, 4 * B, T(1), S, N, VB, N, T(0), gA0, N);
+        mm(true, false, N, N, 4 * B, T(1), S, N, VB, N, T(0), gA0, N);
         for (int j = 0; j < N; ++j) gA0[(int64_t)j * N + j] -= trsum0;
         if (gA1) {
             for (int i = 0; i < 4; ++i)
-                mm<T>(g, true, false, N, N, B, sts[i]->tau, S + i * BN, N, VB + i * BN, N, T(i == 0 ? 0 : 1), gA1, N);
+                mm(true, false, N, N, B, sts[i]->tau, S + i * BN, N, VB + i * BN, N, T(i == 0 ? 0 : 1), gA1, N);
             for (int j = 0; j < N; ++j) gA1[(int64_t)j * N + j] -= trsum1;
         }
     }
 }
 
 template <typename T>
-void gemm_forward_act(Gemm<T> g, int act, const Params<T>& p, const T* y, const T* logp, int B, double t, double dt,
-                      T* y_out, T* logp_out, T* save_s, T* save_h, int nt) {
-    if (act == 0) gemm_forward<T, 0>(g, p, y, logp, B, t, dt, y_out, logp_out, save_s, save_h, nt);
-    else if (act == 1) gemm_forward<T, 1>(g, p, y, logp, B, t, dt, y_out, logp_out, save_s, save_h, nt);
-    else gemm_forward<T, 2>(g, p, y, logp, B, t, dt, y_out, logp_out, save_s, save_h, nt);
+void gemm_forward_act(void* gemm, void* gemm_lo, int act, const Params<T>& p, const T* y, const T* logp, int B,
+                      double t, double dt, T* y_out, T* logp_out, T* save_s, T* save_h, int nt) {
+    const Products<T> mm(gemm, gemm_lo, p.W, (int64_t)p.H * p.N, nt);
+    if (act == 0) gemm_forward<T, 0>(mm, p, y, logp, B, t, dt, y_out, logp_out, save_s, save_h, nt);
+    else if (act == 1) gemm_forward<T, 1>(mm, p, y, logp, B, t, dt, y_out, logp_out, save_s, save_h, nt);
+    else gemm_forward<T, 2>(mm, p, y, logp, B, t, dt, y_out, logp_out, save_s, save_h, nt);
 }
 
 template <typename T>
-void gemm_backward_act(Gemm<T> g, int act, const Params<T>& p, const T* S, const T* Hs, const T* gy_out,
-                       const T* glogp_out, int B, double t, double dt, T* gy, T* gW, T* gb0, T* gb1, T* gw0, T* gw1,
-                       T* gA0, T* gA1, int nt) {
-    if (act == 0) gemm_backward<T, 0>(g, p, S, Hs, gy_out, glogp_out, B, t, dt, gy, gW, gb0, gb1, gw0, gw1, gA0, gA1, nt);
+void gemm_backward_act(void* gemm, void* gemm_lo, int act, const Params<T>& p, const T* S, const T* Hs,
+                       const T* gy_out, const T* glogp_out, int B, double t, double dt, T* gy, T* gW, T* gb0, T* gb1,
+                       T* gw0, T* gw1, T* gA0, T* gA1, int nt) {
+    const Products<T> mm(gemm, gemm_lo, p.W, (int64_t)p.H * p.N, nt);
+    if (act == 0) gemm_backward<T, 0>(mm, p, S, Hs, gy_out, glogp_out, B, t, dt, gy, gW, gb0, gb1, gw0, gw1, gA0, gA1, nt);
     else if (act == 1)
-        gemm_backward<T, 1>(g, p, S, Hs, gy_out, glogp_out, B, t, dt, gy, gW, gb0, gb1, gw0, gw1, gA0, gA1, nt);
-    else gemm_backward<T, 2>(g, p, S, Hs, gy_out, glogp_out, B, t, dt, gy, gW, gb0, gb1, gw0, gw1, gA0, gA1, nt);
+        gemm_backward<T, 1>(mm, p, S, Hs, gy_out, glogp_out, B, t, dt, gy, gW, gb0, gb1, gw0, gw1, gA0, gA1, nt);
+    else gemm_backward<T, 2>(mm, p, S, Hs, gy_out, glogp_out, B, t, dt, gy, gW, gb0, gb1, gw0, gw1, gA0, gA1, nt);
 }
 
 }  // namespace
@@ -696,17 +755,18 @@ void gemm_backward_act(Gemm<T> g, int act, const Params<T>& p, const T* S, const
 
 #define LF_EXPORT_GEMM(T, SUFFIX)                                                                                   \
     extern "C" void lf_mlp_rk4_gemm_forward_##SUFFIX(                                                              \
-        void* gemm, const T* y, const T* logp, int B, int N, int H, const T* W, const T* b0, const T* b1,          \
-        const T* w0, const T* w1, const T* A0, const T* A1, int act, double t, double dt, T* y_out, T* logp_out,   \
-        T* save_s, T* save_h, int nt) {                                                                            \
-        gemm_forward_act<T>((Gemm<T>)gemm, act, Params<T>{N, H, W, b0, b1, w0, w1, A0, A1}, y, logp, B, t, dt,    \
+        void* gemm, void* gemm_lo, const T* y, const T* logp, int B, int N, int H, const T* W, const T* b0,        \
+        const T* b1, const T* w0, const T* w1, const T* A0, const T* A1, int act, double t, double dt, T* y_out,    \
+        T* logp_out, T* save_s, T* save_h, int nt) {                                                               \
+        gemm_forward_act<T>(gemm, gemm_lo, act, Params<T>{N, H, W, b0, b1, w0, w1, A0, A1}, y, logp, B, t, dt,    \
                             y_out, logp_out, save_s, save_h, nt);                                                  \
     }                                                                                                               \
     extern "C" void lf_mlp_rk4_gemm_backward_##SUFFIX(                                                             \
-        void* gemm, const T* S, const T* Hs, const T* gy_out, const T* glogp_out, int B, int N, int H, const T* W, \
+        void* gemm, void* gemm_lo, const T* S, const T* Hs, const T* gy_out, const T* glogp_out, int B, int N,     \
+        int H, const T* W,                                                                                          \
         const T* b0, const T* b1, const T* w0, const T* w1, const T* A0, const T* A1, int act, double t, double dt, \
         T* gy, T* gW, T* gb0, T* gb1, T* gw0, T* gw1, T* gA0, T* gA1, int nt) {                                    \
-        gemm_backward_act<T>((Gemm<T>)gemm, act, Params<T>{N, H, W, b0, b1, w0, w1, A0, A1}, S, Hs, gy_out,       \
+        gemm_backward_act<T>(gemm, gemm_lo, act, Params<T>{N, H, W, b0, b1, w0, w1, A0, A1}, S, Hs, gy_out,       \
                              glogp_out, B, t, dt, gy, gW, gb0, gb1, gw0, gw1, gA0, gA1, nt);                       \
     }
 

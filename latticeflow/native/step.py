@@ -22,19 +22,23 @@ Symbols: B batch, N sites, H hidden units.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import ctypes
 import platform
 import sys
 import threading
 from pathlib import Path
+from typing import Any, Iterator
 
 import torch
 from torch import Tensor
 
 from . import _ACT, _SUFFIX, KERNEL_MODES, _declare_kernel, _load_kernel, _mode_of, _ptr, _status_of
 
-__all__ = ["AUTO_MAX_SITES", "KERNEL_MODES", "MAX_HIDDEN", "MAX_SITES", "available", "blas", "gemm_backward",
-           "gemm_forward", "kernel_mode", "load", "rk4_backward", "rk4_forward", "status"]
+__all__ = ["AUTO_MAX_SITES", "KERNEL_MODES", "MAX_HIDDEN", "MAX_SITES", "PRECISIONS", "available", "blas", "counts",
+           "gemm_backward", "gemm_forward", "kernel_mode", "load", "products", "rk4_backward", "rk4_forward",
+           "status"]
 
 _ENV = "LATTICEFLOW_STEP_KERNEL"
 _SOURCE = Path(__file__).with_name("mlp_step.cpp")
@@ -62,17 +66,17 @@ def _declare(lib: ctypes.CDLL) -> None:
     _declare_kernel(lib, {"lf_mlp_rk4_forward": [p, p, i, i, i, p, p, p, p, p, p, p, i, d, d, p, p, i],
                           "lf_mlp_rk4_backward": [p, p, p, i, i, i, p, p, p, p, p, p, p, i, d, d, p, p, p, p, p, p, p,
                                                   p, i],
-                          "lf_mlp_rk4_gemm_forward": [p, p, p, i, i, i, p, p, p, p, p, p, p, i, d, d, p, p, p, p, i],
-                          "lf_mlp_rk4_gemm_backward": [p, p, p, p, p, i, i, i, p, p, p, p, p, p, p, i, d, d, p, p, p, p,
-                                                       p, p, p, p, i]},
+                          "lf_mlp_rk4_gemm_forward": [p, p, p, p, i, i, i, p, p, p, p, p, p, p, i, d, d, p, p, p, p, i],
+                          "lf_mlp_rk4_gemm_backward": [p, p, p, p, p, p, i, i, i, p, p, p, p, p, p, p, i, d, d, p, p, p,
+                                                       p, p, p, p, p, i]},
                     {"lf_mlp_max_sites": MAX_SITES, "lf_mlp_max_hidden": MAX_HIDDEN})
 
 
-def blas() -> dict[torch.dtype, int] | None:
+def blas() -> dict[Any, int] | None:
     """The addresses of the BLAS gemm torch itself calls on the CPU (``sgemm_``/``dgemm_``, the Fortran
-    ABI, exported by libtorch_cpu with its MKL), for the GEMM step; None where this torch exports none
-    (the reason is kept in ``_blas_error``). Using torch's own gemm keeps one BLAS and one thread pool
-    in the process."""
+    ABI, exported by libtorch_cpu with its MKL), for the GEMM step; under the key "bfloat16" also MKL's
+    ``gemm_bf16bf16f32_`` where exported. None where this torch exports no gemm (the reason is kept in
+    ``_blas_error``). Using torch's own gemm keeps one BLAS and one thread pool in the process."""
     global _blas_ptrs, _blas_error
     if _blas_ptrs is None and _blas_error is None:
         lib_dir = Path(torch.__file__).parent / "lib"
@@ -81,11 +85,38 @@ def blas() -> dict[torch.dtype, int] | None:
             if not found:
                 raise OSError(f"no libtorch_cpu in {lib_dir}")
             lib = ctypes.CDLL(str(found[0]))
-            _blas_ptrs = {torch.float32: ctypes.cast(lib.sgemm_, ctypes.c_void_p).value,
-                          torch.float64: ctypes.cast(lib.dgemm_, ctypes.c_void_p).value}
+            ptrs: dict[Any, int] = {torch.float32: ctypes.cast(lib.sgemm_, ctypes.c_void_p).value,
+                                    torch.float64: ctypes.cast(lib.dgemm_, ctypes.c_void_p).value}
+            if hasattr(lib, "gemm_bf16bf16f32_"):
+                ptrs["bfloat16"] = ctypes.cast(lib.gemm_bf16bf16f32_, ctypes.c_void_p).value
+            _blas_ptrs = ptrs
         except (OSError, AttributeError) as e:
             _blas_error = f"torch exports no BLAS gemm: {e}"
     return _blas_ptrs
+
+
+#: what :func:`products` accepts
+PRECISIONS = ("float32", "bfloat16")
+_products: contextvars.ContextVar[str] = contextvars.ContextVar("latticeflow_step_products", default="float32")
+#: GEMM steps taken with bfloat16 and with full-precision products in this process (provenance)
+counts = {"bfloat16": 0, "full": 0}
+
+
+@contextlib.contextmanager
+def products(precision: str) -> Iterator[None]:
+    """Inside the block, float32 GEMM steps multiply in ``precision``: "bfloat16" rounds the products'
+    operands to bfloat16 and sums in float32 (MKL's gemm_bf16bf16f32, AMX or AVX512-BF16 where the CPU
+    has them), for training iterations whose gradients need only descend; "float32" (the default)
+    changes nothing. Every other step (float64, the lanes step, eager steps, other devices) is
+    unaffected, and so is everything outside the block: the trainer keeps its reported estimates out
+    of it. Where this torch has no bfloat16 gemm the steps stay float32 (``counts`` tells)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    token = _products.set(precision)
+    try:
+        yield
+    finally:
+        _products.reset(token)
 
 
 def load() -> ctypes.CDLL | None:
@@ -120,11 +151,14 @@ def available(y: Tensor, hidden: int, activation: str, params: list[Tensor | Non
         return "lanes" if load() is not None else None
     if load() is None:
         return None
-    if blas() is None:
+    ptrs = blas()
+    if ptrs is None:
         if mode == "native":
             raise RuntimeError(f"{_ENV}=native but the GEMM step is unavailable: {_blas_error}")
         return None
-    return "gemm"
+    low = _products.get() == "bfloat16" and y.dtype == torch.float32 and "bfloat16" in ptrs
+    counts["bfloat16" if low else "full"] += 1
+    return "gemm-bf16" if low else "gemm"
 
 
 def rk4_forward(y: Tensor, logp: Tensor, W: Tensor, b0: Tensor | None, b1: Tensor | None, w0: Tensor,
@@ -159,9 +193,10 @@ def rk4_backward(y: Tensor, gy_out: Tensor, glogp_out: Tensor, W: Tensor, b0: Te
 
 def gemm_forward(y: Tensor, logp: Tensor, W: Tensor, b0: Tensor | None, b1: Tensor | None, w0: Tensor,
                  w1: Tensor | None, A0: Tensor | None, A1: Tensor | None, activation: str, t: float, dt: float,
-                 keep: bool) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+                 keep: bool, low: bool = False) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
     """:func:`rk4_forward` by the GEMM step; with ``keep``, also the four stage points (4, B, N) and
-    pre-activations (4, B, H) that :func:`gemm_backward` reads (else None, None)."""
+    pre-activations (4, B, H) that :func:`gemm_backward` reads (else None, None). ``low``: products of
+    bfloat16 operands (float32 states only, see :func:`products`)."""
     lib = load()
     B, N = y.shape
     H = W.shape[0]
@@ -169,7 +204,7 @@ def gemm_forward(y: Tensor, logp: Tensor, W: Tensor, b0: Tensor | None, b1: Tens
     S = y.new_empty(4, B, N) if keep else None
     Hs = y.new_empty(4, B, H) if keep else None
     f = getattr(lib, f"lf_mlp_rk4_gemm_forward_{_SUFFIX[y.dtype]}")
-    f(blas()[y.dtype], _ptr(y), _ptr(logp), B, N, H, _ptr(W), _ptr(b0), _ptr(b1), _ptr(w0), _ptr(w1), _ptr(A0),
+    f(blas()[y.dtype], _low(low, y), _ptr(y), _ptr(logp), B, N, H, _ptr(W), _ptr(b0), _ptr(b1), _ptr(w0), _ptr(w1), _ptr(A0),
       _ptr(A1), ACTIVATIONS[activation], float(t), float(dt), _ptr(y_out), _ptr(logp_out), _ptr(S), _ptr(Hs),
       torch.get_num_threads())
     return y_out, logp_out, S, Hs
@@ -177,14 +212,23 @@ def gemm_forward(y: Tensor, logp: Tensor, W: Tensor, b0: Tensor | None, b1: Tens
 
 def gemm_backward(S: Tensor, Hs: Tensor, gy_out: Tensor, glogp_out: Tensor, W: Tensor, b0: Tensor | None,
                   b1: Tensor | None, w0: Tensor, w1: Tensor | None, A0: Tensor | None, A1: Tensor | None,
-                  activation: str, t: float, dt: float) -> tuple[Tensor | None, ...]:
+                  activation: str, t: float, dt: float, low: bool = False) -> tuple[Tensor | None, ...]:
     """:func:`rk4_backward` by the GEMM step, from the stage points and pre-activations its forward kept."""
     lib = load()
     _, B, N = S.shape
     gy = torch.empty_like(gy_out)
     grads = [torch.empty_like(p) if p is not None else None for p in (W, b0, b1, w0, w1, A0, A1)]
     g = getattr(lib, f"lf_mlp_rk4_gemm_backward_{_SUFFIX[S.dtype]}")
-    g(blas()[S.dtype], _ptr(S), _ptr(Hs), _ptr(gy_out), _ptr(glogp_out), B, N, W.shape[0], _ptr(W), _ptr(b0),
+    g(blas()[S.dtype], _low(low, S), _ptr(S), _ptr(Hs), _ptr(gy_out), _ptr(glogp_out), B, N, W.shape[0], _ptr(W), _ptr(b0),
       _ptr(b1), _ptr(w0), _ptr(w1), _ptr(A0), _ptr(A1), ACTIVATIONS[activation], float(t), float(dt), _ptr(gy),
       *[_ptr(q) for q in grads], torch.get_num_threads())
     return (gy, *grads)
+
+
+def _low(low: bool, x: Tensor) -> int | None:
+    """The bfloat16 gemm's address for a float32 step with ``low`` products, else None (full precision)."""
+    if not low:
+        return None
+    if x.dtype != torch.float32 or "bfloat16" not in (blas() or {}):
+        raise ValueError("bfloat16 products need a float32 state and MKL's gemm_bf16bf16f32 (blas()['bfloat16'])")
+    return blas()["bfloat16"]

@@ -188,9 +188,9 @@ class _MLPRK4Step(torch.autograd.Function):
         ctx.activation, ctx.t, ctx.dt, ctx.path = activation, t, dt, path
         ctx.absent = [q is None for q in params]
         stages: list[Tensor] = []
-        if path == "gemm":
+        if path.startswith("gemm"):  # "gemm", or "gemm-bf16": bfloat16 products (native_step.products)
             y_out, logp_out, S, Hs = native_step.gemm_forward(y, logp.contiguous(), *params, activation, t, dt,
-                                                              any(ctx.needs_input_grad))
+                                                              any(ctx.needs_input_grad), path == "gemm-bf16")
             stages = [S, Hs] if S is not None else []
         else:
             y_out, logp_out = native_step.rk4_forward(y, logp.contiguous(), *params, activation, t, dt)
@@ -219,8 +219,9 @@ class _MLPRK4Step(torch.autograd.Function):
             for (i, q), g in zip(inputs, got):
                 grads[i] = torch.zeros_like(q) if g is None else g
             return (*grads, None, None, None, None)
-        if ctx.path == "gemm":
-            gy_in, *pgrads = native_step.gemm_backward(*stages, gy, glogp, *params, ctx.activation, ctx.t, ctx.dt)
+        if ctx.path.startswith("gemm"):
+            gy_in, *pgrads = native_step.gemm_backward(*stages, gy, glogp, *params, ctx.activation, ctx.t, ctx.dt,
+                                                       ctx.path == "gemm-bf16")
         else:
             gy_in, *pgrads = native_step.rk4_backward(y, gy, glogp, *params, ctx.activation, ctx.t, ctx.dt)
         grads = [gy_in if needs[0] else None, glogp if needs[1] else None]
