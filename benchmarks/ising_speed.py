@@ -56,6 +56,7 @@ import torch  # noqa: E402
 
 import latticeflow as lf  # noqa: E402
 from latticeflow.build import build_flow  # noqa: E402
+from latticeflow.native import step as native_step  # noqa: E402
 
 ORIGINAL_URL = "https://github.com/wangleiphy/MongeAmpereFlow"
 #: the paper's Ising run (variational_free_energy.py -L 16 -T 2.269185314213022 -symmetrize -net Simple_MLP
@@ -79,37 +80,42 @@ def mlp_flops(B: int, N: int, h: int) -> float:
     return 4.0 * B * N * h + 10.0 * B * h
 
 
-def make_step(config: dict, L: int, batch: int, pkg: types.ModuleType | None = None) -> Callable[[], None]:
+def make_step(config: dict, L: int, batch: int, pkg: types.ModuleType | None = None,
+              precision: str = "float32") -> Callable[[], None]:
     """One training iteration of ``pkg``'s flow (default: this working tree's latticeflow) as a closure.
 
     ``pkg`` may be another copy of the package (:func:`load_baseline`): its own ``ising`` target
     and ``build.build_flow`` are used, so nothing of the current tree enters its iteration.
+    ``precision``: the products of this tree's GEMM steps (``--train-precision``).
     """
     pkg = lf if pkg is None else pkg
     target = pkg.ising(L, pkg.critical)
     torch.manual_seed(0)
     flow = (build_flow if pkg is lf else pkg.build.build_flow)(config, target.lattice)
-    return training_step(flow, target, batch)
+    return training_step(flow, target, batch, precision=precision)
 
 
-def training_step(flow: torch.nn.Module, target: object, batch: int, lr: float = 1e-3) -> Callable[[], None]:
-    """One reverse-KL training iteration of ``flow`` as a closure: sample a batch, loss, backward, Adam step."""
+def training_step(flow: torch.nn.Module, target: object, batch: int, lr: float = 1e-3,
+                  precision: str = "float32") -> Callable[[], None]:
+    """One reverse-KL training iteration of ``flow`` as a closure: sample a batch, loss, backward, Adam step
+    (the GEMM steps' products in ``precision``, as the trainer's ``train_precision``)."""
     opt = torch.optim.Adam(flow.parameters(), lr=lr)
     gen = torch.Generator().manual_seed(0)
 
     def step() -> None:
-        x, logp = flow.sample(batch, generator=gen)
-        loss = (logp + target.energy(x)).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
+        with native_step.products(precision):
+            x, logp = flow.sample(batch, generator=gen)
+            loss = (logp + target.energy(x)).mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
         opt.step()
 
     return step
 
 
 def time_iteration(config: dict, L: int, batch: int, iters: int, warmup: int = 2,
-                   pkg: types.ModuleType | None = None) -> float:
-    step = make_step(config, L, batch, pkg)
+                   pkg: types.ModuleType | None = None, precision: str = "float32") -> float:
+    step = make_step(config, L, batch, pkg, precision)
     for _ in range(warmup):
         step()
     t0 = time.perf_counter()
@@ -272,7 +278,7 @@ def make_original_step(orig: types.SimpleNamespace, L: int = PAPER_L, batch: int
 
 def compare_original(orig: types.SimpleNamespace, L: int = PAPER_L, batch: int = PAPER_BATCH,
                      hidden: int = PAPER_HIDDEN, n_steps: int = PAPER_STEPS, rounds: int = 7,
-                     iters: int = 2) -> float | None:
+                     iters: int = 2, bfloat16: bool = False) -> float | None:
     """Print the original's and our s/iteration in the paper configuration, side by side; return
     the ratio of medians original / ours (None, with the reason printed, if the original fails).
 
@@ -290,11 +296,17 @@ def compare_original(orig: types.SimpleNamespace, L: int = PAPER_L, batch: int =
               f"{torch.__version__}: {type(e).__name__}: {e}")
         return None
     steps["ours"] = make_step(paper_config(hidden, n_steps), L, batch)
+    if bfloat16:
+        steps["ours, bfloat16 products"] = make_step(paper_config(hidden, n_steps), L, batch, precision="bfloat16")
     t = time_interleaved(steps, rounds, iters)
     r = ratio_of_medians(t, "original", "ours")
     print(f"  original {_summary(t['original'])}")
     print(f"  ours     {_summary(t['ours'])}")
     print(f"  ratio of medians original / ours: {r:.2f}x")
+    if bfloat16:
+        rb = ratio_of_medians(t, "original", "ours, bfloat16 products")
+        print(f"  ours, bfloat16 products (--train-precision bfloat16) {_summary(t['ours, bfloat16 products'])}")
+        print(f"  ratio of medians original / ours with bfloat16 products: {rb:.2f}x")
     return r
 
 
@@ -551,6 +563,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--baseline-flags", action="append", default=[], metavar="FLAGS",
                    help="with --baseline-commit: also compare the flow that these models/ising.py flags build "
                         "(e.g. '--L 4 --hidden 128 --potential quadratic+mlp'), at its own L and batch; repeatable")
+    p.add_argument("--bfloat16", action="store_true",
+                   help="also time our paper-configuration iteration with bfloat16 products (--train-precision "
+                        "bfloat16), and with --original its ratio to the original's")
     p.add_argument("--rounds", type=int, default=7, help="interleaved rounds of the side-by-side comparisons")
     p.add_argument("--round-iters", type=int, default=2, help="iterations of each side per round")
     p.add_argument("--default-table", type=int, nargs="+", metavar="L", default=None,
@@ -598,6 +613,10 @@ def main(argv: list[str] | None = None) -> None:
           f"{gemm:.3f} s/iteration at {gemm_flops / gemm / 1e9:.1f} GFLOP/s; everything else "
           f"{max(s - gemm, 0.0):.3f} s ({max(s - gemm, 0.0) / s:.0%} of the iteration); "
           f"the ratio with everything else free: {flops / gemm / 1e9 / mm:.2f}")
+    if args.bfloat16:
+        sb = time_iteration(paper, 16, B, args.iters, precision="bfloat16")
+        print(f"  with bfloat16 products (--train-precision bfloat16; native step: {native_step.status()}): "
+              f"{sb:.3f} s/iteration; float32 / bfloat16 {s / sb:.2f}")
     if orig is None:
         print(f"  {UNAVAILABLE}")
     elif isinstance(orig, str):
@@ -612,7 +631,7 @@ def main(argv: list[str] | None = None) -> None:
             (logp + target.energy(x)).mean().backward()
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
     if isinstance(orig, types.SimpleNamespace):
-        compare_original(orig, rounds=args.rounds, iters=args.round_iters)
+        compare_original(orig, rounds=args.rounds, iters=args.round_iters, bfloat16=args.bfloat16)
     if base is not None:
         compare_baseline(base, baseline_configs(), rounds=args.rounds, iters=args.round_iters)
         for flags, (config, L) in zip(args.baseline_flags, extra, strict=True):

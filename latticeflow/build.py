@@ -230,7 +230,7 @@ def make_trainer(config: IsingConfig | dict[str, Any], device: torch.device | st
     trainer = VariationalTrainer(model, target, opt, batch_size=config.batch_size, scheduler=sched,
                                  config=saved_config if saved_config is not None else config.to_dict(),
                                  grad_clip=config.grad_clip, gradient_estimator=config.gradient_estimator,
-                                 target_at=target_at,
+                                 train_precision=config.train_precision, target_at=target_at,
                                  out_dir=out_dir, generator=gen, progress=progress,
                                  checkpoint_every=checkpoint_every, seed=config.seed, kind=kind,
                                  max_rollbacks=config.max_rollbacks if max_rollbacks is None else max_rollbacks)

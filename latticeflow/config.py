@@ -153,6 +153,8 @@ GROUPS = ("space+z2", "space", "translation+z2", "translation", "d4+z2", "d4", "
 MIXTURES = ("none", "z2", "d4", "d4+z2")
 #: ``gradient_estimator``: see :class:`latticeflow.train.VariationalTrainer`
 GRADIENT_ESTIMATORS = ("total", "path")
+#: ``train_precision``: the products of a training iteration's GEMM steps (latticeflow.native.step.products)
+TRAIN_PRECISIONS = ("float32", "bfloat16")
 
 
 def _init_scale(value: Any) -> float | str:
@@ -320,6 +322,12 @@ class IsingConfig(Config):
                                      "parameter dependence included) or 'path' (path gradient: the zero-mean score "
                                      "term dropped; zero variance at q = p; one more backward integration per step)",
                                      choices=GRADIENT_ESTIMATORS, group="training")
+    train_precision: str = option("float32", "products of the training iterations' RK4 steps: 'bfloat16' rounds "
+                                  "their operands to bfloat16 with float32 sums (the GEMM step, float32 flows above "
+                                  "64 sites; elsewhere float32). Only the gradients' descent sees it: every reported "
+                                  "estimate is computed afterwards in --dtype on fresh samples. The per-epoch log's "
+                                  "F/N comes from the training samples, so in bfloat16 too",
+                                  choices=TRAIN_PRECISIONS, group="training")
     max_rollbacks: int = option(5, "recoveries from a diverged epoch: back to the last good state in memory, "
                                 "learning rate halved (0: stop at the first divergence)", parse=cli.nonnegative_int,
                                 group="training")
@@ -365,6 +373,7 @@ class IsingConfig(Config):
         check_choice("schedule", self.schedule, ("cosine", "constant"))
         set_(self, "schedule_minutes", check_schedule_minutes(self))
         check_choice("gradient_estimator", self.gradient_estimator, GRADIENT_ESTIMATORS)
+        check_choice("train_precision", self.train_precision, TRAIN_PRECISIONS)
         check_choice("conv_layers", self.conv_layers, (1, 2))
         set_(self, "step_size", check_positive("step_size", self.step_size))
         set_(self, "lr", check_positive("lr", self.lr))

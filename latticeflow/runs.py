@@ -255,6 +255,8 @@ def provenance(device: Any = None) -> dict[str, Any]:
             "conv_kernel": native.status(),
             # the small-lattice RK4 step's (latticeflow.native.step): likewise
             "step_kernel": native_step.status(),
+            # GEMM steps (larger lattices) with bfloat16 and with full-precision products (--train-precision)
+            "gemm_steps": dict(native_step.counts),
             "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
             "threads": torch.get_num_threads(), "processes": dist.world_size(),
             "device": str(device) if device is not None else "cpu", "git_commit": _IMPORTED_COMMIT,

@@ -44,7 +44,8 @@ from tqdm.auto import tqdm
 from . import distributed as dist
 from ._checks import check_choice, check_grad_clip, check_size
 from .checkpoint import CheckpointError, load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from .config import GRADIENT_ESTIMATORS
+from .config import GRADIENT_ESTIMATORS, TRAIN_PRECISIONS
+from .native import step as native_step
 from .stats import kish_ess  # one definition for training and the analysis; importable from here as before
 from .target import Target
 
@@ -550,12 +551,17 @@ class VariationalTrainer(Trainer):
         target_at: the target of each epoch, ``target_at(epoch)`` (0-based), for annealing; the log
             then has a ``beta`` column and its free energies are those of each epoch's target.
             None (default): ``target`` throughout.
+        train_precision: ``"float32"`` (default) or ``"bfloat16"``: the products of each epoch's
+            GEMM steps (sampling and backward) in bfloat16 with float32 sums, see
+            :func:`latticeflow.native.step.products`. Nothing outside :meth:`run_epoch` sees it; the
+            log's free energies are then those of the bfloat16-stepped training samples.
         **kwargs: passed to :class:`Trainer`.
     """
 
     def __init__(self, flow: torch.nn.Module, target: Target, optimizer: torch.optim.Optimizer, *,
                  batch_size: int = 64, grad_clip: float | None = None, gradient_estimator: str = "total",
-                 target_at: Callable[[int], Target] | None = None, **kwargs: Any) -> None:
+                 target_at: Callable[[int], Target] | None = None, train_precision: str = "float32",
+                 **kwargs: Any) -> None:
         if isinstance(flow, DistributedDataParallel) and not isinstance(flow.module, dist.SampleModule):
             raise TypeError("DistributedDataParallel only averages gradients of calls through its forward, and a "
                             "flow's forward is log_prob: wrap the flow as DDP(SampleModule(flow)), e.g. with "
@@ -575,23 +581,25 @@ class VariationalTrainer(Trainer):
             raise TypeError(f"gradient_estimator='path' needs a flow with a score(x, noise) method "
                             f"(MongeAmpereFlow, SymmetricMixture), got {type(self.flow).__name__}")
         self.local_batch = dist.local_share(self.batch_size)
+        self.train_precision = check_choice("train_precision", train_precision, TRAIN_PRECISIONS)
 
     def run_epoch(self, epoch: int) -> dict[str, float]:
         self.model.train()
         target = self.target if self.target_at is None else self.target_at(epoch)
-        x, logp = self._draw(self.local_batch, generator=self.generator)
-        f = logp + target.energy(x)  # (B,) per-sample ln p + E, whose mean is eq. 7
-        fd = f.detach()
-        # global sum, count and number of non-finite values in one all-reduce: the loss and the
-        # decision to stop on a non-finite value are the same on every rank
-        s = dist.all_reduce_sum(torch.stack([fd.sum(), fd.new_tensor(float(fd.numel())),
-                                             (~torch.isfinite(fd)).sum().to(fd.dtype)]))
-        loss = s[0] / s[1]
-        self.optimizer.zero_grad(set_to_none=True)
-        # the total gradient backpropagates ln p + E itself; the path gradient a surrogate with the
-        # score term left out (its value is not the loss)
-        surrogate = path_gradient_surrogate(self.flow, target, x) if self.gradient_estimator == "path" else f
-        surrogate.mean().backward()  # under DDP: the average over ranks of the local mean = the global mean
+        with native_step.products(self.train_precision):  # the iteration's steps only, never an estimate
+            x, logp = self._draw(self.local_batch, generator=self.generator)
+            f = logp + target.energy(x)  # (B,) per-sample ln p + E, whose mean is eq. 7
+            fd = f.detach()
+            # global sum, count and number of non-finite values in one all-reduce: the loss and the
+            # decision to stop on a non-finite value are the same on every rank
+            s = dist.all_reduce_sum(torch.stack([fd.sum(), fd.new_tensor(float(fd.numel())),
+                                                 (~torch.isfinite(fd)).sum().to(fd.dtype)]))
+            loss = s[0] / s[1]
+            self.optimizer.zero_grad(set_to_none=True)
+            # the total gradient backpropagates ln p + E itself; the path gradient a surrogate with the
+            # score term left out (its value is not the loss)
+            surrogate = path_gradient_surrogate(self.flow, target, x) if self.gradient_estimator == "path" else f
+            surrogate.mean().backward()  # under DDP: the average over ranks of the local mean = the global mean
         if s[2] > 0:
             return {"loss": float("nan")}
         # the norm before clipping, logged as the gradient scale (clipping at inf changes nothing)

@@ -225,6 +225,8 @@ ISING_CASES = table(
     Case("--anneal-epochs", ("--anneal-epochs", "2"), {"anneal_epochs": 2},
          lambda b: round(b.trainer.target_at(1).beta, 9), round(0.2 + 0.5 * (CRITICAL_BETA - 0.2), 9),
          control=("--anneal-from", "0.2")),
+    Case("--train-precision", ("--train-precision", "bfloat16"), {"train_precision": "bfloat16"},
+         lambda b: b.trainer.train_precision, "bfloat16"),
     Case("--max-rollbacks", ("--max-rollbacks", "2"), {"max_rollbacks": 2}, lambda b: b.trainer.max_rollbacks, 2),
     Case("--seed", ("--seed", "3"), {"seed": 3},  # the generator from SeedSequence([3]), not 3 itself
          lambda b: (b.trainer.seed, b.trainer.generator.initial_seed()), (3, rank_seed(3, 0))),
@@ -663,7 +665,7 @@ BAD_VALUES = [
                                    ["--hidden", "0"], ["--conv-layers", "3"], ["--init-scale", "big"],
                                    ["--potential", "conv", "--kernel-size", "2"],  # after parsing: even kernel
                                    ["--potential", "mlp+cnn"], ["--device", "tpu"], ["--grad-clip", "often"],
-                                   ["--grad-clip", "0"], ["--gradient-estimator", "reinforce"],
+                                   ["--grad-clip", "0"], ["--gradient-estimator", "reinforce"], ["--train-precision", "float16"],
                                    ["--anneal-from", "-0.1"], ["--anneal-epochs", "0", "--anneal-from", "0.2"],
                                    ["--anneal-epochs", "5"],  # after parsing: no --anneal-from
                                    ["--anneal-from", "0.2", "--anneal-epochs", "9", "--epochs", "9"])),  # no epoch at β

@@ -15,6 +15,7 @@ BLAS gemm ("gemm", larger lattices). Checked here, for both:
   without warnings. Skipped where no C++ compiler can build the kernel.
 """
 
+import math
 import subprocess
 
 import pytest
@@ -401,3 +402,27 @@ def test_bfloat16_products_round_only_the_products(kernel, monkeypatch):
     with pytest.raises(ValueError, match="precision must be one of"):
         with native_step.products("float16"):
             pass
+
+
+def test_bfloat16_training_keeps_its_products_inside_the_epochs(kernel, monkeypatch):
+    # --train-precision bfloat16: the trainer's epochs (sampling and backward) take bfloat16 GEMM steps; a
+    # flow.sample outside them (every reported estimate) takes float32 ones; the names agree with the config's
+    from latticeflow.config import TRAIN_PRECISIONS
+    from latticeflow.train import VariationalTrainer
+
+    assert TRAIN_PRECISIONS == native_step.PRECISIONS
+    if "bfloat16" not in (native_step.blas() or {}):
+        pytest.skip("this torch's BLAS has no bfloat16 gemm")
+    monkeypatch.setattr(native_step, "AUTO_MAX_SITES", 0)  # the L=4 flow takes the GEMM step
+    flow, target = _flow("float32", symmetrize="none")
+    opt = torch.optim.Adam(flow.parameters(), lr=1e-3)
+    trainer = VariationalTrainer(flow, target, opt, batch_size=8, train_precision="bfloat16", progress=False)
+    before = dict(native_step.counts)
+    record = trainer.run_epoch(0)
+    assert math.isfinite(record["loss"])
+    assert native_step.counts["bfloat16"] - before["bfloat16"] == flow.n_steps  # the sampling steps
+    assert native_step.counts["full"] == before["full"]
+    flow.sample(4)
+    assert native_step.counts["full"] - before["full"] == flow.n_steps
+    with pytest.raises(ValueError, match="train_precision"):
+        VariationalTrainer(flow, target, opt, train_precision="float16", progress=False)

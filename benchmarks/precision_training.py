@@ -1,0 +1,97 @@
+"""Training with bfloat16 products against float32, same seed, same epochs (issue 16).
+
+Trains the paper's Ising configuration (L=16 at β_c, softplus MLP h=512 with biases, 50 RK4 steps of
+0.1, batch 64, random space-group×Z2 symmetrisation; Adam at ``--lr``) twice from the same seed for
+the same number of epochs: once with ``train_precision="float32"`` and once with ``"bfloat16"``
+(the GEMM step's products rounded to bfloat16, float32 sums; latticeflow.native.step.products).
+Then evaluates both final flows the same way, in float32 on fresh samples outside any bfloat16
+block: the variational F/N (an upper bound of the exact −ln Z/N) with its standard error, the gap to
+Kaufman's exact value, and the Kish ESS. It prints the difference of the two F/N in units of its
+standard error (|z| < 3: equal within errors), the training time of each, and their ratio; and
+whether any evaluation step ran with bfloat16 products (it must not).
+
+    python benchmarks/precision_training.py                       # 300 epochs each, 2 threads
+    python benchmarks/precision_training.py --epochs 600 --threads 1 --eval 8192
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from analysis.free_energy import variational_free_energy  # noqa: E402
+from latticeflow.build import make_trainer  # noqa: E402
+from latticeflow.config import TRAIN_PRECISIONS, IsingConfig  # noqa: E402
+from latticeflow.native import step as native_step  # noqa: E402
+from latticeflow.stats import kish_ess  # noqa: E402
+
+
+def paper_training(epochs: int, lr: float, seed: int, precision: str) -> IsingConfig:
+    """The paper's Ising configuration as a training config (constant learning rate, as the original)."""
+    return IsingConfig(L=16, potential="mlp", hidden=512, activation="softplus", bias=True, time_dependent=False,
+                       n_steps=50, step_size=0.1, symmetrize="random", group="space+z2", batch=64, lr=lr,
+                       extensive_lr=lr, schedule="constant", warmup=0, epochs=epochs, seed=seed,
+                       train_precision=precision)
+
+
+def evaluate(flow: torch.nn.Module, target, n: int, seed: int, chunk: int = 512) -> dict[str, float]:
+    """Variational F/N ± stderr, its gap to the exact value and the Kish ESS, from n fresh float32 samples."""
+    gen = torch.Generator().manual_seed(seed)
+    before = native_step.counts["bfloat16"]
+    logps, energies = [], []
+    with torch.no_grad():
+        for start in range(0, n, chunk):
+            x, logp = flow.sample(min(chunk, n - start), generator=gen)
+            logps.append(logp.double())
+            energies.append(target.energy(x).double())
+    logp, energy = torch.cat(logps), torch.cat(energies)
+    est = variational_free_energy(logp, energy)
+    N = target.N
+    exact = target.exact_free_energy()
+    return {"F/N": est.value / N, "stderr": est.stderr / N, "gap": est.value / N - exact,
+            "ess": float(kish_ess(-(logp + energy))), "bf16_eval_steps": native_step.counts["bfloat16"] - before}
+
+
+def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--epochs", type=int, default=300)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--eval", type=int, default=4096, help="fresh samples of each evaluation")
+    p.add_argument("--threads", type=int, default=2)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s); paper configuration, {args.epochs} "
+          f"epochs, lr {args.lr}, seed {args.seed}; evaluation: {args.eval} fresh float32 samples")
+    if "bfloat16" not in (native_step.blas() or {}):
+        print("this torch's BLAS has no bfloat16 gemm: bfloat16 training would run in float32; nothing to compare")
+        return {}
+    res: dict[str, dict[str, float]] = {}
+    for precision in TRAIN_PRECISIONS:
+        trainer, target = make_trainer(paper_training(args.epochs, args.lr, args.seed, precision), progress=False)
+        t0 = time.perf_counter()
+        trainer.fit(args.epochs)
+        seconds = time.perf_counter() - t0
+        res[precision] = {**evaluate(trainer.flow, target, args.eval, args.seed + 1000), "seconds": seconds}
+        r = res[precision]
+        print(f"  {precision:8s}: F/N {r['F/N']:.6f} ± {r['stderr']:.6f} (exact {target.exact_free_energy():.6f}, "
+              f"gap {r['gap']:.2e}), ESS {r['ess']:.3f}, training {seconds:.1f} s "
+              f"({seconds / args.epochs * 1e3:.0f} ms/epoch); evaluation steps with bfloat16 products: "
+              f"{r['bf16_eval_steps']}")
+    a, b = res["float32"], res["bfloat16"]
+    z = (b["F/N"] - a["F/N"]) / math.hypot(a["stderr"], b["stderr"])
+    print(f"  bfloat16 − float32: {b['F/N'] - a['F/N']:+.2e} = {z:+.2f} σ "
+          f"({'equal within errors' if abs(z) < 3 else 'NOT equal within errors'}); "
+          f"training time float32 / bfloat16: {a['seconds'] / b['seconds']:.2f}")
+    return res
+
+
+if __name__ == "__main__":
+    main()
