@@ -1,4 +1,4 @@
-"""Compiled CPU kernel: one fused RK4 step of the small-lattice drift (MLP + quadratic part).
+"""Compiled CPU kernels: one fused RK4 step of the MLP (+ quadratic) drift, for small and larger lattices.
 
 On small lattices (the L=4 preset: N = 16 sites, h = 128 hidden units, batch 256) an eager RK4
 step is about 340 tensor operators (85 per stage, forward and backward), each on a few thousand
@@ -7,15 +7,22 @@ computes the whole step, (y, ln p) at t → at t + dt for the drift of
 
     φ(y) = Σ_k w_k a(W_k·y + b_k) + ½ yᵀA y,       b, w, A linear in t,
 
-and its backward (the cotangent of the step's input and every parameter gradient, recomputing
-the four stages), for a block of 16 float32 (8 float64) samples in the lanes of one 64-byte vector.
-It is built and cached like the conv kernel (:mod:`latticeflow.native`) and called through ctypes.
+and its backward (the cotangent of the step's input and every parameter gradient), in one of two
+ways:
 
-``LATTICEFLOW_STEP_KERNEL`` chooses: ``auto`` (the default: the kernel for CPU float32/float64
-states on lattices of at most :data:`AUTO_MAX_SITES` sites, where it is faster than the eager
-step, when it compiles), ``native`` (the kernel at any size up to its limits, or an error) or
-``eager`` (never compile). Results agree with the eager step to rounding
-(tests/test_native_step.py: float64 to 1e-12, the step, the flow and every gradient).
+- "lanes" (up to :data:`AUTO_MAX_SITES` sites): a block of 16 float32 (8 float64) samples in the
+  lanes of one 64-byte vector; the backward recomputes the four stages;
+- "gemm" (larger lattices, e.g. the paper's L=16, h=512): the products by the BLAS gemm torch
+  itself calls (:func:`blas`), everything else in a few fused passes; the forward keeps its stage
+  points and pre-activations for the backward. Inside :func:`products` ("bfloat16") a float32
+  GEMM step multiplies bfloat16 operands with float32 sums ("gemm-bf16"), for training only.
+
+The library is built and cached like the conv kernel (:mod:`latticeflow.native`) and called
+through ctypes. ``LATTICEFLOW_STEP_KERNEL`` chooses: ``auto`` (the default: the compiled step for
+CPU float32/float64 states, lanes or GEMM by size, when it compiles), ``native`` (the same choice,
+or an error where it is unavailable) or ``eager`` (never compile). Results agree with the eager
+step to rounding (tests/test_native_step.py: float64 to 1e-12, the step, the flow and every
+gradient, on both paths).
 
 Symbols: B batch, N sites, H hidden units.
 """
