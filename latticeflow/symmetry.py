@@ -332,8 +332,13 @@ class _SignedPermutation(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, perm: Tensor, inverse_perm: Tensor, sign: Tensor | None) -> Tensor:
+        from .native import step as native_step
+
         ctx.save_for_backward(perm, inverse_perm, sign if sign is not None else perm.new_empty(0))
         ctx.has_sign = sign is not None
+        y = native_step.signed_permutation(x, perm, sign)  # one compiled pass on the CPU (the step frame)
+        if y is not None:
+            return y
         y = torch.gather(x, -1, perm.expand(x.shape))
         return y * sign if sign is not None else y
 

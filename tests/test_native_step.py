@@ -426,3 +426,32 @@ def test_bfloat16_training_keeps_its_products_inside_the_epochs(kernel, monkeypa
     assert native_step.counts["full"] - before["full"] == flow.n_steps
     with pytest.raises(ValueError, match="train_precision"):
         VariationalTrainer(flow, target, opt, train_precision="float16", progress=False)
+
+
+def test_compiled_signed_permutation_equals_the_gather(kernel):
+    # the step frame's change of coordinates in one compiled pass: y_bj = s_b x_{b, perm_bj}, and the
+    # autograd Function around it still pulls gradients back through the inverse permutation
+    from latticeflow.symmetry import signed_permutation
+
+    g = torch.Generator().manual_seed(0)
+    B, N = 7, 12
+    perm = torch.stack([torch.randperm(N, generator=g) for _ in range(B)])
+    inv = torch.argsort(perm, dim=1)
+    for dtype in (torch.float32, torch.float64):
+        x = torch.randn(B, N, generator=g, dtype=dtype, requires_grad=True)
+        sign = (2.0 * torch.randint(0, 2, (B, 1), generator=g) - 1.0).to(dtype)
+        for s in (sign, None):
+            want = torch.gather(x, 1, perm) * (s if s is not None else 1.0)
+            got = native_step.signed_permutation(x.detach(), perm, s)
+            torch.testing.assert_close(got, want.detach(), rtol=0, atol=0)
+            y = signed_permutation(x, perm, inv, s)
+            torch.testing.assert_close(y, want, rtol=0, atol=0)
+            dy = torch.randn(B, N, generator=g, dtype=dtype)
+            (gx,) = torch.autograd.grad(y, x, dy)
+            (gw,) = torch.autograd.grad(want, x, dy)
+            torch.testing.assert_close(gx, gw, rtol=0, atol=0)
+    # what it does not take: another shape, an int32 table, a float16 state
+    assert native_step.signed_permutation(torch.zeros(2, 3, 4), torch.zeros(2, 3, 4, dtype=torch.long), None) is None
+    assert native_step.signed_permutation(torch.zeros(2, 3), torch.zeros(2, 3, dtype=torch.int32), None) is None
+    assert native_step.signed_permutation(torch.zeros(2, 3, dtype=torch.float16), torch.zeros(2, 3, dtype=torch.long),
+                                          None) is None

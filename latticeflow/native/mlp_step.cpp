@@ -542,39 +542,36 @@ inline void cols_of(int H, int nt, int me, int& k0, int& k1) {
     k1 = std::min(H, chunks * (me + 1) / nt * 16);
 }
 
-// one forward stage at the points s (B, N): h = s Wᵀ + b(τ) into hs (B, H), v = ∇φ(s) into v (B, N),
-// ℓ = −∇²φ into l (B); U (B, H) work space
+// one forward stage for the rows at s (nb, N, rows of N numbers): h = s Wᵀ + b(τ) into hs (rows of H),
+// v = ∇φ(s) into v, ℓ = −∇²φ into l (nb); U (nb, H) work space. Runs in the calling thread.
 template <typename T, int ACT>
-void gemm_stage(const Products<T>& mm, const Params<T>& p, const Stage<T>& st, const T* q, int B, const T* s, T* hs, T* U, T* v,
-                T* l, int nt) {
+void gemm_stage(const Products<T>& mm, const Params<T>& p, const Stage<T>& st, const T* q, int nb, const T* s, T* hs,
+                T* U, T* v, T* l, T* d1, T* d2) {
     const int N = p.N, H = p.H;
-    mm(false, true, B, H, N, T(1), s, N, p.W, N, T(0), hs, H);
+    mm(false, true, nb, H, N, T(1), s, N, p.W, N, T(0), hs, H);
     const T* bias = st.b.data();
     const T* w = st.w.data();
-#pragma omp parallel num_threads(nt)
-    {
-        std::vector<T> d1(H), d2(H), wq(H);
-        for (int k = 0; k < H; ++k) wq[k] = w[k] * q[k];
-#pragma omp for schedule(static)
-        for (int b = 0; b < B; ++b) {
-            T* h = hs + (int64_t)b * H;
+    for (int b = 0; b < nb; ++b) {
+        T* h = hs + (int64_t)b * H;
 #pragma omp simd
-            for (int k = 0; k < H; ++k) h[k] += bias[k];
-            derivatives<T, ACT>(h, d1.data(), d2.data(), nullptr, H);
-            T* u = U + (int64_t)b * H;
-            T lap = T(0);
+        for (int k = 0; k < H; ++k) h[k] += bias[k];
+        derivatives<T, ACT>(h, d1, d2, nullptr, H);
+        T* u = U + (int64_t)b * H;
+        T lap = T(0);
 #pragma omp simd reduction(+ : lap)
-            for (int k = 0; k < H; ++k) {
-                u[k] = w[k] * d1[k];
-                lap += wq[k] * d2[k];
-            }
-            l[b] = -(lap + st.trA);
+        for (int k = 0; k < H; ++k) {
+            u[k] = w[k] * d1[k];
+            lap += w[k] * q[k] * d2[k];
         }
+        l[b] = -(lap + st.trA);
     }
-    mm(false, false, B, N, H, T(1), U, H, p.W, N, T(0), v, N);
-    if (st.hasA) mm(false, false, B, N, N, T(1), s, N, st.A.data(), N, T(1), v, N);
+    mm(false, false, nb, N, H, T(1), U, H, p.W, N, T(0), v, N);
+    if (st.hasA) mm(false, false, nb, N, N, T(1), s, N, st.A.data(), N, T(1), v, N);
 }
 
+// The GEMM step splits the batch into one run of rows per thread, and each thread steps its rows with
+// its own (single-threaded: nested inside this region) gemms: no thread waits on another's product,
+// whose shapes at 64 rows split badly. Per-thread parameter sums are added in thread order at the end.
 template <typename T, int ACT>
 void gemm_forward(const Products<T>& mm, const Params<T>& p, const T* y, const T* logp, int B, double t, double dt,
                   T* y_out, T* logp_out, T* save_s, T* save_h, int nt) {
@@ -582,137 +579,185 @@ void gemm_forward(const Products<T>& mm, const Params<T>& p, const T* y, const T
     const int64_t BN = (int64_t)B * N, BH = (int64_t)B * H;
     const StepSetup<T> ss(p, t, dt);
     const bool keep = save_s != nullptr;
-    T* S = keep ? save_s : scratch<T>(0, BN);  // the stage points (all four when kept, else the current one)
-    T* Hs = keep ? save_h : scratch<T>(1, BH);
-    T* U = scratch<T>(2, BH);
-    T* v = scratch<T>(3, 2 * BN);
-    T* vsum = v + BN;
-    T* l = scratch<T>(4, 2 * (size_t)B);
-    T* lsum = l + B;
-    for (int i = 0; i < 4; ++i) {
-        const Stage<T>& sti = ss.st[i == 0 ? 0 : (i == 3 ? 2 : 1)];
-        T* si = keep ? S + i * BN : S;
-        if (i == 0) {
-            std::copy(y, y + BN, si);
-        } else {
-            const T a = i == 3 ? ss.full : ss.half;
-#pragma omp parallel for simd num_threads(nt) schedule(static)
-            for (int64_t j = 0; j < BN; ++j) si[j] = y[j] + a * v[j];
+#pragma omp parallel num_threads(nt)
+    {
+        int team, r0, r1;
+        this_run(B, 16, team, r0, r1);
+        const int nb = r1 - r0;
+        if (nb > 0) {
+            const int64_t nN = (int64_t)nb * N, nH = (int64_t)nb * H;
+            T* S = keep ? nullptr : scratch<T>(0, nN);  // the current stage point, when not kept
+            T* Hs = keep ? nullptr : scratch<T>(1, nH);
+            T* U = scratch<T>(2, nH);
+            T* v = scratch<T>(3, 2 * nN);
+            T* vsum = v + nN;
+            T* l = scratch<T>(4, 2 * (size_t)nb + 2 * (size_t)H);
+            T *lsum = l + nb, *d1 = l + 2 * nb, *d2 = d1 + H;
+            const T* yr = y + (int64_t)r0 * N;
+            for (int i = 0; i < 4; ++i) {
+                const Stage<T>& sti = ss.st[i == 0 ? 0 : (i == 3 ? 2 : 1)];
+                T* si = keep ? save_s + i * BN + (int64_t)r0 * N : S;
+                T* hi = keep ? save_h + i * BH + (int64_t)r0 * H : Hs;
+                if (i == 0) {
+                    std::copy(yr, yr + nN, si);
+                } else {
+                    const T a = i == 3 ? ss.full : ss.half;
+#pragma omp simd
+                    for (int64_t j = 0; j < nN; ++j) si[j] = yr[j] + a * v[j];
+                }
+                gemm_stage<T, ACT>(mm, p, sti, ss.q.data(), nb, si, hi, U, v, l, d1, d2);
+                const T c = (i == 0 || i == 3) ? T(1) : T(2);
+#pragma omp simd
+                for (int64_t j = 0; j < nN; ++j) vsum[j] = i == 0 ? v[j] : vsum[j] + c * v[j];
+                for (int b = 0; b < nb; ++b) lsum[b] = i == 0 ? l[b] : lsum[b] + c * l[b];
+            }
+            T* yo = y_out + (int64_t)r0 * N;
+#pragma omp simd
+            for (int64_t j = 0; j < nN; ++j) yo[j] = yr[j] + ss.sixth * vsum[j];
+            for (int b = 0; b < nb; ++b) logp_out[r0 + b] = logp[r0 + b] + ss.sixth * lsum[b];
         }
-        gemm_stage<T, ACT>(mm, p, sti, ss.q.data(), B, si, keep ? Hs + i * BH : Hs, U, v, l, nt);
-        const T c = (i == 0 || i == 3) ? T(1) : T(2);
-#pragma omp parallel for simd num_threads(nt) schedule(static)
-        for (int64_t j = 0; j < BN; ++j) vsum[j] = i == 0 ? v[j] : vsum[j] + c * v[j];
-        for (int b = 0; b < B; ++b) lsum[b] = i == 0 ? l[b] : lsum[b] + c * l[b];
     }
-#pragma omp parallel for simd num_threads(nt) schedule(static)
-    for (int64_t j = 0; j < BN; ++j) y_out[j] = y[j] + ss.sixth * vsum[j];
-    for (int b = 0; b < B; ++b) logp_out[b] = logp[b] + ss.sixth * lsum[b];
 }
 
 // the backward of gemm_forward from its kept stage points S (4, B, N) and pre-activations Hs (4, B, H)
 template <typename T, int ACT>
-void gemm_backward(const Products<T>& mm, const Params<T>& p, const T* S, const T* Hs, const T* gy_out, const T* glogp_out, int B,
-                   double t, double dt, T* gy, T* gW, T* gb0, T* gb1, T* gw0, T* gw1, T* gA0, T* gA1, int nt) {
+void gemm_backward(const Products<T>& mm, const Params<T>& p, const T* S, const T* Hs, const T* gy_out,
+                   const T* glogp_out, int B, double t, double dt, T* gy, T* gW, T* gb0, T* gb1, T* gw0, T* gw1,
+                   T* gA0, T* gA1, int nt) {
     const int N = p.N, H = p.H;
-    const int64_t BN = (int64_t)B * N, BH = (int64_t)B * H;
+    const bool quad = p.A0 != nullptr;
+    const int64_t BN = (int64_t)B * N, BH = (int64_t)B * H, HN = (int64_t)H * N, NN = (int64_t)N * N;
     const StepSetup<T> ss(p, t, dt);
     const T* q = ss.q.data();
     const Stage<T>* const sts[4] = {&ss.st[0], &ss.st[1], &ss.st[1], &ss.st[2]};
     const T wv[4] = {ss.sixth, ss.third, ss.third, ss.sixth};  // ∂y'/∂k_i and ∂ln p'/∂ℓ_i
     const T ws[3] = {ss.half, ss.half, ss.full};               // ∂s_{i+1}/∂k_i
-    T* VB = scratch<T>(0, 4 * BN);  // the cotangents of the four stages' drifts
-    T* E = scratch<T>(1, 4 * BH);
-    T* C = scratch<T>(2, 4 * BH);
-    T* u = scratch<T>(3, BH);
-    T* sb = scratch<T>(4, BN);
-    // per hidden unit: R_k = Σ ḡ w_k a''_k, and b̄, w̄ with their τ-weighted sums
-    T* sums = scratch<T>(5, 5 * (size_t)H);
-    std::fill(sums, sums + 5 * (size_t)H, T(0));
-    T *R = sums, *B0 = sums + H, *B1 = sums + 2 * H, *W0 = sums + 3 * H, *W1 = sums + 4 * H;
-    std::copy(gy_out, gy_out + BN, gy);
-    for (int64_t j = 0; j < BN; ++j) VB[3 * BN + j] = ss.sixth * gy_out[j];
-    T trsum0 = T(0), trsum1 = T(0);
-    for (int i = 3; i >= 0; --i) {
-        const Stage<T>& st = *sts[i];
-        const T* w = st.w.data();
-        const T tau = st.tau;
-        const T* vb = VB + i * BN;
-        T* Ei = E + i * BH;
-        T* Ci = C + i * BH;
-        const T* hi = Hs + i * BH;
-        mm(false, true, B, H, N, T(1), vb, N, p.W, N, T(0), u, H);  // u = V̄ Wᵀ
+    // each thread's sums: W̄ (H·N), then R_k = Σ ḡ w_k a''_k, b̄, b̄1, w̄, w̄1 (H each), Ā, Ā1 (N·N each), tr, tr1
+    const int64_t width = HN + 5 * (int64_t)H + (quad ? 2 * NN + 2 : 0);
+    std::vector<T*> part(nt, nullptr);
+    int teams = 1;
 #pragma omp parallel num_threads(nt)
-        {
-            int me = 0, team = 1;
-#ifdef _OPENMP
-            me = omp_get_thread_num();
-            team = omp_get_num_threads();
-#endif
-            int k0, k1;
-            cols_of(H, team, me, k0, k1);
-            const int n = k1 - k0;
-            std::vector<T> d1(n > 0 ? n : 1), d2(n > 0 ? n : 1), d3(n > 0 ? n : 1);
-            for (int b = 0; b < B && n > 0; ++b) {
-                const T G = wv[i] * glogp_out[b];
-                const int64_t o = (int64_t)b * H + k0;
-                derivatives<T, ACT>(hi + o, d1.data(), d2.data(), d3.data(), n);
-                const T* ub = u + o;
-                T* eb = Ei + o;
-                T* cb = Ci + o;
+    {
+        int team, r0, r1;
+        const int me = this_run(B, 16, team, r0, r1);
+        const int nb = r1 - r0;
+        T* mine = scratch<T>(5, (size_t)width);
+        std::fill(mine, mine + width, T(0));
+        part[me] = mine;
+#pragma omp single
+        teams = team;
+        if (nb > 0) {
+            const int64_t nN = (int64_t)nb * N, nH = (int64_t)nb * H;
+            T *R = mine + HN, *B0 = R + H, *B1 = R + 2 * H, *W0 = R + 3 * H, *W1 = R + 4 * H;
+            T* VB = scratch<T>(0, 4 * nN);  // the cotangents of the four stages' drifts (this thread's rows)
+            T* E = scratch<T>(1, 4 * nH);
+            T* C = scratch<T>(2, 4 * nH);
+            T* u = scratch<T>(3, nH);
+            T* sb = scratch<T>(4, nN + 3 * (size_t)H);
+            T *d1 = sb + nN, *d2 = d1 + H, *d3 = d2 + H;
+            const T* go = gy_out + (int64_t)r0 * N;
+            T* g = gy + (int64_t)r0 * N;
+            std::copy(go, go + nN, g);
+            for (int64_t j = 0; j < nN; ++j) VB[3 * nN + j] = ss.sixth * go[j];
+            T tr0 = T(0), tr1 = T(0);
+            for (int i = 3; i >= 0; --i) {
+                const Stage<T>& st = *sts[i];
+                const T* w = st.w.data();
+                const T tau = st.tau;
+                const T* vb = VB + i * nN;
+                T* Ei = E + i * nH;
+                T* Ci = C + i * nH;
+                const T* hi = Hs + i * BH + (int64_t)r0 * H;
+                mm(false, true, nb, H, N, T(1), vb, N, p.W, N, T(0), u, H);  // u = V̄ Wᵀ
+                for (int b = 0; b < nb; ++b) {
+                    const T G = wv[i] * glogp_out[r0 + b];
+                    derivatives<T, ACT>(hi + (int64_t)b * H, d1, d2, d3, H);
+                    const T* ub = u + (int64_t)b * H;
+                    T* eb = Ei + (int64_t)b * H;
+                    T* cb = Ci + (int64_t)b * H;
 #pragma omp simd
-                for (int c = 0; c < n; ++c) {
-                    const int k = k0 + c;
-                    const T qg = q[k] * G;
-                    const T e = w[k] * (d2[c] * ub[c] - qg * d3[c]);
-                    const T wb = d1[c] * ub[c] - qg * d2[c];
-                    eb[c] = e;
-                    cb[c] = w[k] * d1[c];
-                    R[k] += G * w[k] * d2[c];
-                    B0[k] += e;
-                    B1[k] += tau * e;
-                    W0[k] += wb;
-                    W1[k] += tau * wb;
+                    for (int k = 0; k < H; ++k) {
+                        const T qg = q[k] * G;
+                        const T e = w[k] * (d2[k] * ub[k] - qg * d3[k]);
+                        const T wb = d1[k] * ub[k] - qg * d2[k];
+                        eb[k] = e;
+                        cb[k] = w[k] * d1[k];
+                        R[k] += G * w[k] * d2[k];
+                        B0[k] += e;
+                        B1[k] += tau * e;
+                        W0[k] += wb;
+                        W1[k] += tau * wb;
+                    }
+                }
+                mm(false, false, nb, N, H, T(1), Ei, H, p.W, N, T(0), sb, N);  // S̄ = E W
+                if (st.hasA) {
+                    mm(false, true, nb, N, N, T(1), vb, N, st.A.data(), N, T(1), sb, N);  // + V̄ Aᵀ
+                    T gs = T(0);
+                    for (int b = 0; b < nb; ++b) gs += wv[i] * glogp_out[r0 + b];
+                    tr0 += gs;
+                    tr1 += tau * gs;
+                }
+#pragma omp simd
+                for (int64_t j = 0; j < nN; ++j) {
+                    g[j] += sb[j];
+                    if (i > 0) VB[(i - 1) * nN + j] = wv[i - 1] * go[j] + ws[i - 1] * sb[j];
                 }
             }
+            // this thread's W̄ = Σ_i E_iᵀ S_i + C_iᵀ V̄_i as two products over its four stages' rows (K = 4 nb),
+            // with its rows of the four S_i gathered into one block
+            T* P = scratch<T>(6, 4 * nN);
+            for (int i = 0; i < 4; ++i) {
+                const T* Si = S + i * BN + (int64_t)r0 * N;
+                std::copy(Si, Si + nN, P + i * nN);
+            }
+            mm(true, false, H, N, 4 * nb, T(1), E, H, P, N, T(0), mine, N);
+            mm(true, false, H, N, 4 * nb, T(1), C, H, VB, N, T(1), mine, N);
+            if (quad) {  // Ā = Σ_i S_iᵀ V̄_i, Ā1 the same weighted by τ_i
+                T* a = mine + HN + 5 * (int64_t)H;
+                mm(true, false, N, N, 4 * nb, T(1), P, N, VB, N, T(0), a, N);
+                for (int i = 0; i < 4; ++i)
+                    mm(true, false, N, N, nb, sts[i]->tau, P + i * nN, N, VB + i * nN, N, T(1), a + NN, N);
+            }
+            if (quad) {
+                mine[width - 2] = tr0;
+                mine[width - 1] = tr1;
+            }
         }
-        mm(false, false, B, N, H, T(1), Ei, H, p.W, N, T(0), sb, N);  // S̄ = E W
-        if (st.hasA) {
-            mm(false, true, B, N, N, T(1), vb, N, st.A.data(), N, T(1), sb, N);  // + V̄ Aᵀ
-            T gs = T(0);
-            for (int b = 0; b < B; ++b) gs += wv[i] * glogp_out[b];
-            trsum0 += gs;
-            trsum1 += tau * gs;
-        }
-#pragma omp parallel for simd num_threads(nt) schedule(static)
-        for (int64_t j = 0; j < BN; ++j) {
-            gy[j] += sb[j];
-            if (i > 0) VB[(i - 1) * BN + j] = wv[i - 1] * gy_out[j] + ws[i - 1] * sb[j];
-        }
-    }
-    // W̄ = Σ_i E_iᵀ S_i + C_iᵀ V̄_i − 2 R_k W_k
-    mm(true, false, H, N, 4 * B, T(1), E, H, S, N, T(0), gW, N);
-    mm(true, false, H, N, 4 * B, T(1), C, H, VB, N, T(1), gW, N);
-#pragma omp parallel for num_threads(nt) schedule(static)
-    for (int k = 0; k < H; ++k) {
-        const T r = T(2) * R[k];
+#pragma omp barrier
+        // the threads' sums in thread order (the result depends on the thread count, not on timing),
+        // W̄'s rows shared out over the threads
+#pragma omp for schedule(static)
+        for (int k = 0; k < H; ++k) {
+            T* out = gW + (int64_t)k * N;
+            std::copy(part[0] + (int64_t)k * N, part[0] + (int64_t)(k + 1) * N, out);
+            for (int th = 1; th < teams; ++th) {
+                const T* pk = part[th] + (int64_t)k * N;
 #pragma omp simd
-        for (int j = 0; j < N; ++j) gW[(int64_t)k * N + j] -= r * p.W[(int64_t)k * N + j];
+                for (int j = 0; j < N; ++j) out[j] += pk[j];
+            }
+        }
     }
-    for (int k = 0; k < H; ++k) {
+    std::vector<T> rest(width - HN, T(0));
+    for (int th = 0; th < teams; ++th)
+        for (int64_t i = 0; i < width - HN; ++i) rest[i] += part[th][HN + i];
+    const T *R = rest.data(), *B0 = R + H, *B1 = R + 2 * H, *W0 = R + 3 * H, *W1 = R + 4 * H;
+    for (int k = 0; k < H; ++k) {  // W̄ −= 2 R_k W_k, the ‖W_k‖² term of the Laplacian
+        const T r = T(2) * R[k];
+        for (int j = 0; j < N; ++j) gW[(int64_t)k * N + j] -= r * p.W[(int64_t)k * N + j];
         if (gb0) gb0[k] = B0[k];
         if (gb1) gb1[k] = B1[k];
         gw0[k] = W0[k];
         if (gw1) gw1[k] = W1[k];
     }
-    if (p.A0) {  // Ā = Σ_i S_iᵀ V̄_i − Σ ḡ I, Ā1 the same weighted by τ_i
-        mm(true, false, N, N, 4 * B, T(1), S, N, VB, N, T(0), gA0, N);
-        for (int j = 0; j < N; ++j) gA0[(int64_t)j * N + j] -= trsum0;
-        if (gA1) {
-            for (int i = 0; i < 4; ++i)
-                mm(true, false, N, N, B, sts[i]->tau, S + i * BN, N, VB + i * BN, N, T(i == 0 ? 0 : 1), gA1, N);
-            for (int j = 0; j < N; ++j) gA1[(int64_t)j * N + j] -= trsum1;
-        }
+    if (quad) {  // Ā = Σ_i S_iᵀ V̄_i − Σ ḡ I
+        const T* a = R + 5 * (int64_t)H;
+        const T tr0 = a[2 * NN], tr1 = a[2 * NN + 1];
+        for (int j = 0; j < N; ++j)
+            for (int i = 0; i < N; ++i) {
+                const int64_t ji = (int64_t)j * N + i;
+                gA0[ji] = a[ji] - (i == j ? tr0 : T(0));
+                if (gA1) gA1[ji] = a[NN + ji] - (i == j ? tr1 : T(0));
+            }
     }
 }
 
@@ -734,6 +779,19 @@ void gemm_backward_act(void* gemm, void* gemm_lo, int act, const Params<T>& p, c
     else if (act == 1)
         gemm_backward<T, 1>(mm, p, S, Hs, gy_out, glogp_out, B, t, dt, gy, gW, gb0, gb1, gw0, gw1, gA0, gA1, nt);
     else gemm_backward<T, 2>(mm, p, S, Hs, gy_out, glogp_out, B, t, dt, gy, gW, gb0, gb1, gw0, gw1, gA0, gA1, nt);
+}
+
+// y_bj = s_b x_{b, perm_bj} (s null: 1): one random symmetry element per sample, the step frame's
+// change of coordinates (latticeflow.symmetry.signed_permutation), one pass without index tensors
+template <typename T>
+void signed_perm(const T* x, const int64_t* perm, const T* sign, int B, int N, T* y) {
+    for (int b = 0; b < B; ++b) {
+        const T* xb = x + (int64_t)b * N;
+        const int64_t* pb = perm + (int64_t)b * N;
+        T* yb = y + (int64_t)b * N;
+        const T s = sign ? sign[b] : T(1);
+        for (int j = 0; j < N; ++j) yb[j] = s * xb[pb[j]];
+    }
 }
 
 }  // namespace
@@ -774,6 +832,14 @@ LF_EXPORT(float, f32)
 LF_EXPORT(double, f64)
 LF_EXPORT_GEMM(float, f32)
 LF_EXPORT_GEMM(double, f64)
+
+extern "C" void lf_signed_perm_f32(const float* x, const int64_t* perm, const float* sign, int B, int N, float* y) {
+    signed_perm<float>(x, perm, sign, B, N, y);
+}
+extern "C" void lf_signed_perm_f64(const double* x, const int64_t* perm, const double* sign, int B, int N,
+                                   double* y) {
+    signed_perm<double>(x, perm, sign, B, N, y);
+}
 
 extern "C" int lf_mlp_max_sites() { return NMAX; }
 extern "C" int lf_mlp_max_hidden() { return HMAX; }

@@ -45,7 +45,7 @@ from . import _ACT, _SUFFIX, KERNEL_MODES, _declare_kernel, _load_kernel, _mode_
 
 __all__ = ["AUTO_MAX_SITES", "KERNEL_MODES", "MAX_HIDDEN", "MAX_SITES", "PRECISIONS", "available", "blas", "counts",
            "gemm_backward", "gemm_forward", "kernel_mode", "load", "products", "rk4_backward", "rk4_forward",
-           "status"]
+           "signed_permutation", "status"]
 
 _ENV = "LATTICEFLOW_STEP_KERNEL"
 _SOURCE = Path(__file__).with_name("mlp_step.cpp")
@@ -75,7 +75,8 @@ def _declare(lib: ctypes.CDLL) -> None:
                                                   p, i],
                           "lf_mlp_rk4_gemm_forward": [p, p, p, p, i, i, i, p, p, p, p, p, p, p, i, d, d, p, p, p, p, i],
                           "lf_mlp_rk4_gemm_backward": [p, p, p, p, p, p, i, i, i, p, p, p, p, p, p, p, i, d, d, p, p, p,
-                                                       p, p, p, p, p, i]},
+                                                       p, p, p, p, p, i],
+                          "lf_signed_perm": [p, p, p, i, i, p]},
                     {"lf_mlp_max_sites": MAX_SITES, "lf_mlp_max_hidden": MAX_HIDDEN})
 
 
@@ -239,3 +240,24 @@ def _low(low: bool, x: Tensor) -> int | None:
     if x.dtype != torch.float32 or "bfloat16" not in (blas() or {}):
         raise ValueError("bfloat16 products need a float32 state and MKL's gemm_bf16bf16f32 (blas()['bfloat16'])")
     return blas()["bfloat16"]
+
+
+def signed_permutation(x: Tensor, perm: Tensor, sign: Tensor | None) -> Tensor | None:
+    """y_bj = s_b x_{b, perm_bj} in one compiled pass (:func:`latticeflow.symmetry.signed_permutation`'s
+    case of one element per sample), or None where it does not apply: not a CPU float32/float64 x of
+    shape (B, N) with perm (B, N) int64 and sign None or B numbers of x's dtype, or no library
+    (``LATTICEFLOW_STEP_KERNEL=eager`` included). Indices are trusted: the caller's tables are
+    permutations."""
+    if (x.dim() != 2 or x.device.type != "cpu" or x.dtype not in _SUFFIX or perm.shape != x.shape
+            or perm.dtype != torch.int64 or perm.device.type != "cpu"):
+        return None
+    if sign is not None and (sign.numel() != x.shape[0] or sign.dtype != x.dtype or sign.device.type != "cpu"):
+        return None
+    if kernel_mode() == "eager" or load() is None:
+        return None
+    x, perm = x.contiguous(), perm.contiguous()
+    sign = sign.contiguous() if sign is not None else None
+    y = torch.empty_like(x)
+    getattr(_lib, f"lf_signed_perm_{_SUFFIX[x.dtype]}")(_ptr(x), _ptr(perm), _ptr(sign), x.shape[0], x.shape[1],
+                                                        _ptr(y))
+    return y
