@@ -784,7 +784,8 @@ void gemm_backward_act(void* gemm, void* gemm_lo, int act, const Params<T>& p, c
 // y_bj = s_b x_{b, perm_bj} (s null: 1): one random symmetry element per sample, the step frame's
 // change of coordinates (latticeflow.symmetry.signed_permutation), one pass without index tensors
 template <typename T>
-void signed_perm(const T* x, const int64_t* perm, const T* sign, int B, int N, T* y) {
+void signed_perm(const T* x, const int64_t* perm, const T* sign, int B, int N, T* y, int nt) {
+#pragma omp parallel for num_threads(nt) schedule(static) if ((int64_t)B * N >= 4096)
     for (int b = 0; b < B; ++b) {
         const T* xb = x + (int64_t)b * N;
         const int64_t* pb = perm + (int64_t)b * N;
@@ -833,12 +834,13 @@ LF_EXPORT(double, f64)
 LF_EXPORT_GEMM(float, f32)
 LF_EXPORT_GEMM(double, f64)
 
-extern "C" void lf_signed_perm_f32(const float* x, const int64_t* perm, const float* sign, int B, int N, float* y) {
-    signed_perm<float>(x, perm, sign, B, N, y);
+extern "C" void lf_signed_perm_f32(const float* x, const int64_t* perm, const float* sign, int B, int N, float* y,
+                                   int nt) {
+    signed_perm<float>(x, perm, sign, B, N, y, nt);
 }
 extern "C" void lf_signed_perm_f64(const double* x, const int64_t* perm, const double* sign, int B, int N,
-                                   double* y) {
-    signed_perm<double>(x, perm, sign, B, N, y);
+                                   double* y, int nt) {
+    signed_perm<double>(x, perm, sign, B, N, y, nt);
 }
 
 extern "C" int lf_mlp_max_sites() { return NMAX; }

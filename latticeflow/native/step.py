@@ -76,7 +76,7 @@ def _declare(lib: ctypes.CDLL) -> None:
                           "lf_mlp_rk4_gemm_forward": [p, p, p, p, i, i, i, p, p, p, p, p, p, p, i, d, d, p, p, p, p, i],
                           "lf_mlp_rk4_gemm_backward": [p, p, p, p, p, p, i, i, i, p, p, p, p, p, p, p, i, d, d, p, p, p,
                                                        p, p, p, p, p, i],
-                          "lf_signed_perm": [p, p, p, i, i, p]},
+                          "lf_signed_perm": [p, p, p, i, i, p, i]},
                     {"lf_mlp_max_sites": MAX_SITES, "lf_mlp_max_hidden": MAX_HIDDEN})
 
 
@@ -253,11 +253,12 @@ def signed_permutation(x: Tensor, perm: Tensor, sign: Tensor | None) -> Tensor |
         return None
     if sign is not None and (sign.numel() != x.shape[0] or sign.dtype != x.dtype or sign.device.type != "cpu"):
         return None
-    if kernel_mode() == "eager" or load() is None:
+    lib = load()  # None under "eager"
+    if lib is None:
         return None
     x, perm = x.contiguous(), perm.contiguous()
     sign = sign.contiguous() if sign is not None else None
     y = torch.empty_like(x)
-    getattr(_lib, f"lf_signed_perm_{_SUFFIX[x.dtype]}")(_ptr(x), _ptr(perm), _ptr(sign), x.shape[0], x.shape[1],
-                                                        _ptr(y))
+    getattr(lib, f"lf_signed_perm_{_SUFFIX[x.dtype]}")(_ptr(x), _ptr(perm), _ptr(sign), x.shape[0], x.shape[1],
+                                                       _ptr(y), torch.get_num_threads())
     return y
