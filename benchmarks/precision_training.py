@@ -7,10 +7,13 @@ the same number of epochs: once with ``train_precision="float32"`` and once with
 Then evaluates both final flows the same way, in float32 on fresh samples outside any bfloat16
 block: the variational F/N (an upper bound of the exact −ln Z/N) with its standard error, the gap to
 Kaufman's exact value, and the Kish ESS. It prints the difference of the two F/N in units of its
-standard error (|z| < 3: equal within errors), the training time of each, and their ratio; and
-whether any evaluation step ran with bfloat16 products (it must not).
+standard error of the evaluations, the training time of each, and their ratio; and whether any
+evaluation step ran with bfloat16 products (it must not). With several seeds it also prints the mean
+of the paired differences with its standard error from their spread, which holds the trajectories'
+drift apart as well as the evaluation error (|mean| < 3 se: equal within errors).
 
-    python benchmarks/precision_training.py                       # 300 epochs each, 2 threads
+    python benchmarks/precision_training.py                       # seed 0, 300 epochs each, 2 threads
+    python benchmarks/precision_training.py --seeds 0 1 2 3       # paired by seed: the mean difference ± its error
     python benchmarks/precision_training.py --epochs 600 --threads 1 --eval 8192
 """
 
@@ -59,37 +62,51 @@ def evaluate(flow: torch.nn.Module, target, n: int, seed: int, chunk: int = 512)
             "ess": float(kish_ess(-(logp + energy))), "bf16_eval_steps": native_step.counts["bfloat16"] - before}
 
 
-def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
+def main(argv: list[str] | None = None) -> dict[int, dict[str, dict[str, float]]]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--epochs", type=int, default=300)
     p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0], help="one pair of trainings per seed")
     p.add_argument("--eval", type=int, default=4096, help="fresh samples of each evaluation")
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s); paper configuration, {args.epochs} "
-          f"epochs, lr {args.lr}, seed {args.seed}; evaluation: {args.eval} fresh float32 samples")
+          f"epochs, lr {args.lr}, seeds {args.seeds}; evaluation: {args.eval} fresh float32 samples", flush=True)
     if "bfloat16" not in (native_step.blas() or {}):
         print("this torch's BLAS has no bfloat16 gemm: bfloat16 training would run in float32; nothing to compare")
         return {}
-    res: dict[str, dict[str, float]] = {}
-    for precision in TRAIN_PRECISIONS:
-        trainer, target = make_trainer(paper_training(args.epochs, args.lr, args.seed, precision), progress=False)
-        t0 = time.perf_counter()
-        trainer.fit(args.epochs)
-        seconds = time.perf_counter() - t0
-        res[precision] = {**evaluate(trainer.flow, target, args.eval, args.seed + 1000), "seconds": seconds}
-        r = res[precision]
-        print(f"  {precision:8s}: F/N {r['F/N']:.6f} ± {r['stderr']:.6f} (exact {target.exact_free_energy():.6f}, "
-              f"gap {r['gap']:.2e}), ESS {r['ess']:.3f}, training {seconds:.1f} s "
-              f"({seconds / args.epochs * 1e3:.0f} ms/epoch); evaluation steps with bfloat16 products: "
-              f"{r['bf16_eval_steps']}")
-    a, b = res["float32"], res["bfloat16"]
-    z = (b["F/N"] - a["F/N"]) / math.hypot(a["stderr"], b["stderr"])
-    print(f"  bfloat16 − float32: {b['F/N'] - a['F/N']:+.2e} = {z:+.2f} σ "
-          f"({'equal within errors' if abs(z) < 3 else 'NOT equal within errors'}); "
-          f"training time float32 / bfloat16: {a['seconds'] / b['seconds']:.2f}")
+    res: dict[int, dict[str, dict[str, float]]] = {}
+    for seed in args.seeds:
+        res[seed] = {}
+        for precision in TRAIN_PRECISIONS:
+            trainer, target = make_trainer(paper_training(args.epochs, args.lr, seed, precision), progress=False)
+            t0 = time.perf_counter()
+            trainer.fit(args.epochs)
+            seconds = time.perf_counter() - t0
+            res[seed][precision] = {**evaluate(trainer.flow, target, args.eval, seed + 1000), "seconds": seconds}
+            r = res[seed][precision]
+            print(f"  seed {seed}, {precision:8s}: F/N {r['F/N']:.6f} ± {r['stderr']:.6f} (exact "
+                  f"{target.exact_free_energy():.6f}, gap {r['gap']:.2e}), ESS {r['ess']:.3f}, training {seconds:.1f} s "
+                  f"({seconds / args.epochs * 1e3:.0f} ms/epoch); evaluation steps with bfloat16 products: "
+                  f"{r['bf16_eval_steps']}", flush=True)
+        a, b = res[seed]["float32"], res[seed]["bfloat16"]
+        z = (b["F/N"] - a["F/N"]) / math.hypot(a["stderr"], b["stderr"])
+        print(f"  seed {seed}: bfloat16 − float32 {b['F/N'] - a['F/N']:+.2e} = {z:+.2f} σ of the evaluations alone; "
+              f"training time float32 / bfloat16 {a['seconds'] / b['seconds']:.2f}", flush=True)
+    if len(args.seeds) > 1:
+        # paired by seed (same initialisation, same first samples): the spread of the differences holds
+        # both the evaluations' errors and how far two training trajectories drift apart
+        d = [res[s]["bfloat16"]["F/N"] - res[s]["float32"]["F/N"] for s in args.seeds]
+        f32 = [res[s]["float32"]["F/N"] for s in args.seeds]
+        mean = sum(d) / len(d)
+        se = math.sqrt(sum((x - mean) ** 2 for x in d) / (len(d) - 1) / len(d))
+        m32 = sum(f32) / len(f32)
+        spread = math.sqrt(sum((x - m32) ** 2 for x in f32) / (len(f32) - 1))
+        verdict = "equal within errors" if abs(mean) < 3 * se else "NOT equal within errors"
+        print(f"  over {len(d)} seeds: mean bfloat16 − float32 {mean:+.2e} ± {se:.2e} ({mean / se:+.2f} σ; {verdict}); "
+              f"seed-to-seed std of float32 F/N {spread:.2e}; mean training time float32 / bfloat16 "
+              f"{sum(res[s]['float32']['seconds'] for s in args.seeds) / sum(res[s]['bfloat16']['seconds'] for s in args.seeds):.2f}")
     return res
 
 

@@ -324,7 +324,7 @@ class IsingConfig(Config):
                                      choices=GRADIENT_ESTIMATORS, group="training")
     train_precision: str = option("float32", "products of the training iterations' RK4 steps: 'bfloat16' rounds "
                                   "their operands to bfloat16 with float32 sums (the GEMM step, float32 flows above "
-                                  "64 sites; elsewhere float32). Only the gradients' descent sees it: every reported "
+                                  "25 sites; elsewhere float32). Only the gradients' descent sees it: every reported "
                                   "estimate is computed afterwards in --dtype on fresh samples. The per-epoch log's "
                                   "F/N comes from the training samples, so in bfloat16 too",
                                   choices=TRAIN_PRECISIONS, group="training")

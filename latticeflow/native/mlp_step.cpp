@@ -452,7 +452,7 @@ void backward_act(int act, const Params<T>& p, const T* y, const T* gy_out, cons
 
 
 // ---------------------------------------------------------------------- the GEMM step (larger lattices)
-// From about 64 sites on, the step's products are large enough for a BLAS gemm to run them at matmul
+// From about 25 sites on, the step's products are large enough for a BLAS gemm to run them at matmul
 // speed, and what costs beyond them is the eager step's ~40 tensor operators per stage. The GEMM step
 // computes the same step as forward/backward above with the products by the BLAS gemm that torch
 // itself calls (libtorch's sgemm_/dgemm_, column-major Fortran ABI, LP64; its pointer is an argument)

@@ -52,8 +52,10 @@ _SOURCE = Path(__file__).with_name("mlp_step.cpp")
 ACTIVATIONS = _ACT  # the activation codes both kernels read (lanes.h)
 #: the kernel's limits (mlp_step.cpp: NMAX, HMAX)
 MAX_SITES, MAX_HIDDEN = 1024, 4096
-#: lattices up to this many sites (L = 8) take the lanes step, larger ones the GEMM step
-AUTO_MAX_SITES = 64
+#: lattices up to this many sites (L = 5) take the lanes step, larger ones the GEMM step: whole training
+#: iterations (benchmarks/step_speed.py, quadratic + MLP, batch 256) at 1 / 2 threads, lanes ÷ GEMM time:
+#: L=4 (h=256) 0.86 / 0.84, L=5 0.98 / 0.91, L=6 1.11 / 1.03, L=8 1.42 / 1.31 (2026-12-02)
+AUTO_MAX_SITES = 25
 #: gcc vectorises the activation loop 256 bits wide on some AVX-512 CPUs unless asked: ask (x86 only)
 _FLAGS = ("-mprefer-vector-width=512",) if platform.machine() in ("x86_64", "AMD64") else ()
 _lock = threading.Lock()
