@@ -108,6 +108,11 @@ def finer_steps(module: nn.Module, factor: int = 2):
             f.n_steps, f.step_size = n, eps
 
 
+#: integrate all steps of a flow in one compiled call where the drift offers it (``step.integrate``, the GEMM
+#: step of latticeflow.native.step); False steps one by one (the tests compare the two)
+WHOLE_INTEGRATION = True
+
+
 @runtime_checkable
 class Flow(Protocol):
     """The interface of every flow-like object: a normalised density that samples itself.
@@ -321,11 +326,59 @@ class MongeAmpereFlow(nn.Module):
         # this block and would rebuild them, so not with checkpointing
         share = not (self.checkpoint and torch.is_grad_enabled())
         with pot.shared_constants(share):
+            whole = self._whole_integration(x, logp, t0, dt, forward, noise, callback) if share else None
+            if whole is not None:
+                return whole
             if noise is None:
                 return ode.integrate(drift_of(pot, None), x, logp, t0, dt, n, method=self._solver,
                                      checkpoint=self.checkpoint, callback=callback)
             return ode.integrate(None, x, logp, t0, dt, n, method=self._solver, checkpoint=self.checkpoint,
                                  callback=callback, step_drift=step_drift)
+
+    def _whole_integration(self, x: Tensor, logp: Tensor, t0: float, dt: float, forward: bool,
+                           noise: list[Any] | None, callback: Any) -> tuple[Tensor, Tensor] | None:
+        """All n RK4 steps in one compiled call (``step.integrate`` of the drift's fused step, the GEMM step
+        of latticeflow.native.step), each in its step's symmetry frame; None where that does not apply:
+        another solver, a callback, a potential without such a step, a frame it cannot pass (anything but
+        a signed permutation per sample), or a state the step does not take. Same numbers as step by step."""
+        if not WHOLE_INTEGRATION or callback is not None or type(self._solver) is not ode.RK4:
+            return None
+        pot, n = self.potential, self.n_steps
+        perms, signs, owner, first = [], [], None, None
+        for k in range(n):
+            token = None if noise is None else (noise[k] if forward else noise[n - 1 - k])
+            frame = pot.step_frame(token) if noise is not None else None
+            if frame is None:
+                if noise is not None:
+                    return None
+                step = pot.rk4_step(None)
+            else:
+                into, _, inner, inner_token = frame
+                signed = getattr(into, "signed", None)
+                if signed is None:
+                    return None
+                perms.append(signed[0])
+                signs.append(signed[1])
+                step = inner.rk4_step(inner_token)
+            if step is None or getattr(step, "integrate", None) is None:
+                return None
+            if first is None:
+                first, owner = step, step.owner
+            elif step.owner[0] is not owner[0] or step.owner[1] is not owner[1]:
+                return None
+            if noise is None:
+                break  # one potential for every step
+        if first is None:
+            return None
+        perm = sign = None
+        if perms:
+            if any(p.shape != x.shape for p in perms) or any(
+                    (s is None) != (signs[0] is None) for s in signs):
+                return None
+            perm = torch.stack(perms).contiguous()
+            if signs[0] is not None:
+                sign = torch.stack([s.reshape(-1).to(x.dtype) for s in signs]).contiguous()
+        return first.integrate(x, logp, perm, sign, t0, dt, n)
 
     def forward_map(self, z: Tensor, generator: torch.Generator | None = None, noise: Sequence[Any] | None = None,
                     callback: Callable[[int, float, Tensor, Tensor], None] | None = None) -> tuple[Tensor, Tensor]:

@@ -178,9 +178,12 @@ def _flow(dtype, hidden=24, L=4, **kw):
 
 def _flow_run(mode, dtype, monkeypatch, path="lanes", **kw):
     monkeypatch.setenv("LATTICEFLOW_STEP_KERNEL", mode)
-    if path == "gemm":  # every lattice takes the GEMM step
+    if path == "gemm":  # every lattice takes the GEMM step, one step at a time (the whole integration: below)
+        from latticeflow import flow as flow_module
+
         _compiled(path)
         monkeypatch.setattr(native_step, "AUTO_MAX_SITES", 0)
+        monkeypatch.setattr(flow_module, "WHOLE_INTEGRATION", False)
     flow, target = _flow(dtype, **kw)
     calls = []
     real = _MLPRK4Step.apply
@@ -455,3 +458,60 @@ def test_compiled_signed_permutation_equals_the_gather(kernel):
     assert native_step.signed_permutation(torch.zeros(2, 3), torch.zeros(2, 3, dtype=torch.int32), None) is None
     assert native_step.signed_permutation(torch.zeros(2, 3, dtype=torch.float16), torch.zeros(2, 3, dtype=torch.long),
                                           None) is None
+
+
+def _whole_run(whole, dtype, monkeypatch, **kw):
+    # a flow at L=6 (36 sites: the GEMM step), its samples, ln p, the density of given points and all gradients,
+    # integrated in one call (whole) or step by step; returns the numbers and the whole-integration calls
+    from latticeflow import flow as flow_module
+    from latticeflow.potentials.mlp import _MLPRK4Integration
+
+    monkeypatch.setattr(flow_module, "WHOLE_INTEGRATION", whole)
+    calls = []
+    real = _MLPRK4Integration.apply
+    monkeypatch.setattr(_MLPRK4Integration, "apply", lambda *a: calls.append(a[-1]) or real(*a))
+    flow, target = _flow(dtype, L=6, **kw)
+    x, logp = flow.sample(21, generator=torch.Generator().manual_seed(1))
+    (logp + target.energy(x)).mean().backward()
+    grads = [p.grad.clone() for p in flow.parameters()]
+    flow.zero_grad()
+    lp = flow.log_prob(x.detach(), generator=torch.Generator().manual_seed(2))
+    lp.sum().backward()
+    grads += [p.grad.clone() for p in flow.parameters()]
+    return [x.detach(), logp.detach(), lp.detach(), *grads], calls
+
+
+@pytest.mark.parametrize("dtype, tol", [("float64", 1e-12), ("float32", 2e-5)])
+@pytest.mark.parametrize("symmetrize", ["random", "none"])
+def test_whole_integration_equals_the_steps_one_by_one(kernel, dtype, tol, symmetrize, monkeypatch):
+    # all n GEMM steps in one call, each in its step's random frame (or none): the numbers of the steps one by
+    # one, for sampling, the density of given points (backward in time) and every gradient
+    _compiled("gemm")
+    whole, calls = _whole_run(True, dtype, monkeypatch, symmetrize=symmetrize)
+    steps, none = _whole_run(False, dtype, monkeypatch, symmetrize=symmetrize)
+    assert calls == ["gemm", "gemm"] and none == []
+    for a, b in zip(whole, steps):
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol * max(1.0, float(b.abs().max())))
+
+
+def test_whole_integration_second_derivatives_and_path_gradient(kernel, monkeypatch):
+    # create_graph=True through the whole integration (the reference in autograd ops) and the path-gradient
+    # estimator: the numbers of the step-by-step flow
+    from latticeflow import flow as flow_module
+    from latticeflow.train import path_gradient_surrogate
+
+    _compiled("gemm")
+    res = []
+    for whole in (True, False):
+        monkeypatch.setattr(flow_module, "WHOLE_INTEGRATION", whole)
+        flow, target = _flow("float64", L=6, n_steps=3)
+        z = torch.randn(5, 36, dtype=torch.float64, generator=torch.Generator().manual_seed(1)).requires_grad_()
+        x, dlogp = flow.forward_map(z, generator=torch.Generator().manual_seed(3))
+        (gz,) = torch.autograd.grad((x[:, 0] ** 2).sum() + dlogp.sum(), z, create_graph=True)
+        second = torch.autograd.grad((gz**2).sum(), [z, *flow.parameters()])
+        flow.zero_grad()
+        xs, _ = flow.sample(7, generator=torch.Generator().manual_seed(4))
+        path_gradient_surrogate(flow, target, xs).mean().backward()
+        res.append([*second, *[p.grad.clone() for p in flow.parameters()]])
+    for a, b in zip(*res):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)

@@ -474,7 +474,7 @@ using GemmBf16 = void (*)(const char*, const char*, const int*, const int*, cons
 // a reused work buffer of at least n numbers (the calling thread's: no fresh pages to fault in per call)
 template <typename T>
 inline T* scratch(int slot, size_t n) {
-    thread_local std::vector<T> buf[8];
+    thread_local std::vector<T> buf[12];  // 0-7: one step's; 8-11: a whole integration's (gemm_integrate_*)
     if (buf[slot].size() < n) buf[slot].resize(n);
     return buf[slot].data();
 }
@@ -761,6 +761,111 @@ void gemm_backward(const Products<T>& mm, const Params<T>& p, const T* S, const 
     }
 }
 
+// y = s ⊙ x[perm] (into a step's frame: one random symmetry element per sample, as
+// latticeflow.symmetry.signed_permutation) and its inverse x[perm] = s ⊙ y (out of it), rows over nt
+// threads; perm null: the identity
+template <typename T>
+void frame_into(const T* x, const int64_t* perm, const T* sign, int B, int N, T* y, int nt) {
+#pragma omp parallel for num_threads(nt) schedule(static)
+    for (int b = 0; b < B; ++b) {
+        const T* xb = x + (int64_t)b * N;
+        T* yb = y + (int64_t)b * N;
+        const T s = sign ? sign[b] : T(1);
+        if (perm) {
+            const int64_t* pb = perm + (int64_t)b * N;
+            for (int j = 0; j < N; ++j) yb[j] = s * xb[pb[j]];
+        } else {
+            for (int j = 0; j < N; ++j) yb[j] = s * xb[j];
+        }
+    }
+}
+
+template <typename T>
+void frame_out(const T* y, const int64_t* perm, const T* sign, int B, int N, T* x, int nt) {
+#pragma omp parallel for num_threads(nt) schedule(static)
+    for (int b = 0; b < B; ++b) {
+        const T* yb = y + (int64_t)b * N;
+        T* xb = x + (int64_t)b * N;
+        const T s = sign ? sign[b] : T(1);
+        if (perm) {
+            const int64_t* pb = perm + (int64_t)b * N;
+            for (int j = 0; j < N; ++j) xb[pb[j]] = s * yb[j];
+        } else {
+            for (int j = 0; j < N; ++j) xb[j] = s * yb[j];
+        }
+    }
+}
+
+// A whole integration of n GEMM steps from t0 in steps of dt, step k in the frame of its random symmetry
+// element (perm (n, B, N) and sign (n, B), each null for none): x ← out_k(step(into_k(x))). One call instead
+// of n steps' Python, autograd nodes and frame gathers. Keeps every step's stage points and
+// pre-activations in save_s (n, 4, B, N) and save_h (n, 4, B, H) when non-null.
+template <typename T, int ACT>
+void gemm_integrate_forward(const Products<T>& mm, const Params<T>& p, const T* x, const T* logp, int B, double t0,
+                            double dt, int n, const int64_t* perm, const T* sign, T* x_out, T* logp_out, T* save_s,
+                            T* save_h, int nt) {
+    const int N = p.N, H = p.H;
+    const int64_t BN = (int64_t)B * N, BH = (int64_t)B * H;
+    T* cur = scratch<T>(8, BN);
+    T* y = scratch<T>(9, 2 * BN);
+    T* yo = y + BN;
+    T* lp = scratch<T>(10, 2 * (size_t)B);
+    T* lq = lp + B;
+    std::copy(x, x + BN, cur);
+    std::copy(logp, logp + B, lp);
+    for (int k = 0; k < n; ++k) {
+        const int64_t* pk = perm ? perm + k * BN : nullptr;
+        const T* sk = sign ? sign + (int64_t)k * B : nullptr;
+        frame_into(cur, pk, sk, B, N, y, nt);
+        gemm_forward<T, ACT>(mm, p, y, lp, B, t0 + k * dt, dt, yo, lq, save_s ? save_s + k * 4 * BN : nullptr,
+                             save_h ? save_h + k * 4 * BH : nullptr, nt);
+        frame_out(yo, pk, sk, B, N, cur, nt);
+        std::swap(lp, lq);
+    }
+    std::copy(cur, cur + BN, x_out);
+    std::copy(lp, lp + B, logp_out);
+}
+
+// its backward: the cotangent of x and the parameter gradients summed over the steps in reverse order
+template <typename T, int ACT>
+void gemm_integrate_backward(const Products<T>& mm, const Params<T>& p, const T* S, const T* Hs,
+                             const int64_t* perm, const T* sign, const T* gx_out, const T* glogp_out, int B,
+                             double t0, double dt, int n, T* gx, T* gW, T* gb0, T* gb1, T* gw0, T* gw1, T* gA0,
+                             T* gA1, int nt) {
+    const int N = p.N, H = p.H;
+    const int64_t BN = (int64_t)B * N, BH = (int64_t)B * H, HN = (int64_t)H * N, NN = (int64_t)N * N;
+    const bool quad = p.A0 != nullptr;
+    T* g = scratch<T>(8, BN);
+    T* y = scratch<T>(9, 2 * BN);
+    T* yi = y + BN;
+    // one step's gradients: W̄ (H·N), b̄0, b̄1, w̄0, w̄1 (H each), Ā0, Ā1 (N·N each)
+    T* one = scratch<T>(11, (size_t)(HN + 4 * (int64_t)H + (quad ? 2 * NN : 0)));
+    T *oW = one, *ob0 = one + HN, *ob1 = ob0 + H, *ow0 = ob1 + H, *ow1 = ow0 + H, *oA0 = ow1 + H, *oA1 = oA0 + NN;
+    T* outs[7] = {gW, gb0, gb1, gw0, gw1, gA0, gA1};
+    const int64_t sizes[7] = {HN, H, H, H, H, NN, NN};
+    for (int i = 0; i < 7; ++i)
+        if (outs[i]) std::fill(outs[i], outs[i] + sizes[i], T(0));
+    std::copy(gx_out, gx_out + BN, g);
+    for (int k = n - 1; k >= 0; --k) {
+        const int64_t* pk = perm ? perm + k * BN : nullptr;
+        const T* sk = sign ? sign + (int64_t)k * B : nullptr;
+        frame_into(g, pk, sk, B, N, y, nt);  // the adjoint of out_k is into_k
+        gemm_backward<T, ACT>(mm, p, S + k * 4 * BN, Hs + k * 4 * BH, y, glogp_out, B, t0 + k * dt, dt, yi, oW,
+                              gb0 ? ob0 : nullptr, gb1 ? ob1 : nullptr, ow0, gw1 ? ow1 : nullptr,
+                              quad ? oA0 : nullptr, gA1 ? oA1 : nullptr, nt);
+        frame_out(yi, pk, sk, B, N, g, nt);  // and that of into_k is out_k
+        const T* ones[7] = {oW, ob0, ob1, ow0, ow1, oA0, oA1};
+        for (int i = 0; i < 7; ++i) {
+            if (!outs[i]) continue;
+            T* o = outs[i];
+            const T* a = ones[i];
+#pragma omp parallel for simd num_threads(nt) schedule(static) if (sizes[i] >= 65536)
+            for (int64_t j = 0; j < sizes[i]; ++j) o[j] += a[j];
+        }
+    }
+    std::copy(g, g + BN, gx);
+}
+
 template <typename T>
 void gemm_forward_act(void* gemm, void* gemm_lo, int act, const Params<T>& p, const T* y, const T* logp, int B,
                       double t, double dt, T* y_out, T* logp_out, T* save_s, T* save_h, int nt) {
@@ -781,18 +886,33 @@ void gemm_backward_act(void* gemm, void* gemm_lo, int act, const Params<T>& p, c
     else gemm_backward<T, 2>(mm, p, S, Hs, gy_out, glogp_out, B, t, dt, gy, gW, gb0, gb1, gw0, gw1, gA0, gA1, nt);
 }
 
-// y_bj = s_b x_{b, perm_bj} (s null: 1): one random symmetry element per sample, the step frame's
-// change of coordinates (latticeflow.symmetry.signed_permutation), one pass without index tensors
 template <typename T>
-void signed_perm(const T* x, const int64_t* perm, const T* sign, int B, int N, T* y, int nt) {
-#pragma omp parallel for num_threads(nt) schedule(static) if ((int64_t)B * N >= 4096)
-    for (int b = 0; b < B; ++b) {
-        const T* xb = x + (int64_t)b * N;
-        const int64_t* pb = perm + (int64_t)b * N;
-        T* yb = y + (int64_t)b * N;
-        const T s = sign ? sign[b] : T(1);
-        for (int j = 0; j < N; ++j) yb[j] = s * xb[pb[j]];
-    }
+void gemm_integrate_forward_act(void* gemm, void* gemm_lo, int act, const Params<T>& p, const T* x, const T* logp,
+                                int B, double t0, double dt, int n, const int64_t* perm, const T* sign, T* x_out,
+                                T* logp_out, T* save_s, T* save_h, int nt) {
+    const Products<T> mm(gemm, gemm_lo, p.W, (int64_t)p.H * p.N, nt);
+    if (act == 0)
+        gemm_integrate_forward<T, 0>(mm, p, x, logp, B, t0, dt, n, perm, sign, x_out, logp_out, save_s, save_h, nt);
+    else if (act == 1)
+        gemm_integrate_forward<T, 1>(mm, p, x, logp, B, t0, dt, n, perm, sign, x_out, logp_out, save_s, save_h, nt);
+    else gemm_integrate_forward<T, 2>(mm, p, x, logp, B, t0, dt, n, perm, sign, x_out, logp_out, save_s, save_h, nt);
+}
+
+template <typename T>
+void gemm_integrate_backward_act(void* gemm, void* gemm_lo, int act, const Params<T>& p, const T* S, const T* Hs,
+                                 const int64_t* perm, const T* sign, const T* gx_out, const T* glogp_out, int B,
+                                 double t0, double dt, int n, T* gx, T* gW, T* gb0, T* gb1, T* gw0, T* gw1, T* gA0,
+                                 T* gA1, int nt) {
+    const Products<T> mm(gemm, gemm_lo, p.W, (int64_t)p.H * p.N, nt);
+    if (act == 0)
+        gemm_integrate_backward<T, 0>(mm, p, S, Hs, perm, sign, gx_out, glogp_out, B, t0, dt, n, gx, gW, gb0, gb1, gw0,
+                                      gw1, gA0, gA1, nt);
+    else if (act == 1)
+        gemm_integrate_backward<T, 1>(mm, p, S, Hs, perm, sign, gx_out, glogp_out, B, t0, dt, n, gx, gW, gb0, gb1, gw0,
+                                      gw1, gA0, gA1, nt);
+    else
+        gemm_integrate_backward<T, 2>(mm, p, S, Hs, perm, sign, gx_out, glogp_out, B, t0, dt, n, gx, gW, gb0, gb1, gw0,
+                                      gw1, gA0, gA1, nt);
 }
 
 }  // namespace
@@ -834,13 +954,34 @@ LF_EXPORT(double, f64)
 LF_EXPORT_GEMM(float, f32)
 LF_EXPORT_GEMM(double, f64)
 
+#define LF_EXPORT_INTEGRATE(T, SUFFIX)                                                                              \
+    extern "C" void lf_mlp_rk4_gemm_integrate_forward_##SUFFIX(                                                    \
+        void* gemm, void* gemm_lo, const T* x, const T* logp, int B, int N, int H, const T* W, const T* b0,        \
+        const T* b1, const T* w0, const T* w1, const T* A0, const T* A1, int act, double t0, double dt, int n,     \
+        const int64_t* perm, const T* sign, T* x_out, T* logp_out, T* save_s, T* save_h, int nt) {                 \
+        gemm_integrate_forward_act<T>(gemm, gemm_lo, act, Params<T>{N, H, W, b0, b1, w0, w1, A0, A1}, x, logp, B, \
+                                      t0, dt, n, perm, sign, x_out, logp_out, save_s, save_h, nt);                 \
+    }                                                                                                               \
+    extern "C" void lf_mlp_rk4_gemm_integrate_backward_##SUFFIX(                                                   \
+        void* gemm, void* gemm_lo, const T* S, const T* Hs, const int64_t* perm, const T* sign, const T* gx_out,   \
+        const T* glogp_out, int B, int N, int H, const T* W, const T* b0, const T* b1, const T* w0, const T* w1,   \
+        const T* A0, const T* A1, int act, double t0, double dt, int n, T* gx, T* gW, T* gb0, T* gb1, T* gw0,      \
+        T* gw1, T* gA0, T* gA1, int nt) {                                                                          \
+        gemm_integrate_backward_act<T>(gemm, gemm_lo, act, Params<T>{N, H, W, b0, b1, w0, w1, A0, A1}, S, Hs,     \
+                                       perm, sign, gx_out, glogp_out, B, t0, dt, n, gx, gW, gb0, gb1, gw0, gw1,    \
+                                       gA0, gA1, nt);                                                              \
+    }
+
+LF_EXPORT_INTEGRATE(float, f32)
+LF_EXPORT_INTEGRATE(double, f64)
+
 extern "C" void lf_signed_perm_f32(const float* x, const int64_t* perm, const float* sign, int B, int N, float* y,
                                    int nt) {
-    signed_perm<float>(x, perm, sign, B, N, y, nt);
+    frame_into<float>(x, perm, sign, B, N, y, nt);
 }
 extern "C" void lf_signed_perm_f64(const double* x, const int64_t* perm, const double* sign, int B, int N,
                                    double* y, int nt) {
-    signed_perm<double>(x, perm, sign, B, N, y, nt);
+    frame_into<double>(x, perm, sign, B, N, y, nt);
 }
 
 extern "C" int lf_mlp_max_sites() { return NMAX; }

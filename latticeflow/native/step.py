@@ -44,7 +44,7 @@ from torch import Tensor
 from . import _ACT, _SUFFIX, KERNEL_MODES, _declare_kernel, _load_kernel, _mode_of, _ptr, _status_of
 
 __all__ = ["AUTO_MAX_SITES", "KERNEL_MODES", "MAX_HIDDEN", "MAX_SITES", "PRECISIONS", "available", "blas", "counts",
-           "gemm_backward", "gemm_forward", "kernel_mode", "load", "products", "rk4_backward", "rk4_forward",
+           "gemm_backward", "gemm_forward", "gemm_integrate_backward", "gemm_integrate_forward", "kernel_mode", "load", "products", "rk4_backward", "rk4_forward",
            "signed_permutation", "status"]
 
 _ENV = "LATTICEFLOW_STEP_KERNEL"
@@ -78,7 +78,11 @@ def _declare(lib: ctypes.CDLL) -> None:
                           "lf_mlp_rk4_gemm_forward": [p, p, p, p, i, i, i, p, p, p, p, p, p, p, i, d, d, p, p, p, p, i],
                           "lf_mlp_rk4_gemm_backward": [p, p, p, p, p, p, i, i, i, p, p, p, p, p, p, p, i, d, d, p, p, p,
                                                        p, p, p, p, p, i],
-                          "lf_signed_perm": [p, p, p, i, i, p, i]},
+                          "lf_signed_perm": [p, p, p, i, i, p, i],
+                          "lf_mlp_rk4_gemm_integrate_forward": [p, p, p, p, i, i, i, p, p, p, p, p, p, p, i, d, d, i, p,
+                                                                p, p, p, p, p, i],
+                          "lf_mlp_rk4_gemm_integrate_backward": [p, p, p, p, p, p, p, p, i, i, i, p, p, p, p, p, p, p, i,
+                                                                 d, d, i, p, p, p, p, p, p, p, p, i]},
                     {"lf_mlp_max_sites": MAX_SITES, "lf_mlp_max_hidden": MAX_HIDDEN})
 
 
@@ -141,12 +145,13 @@ def status() -> str:
     return _status_of(sys.modules[__name__])
 
 
-def available(y: Tensor, hidden: int, activation: str, params: list[Tensor | None]) -> str | None:
+def available(y: Tensor, hidden: int, activation: str, params: list[Tensor | None], steps: int = 1) -> str | None:
     """Which compiled step takes this state: "lanes" (samples in vector lanes, lattices up to
     :data:`AUTO_MAX_SITES` sites, h ≤ :data:`MAX_HIDDEN`), "gemm" (larger lattices: the products by
     torch's BLAS gemm, :func:`blas`), or None (the eager step). Both need a CPU state of
     float32/float64 with parameters of the same dtype on the CPU, a known activation and the library
-    loaded. ``native`` chooses as ``auto`` does but raises where the choice is unavailable."""
+    loaded. ``native`` chooses as ``auto`` does but raises where the choice is unavailable. ``steps``:
+    how many steps the answer is for (what :data:`counts` adds for a GEMM step)."""
     mode = kernel_mode()
     if mode == "eager":
         return None
@@ -167,7 +172,7 @@ def available(y: Tensor, hidden: int, activation: str, params: list[Tensor | Non
             raise RuntimeError(f"{_ENV}=native but the GEMM step is unavailable: {_blas_error}")
         return None
     low = _products.get() == "bfloat16" and y.dtype == torch.float32 and "bfloat16" in ptrs
-    counts["bfloat16" if low else "full"] += 1
+    counts["bfloat16" if low else "full"] += steps
     return "gemm-bf16" if low else "gemm"
 
 
@@ -264,3 +269,39 @@ def signed_permutation(x: Tensor, perm: Tensor, sign: Tensor | None) -> Tensor |
     getattr(lib, f"lf_signed_perm_{_SUFFIX[x.dtype]}")(_ptr(x), _ptr(perm), _ptr(sign), x.shape[0], x.shape[1],
                                                        _ptr(y), torch.get_num_threads())
     return y
+
+
+def gemm_integrate_forward(x: Tensor, logp: Tensor, perm: Tensor | None, sign: Tensor | None, W: Tensor,
+                           b0: Tensor | None, b1: Tensor | None, w0: Tensor, w1: Tensor | None, A0: Tensor | None,
+                           A1: Tensor | None, activation: str, t0: float, dt: float, n: int, keep: bool,
+                           low: bool = False) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+    """n GEMM steps from t0 in one call, step k in the frame (perm[k] (B, N) int64, sign[k] (B,); None: no
+    frame); with ``keep`` also every step's stage points (n, 4, B, N) and pre-activations (n, 4, B, H)."""
+    lib = load()
+    B, N = x.shape
+    H = W.shape[0]
+    x_out, logp_out = torch.empty_like(x), torch.empty_like(logp)
+    S = x.new_empty(n, 4, B, N) if keep else None
+    Hs = x.new_empty(n, 4, B, H) if keep else None
+    f = getattr(lib, f"lf_mlp_rk4_gemm_integrate_forward_{_SUFFIX[x.dtype]}")
+    f(blas()[x.dtype], _low(low, x), _ptr(x), _ptr(logp), B, N, H, _ptr(W), _ptr(b0), _ptr(b1), _ptr(w0), _ptr(w1),
+      _ptr(A0), _ptr(A1), ACTIVATIONS[activation], float(t0), float(dt), int(n), _ptr(perm), _ptr(sign),
+      _ptr(x_out), _ptr(logp_out), _ptr(S), _ptr(Hs), torch.get_num_threads())
+    return x_out, logp_out, S, Hs
+
+
+def gemm_integrate_backward(S: Tensor, Hs: Tensor, perm: Tensor | None, sign: Tensor | None, gx_out: Tensor,
+                            glogp_out: Tensor, W: Tensor, b0: Tensor | None, b1: Tensor | None, w0: Tensor,
+                            w1: Tensor | None, A0: Tensor | None, A1: Tensor | None, activation: str, t0: float,
+                            dt: float, low: bool = False) -> tuple[Tensor | None, ...]:
+    """The backward of :func:`gemm_integrate_forward`: (x̄, W̄, b̄0, b̄1, w̄0, w̄1, Ā0, Ā1), the parameter
+    gradients summed over the steps."""
+    lib = load()
+    n, _, B, N = S.shape
+    gx = torch.empty_like(gx_out)
+    grads = [torch.empty_like(p) if p is not None else None for p in (W, b0, b1, w0, w1, A0, A1)]
+    g = getattr(lib, f"lf_mlp_rk4_gemm_integrate_backward_{_SUFFIX[S.dtype]}")
+    g(blas()[S.dtype], _low(low, S), _ptr(S), _ptr(Hs), _ptr(perm), _ptr(sign), _ptr(gx_out), _ptr(glogp_out), B, N,
+      W.shape[0], _ptr(W), _ptr(b0), _ptr(b1), _ptr(w0), _ptr(w1), _ptr(A0), _ptr(A1), ACTIVATIONS[activation],
+      float(t0), float(dt), int(n), _ptr(gx), *[_ptr(q) for q in grads], torch.get_num_threads())
+    return (gx, *grads)

@@ -229,6 +229,75 @@ class _MLPRK4Step(torch.autograd.Function):
         return (*grads, None, None, None, None)
 
 
+class _MLPRK4Integration(torch.autograd.Function):
+    """n RK4 steps of the MLP (+ quadratic) drift by the compiled GEMM step in one call each way, step k in
+    the frame of its random symmetry element (``perm`` (n, B, N), ``sign`` (n, B); None: no frame).
+
+    The integrator's per-step Python, autograd nodes and frame gathers are gone; the numbers are those
+    of the steps one by one (the same kernel). A backward with create_graph=True differentiates the
+    same integration written in autograd ops (:func:`_reference_rk4` between the frames).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, logp: Tensor, perm: Tensor | None, sign: Tensor | None, W: Tensor,
+                b0: Tensor | None, b1: Tensor | None, w0: Tensor, w1: Tensor | None, A0: Tensor | None,
+                A1: Tensor | None, activation: str, t0: float, dt: float, n: int,
+                path: str) -> tuple[Tensor, Tensor]:
+        from ..native import step as native_step
+
+        params = [None if q is None else q.contiguous() for q in (W, b0, b1, w0, w1, A0, A1)]
+        x = x.contiguous()
+        ctx.activation, ctx.t0, ctx.dt, ctx.n, ctx.low = activation, t0, dt, n, path == "gemm-bf16"
+        ctx.absent = [q is None for q in (perm, sign, *params)]
+        x_out, logp_out, S, Hs = native_step.gemm_integrate_forward(x, logp.contiguous(), perm, sign, *params,
+                                                                    activation, t0, dt, n,
+                                                                    any(ctx.needs_input_grad), ctx.low)
+        stages = [S, Hs] if S is not None else []
+        ctx.n_stages = len(stages)
+        ctx.save_for_backward(x, logp, *[q if q is not None else x.new_empty(0) for q in (perm, sign, *params)],
+                              *stages)
+        return x_out, logp_out
+
+    @staticmethod
+    def backward(ctx: Any, gx: Tensor | None, glogp: Tensor | None) -> tuple[Tensor | None, ...]:
+        from ..native import step as native_step
+
+        x, logp, *saved = ctx.saved_tensors
+        stages = saved[len(saved) - ctx.n_stages:] if ctx.n_stages else []
+        perm, sign, *params = [None if gone else q for q, gone in zip(saved, ctx.absent)]
+        gx = torch.zeros_like(x) if gx is None else gx.contiguous()
+        glogp = torch.zeros_like(logp) if glogp is None else glogp.contiguous()
+        needs = ctx.needs_input_grad
+        if torch.is_grad_enabled():  # create_graph=True: the same integration in recorded ops
+            ins = [q.view_as(q) if q is not None else None for q in (x, logp, *params)]
+            inputs = [(i, q) for i, q in enumerate(ins) if q is not None and needs[i if i < 2 else i + 2]]
+            out = _reference_integration(ins[0], ins[1], perm, sign, *ins[2:], ctx.activation, ctx.t0, ctx.dt, ctx.n)
+            got = torch.autograd.grad(out, [q for _, q in inputs], (gx, glogp), create_graph=True, allow_unused=True)
+            grads: list[Tensor | None] = [None] * 11
+            for (i, q), g in zip(inputs, got):
+                grads[i if i < 2 else i + 2] = torch.zeros_like(q) if g is None else g
+            return (*grads, None, None, None, None, None)
+        gx_in, *pgrads = native_step.gemm_integrate_backward(*stages, perm, sign, gx, glogp, *params, ctx.activation,
+                                                             ctx.t0, ctx.dt, ctx.low)
+        grads = [gx_in if needs[0] else None, glogp if needs[1] else None, None, None]
+        grads += [g if needs[4 + i] else None for i, g in enumerate(pgrads)]
+        return (*grads, None, None, None, None, None)
+
+
+def _reference_integration(x: Tensor, logp: Tensor, perm: Tensor | None, sign: Tensor | None, W: Tensor,
+                           b0: Tensor | None, b1: Tensor | None, w0: Tensor, w1: Tensor | None, A0: Tensor | None,
+                           A1: Tensor | None, activation: str, t0: float, dt: float,
+                           n: int) -> tuple[Tensor, Tensor]:
+    """What :class:`_MLPRK4Integration` computes, in autograd ops: per step, into the frame, one
+    :func:`_reference_rk4` step, out of it (the double backward's graph)."""
+    for k in range(n):
+        s = sign[k][:, None] if sign is not None else 1.0
+        y = torch.gather(x, 1, perm[k]) * s if perm is not None else x * s
+        y, logp = _reference_rk4(y, logp, W, b0, b1, w0, w1, A0, A1, activation, t0 + k * dt, dt)
+        x = torch.zeros_like(y).scatter(1, perm[k], y * s) if perm is not None else y * s
+    return x, logp
+
+
 # ---------------------------------------------------------------------- the potential
 class MLPPotential(Potential):
     """The paper's one-hidden-layer potential φ(x) = Σ_k w_k a(W_k·x + b_k) (section 3).
@@ -304,14 +373,29 @@ class MLPPotential(Potential):
             return None
         quad = quads[0] if quads else None
 
-        def step(t: float, y: Tensor, logp: Tensor, dt: float) -> tuple[Tensor, Tensor] | None:
+        def parameters() -> list[Tensor | None]:
             A0, A1 = quad.dense_parts() if quad is not None else (None, None)
-            params = [self.weight, self.bias, self.bias_t, self.readout, self.readout_t, A0, A1]
+            return [self.weight, self.bias, self.bias_t, self.readout, self.readout_t, A0, A1]
+
+        def step(t: float, y: Tensor, logp: Tensor, dt: float) -> tuple[Tensor, Tensor] | None:
+            params = parameters()
             path = native_step.available(y, self.hidden, self.activation, params)
             if path is None:
                 return None
             return _MLPRK4Step.apply(y, logp, *params, self.activation, float(t), float(dt), path)
 
+        def integrate(x: Tensor, logp: Tensor, perm: Tensor | None, sign: Tensor | None, t0: float, dt: float,
+                      n: int) -> tuple[Tensor, Tensor] | None:
+            """n steps at once (latticeflow.flow): the GEMM step only, else None."""
+            params = parameters()
+            path = native_step.available(x, self.hidden, self.activation, params, steps=n)
+            if path is None or not path.startswith("gemm"):
+                return None
+            return _MLPRK4Integration.apply(x, logp, perm, sign, *params, self.activation, float(t0), float(dt),
+                                            int(n), path)
+
+        step.integrate = integrate  # type: ignore[attr-defined]
+        step.owner = (self, quad)  # type: ignore[attr-defined]  # steps of one integration share it
         return step
 
     def _weight_norms(self) -> Tensor:

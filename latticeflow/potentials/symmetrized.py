@@ -163,6 +163,7 @@ class Symmetrized(Potential):
             s = sign if sign is None or sign.dtype == y.dtype else sign.to(y.dtype)
             return signed_permutation(y, inv, perm, s)
 
+        into.signed = (perm, sign)  # type: ignore[attr-defined]  # for a whole-integration step (latticeflow.flow)
         return into, out_of, self.potential, inner
 
     def _evaluate(self, x: Tensor, t: Tensor | float, noise: Noise, value: bool) -> Evaluation:
