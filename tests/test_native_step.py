@@ -287,6 +287,8 @@ def test_what_the_kernel_does_not_take(kernel, monkeypatch):
         assert native_step.available(big, 3, "lncosh", [torch.zeros(3, big.shape[1])]) == "gemm"
         assert native_step.available(torch.zeros(2, native_step.MAX_SITES + 1), native_step.MAX_HIDDEN + 1,
                                      "lncosh", []) == "gemm"
+        huge = torch.zeros(2, native_step.AUTO_GEMM_MAX_SITES + 1)  # auto: eager is as fast there
+        assert native_step.available(huge, 3, "lncosh", []) is None
     assert not native_step.available(torch.zeros(2, 4), native_step.MAX_HIDDEN + 1, "lncosh", [])  # lanes' limit
     # without torch's BLAS gemm: auto steps larger lattices eagerly, native says why
     monkeypatch.setattr(native_step, "_blas_ptrs", None)

@@ -43,7 +43,7 @@ from torch import Tensor
 
 from . import _ACT, _SUFFIX, KERNEL_MODES, _declare_kernel, _load_kernel, _mode_of, _ptr, _status_of
 
-__all__ = ["AUTO_MAX_SITES", "KERNEL_MODES", "MAX_HIDDEN", "MAX_SITES", "PRECISIONS", "available", "blas", "counts",
+__all__ = ["AUTO_GEMM_MAX_SITES", "AUTO_MAX_SITES", "KERNEL_MODES", "MAX_HIDDEN", "MAX_SITES", "PRECISIONS", "available", "blas", "counts",
            "gemm_backward", "gemm_forward", "gemm_integrate_backward", "gemm_integrate_forward", "kernel_mode", "load", "products", "rk4_backward", "rk4_forward",
            "signed_permutation", "status"]
 
@@ -56,6 +56,10 @@ MAX_SITES, MAX_HIDDEN = 1024, 4096
 #: iterations (benchmarks/step_speed.py, quadratic + MLP, batch 256) at 1 / 2 threads, lanes ÷ GEMM time:
 #: L=4 (h=256) 0.86 / 0.84, L=5 0.98 / 0.91, L=6 1.11 / 1.03, L=8 1.42 / 1.31 (2026-12-02)
 AUTO_MAX_SITES = 25
+#: ``auto`` takes the GEMM step up to this many sites: paper configuration (h=512, batch 64, 2 threads), s per
+#: iteration eager / GEMM step by step / whole integration: L=32 0.690 / 0.623 / 0.642, L=64 2.339 / 2.469 /
+#: 2.443 (2026-12-02); ``native`` takes any size
+AUTO_GEMM_MAX_SITES = 2048
 #: gcc vectorises the activation loop 256 bits wide on some AVX-512 CPUs unless asked: ask (x86 only)
 _FLAGS = ("-mprefer-vector-width=512",) if platform.machine() in ("x86_64", "AMD64") else ()
 _lock = threading.Lock()
@@ -164,7 +168,7 @@ def available(y: Tensor, hidden: int, activation: str, params: list[Tensor | Non
         if N > MAX_SITES or hidden > MAX_HIDDEN:
             return None
         return "lanes" if load() is not None else None
-    if load() is None:
+    if load() is None or (mode == "auto" and N > AUTO_GEMM_MAX_SITES):
         return None
     ptrs = blas()
     if ptrs is None:
