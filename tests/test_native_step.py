@@ -144,8 +144,10 @@ def test_second_order_through_many_steps(kernel, monkeypatch):
     # create_graph=True through a chain of steps (as ∇_z ln|det ∂x/∂z| needs): the same numbers as the
     # eager flow, and each step's backward runs once (a nested grad with respect to a parameter that
     # earlier steps also use must not run their backward again: that was 2^n − 1 calls for n steps)
+    from latticeflow import flow as flow_module
     from latticeflow.flow import MongeAmpereFlow
 
+    monkeypatch.setattr(flow_module, "WHOLE_INTEGRATION", False)  # step by step (the whole integration: below)
     res, calls = [], []
     real = _MLPRK4Step.backward
     for mode in ("native", "eager"):
@@ -177,13 +179,14 @@ def _flow(dtype, hidden=24, L=4, **kw):
 
 
 def _flow_run(mode, dtype, monkeypatch, path="lanes", **kw):
-    monkeypatch.setenv("LATTICEFLOW_STEP_KERNEL", mode)
-    if path == "gemm":  # every lattice takes the GEMM step, one step at a time (the whole integration: below)
-        from latticeflow import flow as flow_module
+    # one step at a time (the whole integration: below)
+    from latticeflow import flow as flow_module
 
+    monkeypatch.setenv("LATTICEFLOW_STEP_KERNEL", mode)
+    monkeypatch.setattr(flow_module, "WHOLE_INTEGRATION", False)
+    if path == "gemm":  # every lattice takes the GEMM step
         _compiled(path)
         monkeypatch.setattr(native_step, "AUTO_MAX_SITES", 0)
-        monkeypatch.setattr(flow_module, "WHOLE_INTEGRATION", False)
     flow, target = _flow(dtype, **kw)
     calls = []
     real = _MLPRK4Step.apply
@@ -462,9 +465,10 @@ def test_compiled_signed_permutation_equals_the_gather(kernel):
                                           None) is None
 
 
-def _whole_run(whole, dtype, monkeypatch, **kw):
-    # a flow at L=6 (36 sites: the GEMM step), its samples, ln p, the density of given points and all gradients,
-    # integrated in one call (whole) or step by step; returns the numbers and the whole-integration calls
+def _whole_run(whole, dtype, monkeypatch, L=6, **kw):
+    # a flow at L=6 (36 sites: the GEMM step) or L=4 (the lanes step), its samples, ln p, the density of given
+    # points and all gradients, integrated in one call (whole) or step by step; returns the numbers and the
+    # whole-integration calls
     from latticeflow import flow as flow_module
     from latticeflow.potentials.mlp import _MLPRK4Integration
 
@@ -472,7 +476,7 @@ def _whole_run(whole, dtype, monkeypatch, **kw):
     calls = []
     real = _MLPRK4Integration.apply
     monkeypatch.setattr(_MLPRK4Integration, "apply", lambda *a: calls.append(a[-1]) or real(*a))
-    flow, target = _flow(dtype, L=6, **kw)
+    flow, target = _flow(dtype, L=L, **kw)
     x, logp = flow.sample(21, generator=torch.Generator().manual_seed(1))
     (logp + target.energy(x)).mean().backward()
     grads = [p.grad.clone() for p in flow.parameters()]
@@ -485,29 +489,31 @@ def _whole_run(whole, dtype, monkeypatch, **kw):
 
 @pytest.mark.parametrize("dtype, tol", [("float64", 1e-12), ("float32", 2e-5)])
 @pytest.mark.parametrize("symmetrize", ["random", "none"])
-def test_whole_integration_equals_the_steps_one_by_one(kernel, dtype, tol, symmetrize, monkeypatch):
-    # all n GEMM steps in one call, each in its step's random frame (or none): the numbers of the steps one by
-    # one, for sampling, the density of given points (backward in time) and every gradient
-    _compiled("gemm")
-    whole, calls = _whole_run(True, dtype, monkeypatch, symmetrize=symmetrize)
-    steps, none = _whole_run(False, dtype, monkeypatch, symmetrize=symmetrize)
-    assert calls == ["gemm", "gemm"] and none == []
+@pytest.mark.parametrize("path, L", [("gemm", 6), ("lanes", 4)])
+def test_whole_integration_equals_the_steps_one_by_one(kernel, dtype, tol, symmetrize, path, L, monkeypatch):
+    # all n steps in one call, each in its step's random frame (or none): the numbers of the steps one by one,
+    # for sampling, the density of given points (backward in time) and every gradient
+    _compiled(path)
+    whole, calls = _whole_run(True, dtype, monkeypatch, L=L, symmetrize=symmetrize)
+    steps, none = _whole_run(False, dtype, monkeypatch, L=L, symmetrize=symmetrize)
+    assert calls == [path, path] and none == []
     for a, b in zip(whole, steps):
         torch.testing.assert_close(a, b, rtol=tol, atol=tol * max(1.0, float(b.abs().max())))
 
 
-def test_whole_integration_second_derivatives_and_path_gradient(kernel, monkeypatch):
+@pytest.mark.parametrize("path, L", [("gemm", 6), ("lanes", 4)])
+def test_whole_integration_second_derivatives_and_path_gradient(kernel, path, L, monkeypatch):
     # create_graph=True through the whole integration (the reference in autograd ops) and the path-gradient
     # estimator: the numbers of the step-by-step flow
     from latticeflow import flow as flow_module
     from latticeflow.train import path_gradient_surrogate
 
-    _compiled("gemm")
+    _compiled(path)
     res = []
     for whole in (True, False):
         monkeypatch.setattr(flow_module, "WHOLE_INTEGRATION", whole)
-        flow, target = _flow("float64", L=6, n_steps=3)
-        z = torch.randn(5, 36, dtype=torch.float64, generator=torch.Generator().manual_seed(1)).requires_grad_()
+        flow, target = _flow("float64", L=L, n_steps=3)
+        z = torch.randn(5, L * L, dtype=torch.float64, generator=torch.Generator().manual_seed(1)).requires_grad_()
         x, dlogp = flow.forward_map(z, generator=torch.Generator().manual_seed(3))
         (gz,) = torch.autograd.grad((x[:, 0] ** 2).sum() + dlogp.sum(), z, create_graph=True)
         second = torch.autograd.grad((gz**2).sum(), [z, *flow.parameters()])

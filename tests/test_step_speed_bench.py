@@ -9,7 +9,7 @@ import pytest
 from conftest import benchmark_module
 
 from latticeflow.native import step as native_step
-from latticeflow.potentials.mlp import _MLPRK4Step
+from latticeflow.potentials.mlp import _MLPRK4Integration, _MLPRK4Step
 
 
 @pytest.fixture(scope="module")
@@ -21,13 +21,17 @@ def test_both_sides_and_the_kernel_rate(bench, capsys, monkeypatch) -> None:
     if native_step.load() is None:
         pytest.skip(f"the step kernel could not be built here: {native_step._load_error}")
     calls = {"native": 0, "eager": 0}
-    real = _MLPRK4Step.apply
 
-    def counted(*a):
-        calls[os.environ.get("LATTICEFLOW_STEP_KERNEL", "auto")] += 1
-        return real(*a)
+    def counted(real):
+        def call(*a):
+            calls[os.environ.get("LATTICEFLOW_STEP_KERNEL", "auto")] += 1
+            return real(*a)
 
-    monkeypatch.setattr(_MLPRK4Step, "apply", counted)
+        return call
+
+    # a step at a time or a whole integration at once: both compiled
+    monkeypatch.setattr(_MLPRK4Step, "apply", counted(_MLPRK4Step.apply))
+    monkeypatch.setattr(_MLPRK4Integration, "apply", counted(_MLPRK4Integration.apply))
     flags = "--L 3 --hidden 8 --potential quadratic+mlp --n-steps 2 --batch 8"
     ratios = bench.main(["--flags", flags, "--rounds", "1", "--iters", "1", "--kernel"])
     assert set(ratios) == {flags} and math.isfinite(ratios[flags]) and ratios[flags] > 0

@@ -796,16 +796,14 @@ void frame_out(const T* y, const int64_t* perm, const T* sign, int B, int N, T* 
     }
 }
 
-// A whole integration of n GEMM steps from t0 in steps of dt, step k in the frame of its random symmetry
-// element (perm (n, B, N) and sign (n, B), each null for none): x ← out_k(step(into_k(x))). One call instead
-// of n steps' Python, autograd nodes and frame gathers. Keeps every step's stage points and
-// pre-activations in save_s (n, 4, B, N) and save_h (n, 4, B, H) when non-null.
-template <typename T, int ACT>
-void gemm_integrate_forward(const Products<T>& mm, const Params<T>& p, const T* x, const T* logp, int B, double t0,
-                            double dt, int n, const int64_t* perm, const T* sign, T* x_out, T* logp_out, T* save_s,
-                            T* save_h, int nt) {
-    const int N = p.N, H = p.H;
-    const int64_t BN = (int64_t)B * N, BH = (int64_t)B * H;
+// A whole integration of n steps from t0 in steps of dt, step k in the frame of its random symmetry element
+// (perm (n, B, N) and sign (n, B), each null for none): x ← out_k(step_k(into_k(x))), with step(k, y, lp, yo,
+// lq) one RK4 step of the lanes or the GEMM kind. One call instead of n steps' Python, autograd nodes and
+// frame gathers.
+template <typename T, typename Step>
+void integrate_forward(int B, int N, int n, const int64_t* perm, const T* sign, const T* x, const T* logp,
+                       T* x_out, T* logp_out, int nt, Step step) {
+    const int64_t BN = (int64_t)B * N;
     T* cur = scratch<T>(8, BN);
     T* y = scratch<T>(9, 2 * BN);
     T* yo = y + BN;
@@ -817,8 +815,7 @@ void gemm_integrate_forward(const Products<T>& mm, const Params<T>& p, const T* 
         const int64_t* pk = perm ? perm + k * BN : nullptr;
         const T* sk = sign ? sign + (int64_t)k * B : nullptr;
         frame_into(cur, pk, sk, B, N, y, nt);
-        gemm_forward<T, ACT>(mm, p, y, lp, B, t0 + k * dt, dt, yo, lq, save_s ? save_s + k * 4 * BN : nullptr,
-                             save_h ? save_h + k * 4 * BH : nullptr, nt);
+        step(k, y, lp, yo, lq);
         frame_out(yo, pk, sk, B, N, cur, nt);
         std::swap(lp, lq);
     }
@@ -826,35 +823,32 @@ void gemm_integrate_forward(const Products<T>& mm, const Params<T>& p, const T* 
     std::copy(lp, lp + B, logp_out);
 }
 
-// its backward: the cotangent of x and the parameter gradients summed over the steps in reverse order
-template <typename T, int ACT>
-void gemm_integrate_backward(const Products<T>& mm, const Params<T>& p, const T* S, const T* Hs,
-                             const int64_t* perm, const T* sign, const T* gx_out, const T* glogp_out, int B,
-                             double t0, double dt, int n, T* gx, T* gW, T* gb0, T* gb1, T* gw0, T* gw1, T* gA0,
-                             T* gA1, int nt) {
+// its backward: the cotangent of x, and the parameter gradients (outs: W̄, b̄0, b̄1, w̄0, w̄1, Ā0, Ā1, null
+// where absent) summed over the steps in reverse order; step(k, ȳ_out, ȳ_in, ones) writes one step's
+// gradients into ones (the same layout)
+template <typename T, typename Step>
+void integrate_backward(const Params<T>& p, int B, int n, const int64_t* perm, const T* sign, const T* gx_out,
+                        T* gx, T* const* outs, int nt, Step step) {
     const int N = p.N, H = p.H;
-    const int64_t BN = (int64_t)B * N, BH = (int64_t)B * H, HN = (int64_t)H * N, NN = (int64_t)N * N;
-    const bool quad = p.A0 != nullptr;
+    const int64_t BN = (int64_t)B * N, HN = (int64_t)H * N, NN = (int64_t)N * N;
     T* g = scratch<T>(8, BN);
     T* y = scratch<T>(9, 2 * BN);
     T* yi = y + BN;
-    // one step's gradients: W̄ (H·N), b̄0, b̄1, w̄0, w̄1 (H each), Ā0, Ā1 (N·N each)
-    T* one = scratch<T>(11, (size_t)(HN + 4 * (int64_t)H + (quad ? 2 * NN : 0)));
-    T *oW = one, *ob0 = one + HN, *ob1 = ob0 + H, *ow0 = ob1 + H, *ow1 = ow0 + H, *oA0 = ow1 + H, *oA1 = oA0 + NN;
-    T* outs[7] = {gW, gb0, gb1, gw0, gw1, gA0, gA1};
     const int64_t sizes[7] = {HN, H, H, H, H, NN, NN};
-    for (int i = 0; i < 7; ++i)
+    T* one = scratch<T>(11, (size_t)(HN + 4 * (int64_t)H + (p.A0 ? 2 * NN : 0)));
+    T* ones[7] = {one, one + HN, one + HN + H, one + HN + 2 * H, one + HN + 3 * H, one + HN + 4 * H,
+                  one + HN + 4 * H + NN};
+    for (int i = 0; i < 7; ++i) {
         if (outs[i]) std::fill(outs[i], outs[i] + sizes[i], T(0));
+        if (!outs[i] && i != 0 && i != 3) ones[i] = nullptr;  // W̄ and w̄0 always exist
+    }
     std::copy(gx_out, gx_out + BN, g);
     for (int k = n - 1; k >= 0; --k) {
         const int64_t* pk = perm ? perm + k * BN : nullptr;
         const T* sk = sign ? sign + (int64_t)k * B : nullptr;
         frame_into(g, pk, sk, B, N, y, nt);  // the adjoint of out_k is into_k
-        gemm_backward<T, ACT>(mm, p, S + k * 4 * BN, Hs + k * 4 * BH, y, glogp_out, B, t0 + k * dt, dt, yi, oW,
-                              gb0 ? ob0 : nullptr, gb1 ? ob1 : nullptr, ow0, gw1 ? ow1 : nullptr,
-                              quad ? oA0 : nullptr, gA1 ? oA1 : nullptr, nt);
+        step(k, y, yi, ones);
         frame_out(yi, pk, sk, B, N, g, nt);  // and that of into_k is out_k
-        const T* ones[7] = {oW, ob0, ob1, ow0, ow1, oA0, oA1};
         for (int i = 0; i < 7; ++i) {
             if (!outs[i]) continue;
             T* o = outs[i];
@@ -886,33 +880,75 @@ void gemm_backward_act(void* gemm, void* gemm_lo, int act, const Params<T>& p, c
     else gemm_backward<T, 2>(mm, p, S, Hs, gy_out, glogp_out, B, t, dt, gy, gW, gb0, gb1, gw0, gw1, gA0, gA1, nt);
 }
 
-template <typename T>
-void gemm_integrate_forward_act(void* gemm, void* gemm_lo, int act, const Params<T>& p, const T* x, const T* logp,
-                                int B, double t0, double dt, int n, const int64_t* perm, const T* sign, T* x_out,
-                                T* logp_out, T* save_s, T* save_h, int nt) {
-    const Products<T> mm(gemm, gemm_lo, p.W, (int64_t)p.H * p.N, nt);
-    if (act == 0)
-        gemm_integrate_forward<T, 0>(mm, p, x, logp, B, t0, dt, n, perm, sign, x_out, logp_out, save_s, save_h, nt);
-    else if (act == 1)
-        gemm_integrate_forward<T, 1>(mm, p, x, logp, B, t0, dt, n, perm, sign, x_out, logp_out, save_s, save_h, nt);
-    else gemm_integrate_forward<T, 2>(mm, p, x, logp, B, t0, dt, n, perm, sign, x_out, logp_out, save_s, save_h, nt);
+template <typename T, int ACT>
+void integrate_forward_act_(int kind, void* gemm, void* gemm_lo, const Params<T>& p, const T* x, const T* logp, int B,
+                            double t0, double dt, int n, const int64_t* perm, const T* sign, T* x_out, T* logp_out,
+                            T* save_s, T* save_h, int nt) {
+    const int64_t BN = (int64_t)B * p.N, BH = (int64_t)B * p.H;
+    if (kind == 0) {  // lanes: keep each step's input (in its frame) in save_s (n, B, N)
+        integrate_forward<T>(B, p.N, n, perm, sign, x, logp, x_out, logp_out, nt,
+                             [&](int k, const T* y, const T* lp, T* yo, T* lq) {
+                                 if (save_s) std::copy(y, y + BN, save_s + k * BN);
+                                 forward<T, ACT>(p, y, lp, B, t0 + k * dt, dt, yo, lq, nt);
+                             });
+    } else {
+        const Products<T> mm(gemm, gemm_lo, p.W, (int64_t)p.H * p.N, nt);
+        integrate_forward<T>(B, p.N, n, perm, sign, x, logp, x_out, logp_out, nt,
+                             [&](int k, const T* y, const T* lp, T* yo, T* lq) {
+                                 gemm_forward<T, ACT>(mm, p, y, lp, B, t0 + k * dt, dt, yo, lq,
+                                                      save_s ? save_s + k * 4 * BN : nullptr,
+                                                      save_h ? save_h + k * 4 * BH : nullptr, nt);
+                             });
+    }
+}
+
+template <typename T, int ACT>
+void integrate_backward_act_(int kind, void* gemm, void* gemm_lo, const Params<T>& p, const T* S, const T* Hs,
+                             const int64_t* perm, const T* sign, const T* gx_out, const T* glogp_out, int B,
+                             double t0, double dt, int n, T* gx, T* const* outs, int nt) {
+    const int64_t BN = (int64_t)B * p.N, BH = (int64_t)B * p.H;
+    if (kind == 0) {
+        integrate_backward<T>(p, B, n, perm, sign, gx_out, gx, outs, nt, [&](int k, const T* yb, T* yi, T* const* o) {
+            backward<T, ACT>(p, S + k * BN, yb, glogp_out, B, t0 + k * dt, dt, yi, o[0], o[1], o[2], o[3], o[4], o[5],
+                             o[6], nt);
+        });
+    } else {
+        const Products<T> mm(gemm, gemm_lo, p.W, (int64_t)p.H * p.N, nt);
+        integrate_backward<T>(p, B, n, perm, sign, gx_out, gx, outs, nt, [&](int k, const T* yb, T* yi, T* const* o) {
+            gemm_backward<T, ACT>(mm, p, S + k * 4 * BN, Hs + k * 4 * BH, yb, glogp_out, B, t0 + k * dt, dt, yi, o[0],
+                                  o[1], o[2], o[3], o[4], o[5], o[6], nt);
+        });
+    }
 }
 
 template <typename T>
-void gemm_integrate_backward_act(void* gemm, void* gemm_lo, int act, const Params<T>& p, const T* S, const T* Hs,
-                                 const int64_t* perm, const T* sign, const T* gx_out, const T* glogp_out, int B,
-                                 double t0, double dt, int n, T* gx, T* gW, T* gb0, T* gb1, T* gw0, T* gw1, T* gA0,
-                                 T* gA1, int nt) {
-    const Products<T> mm(gemm, gemm_lo, p.W, (int64_t)p.H * p.N, nt);
+void integrate_forward_act(int kind, void* gemm, void* gemm_lo, int act, const Params<T>& p, const T* x,
+                           const T* logp, int B, double t0, double dt, int n, const int64_t* perm, const T* sign,
+                           T* x_out, T* logp_out, T* save_s, T* save_h, int nt) {
     if (act == 0)
-        gemm_integrate_backward<T, 0>(mm, p, S, Hs, perm, sign, gx_out, glogp_out, B, t0, dt, n, gx, gW, gb0, gb1, gw0,
-                                      gw1, gA0, gA1, nt);
+        integrate_forward_act_<T, 0>(kind, gemm, gemm_lo, p, x, logp, B, t0, dt, n, perm, sign, x_out, logp_out,
+                                     save_s, save_h, nt);
     else if (act == 1)
-        gemm_integrate_backward<T, 1>(mm, p, S, Hs, perm, sign, gx_out, glogp_out, B, t0, dt, n, gx, gW, gb0, gb1, gw0,
-                                      gw1, gA0, gA1, nt);
+        integrate_forward_act_<T, 1>(kind, gemm, gemm_lo, p, x, logp, B, t0, dt, n, perm, sign, x_out, logp_out,
+                                     save_s, save_h, nt);
     else
-        gemm_integrate_backward<T, 2>(mm, p, S, Hs, perm, sign, gx_out, glogp_out, B, t0, dt, n, gx, gW, gb0, gb1, gw0,
-                                      gw1, gA0, gA1, nt);
+        integrate_forward_act_<T, 2>(kind, gemm, gemm_lo, p, x, logp, B, t0, dt, n, perm, sign, x_out, logp_out,
+                                     save_s, save_h, nt);
+}
+
+template <typename T>
+void integrate_backward_act(int kind, void* gemm, void* gemm_lo, int act, const Params<T>& p, const T* S, const T* Hs,
+                            const int64_t* perm, const T* sign, const T* gx_out, const T* glogp_out, int B,
+                            double t0, double dt, int n, T* gx, T* const* outs, int nt) {
+    if (act == 0)
+        integrate_backward_act_<T, 0>(kind, gemm, gemm_lo, p, S, Hs, perm, sign, gx_out, glogp_out, B, t0, dt, n, gx,
+                                      outs, nt);
+    else if (act == 1)
+        integrate_backward_act_<T, 1>(kind, gemm, gemm_lo, p, S, Hs, perm, sign, gx_out, glogp_out, B, t0, dt, n, gx,
+                                      outs, nt);
+    else
+        integrate_backward_act_<T, 2>(kind, gemm, gemm_lo, p, S, Hs, perm, sign, gx_out, glogp_out, B, t0, dt, n, gx,
+                                      outs, nt);
 }
 
 }  // namespace
@@ -954,22 +990,24 @@ LF_EXPORT(double, f64)
 LF_EXPORT_GEMM(float, f32)
 LF_EXPORT_GEMM(double, f64)
 
+// kind: 0 the lanes step (save_s (n, B, N) keeps each step's input; save_h unused), 1 the GEMM step
 #define LF_EXPORT_INTEGRATE(T, SUFFIX)                                                                              \
-    extern "C" void lf_mlp_rk4_gemm_integrate_forward_##SUFFIX(                                                    \
-        void* gemm, void* gemm_lo, const T* x, const T* logp, int B, int N, int H, const T* W, const T* b0,        \
-        const T* b1, const T* w0, const T* w1, const T* A0, const T* A1, int act, double t0, double dt, int n,     \
-        const int64_t* perm, const T* sign, T* x_out, T* logp_out, T* save_s, T* save_h, int nt) {                 \
-        gemm_integrate_forward_act<T>(gemm, gemm_lo, act, Params<T>{N, H, W, b0, b1, w0, w1, A0, A1}, x, logp, B, \
-                                      t0, dt, n, perm, sign, x_out, logp_out, save_s, save_h, nt);                 \
+    extern "C" void lf_mlp_rk4_integrate_forward_##SUFFIX(                                                         \
+        int kind, void* gemm, void* gemm_lo, const T* x, const T* logp, int B, int N, int H, const T* W,           \
+        const T* b0, const T* b1, const T* w0, const T* w1, const T* A0, const T* A1, int act, double t0,          \
+        double dt, int n, const int64_t* perm, const T* sign, T* x_out, T* logp_out, T* save_s, T* save_h,         \
+        int nt) {                                                                                                   \
+        integrate_forward_act<T>(kind, gemm, gemm_lo, act, Params<T>{N, H, W, b0, b1, w0, w1, A0, A1}, x, logp, B, \
+                                 t0, dt, n, perm, sign, x_out, logp_out, save_s, save_h, nt);                      \
     }                                                                                                               \
-    extern "C" void lf_mlp_rk4_gemm_integrate_backward_##SUFFIX(                                                   \
-        void* gemm, void* gemm_lo, const T* S, const T* Hs, const int64_t* perm, const T* sign, const T* gx_out,   \
-        const T* glogp_out, int B, int N, int H, const T* W, const T* b0, const T* b1, const T* w0, const T* w1,   \
-        const T* A0, const T* A1, int act, double t0, double dt, int n, T* gx, T* gW, T* gb0, T* gb1, T* gw0,      \
-        T* gw1, T* gA0, T* gA1, int nt) {                                                                          \
-        gemm_integrate_backward_act<T>(gemm, gemm_lo, act, Params<T>{N, H, W, b0, b1, w0, w1, A0, A1}, S, Hs,     \
-                                       perm, sign, gx_out, glogp_out, B, t0, dt, n, gx, gW, gb0, gb1, gw0, gw1,    \
-                                       gA0, gA1, nt);                                                              \
+    extern "C" void lf_mlp_rk4_integrate_backward_##SUFFIX(                                                        \
+        int kind, void* gemm, void* gemm_lo, const T* S, const T* Hs, const int64_t* perm, const T* sign,          \
+        const T* gx_out, const T* glogp_out, int B, int N, int H, const T* W, const T* b0, const T* b1,            \
+        const T* w0, const T* w1, const T* A0, const T* A1, int act, double t0, double dt, int n, T* gx, T* gW,    \
+        T* gb0, T* gb1, T* gw0, T* gw1, T* gA0, T* gA1, int nt) {                                                  \
+        T* const outs[7] = {gW, gb0, gb1, gw0, gw1, gA0, gA1};                                                     \
+        integrate_backward_act<T>(kind, gemm, gemm_lo, act, Params<T>{N, H, W, b0, b1, w0, w1, A0, A1}, S, Hs,    \
+                                  perm, sign, gx_out, glogp_out, B, t0, dt, n, gx, outs, nt);                      \
     }
 
 LF_EXPORT_INTEGRATE(float, f32)

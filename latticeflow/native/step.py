@@ -44,7 +44,7 @@ from torch import Tensor
 from . import _ACT, _SUFFIX, KERNEL_MODES, _declare_kernel, _load_kernel, _mode_of, _ptr, _status_of
 
 __all__ = ["AUTO_GEMM_MAX_SITES", "AUTO_MAX_SITES", "KERNEL_MODES", "MAX_HIDDEN", "MAX_SITES", "PRECISIONS", "available", "blas", "counts",
-           "gemm_backward", "gemm_forward", "gemm_integrate_backward", "gemm_integrate_forward", "kernel_mode", "load", "products", "rk4_backward", "rk4_forward",
+           "gemm_backward", "gemm_forward", "integrate_backward", "integrate_forward", "kernel_mode", "load", "products", "rk4_backward", "rk4_forward",
            "signed_permutation", "status"]
 
 _ENV = "LATTICEFLOW_STEP_KERNEL"
@@ -83,10 +83,10 @@ def _declare(lib: ctypes.CDLL) -> None:
                           "lf_mlp_rk4_gemm_backward": [p, p, p, p, p, p, i, i, i, p, p, p, p, p, p, p, i, d, d, p, p, p,
                                                        p, p, p, p, p, i],
                           "lf_signed_perm": [p, p, p, i, i, p, i],
-                          "lf_mlp_rk4_gemm_integrate_forward": [p, p, p, p, i, i, i, p, p, p, p, p, p, p, i, d, d, i, p,
-                                                                p, p, p, p, p, i],
-                          "lf_mlp_rk4_gemm_integrate_backward": [p, p, p, p, p, p, p, p, i, i, i, p, p, p, p, p, p, p, i,
-                                                                 d, d, i, p, p, p, p, p, p, p, p, i]},
+                          "lf_mlp_rk4_integrate_forward": [i, p, p, p, p, i, i, i, p, p, p, p, p, p, p, i, d, d, i, p,
+                                                           p, p, p, p, p, i],
+                          "lf_mlp_rk4_integrate_backward": [i, p, p, p, p, p, p, p, p, i, i, i, p, p, p, p, p, p, p, i,
+                                                            d, d, i, p, p, p, p, p, p, p, p, i]},
                     {"lf_mlp_max_sites": MAX_SITES, "lf_mlp_max_hidden": MAX_HIDDEN})
 
 
@@ -275,37 +275,46 @@ def signed_permutation(x: Tensor, perm: Tensor, sign: Tensor | None) -> Tensor |
     return y
 
 
-def gemm_integrate_forward(x: Tensor, logp: Tensor, perm: Tensor | None, sign: Tensor | None, W: Tensor,
-                           b0: Tensor | None, b1: Tensor | None, w0: Tensor, w1: Tensor | None, A0: Tensor | None,
-                           A1: Tensor | None, activation: str, t0: float, dt: float, n: int, keep: bool,
-                           low: bool = False) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
-    """n GEMM steps from t0 in one call, step k in the frame (perm[k] (B, N) int64, sign[k] (B,); None: no
-    frame); with ``keep`` also every step's stage points (n, 4, B, N) and pre-activations (n, 4, B, H)."""
+def integrate_forward(path: str, x: Tensor, logp: Tensor, perm: Tensor | None, sign: Tensor | None, W: Tensor,
+                      b0: Tensor | None, b1: Tensor | None, w0: Tensor, w1: Tensor | None, A0: Tensor | None,
+                      A1: Tensor | None, activation: str, t0: float, dt: float, n: int,
+                      keep: bool) -> tuple[Tensor, Tensor, list[Tensor]]:
+    """n steps of ``path`` ("lanes", "gemm" or "gemm-bf16") from t0 in one call, step k in the frame
+    (perm[k] (B, N) int64, sign[k] (B,); None: no frame). With ``keep``, also what the backward reads:
+    each step's input (n, B, N) for the lanes step; each step's stage points (n, 4, B, N) and
+    pre-activations (n, 4, B, H) for the GEMM step."""
     lib = load()
     B, N = x.shape
     H = W.shape[0]
+    lanes = path == "lanes"
     x_out, logp_out = torch.empty_like(x), torch.empty_like(logp)
-    S = x.new_empty(n, 4, B, N) if keep else None
-    Hs = x.new_empty(n, 4, B, H) if keep else None
-    f = getattr(lib, f"lf_mlp_rk4_gemm_integrate_forward_{_SUFFIX[x.dtype]}")
-    f(blas()[x.dtype], _low(low, x), _ptr(x), _ptr(logp), B, N, H, _ptr(W), _ptr(b0), _ptr(b1), _ptr(w0), _ptr(w1),
-      _ptr(A0), _ptr(A1), ACTIVATIONS[activation], float(t0), float(dt), int(n), _ptr(perm), _ptr(sign),
-      _ptr(x_out), _ptr(logp_out), _ptr(S), _ptr(Hs), torch.get_num_threads())
-    return x_out, logp_out, S, Hs
+    kept = []
+    if keep:
+        kept = [x.new_empty(n, B, N)] if lanes else [x.new_empty(n, 4, B, N), x.new_empty(n, 4, B, H)]
+    S, Hs = (kept + [None, None])[:2]
+    f = getattr(lib, f"lf_mlp_rk4_integrate_forward_{_SUFFIX[x.dtype]}")
+    f(0 if lanes else 1, None if lanes else blas()[x.dtype], _low(path == "gemm-bf16", x), _ptr(x), _ptr(logp), B, N,
+      H, _ptr(W), _ptr(b0), _ptr(b1), _ptr(w0), _ptr(w1), _ptr(A0), _ptr(A1), ACTIVATIONS[activation], float(t0),
+      float(dt), int(n), _ptr(perm), _ptr(sign), _ptr(x_out), _ptr(logp_out), _ptr(S), _ptr(Hs),
+      torch.get_num_threads())
+    return x_out, logp_out, kept
 
 
-def gemm_integrate_backward(S: Tensor, Hs: Tensor, perm: Tensor | None, sign: Tensor | None, gx_out: Tensor,
-                            glogp_out: Tensor, W: Tensor, b0: Tensor | None, b1: Tensor | None, w0: Tensor,
-                            w1: Tensor | None, A0: Tensor | None, A1: Tensor | None, activation: str, t0: float,
-                            dt: float, low: bool = False) -> tuple[Tensor | None, ...]:
-    """The backward of :func:`gemm_integrate_forward`: (x̄, W̄, b̄0, b̄1, w̄0, w̄1, Ā0, Ā1), the parameter
-    gradients summed over the steps."""
+def integrate_backward(path: str, kept: list[Tensor], perm: Tensor | None, sign: Tensor | None, gx_out: Tensor,
+                       glogp_out: Tensor, W: Tensor, b0: Tensor | None, b1: Tensor | None, w0: Tensor,
+                       w1: Tensor | None, A0: Tensor | None, A1: Tensor | None, activation: str, t0: float, dt: float,
+                       n: int) -> tuple[Tensor | None, ...]:
+    """The backward of :func:`integrate_forward` from what it kept: (x̄, W̄, b̄0, b̄1, w̄0, w̄1, Ā0, Ā1),
+    the parameter gradients summed over the steps."""
     lib = load()
-    n, _, B, N = S.shape
+    B, N = gx_out.shape
+    lanes = path == "lanes"
+    S, Hs = (kept + [None])[:2]
     gx = torch.empty_like(gx_out)
     grads = [torch.empty_like(p) if p is not None else None for p in (W, b0, b1, w0, w1, A0, A1)]
-    g = getattr(lib, f"lf_mlp_rk4_gemm_integrate_backward_{_SUFFIX[S.dtype]}")
-    g(blas()[S.dtype], _low(low, S), _ptr(S), _ptr(Hs), _ptr(perm), _ptr(sign), _ptr(gx_out), _ptr(glogp_out), B, N,
-      W.shape[0], _ptr(W), _ptr(b0), _ptr(b1), _ptr(w0), _ptr(w1), _ptr(A0), _ptr(A1), ACTIVATIONS[activation],
-      float(t0), float(dt), int(n), _ptr(gx), *[_ptr(q) for q in grads], torch.get_num_threads())
+    g = getattr(lib, f"lf_mlp_rk4_integrate_backward_{_SUFFIX[gx_out.dtype]}")
+    g(0 if lanes else 1, None if lanes else blas()[gx_out.dtype], _low(path == "gemm-bf16", gx_out), _ptr(S),
+      _ptr(Hs), _ptr(perm), _ptr(sign), _ptr(gx_out), _ptr(glogp_out), B, N, W.shape[0], _ptr(W), _ptr(b0), _ptr(b1),
+      _ptr(w0), _ptr(w1), _ptr(A0), _ptr(A1), ACTIVATIONS[activation], float(t0), float(dt), int(n), _ptr(gx),
+      *[_ptr(q) for q in grads], torch.get_num_threads())
     return (gx, *grads)

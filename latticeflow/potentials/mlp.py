@@ -230,8 +230,9 @@ class _MLPRK4Step(torch.autograd.Function):
 
 
 class _MLPRK4Integration(torch.autograd.Function):
-    """n RK4 steps of the MLP (+ quadratic) drift by the compiled GEMM step in one call each way, step k in
-    the frame of its random symmetry element (``perm`` (n, B, N), ``sign`` (n, B); None: no frame).
+    """n RK4 steps of the MLP (+ quadratic) drift by a compiled step (``path``: lanes or GEMM) in one call
+    each way, step k in the frame of its random symmetry element (``perm`` (n, B, N), ``sign`` (n, B); None:
+    no frame).
 
     The integrator's per-step Python, autograd nodes and frame gathers are gone; the numbers are those
     of the steps one by one (the same kernel). A backward with create_graph=True differentiates the
@@ -247,12 +248,10 @@ class _MLPRK4Integration(torch.autograd.Function):
 
         params = [None if q is None else q.contiguous() for q in (W, b0, b1, w0, w1, A0, A1)]
         x = x.contiguous()
-        ctx.activation, ctx.t0, ctx.dt, ctx.n, ctx.low = activation, t0, dt, n, path == "gemm-bf16"
+        ctx.activation, ctx.t0, ctx.dt, ctx.n, ctx.path = activation, t0, dt, n, path
         ctx.absent = [q is None for q in (perm, sign, *params)]
-        x_out, logp_out, S, Hs = native_step.gemm_integrate_forward(x, logp.contiguous(), perm, sign, *params,
-                                                                    activation, t0, dt, n,
-                                                                    any(ctx.needs_input_grad), ctx.low)
-        stages = [S, Hs] if S is not None else []
+        x_out, logp_out, stages = native_step.integrate_forward(path, x, logp.contiguous(), perm, sign, *params,
+                                                                activation, t0, dt, n, any(ctx.needs_input_grad))
         ctx.n_stages = len(stages)
         ctx.save_for_backward(x, logp, *[q if q is not None else x.new_empty(0) for q in (perm, sign, *params)],
                               *stages)
@@ -277,8 +276,8 @@ class _MLPRK4Integration(torch.autograd.Function):
             for (i, q), g in zip(inputs, got):
                 grads[i if i < 2 else i + 2] = torch.zeros_like(q) if g is None else g
             return (*grads, None, None, None, None, None)
-        gx_in, *pgrads = native_step.gemm_integrate_backward(*stages, perm, sign, gx, glogp, *params, ctx.activation,
-                                                             ctx.t0, ctx.dt, ctx.low)
+        gx_in, *pgrads = native_step.integrate_backward(ctx.path, list(stages), perm, sign, gx, glogp, *params,
+                                                        ctx.activation, ctx.t0, ctx.dt, ctx.n)
         grads = [gx_in if needs[0] else None, glogp if needs[1] else None, None, None]
         grads += [g if needs[4 + i] else None for i, g in enumerate(pgrads)]
         return (*grads, None, None, None, None, None)
@@ -386,10 +385,10 @@ class MLPPotential(Potential):
 
         def integrate(x: Tensor, logp: Tensor, perm: Tensor | None, sign: Tensor | None, t0: float, dt: float,
                       n: int) -> tuple[Tensor, Tensor] | None:
-            """n steps at once (latticeflow.flow): the GEMM step only, else None."""
+            """n steps at once (latticeflow.flow), or None where no compiled step takes this state."""
             params = parameters()
             path = native_step.available(x, self.hidden, self.activation, params, steps=n)
-            if path is None or not path.startswith("gemm"):
+            if path is None:
                 return None
             return _MLPRK4Integration.apply(x, logp, perm, sign, *params, self.activation, float(t0), float(dt),
                                             int(n), path)
