@@ -761,39 +761,33 @@ void gemm_backward(const Products<T>& mm, const Params<T>& p, const T* S, const 
     }
 }
 
-// y = s ⊙ x[perm] (into a step's frame: one random symmetry element per sample, as
-// latticeflow.symmetry.signed_permutation) and its inverse x[perm] = s ⊙ y (out of it), rows over nt
+// into a step's frame, dst = s ⊙ src[perm] (one random symmetry element per sample, as
+// latticeflow.symmetry.signed_permutation), and out of it (OUT), dst[perm] = s ⊙ src; rows over nt
 // threads; perm null: the identity
-template <typename T>
-void frame_into(const T* x, const int64_t* perm, const T* sign, int B, int N, T* y, int nt) {
+template <typename T, bool OUT>
+void frame(const T* src, const int64_t* perm, const T* sign, int B, int N, T* dst, int nt) {
 #pragma omp parallel for num_threads(nt) schedule(static)
     for (int b = 0; b < B; ++b) {
-        const T* xb = x + (int64_t)b * N;
-        T* yb = y + (int64_t)b * N;
+        const T* xb = src + (int64_t)b * N;
+        T* yb = dst + (int64_t)b * N;
         const T s = sign ? sign[b] : T(1);
-        if (perm) {
-            const int64_t* pb = perm + (int64_t)b * N;
-            for (int j = 0; j < N; ++j) yb[j] = s * xb[pb[j]];
-        } else {
-            for (int j = 0; j < N; ++j) yb[j] = s * xb[j];
+        const int64_t* pb = perm ? perm + (int64_t)b * N : nullptr;
+        for (int j = 0; j < N; ++j) {
+            const int64_t i = pb ? pb[j] : j;
+            if (OUT) yb[i] = s * xb[j];
+            else yb[j] = s * xb[i];
         }
     }
 }
 
 template <typename T>
+void frame_into(const T* x, const int64_t* perm, const T* sign, int B, int N, T* y, int nt) {
+    frame<T, false>(x, perm, sign, B, N, y, nt);
+}
+
+template <typename T>
 void frame_out(const T* y, const int64_t* perm, const T* sign, int B, int N, T* x, int nt) {
-#pragma omp parallel for num_threads(nt) schedule(static)
-    for (int b = 0; b < B; ++b) {
-        const T* yb = y + (int64_t)b * N;
-        T* xb = x + (int64_t)b * N;
-        const T s = sign ? sign[b] : T(1);
-        if (perm) {
-            const int64_t* pb = perm + (int64_t)b * N;
-            for (int j = 0; j < N; ++j) xb[pb[j]] = s * yb[j];
-        } else {
-            for (int j = 0; j < N; ++j) xb[j] = s * yb[j];
-        }
-    }
+    frame<T, true>(y, perm, sign, B, N, x, nt);
 }
 
 // A whole integration of n steps from t0 in steps of dt, step k in the frame of its random symmetry element

@@ -17,6 +17,11 @@ ways:
   points and pre-activations for the backward. Inside :func:`products` ("bfloat16") a float32
   GEMM step multiplies bfloat16 operands with float32 sums ("gemm-bf16"), for training only.
 
+Where every step of an integration takes a compiled step, the flow runs all of them in one call each
+way (:func:`integrate_forward`, :func:`integrate_backward`; ``latticeflow.flow.WHOLE_INTEGRATION``),
+each step in the frame of its random symmetry element, passed as (perm, sign) tables: no per-step
+Python, autograd nodes or frame gathers, and the numbers of the steps one by one.
+
 The library is built and cached like the conv kernel (:mod:`latticeflow.native`) and called
 through ctypes. ``LATTICEFLOW_STEP_KERNEL`` chooses: ``auto`` (the default: the compiled step for
 CPU float32/float64 states, lanes or GEMM by size, when it compiles), ``native`` (the same choice,
