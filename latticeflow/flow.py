@@ -108,8 +108,8 @@ def finer_steps(module: nn.Module, factor: int = 2):
             f.n_steps, f.step_size = n, eps
 
 
-#: integrate all steps of a flow in one compiled call where the drift offers it (``step.integrate``, the GEMM
-#: step of latticeflow.native.step); False steps one by one (the tests compare the two)
+#: integrate all steps of a flow in one compiled call where the drift offers it (``step.integrate``: the
+#: compiled steps of latticeflow.native.step); False steps one by one (the tests compare the two)
 WHOLE_INTEGRATION = True
 
 
@@ -337,10 +337,11 @@ class MongeAmpereFlow(nn.Module):
 
     def _whole_integration(self, x: Tensor, logp: Tensor, t0: float, dt: float, forward: bool,
                            noise: list[Any] | None, callback: Any) -> tuple[Tensor, Tensor] | None:
-        """All n RK4 steps in one compiled call (``step.integrate`` of the drift's fused step, the GEMM step
-        of latticeflow.native.step), each in its step's symmetry frame; None where that does not apply:
-        another solver, a callback, a potential without such a step, a frame it cannot pass (anything but
-        a signed permutation per sample), or a state the step does not take. Same numbers as step by step."""
+        """All n RK4 steps in one compiled call (``step.integrate`` of the drift's fused step, the lanes or
+        GEMM step of latticeflow.native.step), each in its step's symmetry frame; None where that does not
+        apply: another solver, a callback, a potential without such a step, a frame it cannot pass (anything
+        but a signed permutation per sample, as int64 tables on x's device), or a state the step does not
+        take. Same numbers as step by step."""
         if not WHOLE_INTEGRATION or callback is not None or type(self._solver) is not ode.RK4:
             return None
         pot, n = self.potential, self.n_steps
@@ -372,7 +373,7 @@ class MongeAmpereFlow(nn.Module):
             return None
         perm = sign = None
         if perms:
-            if any(p.shape != x.shape for p in perms) or any(
+            if any(p.shape != x.shape or p.dtype != torch.int64 or p.device != x.device for p in perms) or any(
                     (s is None) != (signs[0] is None) for s in signs):
                 return None
             perm = torch.stack(perms).contiguous()
