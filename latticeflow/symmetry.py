@@ -48,6 +48,7 @@ import torch
 from torch import Tensor
 
 from .lattice import SquareLattice
+from .native import step as native_step
 
 
 def _hash_rows(perms: np.ndarray, signs: np.ndarray, key: np.ndarray) -> np.ndarray:
@@ -332,8 +333,6 @@ class _SignedPermutation(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, perm: Tensor, inverse_perm: Tensor, sign: Tensor | None) -> Tensor:
-        from .native import step as native_step
-
         ctx.save_for_backward(perm, inverse_perm, sign if sign is not None else perm.new_empty(0))
         ctx.has_sign = sign is not None
         y = native_step.signed_permutation(x, perm, sign)  # one compiled pass on the CPU (the step frame)

@@ -1,18 +1,20 @@
-// One RK4 step of the flow's small-lattice drift, fused: the one-hidden-layer potential
+// RK4 steps of the flow's MLP drift, fused: the one-hidden-layer potential
 // φ(y) = Σ_k w_k a(W_k·y + b_k) plus a quadratic part ½ yᵀA y, with b, w and A linear in t,
-// for latticeflow.potentials.mlp (the integrator's step inside a symmetry frame, see
-// latticeflow.native.step). Forward: (y, ln p) at t → at t + dt, with the drift
+// for latticeflow.potentials.mlp (see latticeflow.native.step). Forward: (y, ln p) at t → at t + dt,
+// with the drift
 //
 //     v = ∇φ = yA + Σ_k w_k a'(h_k) W_k,      ℓ = −∇²φ = −(tr A + Σ_k w_k a''(h_k) ‖W_k‖²),
 //
 // h = W y + b; the stages and their combination are those of latticeflow.ode.rk4_step. Backward:
-// the cotangent of (y, ln p) at t from that at t + dt, and every parameter gradient, by
-// recomputing the step's four stages from y (nothing is saved between forward and backward).
+// the cotangent of (y, ln p) at t from that at t + dt, and every parameter gradient.
 //
-// On small lattices (N ≤ 64 sites) the eager step is about 85 tensor operators per stage, each on
-// (B, h) or (B, N) numbers, and their dispatch, not the arithmetic, sets its cost. Here the step is
-// computed for a block of V samples held in the lanes of one 64-byte vector (GCC vector
-// extensions: 16 float32 or 8 float64 samples), parameters read as scalars.
+// Two kinds of step. The lanes step (small lattices, where the eager step's ~85 tensor operators
+// per stage on (B, h) or (B, N) numbers cost more in dispatch than in arithmetic) computes a block
+// of V samples held in the lanes of one 64-byte vector (GCC vector extensions: 16 float32 or 8
+// float64 samples), parameters read as scalars, and its backward recomputes the four stages from
+// y. The GEMM step (larger lattices, below) runs the products through a BLAS gemm. Both are
+// called only through a whole integration of n steps, each in its random symmetry frame
+// (lf_mlp_rk4_integrate_forward/backward; one step without a frame is n = 1).
 //
 // With u_k = W_k·v̄ and, for cotangents v̄ of v and ḡ of ℓ at one stage,
 //     e_k = w_k (a''(h_k) u_k − ḡ ‖W_k‖² a'''(h_k)):
@@ -281,29 +283,34 @@ inline VT stages(const Params<T>& p, const Stage<T>* st, const T* q, VT* S, VT* 
     return dl;
 }
 
-// what a step's forward and backward both need: ‖W_k‖², the parameters at the stage times t,
-// t + dt/2 and t + dt, and the RK4 weights
+// what a step's forward and backward both need: ‖W_k‖² and the RK4 weights (once per call, also for
+// a whole integration's n steps), and the parameters at the stage times t, t + dt/2 and t + dt (per
+// step: at(t), reusing the stages' storage)
 template <typename T>
 struct StepSetup {
+    const Params<T>& p;
     std::vector<T> q;
     Stage<T> st[3];
+    double dt;
     T half, full, sixth, third;
-    StepSetup(const Params<T>& p, double t, double dt)
-        : half(T(0.5 * dt)), full(T(dt)), sixth(T(dt / 6.0)), third(T(dt / 3.0)) {
+    StepSetup(const Params<T>& p_, double dt_)
+        : p(p_), dt(dt_), half(T(0.5 * dt_)), full(T(dt_)), sixth(T(dt_ / 6.0)), third(T(dt_ / 3.0)) {
         norms(p, q);
+    }
+    const StepSetup& at(double t) {
         st[0].set(p, t);
         st[1].set(p, t + 0.5 * dt);
         st[2].set(p, t + dt);
+        return *this;
     }
 };
 
 template <typename T, int ACT>
-void forward(const Params<T>& p, const T* y, const T* logp, int B, double t, double dt, T* y_out, T* logp_out,
+void forward(const Params<T>& p, const StepSetup<T>& ss, const T* y, const T* logp, int B, T* y_out, T* logp_out,
              int nt) {
     typedef typename Lanes<T>::type VT;
     constexpr int V = sizeof(VT) / sizeof(T);
     const int N = p.N, H = p.H;
-    const StepSetup<T> ss(p, t, dt);
     const std::vector<T>& q = ss.q;
     const Stage<T>* st = ss.st;
     const T half = ss.half, full = ss.full, sixth = ss.sixth;
@@ -325,13 +332,12 @@ void forward(const Params<T>& p, const T* y, const T* logp, int B, double t, dou
 }
 
 template <typename T, int ACT>
-void backward(const Params<T>& p, const T* y, const T* gy_out, const T* glogp_out, int B, double t, double dt,
+void backward(const Params<T>& p, const StepSetup<T>& ss, const T* y, const T* gy_out, const T* glogp_out, int B,
               T* gy, T* gW, T* gb0, T* gb1, T* gw0, T* gw1, T* gA0, T* gA1, int nt) {
     typedef typename Lanes<T>::type VT;
     constexpr int V = sizeof(VT) / sizeof(T);
     const int N = p.N, H = p.H;
     const bool quad = p.A0 != nullptr;
-    const StepSetup<T> ss(p, t, dt);
     const std::vector<T>& q = ss.q;
     const Stage<T>* st = ss.st;
     const T half = ss.half, full = ss.full, sixth = ss.sixth, third = ss.third;
@@ -433,23 +439,6 @@ void backward(const Params<T>& p, const T* y, const T* gy_out, const T* glogp_ou
             }
     }
 }
-
-template <typename T>
-void forward_act(int act, const Params<T>& p, const T* y, const T* logp, int B, double t, double dt, T* y_out,
-                 T* logp_out, int nt) {
-    if (act == 0) forward<T, 0>(p, y, logp, B, t, dt, y_out, logp_out, nt);
-    else if (act == 1) forward<T, 1>(p, y, logp, B, t, dt, y_out, logp_out, nt);
-    else forward<T, 2>(p, y, logp, B, t, dt, y_out, logp_out, nt);
-}
-
-template <typename T>
-void backward_act(int act, const Params<T>& p, const T* y, const T* gy_out, const T* glogp_out, int B, double t,
-                  double dt, T* gy, T* gW, T* gb0, T* gb1, T* gw0, T* gw1, T* gA0, T* gA1, int nt) {
-    if (act == 0) backward<T, 0>(p, y, gy_out, glogp_out, B, t, dt, gy, gW, gb0, gb1, gw0, gw1, gA0, gA1, nt);
-    else if (act == 1) backward<T, 1>(p, y, gy_out, glogp_out, B, t, dt, gy, gW, gb0, gb1, gw0, gw1, gA0, gA1, nt);
-    else backward<T, 2>(p, y, gy_out, glogp_out, B, t, dt, gy, gW, gb0, gb1, gw0, gw1, gA0, gA1, nt);
-}
-
 
 // ---------------------------------------------------------------------- the GEMM step (larger lattices)
 // From about 25 sites on, the step's products are large enough for a BLAS gemm to run them at matmul
@@ -573,11 +562,10 @@ void gemm_stage(const Products<T>& mm, const Params<T>& p, const Stage<T>& st, c
 // its own (single-threaded: nested inside this region) gemms: no thread waits on another's product,
 // whose shapes at 64 rows split badly. Per-thread parameter sums are added in thread order at the end.
 template <typename T, int ACT>
-void gemm_forward(const Products<T>& mm, const Params<T>& p, const T* y, const T* logp, int B, double t, double dt,
+void gemm_forward(const Products<T>& mm, const Params<T>& p, const StepSetup<T>& ss, const T* y, const T* logp, int B,
                   T* y_out, T* logp_out, T* save_s, T* save_h, int nt) {
     const int N = p.N, H = p.H;
     const int64_t BN = (int64_t)B * N, BH = (int64_t)B * H;
-    const StepSetup<T> ss(p, t, dt);
     const bool keep = save_s != nullptr;
 #pragma omp parallel num_threads(nt)
     {
@@ -621,13 +609,12 @@ void gemm_forward(const Products<T>& mm, const Params<T>& p, const T* y, const T
 
 // the backward of gemm_forward from its kept stage points S (4, B, N) and pre-activations Hs (4, B, H)
 template <typename T, int ACT>
-void gemm_backward(const Products<T>& mm, const Params<T>& p, const T* S, const T* Hs, const T* gy_out,
-                   const T* glogp_out, int B, double t, double dt, T* gy, T* gW, T* gb0, T* gb1, T* gw0, T* gw1,
-                   T* gA0, T* gA1, int nt) {
+void gemm_backward(const Products<T>& mm, const Params<T>& p, const StepSetup<T>& ss, const T* S, const T* Hs,
+                   const T* gy_out, const T* glogp_out, int B, T* gy, T* gW, T* gb0, T* gb1, T* gw0, T* gw1, T* gA0,
+                   T* gA1, int nt) {
     const int N = p.N, H = p.H;
     const bool quad = p.A0 != nullptr;
     const int64_t BN = (int64_t)B * N, BH = (int64_t)B * H, HN = (int64_t)H * N, NN = (int64_t)N * N;
-    const StepSetup<T> ss(p, t, dt);
     const T* q = ss.q.data();
     const Stage<T>* const sts[4] = {&ss.st[0], &ss.st[1], &ss.st[1], &ss.st[2]};
     const T wv[4] = {ss.sixth, ss.third, ss.third, ss.sixth};  // ∂y'/∂k_i and ∂ln p'/∂ℓ_i
@@ -854,42 +841,23 @@ void integrate_backward(const Params<T>& p, int B, int n, const int64_t* perm, c
     std::copy(g, g + BN, gx);
 }
 
-template <typename T>
-void gemm_forward_act(void* gemm, void* gemm_lo, int act, const Params<T>& p, const T* y, const T* logp, int B,
-                      double t, double dt, T* y_out, T* logp_out, T* save_s, T* save_h, int nt) {
-    const Products<T> mm(gemm, gemm_lo, p.W, (int64_t)p.H * p.N, nt);
-    if (act == 0) gemm_forward<T, 0>(mm, p, y, logp, B, t, dt, y_out, logp_out, save_s, save_h, nt);
-    else if (act == 1) gemm_forward<T, 1>(mm, p, y, logp, B, t, dt, y_out, logp_out, save_s, save_h, nt);
-    else gemm_forward<T, 2>(mm, p, y, logp, B, t, dt, y_out, logp_out, save_s, save_h, nt);
-}
-
-template <typename T>
-void gemm_backward_act(void* gemm, void* gemm_lo, int act, const Params<T>& p, const T* S, const T* Hs,
-                       const T* gy_out, const T* glogp_out, int B, double t, double dt, T* gy, T* gW, T* gb0, T* gb1,
-                       T* gw0, T* gw1, T* gA0, T* gA1, int nt) {
-    const Products<T> mm(gemm, gemm_lo, p.W, (int64_t)p.H * p.N, nt);
-    if (act == 0) gemm_backward<T, 0>(mm, p, S, Hs, gy_out, glogp_out, B, t, dt, gy, gW, gb0, gb1, gw0, gw1, gA0, gA1, nt);
-    else if (act == 1)
-        gemm_backward<T, 1>(mm, p, S, Hs, gy_out, glogp_out, B, t, dt, gy, gW, gb0, gb1, gw0, gw1, gA0, gA1, nt);
-    else gemm_backward<T, 2>(mm, p, S, Hs, gy_out, glogp_out, B, t, dt, gy, gW, gb0, gb1, gw0, gw1, gA0, gA1, nt);
-}
-
 template <typename T, int ACT>
 void integrate_forward_act_(int kind, void* gemm, void* gemm_lo, const Params<T>& p, const T* x, const T* logp, int B,
                             double t0, double dt, int n, const int64_t* perm, const T* sign, T* x_out, T* logp_out,
                             T* save_s, T* save_h, int nt) {
     const int64_t BN = (int64_t)B * p.N, BH = (int64_t)B * p.H;
+    StepSetup<T> ss(p, dt);  // ‖W‖² once for the n steps
     if (kind == 0) {  // lanes: keep each step's input (in its frame) in save_s (n, B, N)
         integrate_forward<T>(B, p.N, n, perm, sign, x, logp, x_out, logp_out, nt,
                              [&](int k, const T* y, const T* lp, T* yo, T* lq) {
                                  if (save_s) std::copy(y, y + BN, save_s + k * BN);
-                                 forward<T, ACT>(p, y, lp, B, t0 + k * dt, dt, yo, lq, nt);
+                                 forward<T, ACT>(p, ss.at(t0 + k * dt), y, lp, B, yo, lq, nt);
                              });
     } else {
         const Products<T> mm(gemm, gemm_lo, p.W, (int64_t)p.H * p.N, nt);
         integrate_forward<T>(B, p.N, n, perm, sign, x, logp, x_out, logp_out, nt,
                              [&](int k, const T* y, const T* lp, T* yo, T* lq) {
-                                 gemm_forward<T, ACT>(mm, p, y, lp, B, t0 + k * dt, dt, yo, lq,
+                                 gemm_forward<T, ACT>(mm, p, ss.at(t0 + k * dt), y, lp, B, yo, lq,
                                                       save_s ? save_s + k * 4 * BN : nullptr,
                                                       save_h ? save_h + k * 4 * BH : nullptr, nt);
                              });
@@ -901,16 +869,17 @@ void integrate_backward_act_(int kind, void* gemm, void* gemm_lo, const Params<T
                              const int64_t* perm, const T* sign, const T* gx_out, const T* glogp_out, int B,
                              double t0, double dt, int n, T* gx, T* const* outs, int nt) {
     const int64_t BN = (int64_t)B * p.N, BH = (int64_t)B * p.H;
+    StepSetup<T> ss(p, dt);
     if (kind == 0) {
         integrate_backward<T>(p, B, n, perm, sign, gx_out, gx, outs, nt, [&](int k, const T* yb, T* yi, T* const* o) {
-            backward<T, ACT>(p, S + k * BN, yb, glogp_out, B, t0 + k * dt, dt, yi, o[0], o[1], o[2], o[3], o[4], o[5],
-                             o[6], nt);
+            backward<T, ACT>(p, ss.at(t0 + k * dt), S + k * BN, yb, glogp_out, B, yi, o[0], o[1], o[2], o[3], o[4],
+                             o[5], o[6], nt);
         });
     } else {
         const Products<T> mm(gemm, gemm_lo, p.W, (int64_t)p.H * p.N, nt);
         integrate_backward<T>(p, B, n, perm, sign, gx_out, gx, outs, nt, [&](int k, const T* yb, T* yi, T* const* o) {
-            gemm_backward<T, ACT>(mm, p, S + k * 4 * BN, Hs + k * 4 * BH, yb, glogp_out, B, t0 + k * dt, dt, yi, o[0],
-                                  o[1], o[2], o[3], o[4], o[5], o[6], nt);
+            gemm_backward<T, ACT>(mm, p, ss.at(t0 + k * dt), S + k * 4 * BN, Hs + k * 4 * BH, yb, glogp_out, B, yi,
+                                  o[0], o[1], o[2], o[3], o[4], o[5], o[6], nt);
         });
     }
 }
@@ -946,43 +915,6 @@ void integrate_backward_act(int kind, void* gemm, void* gemm_lo, int act, const 
 }
 
 }  // namespace
-
-#define LF_EXPORT(T, SUFFIX)                                                                                        \
-    extern "C" void lf_mlp_rk4_forward_##SUFFIX(const T* y, const T* logp, int B, int N, int H, const T* W,       \
-                                                const T* b0, const T* b1, const T* w0, const T* w1, const T* A0,   \
-                                                const T* A1, int act, double t, double dt, T* y_out, T* logp_out, \
-                                                int nt) {                                                          \
-        forward_act<T>(act, Params<T>{N, H, W, b0, b1, w0, w1, A0, A1}, y, logp, B, t, dt, y_out, logp_out, nt); \
-    }                                                                                                               \
-    extern "C" void lf_mlp_rk4_backward_##SUFFIX(                                                                  \
-        const T* y, const T* gy_out, const T* glogp_out, int B, int N, int H, const T* W, const T* b0, const T* b1, \
-        const T* w0, const T* w1, const T* A0, const T* A1, int act, double t, double dt, T* gy, T* gW, T* gb0,     \
-        T* gb1, T* gw0, T* gw1, T* gA0, T* gA1, int nt) {                                                          \
-        backward_act<T>(act, Params<T>{N, H, W, b0, b1, w0, w1, A0, A1}, y, gy_out, glogp_out, B, t, dt, gy, gW,  \
-                        gb0, gb1, gw0, gw1, gA0, gA1, nt);                                                         \
-    }
-
-#define LF_EXPORT_GEMM(T, SUFFIX)                                                                                   \
-    extern "C" void lf_mlp_rk4_gemm_forward_##SUFFIX(                                                              \
-        void* gemm, void* gemm_lo, const T* y, const T* logp, int B, int N, int H, const T* W, const T* b0,        \
-        const T* b1, const T* w0, const T* w1, const T* A0, const T* A1, int act, double t, double dt, T* y_out,    \
-        T* logp_out, T* save_s, T* save_h, int nt) {                                                               \
-        gemm_forward_act<T>(gemm, gemm_lo, act, Params<T>{N, H, W, b0, b1, w0, w1, A0, A1}, y, logp, B, t, dt,    \
-                            y_out, logp_out, save_s, save_h, nt);                                                  \
-    }                                                                                                               \
-    extern "C" void lf_mlp_rk4_gemm_backward_##SUFFIX(                                                             \
-        void* gemm, void* gemm_lo, const T* S, const T* Hs, const T* gy_out, const T* glogp_out, int B, int N,     \
-        int H, const T* W,                                                                                          \
-        const T* b0, const T* b1, const T* w0, const T* w1, const T* A0, const T* A1, int act, double t, double dt, \
-        T* gy, T* gW, T* gb0, T* gb1, T* gw0, T* gw1, T* gA0, T* gA1, int nt) {                                    \
-        gemm_backward_act<T>(gemm, gemm_lo, act, Params<T>{N, H, W, b0, b1, w0, w1, A0, A1}, S, Hs, gy_out,       \
-                             glogp_out, B, t, dt, gy, gW, gb0, gb1, gw0, gw1, gA0, gA1, nt);                       \
-    }
-
-LF_EXPORT(float, f32)
-LF_EXPORT(double, f64)
-LF_EXPORT_GEMM(float, f32)
-LF_EXPORT_GEMM(double, f64)
 
 // kind: 0 the lanes step (save_s (n, B, N) keeps each step's input; save_h unused), 1 the GEMM step
 #define LF_EXPORT_INTEGRATE(T, SUFFIX)                                                                              \

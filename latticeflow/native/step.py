@@ -81,13 +81,7 @@ def kernel_mode() -> str:
 
 def _declare(lib: ctypes.CDLL) -> None:
     p, i, d = ctypes.c_void_p, ctypes.c_int, ctypes.c_double
-    _declare_kernel(lib, {"lf_mlp_rk4_forward": [p, p, i, i, i, p, p, p, p, p, p, p, i, d, d, p, p, i],
-                          "lf_mlp_rk4_backward": [p, p, p, i, i, i, p, p, p, p, p, p, p, i, d, d, p, p, p, p, p, p, p,
-                                                  p, i],
-                          "lf_mlp_rk4_gemm_forward": [p, p, p, p, i, i, i, p, p, p, p, p, p, p, i, d, d, p, p, p, p, i],
-                          "lf_mlp_rk4_gemm_backward": [p, p, p, p, p, p, i, i, i, p, p, p, p, p, p, p, i, d, d, p, p, p,
-                                                       p, p, p, p, p, i],
-                          "lf_signed_perm": [p, p, p, i, i, p, i],
+    _declare_kernel(lib, {"lf_signed_perm": [p, p, p, i, i, p, i],
                           "lf_mlp_rk4_integrate_forward": [i, p, p, p, p, i, i, i, p, p, p, p, p, p, p, i, d, d, i, p,
                                                            p, p, p, p, p, i],
                           "lf_mlp_rk4_integrate_backward": [i, p, p, p, p, p, p, p, p, i, i, i, p, p, p, p, p, p, p, i,
@@ -188,31 +182,21 @@ def available(y: Tensor, hidden: int, activation: str, params: list[Tensor | Non
 def rk4_forward(y: Tensor, logp: Tensor, W: Tensor, b0: Tensor | None, b1: Tensor | None, w0: Tensor,
                 w1: Tensor | None, A0: Tensor | None, A1: Tensor | None, activation: str, t: float,
                 dt: float) -> tuple[Tensor, Tensor]:
-    """(y, ln p) after one RK4 step from t to t + dt (contiguous tensors of one dtype; None: absent)."""
-    lib = load()
-    B, N = y.shape
-    y_out, logp_out = torch.empty_like(y), torch.empty_like(logp)
-    f = getattr(lib, f"lf_mlp_rk4_forward_{_SUFFIX[y.dtype]}")
-    f(_ptr(y), _ptr(logp), B, N, W.shape[0], _ptr(W), _ptr(b0), _ptr(b1), _ptr(w0), _ptr(w1), _ptr(A0), _ptr(A1),
-      ACTIVATIONS[activation], float(t), float(dt), _ptr(y_out), _ptr(logp_out), torch.get_num_threads())
+    """(y, ln p) after one lanes step from t to t + dt (contiguous tensors of one dtype; None: absent):
+    :func:`integrate_forward` of one step without a frame."""
+    y_out, logp_out, _ = integrate_forward("lanes", y, logp, None, None, W, b0, b1, w0, w1, A0, A1, activation, t,
+                                           dt, 1, False)
     return y_out, logp_out
 
 
 def rk4_backward(y: Tensor, gy_out: Tensor, glogp_out: Tensor, W: Tensor, b0: Tensor | None, b1: Tensor | None,
                  w0: Tensor, w1: Tensor | None, A0: Tensor | None, A1: Tensor | None, activation: str, t: float,
                  dt: float) -> tuple[Tensor | None, ...]:
-    """(ȳ, W̄, b̄0, b̄1, w̄0, w̄1, Ā0, Ā1) of the step from the cotangents of its outputs (None for
+    """(ȳ, W̄, b̄0, b̄1, w̄0, w̄1, Ā0, Ā1) of the lanes step from the cotangents of its outputs (None for
     an absent parameter; the cotangent of ln p passes through unchanged), recomputing the step's
-    stages from y."""
-    lib = load()
-    B, N = y.shape
-    gy = torch.empty_like(y)
-    grads = [torch.empty_like(p) if p is not None else None for p in (W, b0, b1, w0, w1, A0, A1)]
-    g = getattr(lib, f"lf_mlp_rk4_backward_{_SUFFIX[y.dtype]}")
-    g(_ptr(y), _ptr(gy_out), _ptr(glogp_out), B, N, W.shape[0], _ptr(W), _ptr(b0), _ptr(b1), _ptr(w0), _ptr(w1),
-      _ptr(A0), _ptr(A1), ACTIVATIONS[activation], float(t), float(dt), _ptr(gy), *[_ptr(q) for q in grads],
-      torch.get_num_threads())
-    return (gy, *grads)
+    stages from its input y."""
+    return integrate_backward("lanes", [y[None]], None, None, gy_out, glogp_out, W, b0, b1, w0, w1, A0, A1,
+                              activation, t, dt, 1)
 
 
 def gemm_forward(y: Tensor, logp: Tensor, W: Tensor, b0: Tensor | None, b1: Tensor | None, w0: Tensor,
@@ -221,16 +205,9 @@ def gemm_forward(y: Tensor, logp: Tensor, W: Tensor, b0: Tensor | None, b1: Tens
     """:func:`rk4_forward` by the GEMM step; with ``keep``, also the four stage points (4, B, N) and
     pre-activations (4, B, H) that :func:`gemm_backward` reads (else None, None). ``low``: products of
     bfloat16 operands (float32 states only, see :func:`products`)."""
-    lib = load()
-    B, N = y.shape
-    H = W.shape[0]
-    y_out, logp_out = torch.empty_like(y), torch.empty_like(logp)
-    S = y.new_empty(4, B, N) if keep else None
-    Hs = y.new_empty(4, B, H) if keep else None
-    f = getattr(lib, f"lf_mlp_rk4_gemm_forward_{_SUFFIX[y.dtype]}")
-    f(blas()[y.dtype], _low(low, y), _ptr(y), _ptr(logp), B, N, H, _ptr(W), _ptr(b0), _ptr(b1), _ptr(w0), _ptr(w1), _ptr(A0),
-      _ptr(A1), ACTIVATIONS[activation], float(t), float(dt), _ptr(y_out), _ptr(logp_out), _ptr(S), _ptr(Hs),
-      torch.get_num_threads())
+    y_out, logp_out, kept = integrate_forward("gemm-bf16" if low else "gemm", y, logp, None, None, W, b0, b1, w0, w1,
+                                              A0, A1, activation, t, dt, 1, keep)
+    S, Hs = (kept[0][0], kept[1][0]) if keep else (None, None)
     return y_out, logp_out, S, Hs
 
 
@@ -238,15 +215,8 @@ def gemm_backward(S: Tensor, Hs: Tensor, gy_out: Tensor, glogp_out: Tensor, W: T
                   b1: Tensor | None, w0: Tensor, w1: Tensor | None, A0: Tensor | None, A1: Tensor | None,
                   activation: str, t: float, dt: float, low: bool = False) -> tuple[Tensor | None, ...]:
     """:func:`rk4_backward` by the GEMM step, from the stage points and pre-activations its forward kept."""
-    lib = load()
-    _, B, N = S.shape
-    gy = torch.empty_like(gy_out)
-    grads = [torch.empty_like(p) if p is not None else None for p in (W, b0, b1, w0, w1, A0, A1)]
-    g = getattr(lib, f"lf_mlp_rk4_gemm_backward_{_SUFFIX[S.dtype]}")
-    g(blas()[S.dtype], _low(low, S), _ptr(S), _ptr(Hs), _ptr(gy_out), _ptr(glogp_out), B, N, W.shape[0], _ptr(W), _ptr(b0),
-      _ptr(b1), _ptr(w0), _ptr(w1), _ptr(A0), _ptr(A1), ACTIVATIONS[activation], float(t), float(dt), _ptr(gy),
-      *[_ptr(q) for q in grads], torch.get_num_threads())
-    return (gy, *grads)
+    return integrate_backward("gemm-bf16" if low else "gemm", [S[None], Hs[None]], None, None, gy_out, glogp_out, W,
+                              b0, b1, w0, w1, A0, A1, activation, t, dt, 1)
 
 
 def _low(low: bool, x: Tensor) -> int | None:

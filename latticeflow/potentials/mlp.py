@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from .._checks import check_choice, check_size
+from ..native import step as native_step
 from ..ode import rk4_step
 from .activations import ACTIVATIONS, FUSED, _one_minus_square, fused_forward, pre_scale
 from .base import Evaluation, Noise, Potential, _initial_readout, _is_scalar_time, _readout, _time_col
@@ -181,27 +182,20 @@ class _MLPRK4Step(torch.autograd.Function):
     def forward(ctx: Any, y: Tensor, logp: Tensor, W: Tensor, b0: Tensor | None, b1: Tensor | None, w0: Tensor,
                 w1: Tensor | None, A0: Tensor | None, A1: Tensor | None, activation: str, t: float,
                 dt: float, path: str = "lanes") -> tuple[Tensor, Tensor]:
-        from ..native import step as native_step
-
         params = [None if q is None else q.contiguous() for q in (W, b0, b1, w0, w1, A0, A1)]
         y = y.contiguous()
         ctx.activation, ctx.t, ctx.dt, ctx.path = activation, t, dt, path
         ctx.absent = [q is None for q in params]
-        stages: list[Tensor] = []
-        if path.startswith("gemm"):  # "gemm", or "gemm-bf16": bfloat16 products (native_step.products)
-            y_out, logp_out, S, Hs = native_step.gemm_forward(y, logp.contiguous(), *params, activation, t, dt,
-                                                              any(ctx.needs_input_grad), path == "gemm-bf16")
-            stages = [S, Hs] if S is not None else []
-        else:
-            y_out, logp_out = native_step.rk4_forward(y, logp.contiguous(), *params, activation, t, dt)
+        # one step without a frame; the lanes step's backward needs only y, saved below anyway
+        keep = any(ctx.needs_input_grad) and path != "lanes"
+        y_out, logp_out, stages = native_step.integrate_forward(path, y, logp.contiguous(), None, None, *params,
+                                                                activation, t, dt, 1, keep)
         ctx.n_stages = len(stages)
         ctx.save_for_backward(y, logp, *[q if q is not None else y.new_empty(0) for q in params], *stages)
         return y_out, logp_out
 
     @staticmethod
     def backward(ctx: Any, gy: Tensor | None, glogp: Tensor | None) -> tuple[Tensor | None, ...]:
-        from ..native import step as native_step
-
         y, logp, *saved = ctx.saved_tensors
         stages = saved[len(saved) - ctx.n_stages:]
         params = [None if gone else q for q, gone in zip(saved, ctx.absent)]
@@ -219,11 +213,9 @@ class _MLPRK4Step(torch.autograd.Function):
             for (i, q), g in zip(inputs, got):
                 grads[i] = torch.zeros_like(q) if g is None else g
             return (*grads, None, None, None, None)
-        if ctx.path.startswith("gemm"):
-            gy_in, *pgrads = native_step.gemm_backward(*stages, gy, glogp, *params, ctx.activation, ctx.t, ctx.dt,
-                                                       ctx.path == "gemm-bf16")
-        else:
-            gy_in, *pgrads = native_step.rk4_backward(y, gy, glogp, *params, ctx.activation, ctx.t, ctx.dt)
+        kept = [y[None]] if ctx.path == "lanes" else list(stages)
+        gy_in, *pgrads = native_step.integrate_backward(ctx.path, kept, None, None, gy, glogp, *params, ctx.activation,
+                                                        ctx.t, ctx.dt, 1)
         grads = [gy_in if needs[0] else None, glogp if needs[1] else None]
         grads += [g if needs[2 + i] else None for i, g in enumerate(pgrads)]
         return (*grads, None, None, None, None)
@@ -244,8 +236,6 @@ class _MLPRK4Integration(torch.autograd.Function):
                 b0: Tensor | None, b1: Tensor | None, w0: Tensor, w1: Tensor | None, A0: Tensor | None,
                 A1: Tensor | None, activation: str, t0: float, dt: float, n: int,
                 path: str) -> tuple[Tensor, Tensor]:
-        from ..native import step as native_step
-
         params = [None if q is None else q.contiguous() for q in (W, b0, b1, w0, w1, A0, A1)]
         x = x.contiguous()
         ctx.activation, ctx.t0, ctx.dt, ctx.n, ctx.path = activation, t0, dt, n, path
@@ -259,10 +249,8 @@ class _MLPRK4Integration(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, gx: Tensor | None, glogp: Tensor | None) -> tuple[Tensor | None, ...]:
-        from ..native import step as native_step
-
         x, logp, *saved = ctx.saved_tensors
-        stages = saved[len(saved) - ctx.n_stages:] if ctx.n_stages else []
+        stages = saved[len(saved) - ctx.n_stages:]
         perm, sign, *params = [None if gone else q for q, gone in zip(saved, ctx.absent)]
         gx = torch.zeros_like(x) if gx is None else gx.contiguous()
         glogp = torch.zeros_like(logp) if glogp is None else glogp.contiguous()
@@ -359,7 +347,6 @@ class MLPPotential(Potential):
         path, a quadratic part it cannot take, or ``LATTICEFLOW_STEP_KERNEL=eager``. The step
         returned answers None for a state the kernel does not take (device, dtype, size), and the
         integrator then steps eagerly."""
-        from ..native import step as native_step
         from .quadratic import QuadraticPotential
 
         if not self.fused or noise is not None or self.activation not in native_step.ACTIVATIONS:
