@@ -113,6 +113,10 @@ def training_step(flow: torch.nn.Module, target: object, batch: int, lr: float =
     return step
 
 
+#: what the bfloat16 products are computed by (latticeflow.native.step.bf16_gemm)
+BF16_GEMM_NAMES = {"native": "the AVX512-BF16 kernel", "mkl": "MKL's gemm_bf16bf16f32"}
+
+
 def time_iteration(config: dict, L: int, batch: int, iters: int, warmup: int = 2,
                    pkg: types.ModuleType | None = None, precision: str = "float32") -> float:
     step = make_step(config, L, batch, pkg, precision)
@@ -614,9 +618,15 @@ def main(argv: list[str] | None = None) -> None:
           f"{max(s - gemm, 0.0):.3f} s ({max(s - gemm, 0.0) / s:.0%} of the iteration); "
           f"the ratio with everything else free: {flops / gemm / 1e9 / mm:.2f}")
     if args.bfloat16:
-        sb = time_iteration(paper, 16, B, args.iters, precision="bfloat16")
-        print(f"  with bfloat16 products (--train-precision bfloat16; native step: {native_step.status()}): "
-              f"{sb:.3f} s/iteration; float32 / bfloat16 {s / sb:.2f}")
+        gemms = native_step.bf16_gemms()
+        if not gemms:
+            print("  with bfloat16 products: unavailable (no bfloat16 gemm here)")
+        for i, which in enumerate(gemms):  # the one --train-precision takes first, then any other
+            with native_step.bf16_gemm_as(which):
+                sb = time_iteration(paper, 16, B, args.iters, precision="bfloat16")
+            name = BF16_GEMM_NAMES[which] + (" (the one training takes here)" if i == 0 else "")
+            print(f"  with bfloat16 products (--train-precision bfloat16; {name}; native step: "
+                  f"{native_step.status()}): {sb:.3f} s/iteration; float32 / bfloat16 {s / sb:.2f}")
     if orig is None:
         print(f"  {UNAVAILABLE}")
     elif isinstance(orig, str):

@@ -73,9 +73,11 @@ def main(argv: list[str] | None = None) -> dict[int, dict[str, dict[str, float]]
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s); paper configuration, {args.epochs} "
           f"epochs, lr {args.lr}, seeds {args.seeds}; evaluation: {args.eval} fresh float32 samples", flush=True)
-    if "bfloat16" not in (native_step.blas() or {}):
-        print("this torch's BLAS has no bfloat16 gemm: bfloat16 training would run in float32; nothing to compare")
+    if native_step.bf16_gemm() is None:
+        print("no bfloat16 gemm here (MKL's or the AVX512-BF16 kernel): bfloat16 training would run in float32; "
+              "nothing to compare")
         return {}
+    print(f"bfloat16 products by {native_step.bf16_gemm()} (latticeflow.native.step.bf16_gemm)", flush=True)
     res: dict[int, dict[str, dict[str, float]]] = {}
     for seed in args.seeds:
         res[seed] = {}

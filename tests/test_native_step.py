@@ -385,12 +385,18 @@ def test_a_run_records_the_step_kernel(kernel, tmp_path, monkeypatch):
     assert prov["step_kernel"] == native_step.status() and prov["step_kernel"].startswith("compiled (mlp_step-")
 
 
-def test_bfloat16_products_round_only_the_products(kernel, monkeypatch):
-    # inside native_step.products("bfloat16") a float32 GEMM step multiplies bfloat16 operands (float32 sums):
-    # its step and gradients agree with the float32 step to bfloat16 rounding (2^-8 relative per operand), not
-    # to float32 rounding; float64 steps and everything outside the block are untouched
-    if "bfloat16" not in (native_step.blas() or {}):
-        pytest.skip("this torch's BLAS has no bfloat16 gemm")
+def _bf16_gemm_or_skip(which):
+    if which not in native_step.bf16_gemms():
+        pytest.skip(f"no {which} bfloat16 gemm here (MKL's needs its export in libtorch, the native one AVX512-BF16)")
+
+
+@pytest.mark.parametrize("which", ["mkl", "native"])
+def test_bfloat16_products_round_only_the_products(kernel, which, monkeypatch):
+    # inside native_step.products("bfloat16") a float32 GEMM step multiplies bfloat16 operands (float32 sums),
+    # by either bfloat16 gemm: its step and gradients agree with the float32 step to bfloat16 rounding (2^-8
+    # relative per operand), not to float32 rounding; float64 steps and everything outside the block are untouched
+    _bf16_gemm_or_skip(which)
+    monkeypatch.setattr(native_step, "BF16_GEMM", which)
     monkeypatch.setattr(native_step, "AUTO_MAX_SITES", 0)
     params = _params(40, 64, True, True, True, False, False, torch.float32, seed=4)
     y = torch.randn(32, 40, generator=torch.Generator().manual_seed(3)).requires_grad_()
@@ -412,6 +418,90 @@ def test_bfloat16_products_round_only_the_products(kernel, monkeypatch):
             pass
 
 
+def _rounded(x):
+    return x.to(torch.bfloat16).double()
+
+
+@pytest.mark.parametrize("ta", [False, True])
+@pytest.mark.parametrize("tb", [False, True])
+@pytest.mark.parametrize("M, Nc, K", [(1, 1, 1), (5, 33, 7), (13, 50, 17), (32, 64, 40), (25, 31, 64), (12, 96, 2)])
+def test_native_bf16_gemm_is_the_rounded_operands_product(kernel, ta, tb, M, Nc, K):
+    # the AVX512-BF16 kernel against float64 products of the bfloat16-rounded operands (torch's rounding, to
+    # nearest even): float32 sums over K products, each exact in float32 (two 8-bit significands), so the error
+    # is at most about K float32 roundings of the running sum, bounded by 2K·2⁻²⁴·|α|·(|A||B|) + 2·2⁻²⁴·|C|;
+    # columns of C past Nc (ldc > Nc) are left alone
+    _bf16_gemm_or_skip("native")
+    lib = native_step.load()
+    g = torch.Generator().manual_seed(M * 1000 + Nc * 10 + K)
+    A = torch.randn(K, M + 3, generator=g) if ta else torch.randn(M, K + 3, generator=g)  # rows longer than used
+    B = torch.randn(Nc, K + 1, generator=g) if tb else torch.randn(K, Nc + 2, generator=g)
+    opA = (A[:, :M].t() if ta else A[:, :K])
+    opB = (B[:, :K].t() if tb else B[:, :Nc])
+    for alpha, beta in ((1.0, 0.0), (0.5, 2.0), (-1.5, 1.0)):
+        C = torch.randn(M, Nc + 5, generator=g)
+        C0 = C.clone()
+        lib.lf_gemm_bf16_f32(int(ta), int(tb), M, Nc, K, alpha, A.data_ptr(), A.shape[1], B.data_ptr(), B.shape[1],
+                             beta, C.data_ptr(), C.shape[1])
+        ref = alpha * _rounded(opA) @ _rounded(opB) + beta * C0[:, :Nc].double()
+        bound = 2 * K * 2.0 ** -24 * abs(alpha) * (_rounded(opA).abs() @ _rounded(opB).abs()) + 2 * 2.0 ** -24 * ref.abs()
+        err = (C[:, :Nc].double() - ref).abs()
+        assert bool((err <= bound + 1e-30).all()), float((err / bound).max())
+        assert torch.equal(C[:, Nc:], C0[:, Nc:])
+        # and it is not the float32 product: the operands were rounded
+        full = alpha * opA.double() @ opB.double() + beta * C0[:, :Nc].double()
+        if K >= 7:
+            assert float((C[:, :Nc].double() - full).abs().max()) > 1e-4
+
+
+def test_the_two_bf16_gemms_give_the_same_step(kernel, monkeypatch):
+    # both bfloat16 gemms round the same operands the same way and sum in float32: a GEMM step and its
+    # gradients agree between them to float32 rounding of the sums (and an operand that then rounds the other
+    # way), far closer than either agrees with the float32 step
+    _bf16_gemm_or_skip("mkl")
+    _bf16_gemm_or_skip("native")
+    monkeypatch.setattr(native_step, "AUTO_MAX_SITES", 0)
+    params = _params(40, 64, True, True, True, True, False, torch.float32, seed=6)
+    y = torch.randn(32, 40, generator=torch.Generator().manual_seed(3)).requires_grad_()
+    logp = torch.zeros(32, requires_grad=True)
+    cot = (torch.randn(32, 40, generator=torch.Generator().manual_seed(5)), torch.ones(32))
+    out = {}
+    for which in ("mkl", "native"):
+        with native_step.bf16_gemm_as(which):
+            out[which] = _step_outputs(_compiled("gemm-bf16"), y, logp, params, "lncosh", 0.2, 0.1, cot)
+    full = _step_outputs(_compiled("gemm"), y, logp, params, "lncosh", 0.2, 0.1, cot)
+    for a, b, f in zip(out["native"], out["mkl"], full):
+        if b.detach().norm() > 0:
+            between = float((a - b).detach().norm() / b.detach().norm())
+            to_full = float((b - f).detach().norm() / b.detach().norm())
+            assert between < 1e-5 and between <= to_full / 100, (between, to_full)  # both 0: a pass-through
+
+
+def test_bf16_gemm_choice(kernel, monkeypatch):
+    # "auto" prefers MKL's bfloat16 gemm on CPUs with AMX tiles and the AVX512-BF16 kernel elsewhere, taking
+    # the other where the preferred one is missing; "mkl"/"native" insist (None where unavailable); anything
+    # else is refused
+    from latticeflow.native import step
+
+    for flags, native, mkl, want in [("flags : avx512f amx_bf16 avx512_bf16", True, True, "mkl"),
+                                     ("flags : avx512f avx512_bf16", True, True, "native"),
+                                     ("flags : avx512f", False, True, "mkl"),
+                                     ("flags : avx2", False, False, None),
+                                     ("flags : amx_bf16", True, False, "native"),
+                                     ("flags : amx_bf16", False, False, None)]:
+        monkeypatch.setattr(step, "_cpu_flags", lambda flags=flags: flags)
+        monkeypatch.setattr(step, "_native_bf16", lambda native=native: native)
+        monkeypatch.setattr(step, "_blas_ptrs", {torch.float32: 1, torch.float64: 2, **({"bfloat16": 3} if mkl else {})})
+        assert step.bf16_gemm("auto") == want
+        assert step.bf16_gemm("mkl") == ("mkl" if mkl else None)
+        assert step.bf16_gemm("native") == ("native" if native else None)
+        assert step.bf16_gemms()[:1] == ([want] if want else [])
+    with pytest.raises(ValueError, match="BF16_GEMM must be one of"):
+        step.bf16_gemm("float16")
+    with pytest.raises(ValueError, match="BF16_GEMM must be one of"):
+        with step.bf16_gemm_as("oneDNN"):
+            pass
+
+
 def test_bfloat16_training_keeps_its_products_inside_the_epochs(kernel, monkeypatch):
     # --train-precision bfloat16: the trainer's epochs (sampling and backward) take bfloat16 GEMM steps; a
     # flow.sample outside them (every reported estimate) takes float32 ones; the names agree with the config's
@@ -419,8 +509,8 @@ def test_bfloat16_training_keeps_its_products_inside_the_epochs(kernel, monkeypa
     from latticeflow.train import VariationalTrainer
 
     assert TRAIN_PRECISIONS == native_step.PRECISIONS
-    if "bfloat16" not in (native_step.blas() or {}):
-        pytest.skip("this torch's BLAS has no bfloat16 gemm")
+    if not native_step.bf16_gemms():
+        pytest.skip("no bfloat16 gemm here (MKL's or the AVX512-BF16 kernel)")
     monkeypatch.setattr(native_step, "AUTO_MAX_SITES", 0)  # the L=4 flow takes the GEMM step
     flow, target = _flow("float32", symmetrize="none")
     opt = torch.optim.Adam(flow.parameters(), lr=1e-3)

@@ -30,6 +30,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "gemm_bf16.h"
 #include "lanes.h"
 
 namespace {
@@ -478,23 +479,39 @@ inline void to_bf16(const float* x, uint16_t* out, int64_t n, int nt) {
     }
 }
 
-// the step's products: the T gemm, or (float only, lo non-null) bfloat16 operands with float32 sums.
-// W's bfloat16 copy is made once per call; other operands are rounded as they are used.
+// the step's products: the T gemm, or (float only) bfloat16 operands with float32 sums, by MKL's
+// gemm_bf16bf16f32 (lo) or by this library's AVX512-BF16 kernel (gemm_bf16.h; gemm_lo is then the address of
+// lf_gemm_bf16_f32). W's bfloat16 copy, or for the kernel its two packed layouts (W as op(B) = Wᵀ, K = N,
+// and as op(B) = W, K = H), is made once per call; other operands are rounded as they are used.
+extern "C" void lf_gemm_bf16_f32(int ta, int tb, int M, int Nc, int K, float alpha, const float* A, int lda,
+                                 const float* B, int ldb, float beta, float* C, int ldc);
+
 template <typename T>
 struct Products {
     Gemm<T> g;
     GemmBf16 lo;
+    bool own;  // the AVX512-BF16 kernel
     const T* W;
     const uint16_t* Wlo;
-    int nt;
+    const uint32_t *WpT, *WpN;
+    int H, N, nt;
 
-    Products(void* gemm, void* gemm_lo, const T* W_, int64_t nW, int nt_)
-        : g((Gemm<T>)gemm), lo(nullptr), W(W_), Wlo(nullptr), nt(nt_) {
+    Products(void* gemm, void* gemm_lo, const T* W_, int H_, int N_, int nt_)
+        : g((Gemm<T>)gemm), lo(nullptr), own(false), W(W_), Wlo(nullptr), WpT(nullptr), WpN(nullptr), H(H_), N(N_),
+          nt(nt_) {
         if constexpr (std::is_same<T, float>::value) {
-            if (gemm_lo) {
+            if (gemm_lo && gemm_lo == (void*)&lf_gemm_bf16_f32) {
+                own = true;
+                uint32_t* t = scratch<uint32_t>(0, (size_t)lf::bf16_packed_b_words(N, H));
+                uint32_t* n = scratch<uint32_t>(3, (size_t)lf::bf16_packed_b_words(H, N));
+                lf::bf16_pack_b(true, N, H, W_, N, t);
+                lf::bf16_pack_b(false, H, N, W_, N, n);
+                WpT = t;
+                WpN = n;
+            } else if (gemm_lo) {
                 lo = (GemmBf16)gemm_lo;
-                uint16_t* buf = scratch<uint16_t>(0, (size_t)nW);
-                to_bf16(W_, buf, nW, nt);
+                uint16_t* buf = scratch<uint16_t>(0, (size_t)H * N);
+                to_bf16(W_, buf, (int64_t)H * N, nt);
                 Wlo = buf;
             }
         }
@@ -513,6 +530,20 @@ struct Products {
                     T* C, int ldc) const {
         const char a = ta ? 'T' : 'N', b = tb ? 'T' : 'N';
         if constexpr (std::is_same<T, float>::value) {
+#if LF_NATIVE_BF16
+            if (own) {  // in the calling thread, its own packing buffers
+                uint32_t* pa = scratch<uint32_t>(1, (size_t)lf::bf16_pairs(K) * M);
+                lf::bf16_pack_a(ta, M, K, A, lda, pa);
+                const uint32_t* pb = B == W ? (tb ? WpT : WpN) : nullptr;
+                if (!pb) {
+                    uint32_t* buf = scratch<uint32_t>(2, (size_t)lf::bf16_packed_b_words(K, Nc));
+                    lf::bf16_pack_b(tb, K, Nc, B, ldb, buf);
+                    pb = buf;
+                }
+                lf::bf16_gemm_packed(M, Nc, K, alpha, pa, pb, beta, C, ldc);
+                return;
+            }
+#endif
             if (lo) {
                 const uint16_t* Al = rounded(A, (int64_t)(ta ? K : M) * lda, 1);
                 const uint16_t* Bl = rounded(B, (int64_t)(tb ? Nc : K) * ldb, 2);
@@ -854,7 +885,7 @@ void integrate_forward_act_(int kind, void* gemm, void* gemm_lo, const Params<T>
                                  forward<T, ACT>(p, ss.at(t0 + k * dt), y, lp, B, yo, lq, nt);
                              });
     } else {
-        const Products<T> mm(gemm, gemm_lo, p.W, (int64_t)p.H * p.N, nt);
+        const Products<T> mm(gemm, gemm_lo, p.W, p.H, p.N, nt);
         integrate_forward<T>(B, p.N, n, perm, sign, x, logp, x_out, logp_out, nt,
                              [&](int k, const T* y, const T* lp, T* yo, T* lq) {
                                  gemm_forward<T, ACT>(mm, p, ss.at(t0 + k * dt), y, lp, B, yo, lq,
@@ -876,7 +907,7 @@ void integrate_backward_act_(int kind, void* gemm, void* gemm_lo, const Params<T
                              o[5], o[6], nt);
         });
     } else {
-        const Products<T> mm(gemm, gemm_lo, p.W, (int64_t)p.H * p.N, nt);
+        const Products<T> mm(gemm, gemm_lo, p.W, p.H, p.N, nt);
         integrate_backward<T>(p, B, n, perm, sign, gx_out, gx, outs, nt, [&](int k, const T* yb, T* yi, T* const* o) {
             gemm_backward<T, ACT>(mm, p, ss.at(t0 + k * dt), S + k * 4 * BN, Hs + k * 4 * BH, yb, glogp_out, B, yi,
                                   o[0], o[1], o[2], o[3], o[4], o[5], o[6], nt);
@@ -947,6 +978,23 @@ extern "C" void lf_signed_perm_f64(const double* x, const int64_t* perm, const d
                                    double* y, int nt) {
     frame_into<double>(x, perm, sign, B, N, y, nt);
 }
+
+// bfloat16 operands, float32 sums, by the AVX512-BF16 kernel in the calling thread: row-major
+// C (M×Nc) = alpha op(A) op(B) + beta C, op(A) (M×K) = A or (ta) Aᵀ with rows of lda numbers, op(B) likewise;
+// a no-op where the library was built without AVX512-BF16 (lf_native_bf16() says)
+extern "C" void lf_gemm_bf16_f32(int ta, int tb, int M, int Nc, int K, float alpha, const float* A, int lda,
+                                 const float* B, int ldb, float beta, float* C, int ldc) {
+#if LF_NATIVE_BF16
+    std::vector<uint32_t> pa((size_t)lf::bf16_pairs(K) * M), pb((size_t)lf::bf16_packed_b_words(K, Nc));
+    lf::bf16_pack_a(ta != 0, M, K, A, lda, pa.data());
+    lf::bf16_pack_b(tb != 0, K, Nc, B, ldb, pb.data());
+    lf::bf16_gemm_packed(M, Nc, K, alpha, pa.data(), pb.data(), beta, C, ldc);
+#else
+    (void)ta, (void)tb, (void)M, (void)Nc, (void)K, (void)alpha, (void)A, (void)lda, (void)B, (void)ldb, (void)beta,
+        (void)C, (void)ldc;
+#endif
+}
+extern "C" int lf_native_bf16() { return LF_NATIVE_BF16; }
 
 extern "C" int lf_mlp_max_sites() { return NMAX; }
 extern "C" int lf_mlp_max_hidden() { return HMAX; }

@@ -46,9 +46,9 @@ from typing import Any, Iterator
 import torch
 from torch import Tensor
 
-from . import _ACT, _SUFFIX, KERNEL_MODES, _declare_kernel, _load_kernel, _mode_of, _ptr, _status_of
+from . import _ACT, _SUFFIX, KERNEL_MODES, _cpu_flags, _declare_kernel, _load_kernel, _mode_of, _ptr, _status_of
 
-__all__ = ["AUTO_GEMM_MAX_SITES", "AUTO_MAX_SITES", "KERNEL_MODES", "MAX_HIDDEN", "MAX_SITES", "PRECISIONS", "available", "blas", "counts",
+__all__ = ["AUTO_GEMM_MAX_SITES", "AUTO_MAX_SITES", "BF16_GEMM", "BF16_GEMMS", "KERNEL_MODES", "MAX_HIDDEN", "MAX_SITES", "PRECISIONS", "available", "bf16_gemm", "bf16_gemm_as", "bf16_gemms", "blas", "counts",
            "gemm_backward", "gemm_forward", "integrate_backward", "integrate_forward", "kernel_mode", "load", "products", "rk4_backward", "rk4_forward",
            "signed_permutation", "status"]
 
@@ -87,6 +87,10 @@ def _declare(lib: ctypes.CDLL) -> None:
                           "lf_mlp_rk4_integrate_backward": [i, p, p, p, p, p, p, p, p, i, i, i, p, p, p, p, p, p, p, i,
                                                             d, d, i, p, p, p, p, p, p, p, p, i]},
                     {"lf_mlp_max_sites": MAX_SITES, "lf_mlp_max_hidden": MAX_HIDDEN})
+    f = ctypes.c_float
+    lib.lf_gemm_bf16_f32.argtypes = [i, i, i, i, i, f, p, i, p, i, f, p, i]
+    lib.lf_gemm_bf16_f32.restype = None
+    lib.lf_native_bf16.restype = ctypes.c_int
 
 
 def blas() -> dict[Any, int] | None:
@@ -122,8 +126,8 @@ counts = {"bfloat16": 0, "full": 0}
 @contextlib.contextmanager
 def products(precision: str) -> Iterator[None]:
     """Inside the block, float32 GEMM steps multiply in ``precision``: "bfloat16" rounds the products'
-    operands to bfloat16 and sums in float32 (MKL's gemm_bf16bf16f32, AMX or AVX512-BF16 where the CPU
-    has them), for training iterations whose gradients need only descend; "float32" (the default)
+    operands to bfloat16 and sums in float32 (:func:`bf16_gemm`: MKL's gemm_bf16bf16f32 on AMX, this
+    library's AVX512-BF16 kernel on other CPUs that have it), for training iterations whose gradients need only descend; "float32" (the default)
     changes nothing. Every other step (float64, the lanes step, eager steps, other devices) is
     unaffected, and so is everything outside the block: the trainer keeps its reported estimates out
     of it. Where this torch has no bfloat16 gemm the steps stay float32 (``counts`` tells)."""
@@ -174,7 +178,7 @@ def available(y: Tensor, hidden: int, activation: str, params: list[Tensor | Non
         if mode == "native":
             raise RuntimeError(f"{_ENV}=native but the GEMM step is unavailable: {_blas_error}")
         return None
-    low = _products.get() == "bfloat16" and y.dtype == torch.float32 and "bfloat16" in ptrs
+    low = _products.get() == "bfloat16" and y.dtype == torch.float32 and bf16_gemm() is not None
     counts["bfloat16" if low else "full"] += steps
     return "gemm-bf16" if low else "gemm"
 
@@ -219,12 +223,64 @@ def gemm_backward(S: Tensor, Hs: Tensor, gy_out: Tensor, glogp_out: Tensor, W: T
                               b0, b1, w0, w1, A0, A1, activation, t, dt, 1)
 
 
+#: which bfloat16 gemm a GEMM step's bfloat16 products use: "auto" (MKL's gemm_bf16bf16f32 where the CPU has
+#: AMX tiles, else this library's AVX512-BF16 kernel where it was built with it; either where the other is
+#: missing), "mkl" or "native"
+BF16_GEMMS = ("auto", "mkl", "native")
+BF16_GEMM = "auto"
+
+
+def _native_bf16() -> bool:
+    """Whether the step library was built with its AVX512-BF16 kernel (lf_native_bf16)."""
+    lib = load()
+    return lib is not None and lib.lf_native_bf16() == 1
+
+
+def bf16_gemm(mode: str | None = None) -> str | None:
+    """Which bfloat16 gemm the bfloat16 products use here under ``mode`` (default :data:`BF16_GEMM`):
+    "native" (this library's AVX512-BF16 kernel, ``gemm_bf16.h``), "mkl" (MKL's gemm_bf16bf16f32, exported
+    by libtorch), or None where the one asked for is unavailable. "auto" prefers MKL's on CPUs with AMX
+    tiles and the kernel elsewhere, and takes the other where the preferred one is missing. On AMD Zen 4
+    MKL's bfloat16 gemm runs no faster than its sgemm, so that bfloat16 training was slower than float32
+    there; ``python benchmarks/ising_speed.py --bfloat16`` times both in one run."""
+    mode = BF16_GEMM if mode is None else mode
+    if mode not in BF16_GEMMS:
+        raise ValueError(f"BF16_GEMM must be one of {BF16_GEMMS}, got {mode!r}")
+    have = {"mkl": "bfloat16" in (blas() or {}), "native": _native_bf16()}
+    order = [mode] if mode != "auto" else (["mkl", "native"] if "amx_bf16" in _cpu_flags().split()
+                                          else ["native", "mkl"])
+    return next((w for w in order if have[w]), None)
+
+
+def bf16_gemms() -> list[str]:
+    """The bfloat16 gemms available here, :func:`bf16_gemm`'s choice under "auto" first."""
+    have = [w for w, ok in (("mkl", "bfloat16" in (blas() or {})), ("native", _native_bf16())) if ok]
+    first = bf16_gemm("auto")
+    return sorted(have, key=lambda w: w != first)
+
+
+@contextlib.contextmanager
+def bf16_gemm_as(which: str) -> Iterator[None]:
+    """Inside the block, :data:`BF16_GEMM` is ``which`` (for benchmarks and tests that compare the two)."""
+    global BF16_GEMM
+    if which not in BF16_GEMMS:
+        raise ValueError(f"BF16_GEMM must be one of {BF16_GEMMS}, got {which!r}")
+    previous, BF16_GEMM = BF16_GEMM, which
+    try:
+        yield
+    finally:
+        BF16_GEMM = previous
+
+
 def _low(low: bool, x: Tensor) -> int | None:
     """The bfloat16 gemm's address for a float32 step with ``low`` products, else None (full precision)."""
     if not low:
         return None
-    if x.dtype != torch.float32 or "bfloat16" not in (blas() or {}):
-        raise ValueError("bfloat16 products need a float32 state and MKL's gemm_bf16bf16f32 (blas()['bfloat16'])")
+    which = bf16_gemm()
+    if x.dtype != torch.float32 or which is None:
+        raise ValueError("bfloat16 products need a float32 state and a bfloat16 gemm (bf16_gemm())")
+    if which == "native":
+        return ctypes.cast(load().lf_gemm_bf16_f32, ctypes.c_void_p).value
     return blas()["bfloat16"]
 
 

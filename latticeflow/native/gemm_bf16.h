@@ -1,0 +1,170 @@
+// A bfloat16 gemm with float32 sums for CPUs with AVX512-BF16 (vdpbf16ps), for the GEMM step's
+// bfloat16 products (latticeflow.native.step.products("bfloat16")) where MKL's gemm_bf16bf16f32 has no
+// fast path: on AMD Zen 4 it runs at sgemm's speed, so that rounding the operands made a step slower
+// than float32. There this kernel runs the step's products at about twice sgemm's speed
+// (`python benchmarks/ising_speed.py --bfloat16` times a training iteration with each bfloat16 gemm).
+//
+// Operands are rounded from float32 to bfloat16 (to nearest, ties to even: the rounding of the
+// MKL path) while they are packed into the layouts vdpbf16ps reads: for the k-pairs kk = 0..⌈K/2⌉,
+//   A: a[kk·M + m] = (opA[m][2kk], opA[m][2kk+1]), one 32-bit word per row and pair (so the MR rows'
+//      words of a pair that a tile broadcasts lie next to each other);
+//   B: panels of 32 columns, b[(panel·KK + kk)·32 + j] = (opB[2kk][j0+j], opB[2kk+1][j0+j]),
+// low half the even k, zeros past K and past the last column. A tile of MR ≤ 12 rows × 32 columns
+// sums over all pairs in 24 registers and is stored once (alpha, beta, masked past the last column);
+// every sum runs over k in the same order whatever the thread count. Single-threaded: the GEMM step
+// calls it from each thread for that thread's rows.
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+
+#if defined(__AVX512BF16__) && defined(__AVX512F__)
+#include <immintrin.h>
+#define LF_NATIVE_BF16 1
+#else
+#define LF_NATIVE_BF16 0
+#endif
+
+namespace lf {
+
+// float32 → bfloat16 bits, to nearest, ties to even (finite inputs)
+inline uint32_t bf16_bits(float x) {
+    uint32_t u;
+    std::memcpy(&u, &x, 4);
+    return (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+}
+
+constexpr int BF16_MR = 12;  // rows of a tile
+constexpr int BF16_NR = 32;  // columns of a tile (two 16-lane vectors)
+
+inline int bf16_pairs(int K) { return (K + 1) / 2; }
+inline int64_t bf16_packed_b_words(int K, int Nc) {
+    return (int64_t)((Nc + BF16_NR - 1) / BF16_NR) * bf16_pairs(K) * BF16_NR;
+}
+
+// op(A) (M×K; A rows of lda numbers, transposed when ta) into a (⌈K/2⌉·M words)
+inline void bf16_pack_a(bool ta, int M, int K, const float* A, int lda, uint32_t* a) {
+    const int KK = bf16_pairs(K);
+    if (ta) {  // op(A)[m][k] = A[k][m]: a pair's two rows of A, contiguous over m
+        for (int kk = 0; kk < KK; ++kk) {
+            const float* r0 = A + (int64_t)(2 * kk) * lda;
+            const float* r1 = 2 * kk + 1 < K ? A + (int64_t)(2 * kk + 1) * lda : nullptr;
+            uint32_t* out = a + (int64_t)kk * M;
+            if (r1) {
+#pragma omp simd
+                for (int m = 0; m < M; ++m) out[m] = bf16_bits(r0[m]) | (bf16_bits(r1[m]) << 16);
+            } else {
+#pragma omp simd
+                for (int m = 0; m < M; ++m) out[m] = bf16_bits(r0[m]);
+            }
+        }
+    } else {  // op(A)[m][k] = A[m][k]: a pair is two neighbours in a row
+        for (int m = 0; m < M; ++m) {
+            const float* row = A + (int64_t)m * lda;
+            for (int kk = 0; kk < K / 2; ++kk)
+                a[(int64_t)kk * M + m] = bf16_bits(row[2 * kk]) | (bf16_bits(row[2 * kk + 1]) << 16);
+            if (K & 1) a[(int64_t)(KK - 1) * M + m] = bf16_bits(row[K - 1]);
+        }
+    }
+}
+
+// op(B) (K×Nc; B rows of ldb numbers, transposed when tb) into b (bf16_packed_b_words(K, Nc) words)
+inline void bf16_pack_b(bool tb, int K, int Nc, const float* B, int ldb, uint32_t* b) {
+    const int KK = bf16_pairs(K);
+    const int panels = (Nc + BF16_NR - 1) / BF16_NR;
+    for (int pnl = 0; pnl < panels; ++pnl) {
+        const int j0 = pnl * BF16_NR, nj = Nc - j0 < BF16_NR ? Nc - j0 : BF16_NR;
+        uint32_t* out = b + (int64_t)pnl * KK * BF16_NR;
+        if (tb) {  // op(B)[k][j] = B[j][k]: a pair is two neighbours in row j of B
+            for (int j = 0; j < BF16_NR; ++j) {
+                const float* row = j < nj ? B + (int64_t)(j0 + j) * ldb : nullptr;
+                for (int kk = 0; kk < KK; ++kk) {
+                    uint32_t w = 0;
+                    if (row) {
+                        w = bf16_bits(row[2 * kk]);
+                        if (2 * kk + 1 < K) w |= bf16_bits(row[2 * kk + 1]) << 16;
+                    }
+                    out[(int64_t)kk * BF16_NR + j] = w;
+                }
+            }
+        } else {  // op(B)[k][j] = B[k][j]: a pair's two rows of B, contiguous over j
+            for (int kk = 0; kk < KK; ++kk) {
+                const float* r0 = B + (int64_t)(2 * kk) * ldb + j0;
+                const float* r1 = 2 * kk + 1 < K ? B + (int64_t)(2 * kk + 1) * ldb + j0 : nullptr;
+                uint32_t* o = out + (int64_t)kk * BF16_NR;
+#pragma omp simd
+                for (int j = 0; j < BF16_NR; ++j) {
+                    uint32_t w = 0;
+                    if (j < nj) {
+                        w = bf16_bits(r0[j]);
+                        if (r1) w |= bf16_bits(r1[j]) << 16;
+                    }
+                    o[j] = w;
+                }
+            }
+        }
+    }
+}
+
+#if LF_NATIVE_BF16
+// one tile: C[MR × nj] = alpha Σ_kk a[kk·M + r] · b[kk·32 + j] + beta C (nj ≤ 32 columns stored)
+template <int MR>
+inline void bf16_tile(int KK, const uint32_t* a, int M, const uint32_t* b, float* c, int ldc, int nj, float alpha,
+                      float beta) {
+    __m512 acc0[MR], acc1[MR];
+    for (int r = 0; r < MR; ++r) acc0[r] = acc1[r] = _mm512_setzero_ps();
+    for (int kk = 0; kk < KK; ++kk) {
+        const __m512bh b0 = (__m512bh)_mm512_loadu_si512(b + (int64_t)kk * BF16_NR);
+        const __m512bh b1 = (__m512bh)_mm512_loadu_si512(b + (int64_t)kk * BF16_NR + 16);
+        const uint32_t* ak = a + (int64_t)kk * M;
+        for (int r = 0; r < MR; ++r) {
+            const __m512bh av = (__m512bh)_mm512_set1_epi32((int)ak[r]);
+            acc0[r] = _mm512_dpbf16_ps(acc0[r], av, b0);
+            acc1[r] = _mm512_dpbf16_ps(acc1[r], av, b1);
+        }
+    }
+    const __mmask16 m0 = nj >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << nj) - 1u);
+    const __mmask16 m1 = nj >= 32 ? (__mmask16)0xFFFF : (nj <= 16 ? (__mmask16)0 : (__mmask16)((1u << (nj - 16)) - 1u));
+    const __m512 va = _mm512_set1_ps(alpha), vb = _mm512_set1_ps(beta);
+    for (int r = 0; r < MR; ++r) {
+        float* cr = c + (int64_t)r * ldc;
+        __m512 x0 = _mm512_mul_ps(va, acc0[r]), x1 = _mm512_mul_ps(va, acc1[r]);
+        if (beta != 0.0f) {
+            x0 = _mm512_fmadd_ps(vb, _mm512_maskz_loadu_ps(m0, cr), x0);
+            x1 = _mm512_fmadd_ps(vb, _mm512_maskz_loadu_ps(m1, cr + 16), x1);
+        }
+        _mm512_mask_storeu_ps(cr, m0, x0);
+        _mm512_mask_storeu_ps(cr + 16, m1, x1);
+    }
+}
+
+// C (M×Nc, rows of ldc) = alpha op(A) op(B) + beta C from the packed a (bf16_pack_a) and b (bf16_pack_b)
+inline void bf16_gemm_packed(int M, int Nc, int K, float alpha, const uint32_t* a, const uint32_t* b, float beta,
+                             float* c, int ldc) {
+    const int KK = bf16_pairs(K);
+    const int panels = (Nc + BF16_NR - 1) / BF16_NR;
+    for (int pnl = 0; pnl < panels; ++pnl) {
+        const int j0 = pnl * BF16_NR, nj = Nc - j0 < BF16_NR ? Nc - j0 : BF16_NR;
+        const uint32_t* bp = b + (int64_t)pnl * KK * BF16_NR;
+        int m0 = 0;
+        // rows in tiles of at most MR, as even as they come (32 rows: 11 + 11 + 10, not 12 + 12 + 8)
+        const int tiles = (M + BF16_MR - 1) / BF16_MR;
+        for (int t = 0; t < tiles; ++t) {
+            const int m1 = (int)((int64_t)M * (t + 1) / tiles);
+            float* ct = c + (int64_t)m0 * ldc + j0;
+            const uint32_t* at = a + m0;
+            switch (m1 - m0) {
+#define LF_TILE(R) \
+    case R: bf16_tile<R>(KK, at, M, bp, ct, ldc, nj, alpha, beta); break;
+                LF_TILE(1) LF_TILE(2) LF_TILE(3) LF_TILE(4) LF_TILE(5) LF_TILE(6)
+                LF_TILE(7) LF_TILE(8) LF_TILE(9) LF_TILE(10) LF_TILE(11) LF_TILE(12)
+#undef LF_TILE
+                default: break;
+            }
+            m0 = m1;
+        }
+    }
+}
+#endif
+
+}  // namespace lf
