@@ -638,33 +638,79 @@ void gemm_forward(const Products<T>& mm, const Params<T>& p, const StepSetup<T>&
     }
 }
 
-// the backward of gemm_forward from its kept stage points S (4, B, N) and pre-activations Hs (4, B, H)
+// the GEMM step's parameter sums of a whole backward integration, one block per thread (W̄ (H·N), then
+// R_k = Σ ḡ w_k a''_k, b̄, b̄1, w̄, w̄1 (H each), Ā, Ā1 (N·N each), tr, tr1), summed over the steps in each
+// thread and added in thread order once at the end (reduce): no per-step pass over W̄'s H·N numbers
+template <typename T>
+struct GemmSums {
+    int H, N;
+    bool quad;
+    int64_t HN, NN, width;
+    std::vector<std::vector<T>> part;
+
+    GemmSums(const Params<T>& p, int nt)
+        : H(p.H), N(p.N), quad(p.A0 != nullptr), HN((int64_t)p.H * p.N), NN((int64_t)p.N * p.N),
+          width(HN + 5 * (int64_t)p.H + (quad ? 2 * NN + 2 : 0)), part(nt, std::vector<T>(width, T(0))) {}
+
+    // the gradients (outs: W̄, b̄0, b̄1, w̄0, w̄1, Ā0, Ā1, null where absent) from the threads' sums, with
+    // W̄ −= 2 R_k W_k (the ‖W_k‖² term of the Laplacian) and Ā −= Σ ḡ I
+    void reduce(const T* W, T* const* outs, int nt) {
+        const int teams = (int)part.size();
+        T* gW = outs[0];
+#pragma omp parallel for num_threads(nt) schedule(static)
+        for (int k = 0; k < H; ++k) {
+            T* out = gW + (int64_t)k * N;
+            std::copy(part[0].data() + (int64_t)k * N, part[0].data() + (int64_t)(k + 1) * N, out);
+            for (int th = 1; th < teams; ++th) {
+                const T* pk = part[th].data() + (int64_t)k * N;
+#pragma omp simd
+                for (int j = 0; j < N; ++j) out[j] += pk[j];
+            }
+        }
+        std::vector<T> rest(width - HN, T(0));
+        for (int th = 0; th < teams; ++th)
+            for (int64_t i = 0; i < width - HN; ++i) rest[i] += part[th][HN + i];
+        const T *R = rest.data(), *B0 = R + H, *B1 = R + 2 * H, *W0 = R + 3 * H, *W1 = R + 4 * H;
+        for (int k = 0; k < H; ++k) {
+            const T r = T(2) * R[k];
+            for (int j = 0; j < N; ++j) gW[(int64_t)k * N + j] -= r * W[(int64_t)k * N + j];
+            if (outs[1]) outs[1][k] = B0[k];
+            if (outs[2]) outs[2][k] = B1[k];
+            outs[3][k] = W0[k];
+            if (outs[4]) outs[4][k] = W1[k];
+        }
+        if (quad) {
+            const T* a = R + 5 * (int64_t)H;
+            const T tr0 = a[2 * NN], tr1 = a[2 * NN + 1];
+            for (int j = 0; j < N; ++j)
+                for (int i = 0; i < N; ++i) {
+                    const int64_t ji = (int64_t)j * N + i;
+                    outs[5][ji] = a[ji] - (i == j ? tr0 : T(0));
+                    if (outs[6]) outs[6][ji] = a[NN + ji] - (i == j ? tr1 : T(0));
+                }
+        }
+    }
+};
+
+// the backward of gemm_forward from its kept stage points S (4, B, N) and pre-activations Hs (4, B, H): the
+// cotangent gy of the step's input, its parameter sums added to sums (reduced by the caller)
 template <typename T, int ACT>
 void gemm_backward(const Products<T>& mm, const Params<T>& p, const StepSetup<T>& ss, const T* S, const T* Hs,
-                   const T* gy_out, const T* glogp_out, int B, T* gy, T* gW, T* gb0, T* gb1, T* gw0, T* gw1, T* gA0,
-                   T* gA1, int nt) {
+                   const T* gy_out, const T* glogp_out, int B, T* gy, GemmSums<T>& sums, int nt) {
     const int N = p.N, H = p.H;
-    const bool quad = p.A0 != nullptr;
-    const int64_t BN = (int64_t)B * N, BH = (int64_t)B * H, HN = (int64_t)H * N, NN = (int64_t)N * N;
+    const bool quad = sums.quad;
+    const int64_t BN = (int64_t)B * N, BH = (int64_t)B * H, HN = sums.HN, NN = sums.NN;
     const T* q = ss.q.data();
     const Stage<T>* const sts[4] = {&ss.st[0], &ss.st[1], &ss.st[1], &ss.st[2]};
     const T wv[4] = {ss.sixth, ss.third, ss.third, ss.sixth};  // ∂y'/∂k_i and ∂ln p'/∂ℓ_i
     const T ws[3] = {ss.half, ss.half, ss.full};               // ∂s_{i+1}/∂k_i
-    // each thread's sums: W̄ (H·N), then R_k = Σ ḡ w_k a''_k, b̄, b̄1, w̄, w̄1 (H each), Ā, Ā1 (N·N each), tr, tr1
-    const int64_t width = HN + 5 * (int64_t)H + (quad ? 2 * NN + 2 : 0);
-    std::vector<T*> part(nt, nullptr);
-    int teams = 1;
 #pragma omp parallel num_threads(nt)
     {
         int team, r0, r1;
         const int me = this_run(B, 16, team, r0, r1);
         const int nb = r1 - r0;
-        T* mine = scratch<T>(5, (size_t)width);
-        std::fill(mine, mine + width, T(0));
-        part[me] = mine;
-#pragma omp single
-        teams = team;
         if (nb > 0) {
+            T* mine = sums.part[me].data();
             const int64_t nN = (int64_t)nb * N, nH = (int64_t)nb * H;
             T *R = mine + HN, *B0 = R + H, *B1 = R + 2 * H, *W0 = R + 3 * H, *W1 = R + 4 * H;
             T* VB = scratch<T>(0, 4 * nN);  // the cotangents of the four stages' drifts (this thread's rows)
@@ -721,61 +767,24 @@ void gemm_backward(const Products<T>& mm, const Params<T>& p, const StepSetup<T>
                     if (i > 0) VB[(i - 1) * nN + j] = wv[i - 1] * go[j] + ws[i - 1] * sb[j];
                 }
             }
-            // this thread's W̄ = Σ_i E_iᵀ S_i + C_iᵀ V̄_i as two products over its four stages' rows (K = 4 nb),
+            // this thread's W̄ += Σ_i E_iᵀ S_i + C_iᵀ V̄_i as two products over its four stages' rows (K = 4 nb),
             // with its rows of the four S_i gathered into one block
             T* P = scratch<T>(6, 4 * nN);
             for (int i = 0; i < 4; ++i) {
                 const T* Si = S + i * BN + (int64_t)r0 * N;
                 std::copy(Si, Si + nN, P + i * nN);
             }
-            mm(true, false, H, N, 4 * nb, T(1), E, H, P, N, T(0), mine, N);
+            mm(true, false, H, N, 4 * nb, T(1), E, H, P, N, T(1), mine, N);
             mm(true, false, H, N, 4 * nb, T(1), C, H, VB, N, T(1), mine, N);
-            if (quad) {  // Ā = Σ_i S_iᵀ V̄_i, Ā1 the same weighted by τ_i
+            if (quad) {  // Ā += Σ_i S_iᵀ V̄_i, Ā1 the same weighted by τ_i
                 T* a = mine + HN + 5 * (int64_t)H;
-                mm(true, false, N, N, 4 * nb, T(1), P, N, VB, N, T(0), a, N);
+                mm(true, false, N, N, 4 * nb, T(1), P, N, VB, N, T(1), a, N);
                 for (int i = 0; i < 4; ++i)
                     mm(true, false, N, N, nb, sts[i]->tau, P + i * nN, N, VB + i * nN, N, T(1), a + NN, N);
-            }
-            if (quad) {
-                mine[width - 2] = tr0;
-                mine[width - 1] = tr1;
+                mine[sums.width - 2] += tr0;
+                mine[sums.width - 1] += tr1;
             }
         }
-#pragma omp barrier
-        // the threads' sums in thread order (the result depends on the thread count, not on timing),
-        // W̄'s rows shared out over the threads
-#pragma omp for schedule(static)
-        for (int k = 0; k < H; ++k) {
-            T* out = gW + (int64_t)k * N;
-            std::copy(part[0] + (int64_t)k * N, part[0] + (int64_t)(k + 1) * N, out);
-            for (int th = 1; th < teams; ++th) {
-                const T* pk = part[th] + (int64_t)k * N;
-#pragma omp simd
-                for (int j = 0; j < N; ++j) out[j] += pk[j];
-            }
-        }
-    }
-    std::vector<T> rest(width - HN, T(0));
-    for (int th = 0; th < teams; ++th)
-        for (int64_t i = 0; i < width - HN; ++i) rest[i] += part[th][HN + i];
-    const T *R = rest.data(), *B0 = R + H, *B1 = R + 2 * H, *W0 = R + 3 * H, *W1 = R + 4 * H;
-    for (int k = 0; k < H; ++k) {  // W̄ −= 2 R_k W_k, the ‖W_k‖² term of the Laplacian
-        const T r = T(2) * R[k];
-        for (int j = 0; j < N; ++j) gW[(int64_t)k * N + j] -= r * p.W[(int64_t)k * N + j];
-        if (gb0) gb0[k] = B0[k];
-        if (gb1) gb1[k] = B1[k];
-        gw0[k] = W0[k];
-        if (gw1) gw1[k] = W1[k];
-    }
-    if (quad) {  // Ā = Σ_i S_iᵀ V̄_i − Σ ḡ I
-        const T* a = R + 5 * (int64_t)H;
-        const T tr0 = a[2 * NN], tr1 = a[2 * NN + 1];
-        for (int j = 0; j < N; ++j)
-            for (int i = 0; i < N; ++i) {
-                const int64_t ji = (int64_t)j * N + i;
-                gA0[ji] = a[ji] - (i == j ? tr0 : T(0));
-                if (gA1) gA1[ji] = a[NN + ji] - (i == j ? tr1 : T(0));
-            }
     }
 }
 
@@ -835,39 +844,22 @@ void integrate_forward(int B, int N, int n, const int64_t* perm, const T* sign, 
     std::copy(lp, lp + B, logp_out);
 }
 
-// its backward: the cotangent of x, and the parameter gradients (outs: W̄, b̄0, b̄1, w̄0, w̄1, Ā0, Ā1, null
-// where absent) summed over the steps in reverse order; step(k, ȳ_out, ȳ_in, ones) writes one step's
-// gradients into ones (the same layout)
+// its backward: the cotangent gx of x from gx_out; step(k, ȳ_out, ȳ_in) runs step k's backward in its frame
+// (and adds its parameter gradients where the caller keeps them)
 template <typename T, typename Step>
-void integrate_backward(const Params<T>& p, int B, int n, const int64_t* perm, const T* sign, const T* gx_out,
-                        T* gx, T* const* outs, int nt, Step step) {
-    const int N = p.N, H = p.H;
-    const int64_t BN = (int64_t)B * N, HN = (int64_t)H * N, NN = (int64_t)N * N;
+void integrate_backward(int B, int N, int n, const int64_t* perm, const T* sign, const T* gx_out, T* gx, int nt,
+                        Step step) {
+    const int64_t BN = (int64_t)B * N;
     T* g = scratch<T>(8, BN);
     T* y = scratch<T>(9, 2 * BN);
     T* yi = y + BN;
-    const int64_t sizes[7] = {HN, H, H, H, H, NN, NN};
-    T* one = scratch<T>(11, (size_t)(HN + 4 * (int64_t)H + (p.A0 ? 2 * NN : 0)));
-    T* ones[7] = {one, one + HN, one + HN + H, one + HN + 2 * H, one + HN + 3 * H, one + HN + 4 * H,
-                  one + HN + 4 * H + NN};
-    for (int i = 0; i < 7; ++i) {
-        if (outs[i]) std::fill(outs[i], outs[i] + sizes[i], T(0));
-        if (!outs[i] && i != 0 && i != 3) ones[i] = nullptr;  // W̄ and w̄0 always exist
-    }
     std::copy(gx_out, gx_out + BN, g);
     for (int k = n - 1; k >= 0; --k) {
         const int64_t* pk = perm ? perm + k * BN : nullptr;
         const T* sk = sign ? sign + (int64_t)k * B : nullptr;
         frame_into(g, pk, sk, B, N, y, nt);  // the adjoint of out_k is into_k
-        step(k, y, yi, ones);
+        step(k, y, yi);
         frame_out(yi, pk, sk, B, N, g, nt);  // and that of into_k is out_k
-        for (int i = 0; i < 7; ++i) {
-            if (!outs[i]) continue;
-            T* o = outs[i];
-            const T* a = ones[i];
-#pragma omp parallel for simd num_threads(nt) schedule(static) if (sizes[i] >= 65536)
-            for (int64_t j = 0; j < sizes[i]; ++j) o[j] += a[j];
-        }
     }
     std::copy(g, g + BN, gx);
 }
@@ -899,19 +891,37 @@ template <typename T, int ACT>
 void integrate_backward_act_(int kind, void* gemm, void* gemm_lo, const Params<T>& p, const T* S, const T* Hs,
                              const int64_t* perm, const T* sign, const T* gx_out, const T* glogp_out, int B,
                              double t0, double dt, int n, T* gx, T* const* outs, int nt) {
-    const int64_t BN = (int64_t)B * p.N, BH = (int64_t)B * p.H;
+    const int N = p.N, H = p.H;
+    const int64_t BN = (int64_t)B * N, BH = (int64_t)B * H, HN = (int64_t)H * N, NN = (int64_t)N * N;
     StepSetup<T> ss(p, dt);
-    if (kind == 0) {
-        integrate_backward<T>(p, B, n, perm, sign, gx_out, gx, outs, nt, [&](int k, const T* yb, T* yi, T* const* o) {
-            backward<T, ACT>(p, ss.at(t0 + k * dt), S + k * BN, yb, glogp_out, B, yi, o[0], o[1], o[2], o[3], o[4],
-                             o[5], o[6], nt);
+    if (kind == 0) {  // lanes: each step's gradients into one, added to outs (small: N·H numbers)
+        const int64_t sizes[7] = {HN, H, H, H, H, NN, NN};
+        T* one = scratch<T>(11, (size_t)(HN + 4 * (int64_t)H + (p.A0 ? 2 * NN : 0)));
+        T* ones[7] = {one, one + HN, one + HN + H, one + HN + 2 * H, one + HN + 3 * H, one + HN + 4 * H,
+                      one + HN + 4 * H + NN};
+        for (int i = 0; i < 7; ++i) {
+            if (outs[i]) std::fill(outs[i], outs[i] + sizes[i], T(0));
+            if (!outs[i] && i != 0 && i != 3) ones[i] = nullptr;  // W̄ and w̄0 always exist
+        }
+        integrate_backward<T>(B, N, n, perm, sign, gx_out, gx, nt, [&](int k, const T* yb, T* yi) {
+            backward<T, ACT>(p, ss.at(t0 + k * dt), S + k * BN, yb, glogp_out, B, yi, ones[0], ones[1], ones[2],
+                             ones[3], ones[4], ones[5], ones[6], nt);
+            for (int i = 0; i < 7; ++i) {
+                if (!outs[i]) continue;
+                T* o = outs[i];
+                const T* a = ones[i];
+#pragma omp simd
+                for (int64_t j = 0; j < sizes[i]; ++j) o[j] += a[j];
+            }
         });
-    } else {
-        const Products<T> mm(gemm, gemm_lo, p.W, p.H, p.N, nt);
-        integrate_backward<T>(p, B, n, perm, sign, gx_out, gx, outs, nt, [&](int k, const T* yb, T* yi, T* const* o) {
+    } else {  // GEMM: the threads' sums over all steps, reduced once
+        const Products<T> mm(gemm, gemm_lo, p.W, H, N, nt);
+        GemmSums<T> sums(p, nt);
+        integrate_backward<T>(B, N, n, perm, sign, gx_out, gx, nt, [&](int k, const T* yb, T* yi) {
             gemm_backward<T, ACT>(mm, p, ss.at(t0 + k * dt), S + k * 4 * BN, Hs + k * 4 * BH, yb, glogp_out, B, yi,
-                                  o[0], o[1], o[2], o[3], o[4], o[5], o[6], nt);
+                                  sums, nt);
         });
+        sums.reduce(p.W, outs, nt);
     }
 }
 
