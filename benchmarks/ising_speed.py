@@ -92,18 +92,28 @@ def make_step(config: dict, L: int, batch: int, pkg: types.ModuleType | None = N
     target = pkg.ising(L, pkg.critical)
     torch.manual_seed(0)
     flow = (build_flow if pkg is lf else pkg.build.build_flow)(config, target.lattice)
-    return training_step(flow, target, batch, precision=precision)
+    steps_of = native_step
+    if pkg is not lf and precision != "float32":  # the baseline's own step module sets its products
+        try:
+            steps_of = importlib.import_module(f"{pkg.__name__}.native.step")
+            steps_of.products  # noqa: B018
+        except (ImportError, AttributeError):
+            raise ValueError(f"latticeflow at {getattr(pkg, '__baseline_commit__', '?')[:12]} has no "
+                             f"{precision} products") from None
+    return training_step(flow, target, batch, precision=precision, steps_of=steps_of)
 
 
 def training_step(flow: torch.nn.Module, target: object, batch: int, lr: float = 1e-3,
-                  precision: str = "float32") -> Callable[[], None]:
+                  precision: str = "float32", steps_of: types.ModuleType | None = None) -> Callable[[], None]:
     """One reverse-KL training iteration of ``flow`` as a closure: sample a batch, loss, backward, Adam step
-    (the GEMM steps' products in ``precision``, as the trainer's ``train_precision``)."""
+    (the GEMM steps' products in ``precision``, as the trainer's ``train_precision``, set through
+    ``steps_of.products``: this tree's latticeflow.native.step by default)."""
     opt = torch.optim.Adam(flow.parameters(), lr=lr)
     gen = torch.Generator().manual_seed(0)
+    products = (native_step if steps_of is None else steps_of).products
 
     def step() -> None:
-        with native_step.products(precision):
+        with products(precision):
             x, logp = flow.sample(batch, generator=gen)
             loss = (logp + target.energy(x)).mean()
             opt.zero_grad(set_to_none=True)
@@ -424,9 +434,9 @@ def driver_config(flags: str) -> tuple[dict[str, Any], int]:
 
 
 def compare_baseline(base: types.ModuleType, configs: list[tuple[str, dict[str, Any], int]], L: int = PAPER_L,
-                     rounds: int = 7, iters: int = 2) -> dict[str, float | None]:
-    """Print the baseline's and the current tree's s/iteration for each config, side by side;
-    return {label: ratio of medians baseline / current, or None if skipped}."""
+                     rounds: int = 7, iters: int = 2, precision: str = "float32") -> dict[str, float | None]:
+    """Print the baseline's and the current tree's s/iteration for each config, side by side (both with
+    ``precision`` products); return {label: ratio of medians baseline / current, or None if skipped}."""
     sha = getattr(base, "__baseline_commit__", "?")
     print(f"side by side with latticeflow at {sha[:12]} (imported as {base.__name__}), same process, "
           f"{torch.get_num_threads()} thread(s), {rounds} interleaved rounds × {iters} iterations, L={L}:")
@@ -438,12 +448,12 @@ def compare_baseline(base: types.ModuleType, configs: list[tuple[str, dict[str, 
             out[label] = None
             continue
         try:
-            steps = {"baseline": make_step(cfg, L, batch, base)}
+            steps = {"baseline": make_step(cfg, L, batch, base, precision)}
         except Exception as e:
             print(f"  {label}: skipped: the baseline's build_flow rejects it: {type(e).__name__}: {e}")
             out[label] = None
             continue
-        steps["current"] = make_step(config, L, batch)
+        steps["current"] = make_step(config, L, batch, precision=precision)
         t = time_interleaved(steps, rounds, iters)
         out[label] = r = ratio_of_medians(t, "baseline", "current")
         print(f"  {label}:" + (f" ({note})" if note else ""))
@@ -569,7 +579,8 @@ def main(argv: list[str] | None = None) -> None:
                         "(e.g. '--L 4 --hidden 128 --potential quadratic+mlp'), at its own L and batch; repeatable")
     p.add_argument("--bfloat16", action="store_true",
                    help="also time our paper-configuration iteration with bfloat16 products (--train-precision "
-                        "bfloat16), and with --original its ratio to the original's")
+                        "bfloat16) with each bfloat16 gemm available, with --original its ratio to the original's, "
+                        "and with --baseline-commit its ratio to the baseline's bfloat16 iteration")
     p.add_argument("--rounds", type=int, default=7, help="interleaved rounds of the side-by-side comparisons")
     p.add_argument("--round-iters", type=int, default=2, help="iterations of each side per round")
     p.add_argument("--default-table", type=int, nargs="+", metavar="L", default=None,
@@ -644,6 +655,9 @@ def main(argv: list[str] | None = None) -> None:
         compare_original(orig, rounds=args.rounds, iters=args.round_iters, bfloat16=args.bfloat16)
     if base is not None:
         compare_baseline(base, baseline_configs(), rounds=args.rounds, iters=args.round_iters)
+        if args.bfloat16:
+            compare_baseline(base, [("paper configuration, bfloat16 products", paper, B)], rounds=args.rounds,
+                             iters=args.round_iters, precision="bfloat16")
         for flags, (config, L) in zip(args.baseline_flags, extra, strict=True):
             compare_baseline(base, [(f"models/ising.py {flags}", config, config["batch"])], L=L, rounds=args.rounds,
                              iters=args.round_iters)

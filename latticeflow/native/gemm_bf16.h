@@ -6,8 +6,9 @@
 //
 // Operands are rounded from float32 to bfloat16 (to nearest, ties to even: the rounding of the
 // MKL path) while they are packed into the layouts vdpbf16ps reads: for the k-pairs kk = 0..⌈K/2⌉,
-//   A: a[kk·M + m] = (opA[m][2kk], opA[m][2kk+1]), one 32-bit word per row and pair (so the MR rows'
-//      words of a pair that a tile broadcasts lie next to each other);
+//   A: one 32-bit word (opA[m][2kk], opA[m][2kk+1]) per row and pair, at a[m·rs + kk·ks]: rows of pairs
+//      (rs = ⌈K/2⌉, ks = 1) when A is not transposed, so that packing is a contiguous rounding pass, and
+//      pairs of rows (rs = 1, ks = M) when it is, so that packing reads A's rows contiguously;
 //   B: panels of 32 columns, b[(panel·KK + kk)·32 + j] = (opB[2kk][j0+j], opB[2kk+1][j0+j]),
 // low half the even k, zeros past K and past the last column. A tile of MR ≤ 12 rows × 32 columns
 // sums over all pairs in 24 registers and is stored once (alpha, beta, masked past the last column);
@@ -42,7 +43,13 @@ inline int64_t bf16_packed_b_words(int K, int Nc) {
     return (int64_t)((Nc + BF16_NR - 1) / BF16_NR) * bf16_pairs(K) * BF16_NR;
 }
 
-// op(A) (M×K; A rows of lda numbers, transposed when ta) into a (⌈K/2⌉·M words)
+// the strides of a packed A (bf16_pack_a): word (m, kk) at a[m·rs + kk·ks]
+inline void bf16_a_strides(bool ta, int M, int K, int64_t& rs, int64_t& ks) {
+    rs = ta ? 1 : bf16_pairs(K);
+    ks = ta ? M : 1;
+}
+
+// op(A) (M×K; A rows of lda numbers, transposed when ta) into a (⌈K/2⌉·M words, strides bf16_a_strides)
 inline void bf16_pack_a(bool ta, int M, int K, const float* A, int lda, uint32_t* a) {
     const int KK = bf16_pairs(K);
     if (ta) {  // op(A)[m][k] = A[k][m]: a pair's two rows of A, contiguous over m
@@ -58,12 +65,13 @@ inline void bf16_pack_a(bool ta, int M, int K, const float* A, int lda, uint32_t
                 for (int m = 0; m < M; ++m) out[m] = bf16_bits(r0[m]);
             }
         }
-    } else {  // op(A)[m][k] = A[m][k]: a pair is two neighbours in a row
+    } else {  // op(A)[m][k] = A[m][k]: a pair is two neighbours in a row, and a row of pairs is a row of A
         for (int m = 0; m < M; ++m) {
             const float* row = A + (int64_t)m * lda;
-            for (int kk = 0; kk < K / 2; ++kk)
-                a[(int64_t)kk * M + m] = bf16_bits(row[2 * kk]) | (bf16_bits(row[2 * kk + 1]) << 16);
-            if (K & 1) a[(int64_t)(KK - 1) * M + m] = bf16_bits(row[K - 1]);
+            uint32_t* out = a + (int64_t)m * KK;
+#pragma omp simd
+            for (int kk = 0; kk < K / 2; ++kk) out[kk] = bf16_bits(row[2 * kk]) | (bf16_bits(row[2 * kk + 1]) << 16);
+            if (K & 1) out[KK - 1] = bf16_bits(row[K - 1]);
         }
     }
 }
@@ -107,18 +115,18 @@ inline void bf16_pack_b(bool tb, int K, int Nc, const float* B, int ldb, uint32_
 }
 
 #if LF_NATIVE_BF16
-// one tile: C[MR × nj] = alpha Σ_kk a[kk·M + r] · b[kk·32 + j] + beta C (nj ≤ 32 columns stored)
+// one tile: C[MR × nj] = alpha Σ_kk a[r·rs + kk·ks] · b[kk·32 + j] + beta C (nj ≤ 32 columns stored)
 template <int MR>
-inline void bf16_tile(int KK, const uint32_t* a, int M, const uint32_t* b, float* c, int ldc, int nj, float alpha,
-                      float beta) {
+inline void bf16_tile(int KK, const uint32_t* a, int64_t rs, int64_t ks, const uint32_t* b, float* c, int ldc, int nj,
+                      float alpha, float beta) {
     __m512 acc0[MR], acc1[MR];
     for (int r = 0; r < MR; ++r) acc0[r] = acc1[r] = _mm512_setzero_ps();
     for (int kk = 0; kk < KK; ++kk) {
         const __m512bh b0 = (__m512bh)_mm512_loadu_si512(b + (int64_t)kk * BF16_NR);
         const __m512bh b1 = (__m512bh)_mm512_loadu_si512(b + (int64_t)kk * BF16_NR + 16);
-        const uint32_t* ak = a + (int64_t)kk * M;
+        const uint32_t* ak = a + kk * ks;
         for (int r = 0; r < MR; ++r) {
-            const __m512bh av = (__m512bh)_mm512_set1_epi32((int)ak[r]);
+            const __m512bh av = (__m512bh)_mm512_set1_epi32((int)ak[r * rs]);
             acc0[r] = _mm512_dpbf16_ps(acc0[r], av, b0);
             acc1[r] = _mm512_dpbf16_ps(acc1[r], av, b1);
         }
@@ -138,10 +146,13 @@ inline void bf16_tile(int KK, const uint32_t* a, int M, const uint32_t* b, float
     }
 }
 
-// C (M×Nc, rows of ldc) = alpha op(A) op(B) + beta C from the packed a (bf16_pack_a) and b (bf16_pack_b)
-inline void bf16_gemm_packed(int M, int Nc, int K, float alpha, const uint32_t* a, const uint32_t* b, float beta,
-                             float* c, int ldc) {
+// C (M×Nc, rows of ldc) = alpha op(A) op(B) + beta C from the packed a (bf16_pack_a of the same ta) and b
+// (bf16_pack_b)
+inline void bf16_gemm_packed(bool ta, int M, int Nc, int K, float alpha, const uint32_t* a, const uint32_t* b,
+                             float beta, float* c, int ldc) {
     const int KK = bf16_pairs(K);
+    int64_t rs, ks;
+    bf16_a_strides(ta, M, K, rs, ks);
     const int panels = (Nc + BF16_NR - 1) / BF16_NR;
     for (int pnl = 0; pnl < panels; ++pnl) {
         const int j0 = pnl * BF16_NR, nj = Nc - j0 < BF16_NR ? Nc - j0 : BF16_NR;
@@ -152,10 +163,10 @@ inline void bf16_gemm_packed(int M, int Nc, int K, float alpha, const uint32_t* 
         for (int t = 0; t < tiles; ++t) {
             const int m1 = (int)((int64_t)M * (t + 1) / tiles);
             float* ct = c + (int64_t)m0 * ldc + j0;
-            const uint32_t* at = a + m0;
+            const uint32_t* at = a + m0 * rs;
             switch (m1 - m0) {
 #define LF_TILE(R) \
-    case R: bf16_tile<R>(KK, at, M, bp, ct, ldc, nj, alpha, beta); break;
+    case R: bf16_tile<R>(KK, at, rs, ks, bp, ct, ldc, nj, alpha, beta); break;
                 LF_TILE(1) LF_TILE(2) LF_TILE(3) LF_TILE(4) LF_TILE(5) LF_TILE(6)
                 LF_TILE(7) LF_TILE(8) LF_TILE(9) LF_TILE(10) LF_TILE(11) LF_TILE(12)
 #undef LF_TILE

@@ -540,7 +540,7 @@ struct Products {
                     lf::bf16_pack_b(tb, K, Nc, B, ldb, buf);
                     pb = buf;
                 }
-                lf::bf16_gemm_packed(M, Nc, K, alpha, pa, pb, beta, C, ldc);
+                lf::bf16_gemm_packed(ta, M, Nc, K, alpha, pa, pb, beta, C, ldc);
                 return;
             }
 #endif
@@ -998,7 +998,7 @@ extern "C" void lf_gemm_bf16_f32(int ta, int tb, int M, int Nc, int K, float alp
     std::vector<uint32_t> pa((size_t)lf::bf16_pairs(K) * M), pb((size_t)lf::bf16_packed_b_words(K, Nc));
     lf::bf16_pack_a(ta != 0, M, K, A, lda, pa.data());
     lf::bf16_pack_b(tb != 0, K, Nc, B, ldb, pb.data());
-    lf::bf16_gemm_packed(M, Nc, K, alpha, pa.data(), pb.data(), beta, C, ldc);
+    lf::bf16_gemm_packed(ta != 0, M, Nc, K, alpha, pa.data(), pb.data(), beta, C, ldc);
 #else
     (void)ta, (void)tb, (void)M, (void)Nc, (void)K, (void)alpha, (void)A, (void)lda, (void)B, (void)ldb, (void)beta,
         (void)C, (void)ldc;
