@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import math
 import shutil
 import subprocess
@@ -52,7 +53,7 @@ def test_bad_baseline_commit_exits_with_message(bench):
     assert "--baseline-commit" in str(e.value.code) and "not a commit" in str(e.value.code)
 
 
-def test_baseline_commit_head_is_imported_under_another_name(bench, capsys):
+def test_baseline_commit_head_is_imported_under_another_name(bench, capsys, monkeypatch):
     import latticeflow
 
     head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True,
@@ -69,6 +70,23 @@ def test_baseline_commit_head_is_imported_under_another_name(bench, capsys):
     assert len(ratios) == 2
     for label, r in ratios.items():
         assert r is not None and math.isfinite(r) and r > 0, (label, r)
+    # --bfloat16 with --baseline-commit: each side's iterations run inside its own package's products("bfloat16")
+    from latticeflow.native import step as native_step
+
+    base_step = importlib.import_module(f"{base.__name__}.native.step")
+    assert base_step is not native_step
+    seen = []
+    for mod, who in ((native_step, "current"), (base_step, "baseline")):
+        def spy(precision, real=mod.products, who=who):
+            seen.append((who, precision))
+            return real(precision)
+
+        monkeypatch.setattr(mod, "products", spy)
+    r = bench.compare_baseline(base, [("paper configuration, bfloat16 products", bench.paper_config(16, 3), 8)],
+                               L=4, rounds=1, iters=1, precision="bfloat16")
+    assert {("current", "bfloat16"), ("baseline", "bfloat16")} <= set(seen)
+    assert all(p == "bfloat16" for _, p in seen)
+    assert all(math.isfinite(v) for v in r.values())
 
 
 def test_unknown_non_flow_key_dropped_flow_key_skips(bench):
