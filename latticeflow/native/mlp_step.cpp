@@ -590,52 +590,49 @@ void gemm_stage(const Products<T>& mm, const Params<T>& p, const Stage<T>& st, c
 }
 
 // The GEMM step splits the batch into one run of rows per thread, and each thread steps its rows with
-// its own (single-threaded: nested inside this region) gemms: no thread waits on another's product,
-// whose shapes at 64 rows split badly. Per-thread parameter sums are added in thread order at the end.
+// its own (single-threaded: nested inside a parallel region) gemms: no thread waits on another's product,
+// whose shapes at 64 rows split badly. A whole integration runs in one parallel region
+// (gemm_integrate_forward/backward): each thread takes its rows through every step and frame without
+// waiting for the others, and per-thread parameter sums are added in thread order at the end.
+//
+// one forward step for the rows [r0, r0 + nb) of y (B, N) into y_out, logp_out; save_s (4, B, N) and save_h
+// (4, B, H) keep the stage points and pre-activations (the backward's) where non-null
 template <typename T, int ACT>
-void gemm_forward(const Products<T>& mm, const Params<T>& p, const StepSetup<T>& ss, const T* y, const T* logp, int B,
-                  T* y_out, T* logp_out, T* save_s, T* save_h, int nt) {
+void gemm_forward_rows(const Products<T>& mm, const Params<T>& p, const StepSetup<T>& ss, const T* y, const T* logp,
+                       int B, int r0, int nb, T* y_out, T* logp_out, T* save_s, T* save_h) {
     const int N = p.N, H = p.H;
     const int64_t BN = (int64_t)B * N, BH = (int64_t)B * H;
     const bool keep = save_s != nullptr;
-#pragma omp parallel num_threads(nt)
-    {
-        int team, r0, r1;
-        this_run(B, 16, team, r0, r1);
-        const int nb = r1 - r0;
-        if (nb > 0) {
-            const int64_t nN = (int64_t)nb * N, nH = (int64_t)nb * H;
-            T* S = keep ? nullptr : scratch<T>(0, nN);  // the current stage point, when not kept
-            T* Hs = keep ? nullptr : scratch<T>(1, nH);
-            T* U = scratch<T>(2, nH);
-            T* v = scratch<T>(3, 2 * nN);
-            T* vsum = v + nN;
-            T* l = scratch<T>(4, 2 * (size_t)nb + 2 * (size_t)H);
-            T *lsum = l + nb, *d1 = l + 2 * nb, *d2 = d1 + H;
-            const T* yr = y + (int64_t)r0 * N;
-            for (int i = 0; i < 4; ++i) {
-                const Stage<T>& sti = ss.st[i == 0 ? 0 : (i == 3 ? 2 : 1)];
-                T* si = keep ? save_s + i * BN + (int64_t)r0 * N : S;
-                T* hi = keep ? save_h + i * BH + (int64_t)r0 * H : Hs;
-                if (i == 0) {
-                    std::copy(yr, yr + nN, si);
-                } else {
-                    const T a = i == 3 ? ss.full : ss.half;
+    const int64_t nN = (int64_t)nb * N, nH = (int64_t)nb * H;
+    T* S = keep ? nullptr : scratch<T>(0, nN);  // the current stage point, when not kept
+    T* Hs = keep ? nullptr : scratch<T>(1, nH);
+    T* U = scratch<T>(2, nH);
+    T* v = scratch<T>(3, 2 * nN);
+    T* vsum = v + nN;
+    T* l = scratch<T>(4, 2 * (size_t)nb + 2 * (size_t)H);
+    T *lsum = l + nb, *d1 = l + 2 * nb, *d2 = d1 + H;
+    const T* yr = y + (int64_t)r0 * N;
+    for (int i = 0; i < 4; ++i) {
+        const Stage<T>& sti = ss.st[i == 0 ? 0 : (i == 3 ? 2 : 1)];
+        T* si = keep ? save_s + i * BN + (int64_t)r0 * N : S;
+        T* hi = keep ? save_h + i * BH + (int64_t)r0 * H : Hs;
+        if (i == 0) {
+            std::copy(yr, yr + nN, si);
+        } else {
+            const T a = i == 3 ? ss.full : ss.half;
 #pragma omp simd
-                    for (int64_t j = 0; j < nN; ++j) si[j] = yr[j] + a * v[j];
-                }
-                gemm_stage<T, ACT>(mm, p, sti, ss.q.data(), nb, si, hi, U, v, l, d1, d2);
-                const T c = (i == 0 || i == 3) ? T(1) : T(2);
-#pragma omp simd
-                for (int64_t j = 0; j < nN; ++j) vsum[j] = i == 0 ? v[j] : vsum[j] + c * v[j];
-                for (int b = 0; b < nb; ++b) lsum[b] = i == 0 ? l[b] : lsum[b] + c * l[b];
-            }
-            T* yo = y_out + (int64_t)r0 * N;
-#pragma omp simd
-            for (int64_t j = 0; j < nN; ++j) yo[j] = yr[j] + ss.sixth * vsum[j];
-            for (int b = 0; b < nb; ++b) logp_out[r0 + b] = logp[r0 + b] + ss.sixth * lsum[b];
+            for (int64_t j = 0; j < nN; ++j) si[j] = yr[j] + a * v[j];
         }
+        gemm_stage<T, ACT>(mm, p, sti, ss.q.data(), nb, si, hi, U, v, l, d1, d2);
+        const T c = (i == 0 || i == 3) ? T(1) : T(2);
+#pragma omp simd
+        for (int64_t j = 0; j < nN; ++j) vsum[j] = i == 0 ? v[j] : vsum[j] + c * v[j];
+        for (int b = 0; b < nb; ++b) lsum[b] = i == 0 ? l[b] : lsum[b] + c * l[b];
     }
+    T* yo = y_out + (int64_t)r0 * N;
+#pragma omp simd
+    for (int64_t j = 0; j < nN; ++j) yo[j] = yr[j] + ss.sixth * vsum[j];
+    for (int b = 0; b < nb; ++b) logp_out[r0 + b] = logp[r0 + b] + ss.sixth * lsum[b];
 }
 
 // the GEMM step's parameter sums of a whole backward integration, one block per thread (W̄ (H·N), then
@@ -692,11 +689,13 @@ struct GemmSums {
     }
 };
 
-// the backward of gemm_forward from its kept stage points S (4, B, N) and pre-activations Hs (4, B, H): the
-// cotangent gy of the step's input, its parameter sums added to sums (reduced by the caller)
+// the backward of one forward step for the rows [r0, r0 + nb), from its kept stage points S (4, B, N) and
+// pre-activations Hs (4, B, H): those rows of the cotangent gy of the step's input, the parameter sums added
+// to this thread's block mine of GemmSums
 template <typename T, int ACT>
-void gemm_backward(const Products<T>& mm, const Params<T>& p, const StepSetup<T>& ss, const T* S, const T* Hs,
-                   const T* gy_out, const T* glogp_out, int B, T* gy, GemmSums<T>& sums, int nt) {
+void gemm_backward_rows(const Products<T>& mm, const Params<T>& p, const StepSetup<T>& ss, const T* S, const T* Hs,
+                        const T* gy_out, const T* glogp_out, int B, int r0, int nb, T* gy, GemmSums<T>& sums,
+                        T* mine) {
     const int N = p.N, H = p.H;
     const bool quad = sums.quad;
     const int64_t BN = (int64_t)B * N, BH = (int64_t)B * H, HN = sums.HN, NN = sums.NN;
@@ -704,87 +703,78 @@ void gemm_backward(const Products<T>& mm, const Params<T>& p, const StepSetup<T>
     const Stage<T>* const sts[4] = {&ss.st[0], &ss.st[1], &ss.st[1], &ss.st[2]};
     const T wv[4] = {ss.sixth, ss.third, ss.third, ss.sixth};  // ∂y'/∂k_i and ∂ln p'/∂ℓ_i
     const T ws[3] = {ss.half, ss.half, ss.full};               // ∂s_{i+1}/∂k_i
-#pragma omp parallel num_threads(nt)
-    {
-        int team, r0, r1;
-        const int me = this_run(B, 16, team, r0, r1);
-        const int nb = r1 - r0;
-        if (nb > 0) {
-            T* mine = sums.part[me].data();
-            const int64_t nN = (int64_t)nb * N, nH = (int64_t)nb * H;
-            T *R = mine + HN, *B0 = R + H, *B1 = R + 2 * H, *W0 = R + 3 * H, *W1 = R + 4 * H;
-            T* VB = scratch<T>(0, 4 * nN);  // the cotangents of the four stages' drifts (this thread's rows)
-            T* E = scratch<T>(1, 4 * nH);
-            T* C = scratch<T>(2, 4 * nH);
-            T* u = scratch<T>(3, nH);
-            T* sb = scratch<T>(4, nN + 3 * (size_t)H);
-            T *d1 = sb + nN, *d2 = d1 + H, *d3 = d2 + H;
-            const T* go = gy_out + (int64_t)r0 * N;
-            T* g = gy + (int64_t)r0 * N;
-            std::copy(go, go + nN, g);
-            for (int64_t j = 0; j < nN; ++j) VB[3 * nN + j] = ss.sixth * go[j];
-            T tr0 = T(0), tr1 = T(0);
-            for (int i = 3; i >= 0; --i) {
-                const Stage<T>& st = *sts[i];
-                const T* w = st.w.data();
-                const T tau = st.tau;
-                const T* vb = VB + i * nN;
-                T* Ei = E + i * nH;
-                T* Ci = C + i * nH;
-                const T* hi = Hs + i * BH + (int64_t)r0 * H;
-                mm(false, true, nb, H, N, T(1), vb, N, p.W, N, T(0), u, H);  // u = V̄ Wᵀ
-                for (int b = 0; b < nb; ++b) {
-                    const T G = wv[i] * glogp_out[r0 + b];
-                    derivatives<T, ACT>(hi + (int64_t)b * H, d1, d2, d3, H);
-                    const T* ub = u + (int64_t)b * H;
-                    T* eb = Ei + (int64_t)b * H;
-                    T* cb = Ci + (int64_t)b * H;
+    const int64_t nN = (int64_t)nb * N, nH = (int64_t)nb * H;
+    T *R = mine + HN, *B0 = R + H, *B1 = R + 2 * H, *W0 = R + 3 * H, *W1 = R + 4 * H;
+    T* VB = scratch<T>(0, 4 * nN);  // the cotangents of the four stages' drifts (this thread's rows)
+    T* E = scratch<T>(1, 4 * nH);
+    T* C = scratch<T>(2, 4 * nH);
+    T* u = scratch<T>(3, nH);
+    T* sb = scratch<T>(4, nN + 3 * (size_t)H);
+    T *d1 = sb + nN, *d2 = d1 + H, *d3 = d2 + H;
+    const T* go = gy_out + (int64_t)r0 * N;
+    T* g = gy + (int64_t)r0 * N;
+    std::copy(go, go + nN, g);
+    for (int64_t j = 0; j < nN; ++j) VB[3 * nN + j] = ss.sixth * go[j];
+    T tr0 = T(0), tr1 = T(0);
+    for (int i = 3; i >= 0; --i) {
+        const Stage<T>& st = *sts[i];
+        const T* w = st.w.data();
+        const T tau = st.tau;
+        const T* vb = VB + i * nN;
+        T* Ei = E + i * nH;
+        T* Ci = C + i * nH;
+        const T* hi = Hs + i * BH + (int64_t)r0 * H;
+        mm(false, true, nb, H, N, T(1), vb, N, p.W, N, T(0), u, H);  // u = V̄ Wᵀ
+        for (int b = 0; b < nb; ++b) {
+            const T G = wv[i] * glogp_out[r0 + b];
+            derivatives<T, ACT>(hi + (int64_t)b * H, d1, d2, d3, H);
+            const T* ub = u + (int64_t)b * H;
+            T* eb = Ei + (int64_t)b * H;
+            T* cb = Ci + (int64_t)b * H;
 #pragma omp simd
-                    for (int k = 0; k < H; ++k) {
-                        const T qg = q[k] * G;
-                        const T e = w[k] * (d2[k] * ub[k] - qg * d3[k]);
-                        const T wb = d1[k] * ub[k] - qg * d2[k];
-                        eb[k] = e;
-                        cb[k] = w[k] * d1[k];
-                        R[k] += G * w[k] * d2[k];
-                        B0[k] += e;
-                        B1[k] += tau * e;
-                        W0[k] += wb;
-                        W1[k] += tau * wb;
-                    }
-                }
-                mm(false, false, nb, N, H, T(1), Ei, H, p.W, N, T(0), sb, N);  // S̄ = E W
-                if (st.hasA) {
-                    mm(false, true, nb, N, N, T(1), vb, N, st.A.data(), N, T(1), sb, N);  // + V̄ Aᵀ
-                    T gs = T(0);
-                    for (int b = 0; b < nb; ++b) gs += wv[i] * glogp_out[r0 + b];
-                    tr0 += gs;
-                    tr1 += tau * gs;
-                }
-#pragma omp simd
-                for (int64_t j = 0; j < nN; ++j) {
-                    g[j] += sb[j];
-                    if (i > 0) VB[(i - 1) * nN + j] = wv[i - 1] * go[j] + ws[i - 1] * sb[j];
-                }
-            }
-            // this thread's W̄ += Σ_i E_iᵀ S_i + C_iᵀ V̄_i as two products over its four stages' rows (K = 4 nb),
-            // with its rows of the four S_i gathered into one block
-            T* P = scratch<T>(6, 4 * nN);
-            for (int i = 0; i < 4; ++i) {
-                const T* Si = S + i * BN + (int64_t)r0 * N;
-                std::copy(Si, Si + nN, P + i * nN);
-            }
-            mm(true, false, H, N, 4 * nb, T(1), E, H, P, N, T(1), mine, N);
-            mm(true, false, H, N, 4 * nb, T(1), C, H, VB, N, T(1), mine, N);
-            if (quad) {  // Ā += Σ_i S_iᵀ V̄_i, Ā1 the same weighted by τ_i
-                T* a = mine + HN + 5 * (int64_t)H;
-                mm(true, false, N, N, 4 * nb, T(1), P, N, VB, N, T(1), a, N);
-                for (int i = 0; i < 4; ++i)
-                    mm(true, false, N, N, nb, sts[i]->tau, P + i * nN, N, VB + i * nN, N, T(1), a + NN, N);
-                mine[sums.width - 2] += tr0;
-                mine[sums.width - 1] += tr1;
+            for (int k = 0; k < H; ++k) {
+                const T qg = q[k] * G;
+                const T e = w[k] * (d2[k] * ub[k] - qg * d3[k]);
+                const T wb = d1[k] * ub[k] - qg * d2[k];
+                eb[k] = e;
+                cb[k] = w[k] * d1[k];
+                R[k] += G * w[k] * d2[k];
+                B0[k] += e;
+                B1[k] += tau * e;
+                W0[k] += wb;
+                W1[k] += tau * wb;
             }
         }
+        mm(false, false, nb, N, H, T(1), Ei, H, p.W, N, T(0), sb, N);  // S̄ = E W
+        if (st.hasA) {
+            mm(false, true, nb, N, N, T(1), vb, N, st.A.data(), N, T(1), sb, N);  // + V̄ Aᵀ
+            T gs = T(0);
+            for (int b = 0; b < nb; ++b) gs += wv[i] * glogp_out[r0 + b];
+            tr0 += gs;
+            tr1 += tau * gs;
+        }
+#pragma omp simd
+        for (int64_t j = 0; j < nN; ++j) {
+            g[j] += sb[j];
+            if (i > 0) VB[(i - 1) * nN + j] = wv[i - 1] * go[j] + ws[i - 1] * sb[j];
+        }
+    }
+    // this thread's W̄ += Σ_i E_iᵀ S_i + C_iᵀ V̄_i as two products over its four stages' rows (K = 4 nb),
+    // with its rows of the four S_i gathered into one block
+    T* P = scratch<T>(6, 4 * nN);
+    for (int i = 0; i < 4; ++i) {
+        const T* Si = S + i * BN + (int64_t)r0 * N;
+        std::copy(Si, Si + nN, P + i * nN);
+    }
+    mm(true, false, H, N, 4 * nb, T(1), E, H, P, N, T(1), mine, N);
+    mm(true, false, H, N, 4 * nb, T(1), C, H, VB, N, T(1), mine, N);
+    if (quad) {  // Ā += Σ_i S_iᵀ V̄_i, Ā1 the same weighted by τ_i
+        T* a = mine + HN + 5 * (int64_t)H;
+        mm(true, false, N, N, 4 * nb, T(1), P, N, VB, N, T(1), a, N);
+        for (int i = 0; i < 4; ++i)
+            mm(true, false, N, N, nb, sts[i]->tau, P + i * nN, N, VB + i * nN, N, T(1), a + NN, N);
+        mine[sums.width - 2] += tr0;
+        mine[sums.width - 1] += tr1;
     }
 }
 
@@ -792,9 +782,8 @@ void gemm_backward(const Products<T>& mm, const Params<T>& p, const StepSetup<T>
 // latticeflow.symmetry.signed_permutation), and out of it (OUT), dst[perm] = s ⊙ src; rows over nt
 // threads; perm null: the identity
 template <typename T, bool OUT>
-void frame(const T* src, const int64_t* perm, const T* sign, int B, int N, T* dst, int nt) {
-#pragma omp parallel for num_threads(nt) schedule(static)
-    for (int b = 0; b < B; ++b) {
+inline void frame_rows(const T* src, const int64_t* perm, const T* sign, int b0, int b1, int N, T* dst) {
+    for (int b = b0; b < b1; ++b) {
         const T* xb = src + (int64_t)b * N;
         T* yb = dst + (int64_t)b * N;
         const T s = sign ? sign[b] : T(1);
@@ -805,6 +794,12 @@ void frame(const T* src, const int64_t* perm, const T* sign, int B, int N, T* ds
             else yb[j] = s * xb[i];
         }
     }
+}
+
+template <typename T, bool OUT>
+void frame(const T* src, const int64_t* perm, const T* sign, int B, int N, T* dst, int nt) {
+#pragma omp parallel for num_threads(nt) schedule(static)
+    for (int b = 0; b < B; ++b) frame_rows<T, OUT>(src, perm, sign, b, b + 1, N, dst);
 }
 
 template <typename T>
@@ -864,11 +859,83 @@ void integrate_backward(int B, int N, int n, const int64_t* perm, const T* sign,
     std::copy(g, g + BN, gx);
 }
 
+// A whole GEMM integration in one parallel region: each thread takes its rows through the n steps, each in
+// its frame, with its own copy of the stage parameters (threads reach a step at different times); the
+// numbers are those of the lanes-kind loops above (integrate_forward/backward), row by row.
+template <typename T, int ACT>
+void gemm_integrate_forward(const Products<T>& mm, const Params<T>& p, const StepSetup<T>& setup, int B, double t0,
+                            double dt, int n, const int64_t* perm, const T* sign, const T* x, const T* logp,
+                            T* x_out, T* logp_out, T* save_s, T* save_h, int nt) {
+    const int N = p.N;
+    const int64_t BN = (int64_t)B * N, BH = (int64_t)B * p.H;
+    T* cur = scratch<T>(8, BN);
+    T* y = scratch<T>(9, 2 * BN);
+    T* yo = y + BN;
+    T* lps = scratch<T>(10, 2 * (size_t)B);
+#pragma omp parallel num_threads(nt)
+    {
+        int team, r0, r1;
+        this_run(B, 16, team, r0, r1);
+        const int nb = r1 - r0;
+        if (nb > 0) {
+            StepSetup<T> ss(setup);
+            T *lp = lps, *lq = lps + B;
+            std::copy(x + (int64_t)r0 * N, x + (int64_t)r1 * N, cur + (int64_t)r0 * N);
+            std::copy(logp + r0, logp + r1, lp + r0);
+            for (int k = 0; k < n; ++k) {
+                const int64_t* pk = perm ? perm + k * BN : nullptr;
+                const T* sk = sign ? sign + (int64_t)k * B : nullptr;
+                frame_rows<T, false>(cur, pk, sk, r0, r1, N, y);
+                gemm_forward_rows<T, ACT>(mm, p, ss.at(t0 + k * dt), y, lp, B, r0, nb, yo, lq,
+                                          save_s ? save_s + k * 4 * BN : nullptr,
+                                          save_h ? save_h + k * 4 * BH : nullptr);
+                frame_rows<T, true>(yo, pk, sk, r0, r1, N, cur);
+                std::swap(lp, lq);
+            }
+            std::copy(cur + (int64_t)r0 * N, cur + (int64_t)r1 * N, x_out + (int64_t)r0 * N);
+            std::copy(lp + r0, lp + r1, logp_out + r0);
+        }
+    }
+}
+
+template <typename T, int ACT>
+void gemm_integrate_backward(const Products<T>& mm, const Params<T>& p, const StepSetup<T>& setup, const T* S,
+                             const T* Hs, const int64_t* perm, const T* sign, const T* gx_out, const T* glogp_out,
+                             int B, double t0, double dt, int n, T* gx, T* const* outs, int nt) {
+    const int N = p.N;
+    const int64_t BN = (int64_t)B * N, BH = (int64_t)B * p.H;
+    GemmSums<T> sums(p, nt);
+    T* g = scratch<T>(8, BN);
+    T* y = scratch<T>(9, 2 * BN);
+    T* yi = y + BN;
+#pragma omp parallel num_threads(nt)
+    {
+        int team, r0, r1;
+        const int me = this_run(B, 16, team, r0, r1);
+        const int nb = r1 - r0;
+        if (nb > 0) {
+            StepSetup<T> ss(setup);
+            T* mine = sums.part[me].data();
+            std::copy(gx_out + (int64_t)r0 * N, gx_out + (int64_t)r1 * N, g + (int64_t)r0 * N);
+            for (int k = n - 1; k >= 0; --k) {
+                const int64_t* pk = perm ? perm + k * BN : nullptr;
+                const T* sk = sign ? sign + (int64_t)k * B : nullptr;
+                frame_rows<T, false>(g, pk, sk, r0, r1, N, y);  // the adjoint of out_k is into_k
+                gemm_backward_rows<T, ACT>(mm, p, ss.at(t0 + k * dt), S + k * 4 * BN, Hs + k * 4 * BH, y, glogp_out,
+                                           B, r0, nb, yi, sums, mine);
+                frame_rows<T, true>(yi, pk, sk, r0, r1, N, g);  // and that of into_k is out_k
+            }
+            std::copy(g + (int64_t)r0 * N, g + (int64_t)r1 * N, gx + (int64_t)r0 * N);
+        }
+    }
+    sums.reduce(p.W, outs, nt);
+}
+
 template <typename T, int ACT>
 void integrate_forward_act_(int kind, void* gemm, void* gemm_lo, const Params<T>& p, const T* x, const T* logp, int B,
                             double t0, double dt, int n, const int64_t* perm, const T* sign, T* x_out, T* logp_out,
                             T* save_s, T* save_h, int nt) {
-    const int64_t BN = (int64_t)B * p.N, BH = (int64_t)B * p.H;
+    const int64_t BN = (int64_t)B * p.N;
     StepSetup<T> ss(p, dt);  // ‖W‖² once for the n steps
     if (kind == 0) {  // lanes: keep each step's input (in its frame) in save_s (n, B, N)
         integrate_forward<T>(B, p.N, n, perm, sign, x, logp, x_out, logp_out, nt,
@@ -878,12 +945,8 @@ void integrate_forward_act_(int kind, void* gemm, void* gemm_lo, const Params<T>
                              });
     } else {
         const Products<T> mm(gemm, gemm_lo, p.W, p.H, p.N, nt);
-        integrate_forward<T>(B, p.N, n, perm, sign, x, logp, x_out, logp_out, nt,
-                             [&](int k, const T* y, const T* lp, T* yo, T* lq) {
-                                 gemm_forward<T, ACT>(mm, p, ss.at(t0 + k * dt), y, lp, B, yo, lq,
-                                                      save_s ? save_s + k * 4 * BN : nullptr,
-                                                      save_h ? save_h + k * 4 * BH : nullptr, nt);
-                             });
+        gemm_integrate_forward<T, ACT>(mm, p, ss, B, t0, dt, n, perm, sign, x, logp, x_out, logp_out, save_s, save_h,
+                                       nt);
     }
 }
 
@@ -892,7 +955,7 @@ void integrate_backward_act_(int kind, void* gemm, void* gemm_lo, const Params<T
                              const int64_t* perm, const T* sign, const T* gx_out, const T* glogp_out, int B,
                              double t0, double dt, int n, T* gx, T* const* outs, int nt) {
     const int N = p.N, H = p.H;
-    const int64_t BN = (int64_t)B * N, BH = (int64_t)B * H, HN = (int64_t)H * N, NN = (int64_t)N * N;
+    const int64_t BN = (int64_t)B * N, HN = (int64_t)H * N, NN = (int64_t)N * N;
     StepSetup<T> ss(p, dt);
     if (kind == 0) {  // lanes: each step's gradients into one, added to outs (small: N·H numbers)
         const int64_t sizes[7] = {HN, H, H, H, H, NN, NN};
@@ -916,12 +979,7 @@ void integrate_backward_act_(int kind, void* gemm, void* gemm_lo, const Params<T
         });
     } else {  // GEMM: the threads' sums over all steps, reduced once
         const Products<T> mm(gemm, gemm_lo, p.W, H, N, nt);
-        GemmSums<T> sums(p, nt);
-        integrate_backward<T>(B, N, n, perm, sign, gx_out, gx, nt, [&](int k, const T* yb, T* yi) {
-            gemm_backward<T, ACT>(mm, p, ss.at(t0 + k * dt), S + k * 4 * BN, Hs + k * 4 * BH, yb, glogp_out, B, yi,
-                                  sums, nt);
-        });
-        sums.reduce(p.W, outs, nt);
+        gemm_integrate_backward<T, ACT>(mm, p, ss, S, Hs, perm, sign, gx_out, glogp_out, B, t0, dt, n, gx, outs, nt);
     }
 }
 
