@@ -123,8 +123,9 @@ def training_step(flow: torch.nn.Module, target: object, batch: int, lr: float =
     return step
 
 
-#: what the bfloat16 products are computed by (latticeflow.native.step.bf16_gemm)
-BF16_GEMM_NAMES = {"native": "the AVX512-BF16 kernel", "mkl": "MKL's gemm_bf16bf16f32"}
+#: what the GEMM step's products are computed by, by precision (latticeflow.native.step.gemm_choice)
+GEMM_NAMES = {"float32": {"native": "the float32 tiles", "mkl": "MKL's sgemm"},
+              "bfloat16": {"native": "the AVX512-BF16 tiles", "mkl": "MKL's gemm_bf16bf16f32"}}
 
 
 def time_iteration(config: dict, L: int, batch: int, iters: int, warmup: int = 2,
@@ -624,18 +625,27 @@ def main(argv: list[str] | None = None) -> None:
           f"matmul ({B}x{N})@({N}x{h}) in this run: {mm:.1f} GFLOP/s; ratio {flops / s / 1e9 / mm:.2f}")
     gemm = 4 * steps * stage_gemm_seconds(B, N, h)
     gemm_flops = 4 * steps * sum(2.0 * a[0] * a[1] * b[1] for a, b in stage_gemm_shapes(B, N, h))
+    rest = (f"everything else {s - gemm:.3f} s ({(s - gemm) / s:.0%} of the iteration)" if s >= gemm else
+            "everything else: not measurable (the iteration takes less than torch's matmuls of its shapes)")
     print(f"  its matmuls alone, back to back (the shapes of one fused MLP stage × {4 * steps} stages): "
-          f"{gemm:.3f} s/iteration at {gemm_flops / gemm / 1e9:.1f} GFLOP/s; everything else "
-          f"{max(s - gemm, 0.0):.3f} s ({max(s - gemm, 0.0) / s:.0%} of the iteration); "
+          f"{gemm:.3f} s/iteration at {gemm_flops / gemm / 1e9:.1f} GFLOP/s; {rest}; "
           f"the ratio with everything else free: {flops / gemm / 1e9 / mm:.2f}")
+    f32 = native_step.gemm_choices("float32")
+    if f32:
+        print(f"  (products by {GEMM_NAMES['float32'][f32[0]]}, the float32 gemm this machine takes)")
+    for which in f32[1:]:  # the other float32 gemm, for the choice's sake
+        with native_step.gemm_as("float32", which):
+            so = time_iteration(paper, 16, B, args.iters)
+        print(f"  with {GEMM_NAMES['float32'][which]} instead: {so:.3f} s/iteration; ratio to the roofline "
+              f"{flops / so / 1e9 / mm:.2f}; {so / s:.2f}x the time of the one taken")
     if args.bfloat16:
-        gemms = native_step.bf16_gemms()
+        gemms = native_step.gemm_choices("bfloat16")
         if not gemms:
             print("  with bfloat16 products: unavailable (no bfloat16 gemm here)")
         for i, which in enumerate(gemms):  # the one --train-precision takes first, then any other
-            with native_step.bf16_gemm_as(which):
+            with native_step.gemm_as("bfloat16", which):
                 sb = time_iteration(paper, 16, B, args.iters, precision="bfloat16")
-            name = BF16_GEMM_NAMES[which] + (" (the one training takes here)" if i == 0 else "")
+            name = GEMM_NAMES["bfloat16"][which] + (" (the one training takes here)" if i == 0 else "")
             print(f"  with bfloat16 products (--train-precision bfloat16; {name}; native step: "
                   f"{native_step.status()}): {sb:.3f} s/iteration; float32 / bfloat16 {s / sb:.2f}")
     if orig is None:

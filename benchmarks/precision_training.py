@@ -73,11 +73,12 @@ def main(argv: list[str] | None = None) -> dict[int, dict[str, dict[str, float]]
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s); paper configuration, {args.epochs} "
           f"epochs, lr {args.lr}, seeds {args.seeds}; evaluation: {args.eval} fresh float32 samples", flush=True)
-    if native_step.bf16_gemm() is None:
+    if native_step.gemm_choice("bfloat16") is None:
         print("no bfloat16 gemm here (MKL's or the AVX512-BF16 kernel): bfloat16 training would run in float32; "
               "nothing to compare")
         return {}
-    print(f"bfloat16 products by {native_step.bf16_gemm()} (latticeflow.native.step.bf16_gemm)", flush=True)
+    print(f"products by {native_step.gemm_choice('float32')} (float32) and {native_step.gemm_choice('bfloat16')} "
+          "(bfloat16) (latticeflow.native.step.gemm_choice)", flush=True)
     res: dict[int, dict[str, dict[str, float]]] = {}
     for seed in args.seeds:
         res[seed] = {}

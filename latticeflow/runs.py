@@ -257,8 +257,9 @@ def provenance(device: Any = None) -> dict[str, Any]:
             "step_kernel": native_step.status(),
             # GEMM steps (larger lattices) with bfloat16 and with full-precision products (--train-precision)
             "gemm_steps": dict(native_step.counts),
-            # which bfloat16 gemm those took ("native": the AVX512-BF16 kernel, "mkl"), where any did
-            "bf16_gemm": native_step.bf16_gemm() if native_step.counts["bfloat16"] else None,
+            # which gemm those took, by precision ("native": the library's AVX-512 tiles, "mkl"), where any ran
+            "gemm": {"float32": native_step.gemm_choice("float32") if native_step.counts["full"] else None,
+                     "bfloat16": native_step.gemm_choice("bfloat16") if native_step.counts["bfloat16"] else None},
             "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
             "threads": torch.get_num_threads(), "processes": dist.world_size(),
             "device": str(device) if device is not None else "cpu", "git_commit": _IMPORTED_COMMIT,

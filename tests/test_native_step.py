@@ -385,9 +385,10 @@ def test_a_run_records_the_step_kernel(kernel, tmp_path, monkeypatch):
     assert prov["step_kernel"] == native_step.status() and prov["step_kernel"].startswith("compiled (mlp_step-")
 
 
-def _bf16_gemm_or_skip(which):
-    if which not in native_step.bf16_gemms():
-        pytest.skip(f"no {which} bfloat16 gemm here (MKL's needs its export in libtorch, the native one AVX512-BF16)")
+def _gemm_or_skip(precision, which):
+    if which not in native_step.gemm_choices(precision):
+        pytest.skip(f"no {which} {precision} gemm here (MKL's needs its export in libtorch, the native tiles "
+                    "AVX-512, and AVX512-BF16 for bfloat16)")
 
 
 @pytest.mark.parametrize("which", ["mkl", "native"])
@@ -395,8 +396,8 @@ def test_bfloat16_products_round_only_the_products(kernel, which, monkeypatch):
     # inside native_step.products("bfloat16") a float32 GEMM step multiplies bfloat16 operands (float32 sums),
     # by either bfloat16 gemm: its step and gradients agree with the float32 step to bfloat16 rounding (2^-8
     # relative per operand), not to float32 rounding; float64 steps and everything outside the block are untouched
-    _bf16_gemm_or_skip(which)
-    monkeypatch.setattr(native_step, "BF16_GEMM", which)
+    _gemm_or_skip("bfloat16", which)
+    monkeypatch.setitem(native_step.GEMM, "bfloat16", which)
     monkeypatch.setattr(native_step, "AUTO_MAX_SITES", 0)
     params = _params(40, 64, True, True, True, False, False, torch.float32, seed=4)
     y = torch.randn(32, 40, generator=torch.Generator().manual_seed(3)).requires_grad_()
@@ -430,7 +431,7 @@ def test_native_bf16_gemm_is_the_rounded_operands_product(kernel, ta, tb, M, Nc,
     # nearest even): float32 sums over K products, each exact in float32 (two 8-bit significands), so the error
     # is at most about K float32 roundings of the running sum, bounded by 2K·2⁻²⁴·|α|·(|A||B|) + 2·2⁻²⁴·|C|;
     # columns of C past Nc (ldc > Nc) are left alone
-    _bf16_gemm_or_skip("native")
+    _gemm_or_skip("bfloat16", "native")
     lib = native_step.load()
     g = torch.Generator().manual_seed(M * 1000 + Nc * 10 + K)
     A = torch.randn(K, M + 3, generator=g) if ta else torch.randn(M, K + 3, generator=g)  # rows longer than used
@@ -457,8 +458,8 @@ def test_the_two_bf16_gemms_give_the_same_step(kernel, monkeypatch):
     # both bfloat16 gemms round the same operands the same way and sum in float32: a GEMM step and its
     # gradients agree between them to float32 rounding of the sums (and an operand that then rounds the other
     # way), far closer than either agrees with the float32 step
-    _bf16_gemm_or_skip("mkl")
-    _bf16_gemm_or_skip("native")
+    _gemm_or_skip("bfloat16", "mkl")
+    _gemm_or_skip("bfloat16", "native")
     monkeypatch.setattr(native_step, "AUTO_MAX_SITES", 0)
     params = _params(40, 64, True, True, True, True, False, torch.float32, seed=6)
     y = torch.randn(32, 40, generator=torch.Generator().manual_seed(3)).requires_grad_()
@@ -466,7 +467,7 @@ def test_the_two_bf16_gemms_give_the_same_step(kernel, monkeypatch):
     cot = (torch.randn(32, 40, generator=torch.Generator().manual_seed(5)), torch.ones(32))
     out = {}
     for which in ("mkl", "native"):
-        with native_step.bf16_gemm_as(which):
+        with native_step.gemm_as("bfloat16", which):
             out[which] = _step_outputs(_compiled("gemm-bf16"), y, logp, params, "lncosh", 0.2, 0.1, cot)
     full = _step_outputs(_compiled("gemm"), y, logp, params, "lncosh", 0.2, 0.1, cot)
     for a, b, f in zip(out["native"], out["mkl"], full):
@@ -476,30 +477,93 @@ def test_the_two_bf16_gemms_give_the_same_step(kernel, monkeypatch):
             assert between < 1e-5 and between <= to_full / 100, (between, to_full)  # both 0: a pass-through
 
 
-def test_bf16_gemm_choice(kernel, monkeypatch):
-    # "auto" prefers MKL's bfloat16 gemm on CPUs with AMX tiles and the AVX512-BF16 kernel elsewhere, taking
-    # the other where the preferred one is missing; "mkl"/"native" insist (None where unavailable); anything
-    # else is refused
+def test_gemm_choice(kernel, monkeypatch):
+    # "auto" prefers, for bfloat16, MKL's gemm on CPUs with AMX tiles and the AVX512-BF16 tiles elsewhere, and
+    # for float32 the tiles on AMD CPUs and MKL's sgemm elsewhere, taking the other where the preferred one is
+    # missing; "mkl"/"native" insist (None where unavailable); anything else is refused
     from latticeflow.native import step
 
-    for flags, native, mkl, want in [("flags : avx512f amx_bf16 avx512_bf16", True, True, "mkl"),
-                                     ("flags : avx512f avx512_bf16", True, True, "native"),
-                                     ("flags : avx512f", False, True, "mkl"),
-                                     ("flags : avx2", False, False, None),
-                                     ("flags : amx_bf16", True, False, "native"),
-                                     ("flags : amx_bf16", False, False, None)]:
+    cases = [("bfloat16", "GenuineIntel", "flags : avx512f amx_bf16 avx512_bf16", True, True, "mkl"),
+             ("bfloat16", "AuthenticAMD", "flags : avx512f avx512_bf16", True, True, "native"),
+             ("bfloat16", "GenuineIntel", "flags : avx512f", False, True, "mkl"),
+             ("bfloat16", "GenuineIntel", "flags : avx2", False, False, None),
+             ("bfloat16", "GenuineIntel", "flags : amx_bf16", True, False, "native"),
+             ("float32", "AuthenticAMD", "flags : avx512f", True, True, "native"),
+             ("float32", "GenuineIntel", "flags : avx512f amx_bf16", True, True, "mkl"),
+             ("float32", "AuthenticAMD", "flags : avx2", False, True, "mkl"),
+             ("float32", "GenuineIntel", "flags : avx512f", True, False, "native")]
+    for precision, vendor, flags, native, mkl, want in cases:
         monkeypatch.setattr(step, "_cpu_flags", lambda flags=flags: flags)
-        monkeypatch.setattr(step, "_native_bf16", lambda native=native: native)
-        monkeypatch.setattr(step, "_blas_ptrs", {torch.float32: 1, torch.float64: 2, **({"bfloat16": 3} if mkl else {})})
-        assert step.bf16_gemm("auto") == want
-        assert step.bf16_gemm("mkl") == ("mkl" if mkl else None)
-        assert step.bf16_gemm("native") == ("native" if native else None)
-        assert step.bf16_gemms()[:1] == ([want] if want else [])
-    with pytest.raises(ValueError, match="BF16_GEMM must be one of"):
-        step.bf16_gemm("float16")
-    with pytest.raises(ValueError, match="BF16_GEMM must be one of"):
-        with step.bf16_gemm_as("oneDNN"):
+        monkeypatch.setattr(step, "_cpu_vendor", lambda vendor=vendor: vendor)
+        monkeypatch.setattr(step, "_native", lambda p, native=native, precision=precision: native and p == precision)
+        key = torch.float32 if precision == "float32" else "bfloat16"
+        monkeypatch.setattr(step, "_blas_ptrs", {torch.float64: 2, **({key: 3} if mkl else {})})
+        assert step.gemm_choice(precision, "auto") == want, (precision, vendor, flags)
+        assert step.gemm_choice(precision, "mkl") == ("mkl" if mkl else None)
+        assert step.gemm_choice(precision, "native") == ("native" if native else None)
+        assert step.gemm_choices(precision)[:1] == ([want] if want else [])
+        with step.gemm_as(precision, "mkl"):
+            assert step.gemm_choice(precision) == ("mkl" if mkl else None)
+        assert step.GEMM[precision] == "auto"
+    with pytest.raises(ValueError, match="a gemm must be one of"):
+        step.gemm_choice("float32", "oneDNN")
+    with pytest.raises(ValueError, match="precision must be one of"):
+        step.gemm_choice("float16")
+    with pytest.raises(ValueError, match="a gemm must be one of"):
+        with step.gemm_as("bfloat16", "oneDNN"):
             pass
+
+
+@pytest.mark.parametrize("ta", [False, True])
+@pytest.mark.parametrize("tb", [False, True])
+@pytest.mark.parametrize("M, Nc, K", [(1, 1, 1), (5, 33, 7), (13, 50, 17), (32, 64, 40), (25, 31, 64), (12, 96, 2)])
+def test_float32_tiles_are_the_product(kernel, ta, tb, M, Nc, K):
+    # the float32 tiles against float64 products: float32 sums over K products (each rounded once), so at most
+    # about K roundings of the running sum, bounded by 2K·2⁻²⁴·|α|·(|A||B|) + 2·2⁻²⁴·|C|; columns past Nc
+    # (ldc > Nc) are left alone
+    _gemm_or_skip("float32", "native")
+    lib = native_step.load()
+    g = torch.Generator().manual_seed(M * 1000 + Nc * 10 + K + 7)
+    A = torch.randn(K, M + 3, generator=g) if ta else torch.randn(M, K + 3, generator=g)
+    B = torch.randn(Nc, K + 1, generator=g) if tb else torch.randn(K, Nc + 2, generator=g)
+    opA = (A[:, :M].t() if ta else A[:, :K]).double()
+    opB = (B[:, :K].t() if tb else B[:, :Nc]).double()
+    for alpha, beta in ((1.0, 0.0), (0.5, 2.0), (-1.5, 1.0)):
+        C = torch.randn(M, Nc + 5, generator=g)
+        C0 = C.clone()
+        lib.lf_gemm_f32(int(ta), int(tb), M, Nc, K, alpha, A.data_ptr(), A.shape[1], B.data_ptr(), B.shape[1], beta,
+                        C.data_ptr(), C.shape[1])
+        ref = alpha * opA @ opB + beta * C0[:, :Nc].double()
+        bound = 2 * K * 2.0 ** -24 * abs(alpha) * (opA.abs() @ opB.abs()) + 2 * 2.0 ** -24 * ref.abs()
+        err = (C[:, :Nc].double() - ref).abs()
+        assert bool((err <= bound + 1e-30).all()), float((err / bound).max())
+        assert torch.equal(C[:, Nc:], C0[:, Nc:])
+
+
+@pytest.mark.parametrize("quad", [False, True])
+def test_the_float32_gemms_give_the_same_step(kernel, quad, monkeypatch):
+    # a float32 GEMM step and its gradients by the tiles and by MKL's sgemm: the same sums in other orders, so
+    # equal to float32 rounding (and both equal to the float64 step to float32's accuracy)
+    _gemm_or_skip("float32", "mkl")
+    _gemm_or_skip("float32", "native")
+    monkeypatch.setattr(native_step, "AUTO_MAX_SITES", 0)
+    params = _params(40, 64, True, True, True, quad, quad, torch.float32, seed=8)
+    y = torch.randn(32, 40, generator=torch.Generator().manual_seed(3)).requires_grad_()
+    logp = torch.zeros(32, requires_grad=True)
+    cot = (torch.randn(32, 40, generator=torch.Generator().manual_seed(5)), torch.ones(32))
+    out = {}
+    for which in ("mkl", "native"):
+        with native_step.gemm_as("float32", which):
+            out[which] = _step_outputs(_compiled("gemm"), y, logp, params, "lncosh", 0.2, 0.1, cot)
+    y64 = y.detach().double().requires_grad_()
+    p64 = [q.double() if q is not None else None for q in params]
+    want = _step_outputs(_reference_rk4, y64, logp.detach().double().requires_grad_(), p64, "lncosh", 0.2, 0.1,
+                         tuple(c.double() for c in cot))
+    for a, b, w in zip(out["native"], out["mkl"], want):
+        scale = float(w.detach().norm())
+        if scale > 0:
+            assert float((a - b).detach().norm()) / scale < 2e-6
+            assert float((a.double() - w).detach().norm()) / scale < 2e-6
 
 
 def test_bfloat16_training_keeps_its_products_inside_the_epochs(kernel, monkeypatch):
@@ -509,7 +573,7 @@ def test_bfloat16_training_keeps_its_products_inside_the_epochs(kernel, monkeypa
     from latticeflow.train import VariationalTrainer
 
     assert TRAIN_PRECISIONS == native_step.PRECISIONS
-    if not native_step.bf16_gemms():
+    if not native_step.gemm_choices("bfloat16"):
         pytest.skip("no bfloat16 gemm here (MKL's or the AVX512-BF16 kernel)")
     monkeypatch.setattr(native_step, "AUTO_MAX_SITES", 0)  # the L=4 flow takes the GEMM step
     flow, target = _flow("float32", symmetrize="none")

@@ -30,7 +30,7 @@
 #include <type_traits>
 #include <vector>
 
-#include "gemm_bf16.h"
+#include "gemm_tiles.h"
 #include "lanes.h"
 
 namespace {
@@ -461,10 +461,11 @@ using Gemm = void (*)(const char*, const char*, const int*, const int*, const in
 using GemmBf16 = void (*)(const char*, const char*, const int*, const int*, const int*, const float*, const uint16_t*,
                           const int*, const uint16_t*, const int*, const float*, float*, const int*);
 
-// a reused work buffer of at least n numbers (the calling thread's: no fresh pages to fault in per call)
+// a reused work buffer of at least n numbers (the calling thread's: no fresh pages to fault in per call;
+// slots 0-4 and 6 a step's, 7 the float32 tiles' packed operand)
 template <typename T>
 inline T* scratch(int slot, size_t n) {
-    thread_local std::vector<T> buf[12];  // 0-7: one step's; 8-11: a whole integration's (gemm_integrate_*)
+    thread_local std::vector<T> buf[12];  // 0-7: one step's; 8-11: a whole integration's
     if (buf[slot].size() < n) buf[slot].resize(n);
     return buf[slot].data();
 }
@@ -479,27 +480,44 @@ inline void to_bf16(const float* x, uint16_t* out, int64_t n, int nt) {
     }
 }
 
-// the step's products: the T gemm, or (float only) bfloat16 operands with float32 sums, by MKL's
-// gemm_bf16bf16f32 (lo) or by this library's AVX512-BF16 kernel (gemm_bf16.h; gemm_lo is then the address of
-// lf_gemm_bf16_f32). W's bfloat16 copy, or for the kernel its two packed layouts (W as op(B) = Wᵀ, K = N,
-// and as op(B) = W, K = H), is made once per call; other operands are rounded as they are used.
+// the step's products: the T gemm (a BLAS gemm, or for float32 the tiles of gemm_tiles.h: gemm is then the
+// address of lf_gemm_f32), or (float only) bfloat16 operands with float32 sums, by MKL's gemm_bf16bf16f32
+// (lo) or by the AVX512-BF16 tiles (gemm_lo is then the address of lf_gemm_bf16_f32). The tiles' packed W
+// (W as op(B) = Wᵀ, K = N, and as op(B) = W, K = H), or MKL's bfloat16 copy of W, is made once per call;
+// other operands are rounded or packed as they are used.
 extern "C" void lf_gemm_bf16_f32(int ta, int tb, int M, int Nc, int K, float alpha, const float* A, int lda,
                                  const float* B, int ldb, float beta, float* C, int ldc);
+extern "C" void lf_gemm_f32(int ta, int tb, int M, int Nc, int K, float alpha, const float* A, int lda,
+                            const float* B, int ldb, float beta, float* C, int ldc);
 
 template <typename T>
 struct Products {
     Gemm<T> g;
     GemmBf16 lo;
-    bool own;  // the AVX512-BF16 kernel
+    bool own;    // the AVX512-BF16 tiles
+    bool own32;  // the float32 tiles
     const T* W;
     const uint16_t* Wlo;
     const uint32_t *WpT, *WpN;
+    std::vector<float> Wf;  // the float32 tiles' packed W: Wᵀ's panels, then W's
+    const float *WfT, *WfN;
     int H, N, nt;
 
     Products(void* gemm, void* gemm_lo, const T* W_, int H_, int N_, int nt_)
-        : g((Gemm<T>)gemm), lo(nullptr), own(false), W(W_), Wlo(nullptr), WpT(nullptr), WpN(nullptr), H(H_), N(N_),
-          nt(nt_) {
+        : g((Gemm<T>)gemm), lo(nullptr), own(false), own32(false), W(W_), Wlo(nullptr), WpT(nullptr), WpN(nullptr),
+          WfT(nullptr), WfN(nullptr), H(H_), N(N_), nt(nt_) {
         if constexpr (std::is_same<T, float>::value) {
+            if (gemm == (void*)&lf_gemm_f32 && !gemm_lo) {
+#if LF_NATIVE_F32
+                own32 = true;
+                const int64_t nT = lf::f32_packed_b_numbers(N, H);
+                Wf.resize((size_t)(nT + lf::f32_packed_b_numbers(H, N)));
+                lf::f32_pack_b(true, N, H, W_, N, Wf.data());
+                lf::f32_pack_b(false, H, N, W_, N, Wf.data() + nT);
+                WfT = Wf.data();
+                WfN = Wf.data() + nT;
+#endif
+            }
             if (gemm_lo && gemm_lo == (void*)&lf_gemm_bf16_f32) {
                 own = true;
                 uint32_t* t = scratch<uint32_t>(0, (size_t)lf::bf16_packed_b_words(N, H));
@@ -530,6 +548,18 @@ struct Products {
                     T* C, int ldc) const {
         const char a = ta ? 'T' : 'N', b = tb ? 'T' : 'N';
         if constexpr (std::is_same<T, float>::value) {
+#if LF_NATIVE_F32
+            if (own32) {  // in the calling thread, its own packing buffer
+                const float* pb = B == W ? (tb ? WfT : WfN) : nullptr;
+                if (!pb) {
+                    float* buf = scratch<float>(7, (size_t)lf::f32_packed_b_numbers(K, Nc));
+                    lf::f32_pack_b(tb, K, Nc, B, ldb, buf);
+                    pb = buf;
+                }
+                lf::f32_gemm_packed(ta, M, Nc, K, alpha, A, lda, pb, beta, C, ldc);
+                return;
+            }
+#endif
 #if LF_NATIVE_BF16
             if (own) {  // in the calling thread, its own packing buffers
                 uint32_t* pa = scratch<uint32_t>(1, (size_t)lf::bf16_pairs(K) * M);
@@ -1063,6 +1093,20 @@ extern "C" void lf_gemm_bf16_f32(int ta, int tb, int M, int Nc, int K, float alp
 #endif
 }
 extern "C" int lf_native_bf16() { return LF_NATIVE_BF16; }
+
+// the float32 tiles, the same way (a no-op where the library was built without AVX-512: lf_native_f32())
+extern "C" void lf_gemm_f32(int ta, int tb, int M, int Nc, int K, float alpha, const float* A, int lda,
+                            const float* B, int ldb, float beta, float* C, int ldc) {
+#if LF_NATIVE_F32
+    std::vector<float> pb((size_t)lf::f32_packed_b_numbers(K, Nc));
+    lf::f32_pack_b(tb != 0, K, Nc, B, ldb, pb.data());
+    lf::f32_gemm_packed(ta != 0, M, Nc, K, alpha, A, lda, pb.data(), beta, C, ldc);
+#else
+    (void)ta, (void)tb, (void)M, (void)Nc, (void)K, (void)alpha, (void)A, (void)lda, (void)B, (void)ldb, (void)beta,
+        (void)C, (void)ldc;
+#endif
+}
+extern "C" int lf_native_f32() { return LF_NATIVE_F32; }
 
 extern "C" int lf_mlp_max_sites() { return NMAX; }
 extern "C" int lf_mlp_max_hidden() { return HMAX; }

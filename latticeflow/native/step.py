@@ -48,7 +48,7 @@ from torch import Tensor
 
 from . import _ACT, _SUFFIX, KERNEL_MODES, _cpu_flags, _declare_kernel, _load_kernel, _mode_of, _ptr, _status_of
 
-__all__ = ["AUTO_GEMM_MAX_SITES", "AUTO_MAX_SITES", "BF16_GEMM", "BF16_GEMMS", "KERNEL_MODES", "MAX_HIDDEN", "MAX_SITES", "PRECISIONS", "available", "bf16_gemm", "bf16_gemm_as", "bf16_gemms", "blas", "counts",
+__all__ = ["AUTO_GEMM_MAX_SITES", "AUTO_MAX_SITES", "GEMM", "GEMM_MODES", "KERNEL_MODES", "MAX_HIDDEN", "MAX_SITES", "PRECISIONS", "available", "blas", "counts", "gemm_as", "gemm_choice", "gemm_choices",
            "gemm_backward", "gemm_forward", "integrate_backward", "integrate_forward", "kernel_mode", "load", "products", "rk4_backward", "rk4_forward",
            "signed_permutation", "status"]
 
@@ -88,9 +88,10 @@ def _declare(lib: ctypes.CDLL) -> None:
                                                             d, d, i, p, p, p, p, p, p, p, p, i]},
                     {"lf_mlp_max_sites": MAX_SITES, "lf_mlp_max_hidden": MAX_HIDDEN})
     f = ctypes.c_float
-    lib.lf_gemm_bf16_f32.argtypes = [i, i, i, i, i, f, p, i, p, i, f, p, i]
-    lib.lf_gemm_bf16_f32.restype = None
-    lib.lf_native_bf16.restype = ctypes.c_int
+    for name in ("lf_gemm_bf16_f32", "lf_gemm_f32"):
+        getattr(lib, name).argtypes = [i, i, i, i, i, f, p, i, p, i, f, p, i]
+        getattr(lib, name).restype = None
+    lib.lf_native_bf16.restype = lib.lf_native_f32.restype = ctypes.c_int
 
 
 def blas() -> dict[Any, int] | None:
@@ -126,8 +127,8 @@ counts = {"bfloat16": 0, "full": 0}
 @contextlib.contextmanager
 def products(precision: str) -> Iterator[None]:
     """Inside the block, float32 GEMM steps multiply in ``precision``: "bfloat16" rounds the products'
-    operands to bfloat16 and sums in float32 (:func:`bf16_gemm`: MKL's gemm_bf16bf16f32 on AMX, this
-    library's AVX512-BF16 kernel on other CPUs that have it), for training iterations whose gradients need only descend; "float32" (the default)
+    operands to bfloat16 and sums in float32 (:func:`gemm_choice`: MKL's gemm_bf16bf16f32 on AMX, this
+    library's AVX512-BF16 tiles on other CPUs that have them), for training iterations whose gradients need only descend; "float32" (the default)
     changes nothing. Every other step (float64, the lanes step, eager steps, other devices) is
     unaffected, and so is everything outside the block: the trainer keeps its reported estimates out
     of it. Where this torch has no bfloat16 gemm the steps stay float32 (``counts`` tells)."""
@@ -178,7 +179,7 @@ def available(y: Tensor, hidden: int, activation: str, params: list[Tensor | Non
         if mode == "native":
             raise RuntimeError(f"{_ENV}=native but the GEMM step is unavailable: {_blas_error}")
         return None
-    low = _products.get() == "bfloat16" and y.dtype == torch.float32 and bf16_gemm() is not None
+    low = _products.get() == "bfloat16" and y.dtype == torch.float32 and gemm_choice("bfloat16") is not None
     counts["bfloat16" if low else "full"] += steps
     return "gemm-bf16" if low else "gemm"
 
@@ -223,62 +224,90 @@ def gemm_backward(S: Tensor, Hs: Tensor, gy_out: Tensor, glogp_out: Tensor, W: T
                               b0, b1, w0, w1, A0, A1, activation, t, dt, 1)
 
 
-#: which bfloat16 gemm a GEMM step's bfloat16 products use: "auto" (MKL's gemm_bf16bf16f32 where the CPU has
-#: AMX tiles, else this library's AVX512-BF16 kernel where it was built with it; either where the other is
-#: missing), "mkl" or "native"
-BF16_GEMMS = ("auto", "mkl", "native")
-BF16_GEMM = "auto"
+#: the precisions a GEMM step multiplies in, and the gemms that can do it: "mkl" (the BLAS torch calls:
+#: sgemm_, or MKL's gemm_bf16bf16f32) or "native" (this library's AVX-512 tiles, gemm_tiles.h)
+GEMM_MODES = ("auto", "mkl", "native")
+#: the gemm each precision uses ("auto": see :func:`gemm_choice`); tests and benchmarks set it with :func:`gemm_as`
+GEMM = {"float32": "auto", "bfloat16": "auto"}
 
 
-def _native_bf16() -> bool:
-    """Whether the step library was built with its AVX512-BF16 kernel (lf_native_bf16)."""
+def _native(precision: str) -> bool:
+    """Whether the step library was built with its tiles for ``precision`` (AVX-512; AVX512-BF16 for bfloat16)."""
     lib = load()
-    return lib is not None and lib.lf_native_bf16() == 1
+    return lib is not None and (lib.lf_native_f32() if precision == "float32" else lib.lf_native_bf16()) == 1
 
 
-def bf16_gemm(mode: str | None = None) -> str | None:
-    """Which bfloat16 gemm the bfloat16 products use here under ``mode`` (default :data:`BF16_GEMM`):
-    "native" (this library's AVX512-BF16 kernel, ``gemm_bf16.h``), "mkl" (MKL's gemm_bf16bf16f32, exported
-    by libtorch), or None where the one asked for is unavailable. "auto" prefers MKL's on CPUs with AMX
-    tiles and the kernel elsewhere, and takes the other where the preferred one is missing. On AMD Zen 4
-    MKL's bfloat16 gemm runs no faster than its sgemm, so that bfloat16 training was slower than float32
-    there; ``python benchmarks/ising_speed.py --bfloat16`` times both in one run."""
-    mode = BF16_GEMM if mode is None else mode
-    if mode not in BF16_GEMMS:
-        raise ValueError(f"BF16_GEMM must be one of {BF16_GEMMS}, got {mode!r}")
-    have = {"mkl": "bfloat16" in (blas() or {}), "native": _native_bf16()}
-    order = [mode] if mode != "auto" else (["mkl", "native"] if "amx_bf16" in _cpu_flags().split()
-                                          else ["native", "mkl"])
+def _cpu_vendor() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("vendor_id"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def gemm_choice(precision: str, mode: str | None = None) -> str | None:
+    """Which gemm a float32 GEMM step's products use in ``precision`` ("float32", or "bfloat16" inside
+    :func:`products`) under ``mode`` (default ``GEMM[precision]``): "mkl", "native", or None where the one
+    asked for is unavailable. "auto" prefers, and takes the other where the preferred one is missing:
+    - bfloat16: MKL's gemm_bf16bf16f32 on CPUs with AMX tiles, the AVX512-BF16 tiles elsewhere (on AMD Zen 4
+      MKL's bfloat16 gemm runs no faster than its sgemm, so that bfloat16 training was slower than float32);
+    - float32: the tiles on AMD CPUs (Zen 4: a paper-configuration iteration 1.1-1.2× faster than with MKL's
+      sgemm, 2026-12-02), MKL's sgemm elsewhere (not measured against the tiles on other CPUs yet).
+    ``python benchmarks/ising_speed.py --bfloat16`` times an iteration with each gemm available. float64
+    steps always take dgemm."""
+    if precision not in GEMM:
+        raise ValueError(f"precision must be one of {tuple(GEMM)}, got {precision!r}")
+    mode = GEMM[precision] if mode is None else mode
+    if mode not in GEMM_MODES:
+        raise ValueError(f"a gemm must be one of {GEMM_MODES}, got {mode!r}")
+    ptrs = blas() or {}
+    have = {"mkl": (torch.float32 if precision == "float32" else "bfloat16") in ptrs, "native": _native(precision)}
+    if mode != "auto":
+        order = [mode]
+    elif precision == "bfloat16":
+        order = ["mkl", "native"] if "amx_bf16" in _cpu_flags().split() else ["native", "mkl"]
+    else:
+        order = ["native", "mkl"] if _cpu_vendor() == "AuthenticAMD" else ["mkl", "native"]
     return next((w for w in order if have[w]), None)
 
 
-def bf16_gemms() -> list[str]:
-    """The bfloat16 gemms available here, :func:`bf16_gemm`'s choice under "auto" first."""
-    have = [w for w, ok in (("mkl", "bfloat16" in (blas() or {})), ("native", _native_bf16())) if ok]
-    first = bf16_gemm("auto")
+def gemm_choices(precision: str) -> list[str]:
+    """The gemms available here for ``precision``, :func:`gemm_choice`'s under "auto" first."""
+    have = [w for w in ("mkl", "native") if gemm_choice(precision, w) is not None]
+    first = gemm_choice(precision, "auto")
     return sorted(have, key=lambda w: w != first)
 
 
 @contextlib.contextmanager
-def bf16_gemm_as(which: str) -> Iterator[None]:
-    """Inside the block, :data:`BF16_GEMM` is ``which`` (for benchmarks and tests that compare the two)."""
-    global BF16_GEMM
-    if which not in BF16_GEMMS:
-        raise ValueError(f"BF16_GEMM must be one of {BF16_GEMMS}, got {which!r}")
-    previous, BF16_GEMM = BF16_GEMM, which
+def gemm_as(precision: str, which: str) -> Iterator[None]:
+    """Inside the block, ``GEMM[precision]`` is ``which`` (for benchmarks and tests that compare the gemms)."""
+    if precision not in GEMM:
+        raise ValueError(f"precision must be one of {tuple(GEMM)}, got {precision!r}")
+    if which not in GEMM_MODES:
+        raise ValueError(f"a gemm must be one of {GEMM_MODES}, got {which!r}")
+    previous, GEMM[precision] = GEMM[precision], which
     try:
         yield
     finally:
-        BF16_GEMM = previous
+        GEMM[precision] = previous
+
+
+def _gemm(x: Tensor) -> int:
+    """The address of the gemm a GEMM step of x's dtype takes (float32: :func:`gemm_choice`)."""
+    if x.dtype == torch.float32 and gemm_choice("float32") == "native":
+        return ctypes.cast(load().lf_gemm_f32, ctypes.c_void_p).value
+    return blas()[x.dtype]
 
 
 def _low(low: bool, x: Tensor) -> int | None:
     """The bfloat16 gemm's address for a float32 step with ``low`` products, else None (full precision)."""
     if not low:
         return None
-    which = bf16_gemm()
+    which = gemm_choice("bfloat16")
     if x.dtype != torch.float32 or which is None:
-        raise ValueError("bfloat16 products need a float32 state and a bfloat16 gemm (bf16_gemm())")
+        raise ValueError("bfloat16 products need a float32 state and a bfloat16 gemm (gemm_choice('bfloat16'))")
     if which == "native":
         return ctypes.cast(load().lf_gemm_bf16_f32, ctypes.c_void_p).value
     return blas()["bfloat16"]
@@ -324,7 +353,7 @@ def integrate_forward(path: str, x: Tensor, logp: Tensor, perm: Tensor | None, s
         kept = [x.new_empty(n, B, N)] if lanes else [x.new_empty(n, 4, B, N), x.new_empty(n, 4, B, H)]
     S, Hs = (kept + [None, None])[:2]
     f = getattr(lib, f"lf_mlp_rk4_integrate_forward_{_SUFFIX[x.dtype]}")
-    f(0 if lanes else 1, None if lanes else blas()[x.dtype], _low(path == "gemm-bf16", x), _ptr(x), _ptr(logp), B, N,
+    f(0 if lanes else 1, None if lanes else _gemm(x), _low(path == "gemm-bf16", x), _ptr(x), _ptr(logp), B, N,
       H, _ptr(W), _ptr(b0), _ptr(b1), _ptr(w0), _ptr(w1), _ptr(A0), _ptr(A1), ACTIVATIONS[activation], float(t0),
       float(dt), int(n), _ptr(perm), _ptr(sign), _ptr(x_out), _ptr(logp_out), _ptr(S), _ptr(Hs),
       torch.get_num_threads())
@@ -344,7 +373,7 @@ def integrate_backward(path: str, kept: list[Tensor], perm: Tensor | None, sign:
     gx = torch.empty_like(gx_out)
     grads = [torch.empty_like(p) if p is not None else None for p in (W, b0, b1, w0, w1, A0, A1)]
     g = getattr(lib, f"lf_mlp_rk4_integrate_backward_{_SUFFIX[gx_out.dtype]}")
-    g(0 if lanes else 1, None if lanes else blas()[gx_out.dtype], _low(path == "gemm-bf16", gx_out), _ptr(S),
+    g(0 if lanes else 1, None if lanes else _gemm(gx_out), _low(path == "gemm-bf16", gx_out), _ptr(S),
       _ptr(Hs), _ptr(perm), _ptr(sign), _ptr(gx_out), _ptr(glogp_out), B, N, W.shape[0], _ptr(W), _ptr(b0), _ptr(b1),
       _ptr(w0), _ptr(w1), _ptr(A0), _ptr(A1), ACTIVATIONS[activation], float(t0), float(dt), int(n), _ptr(gx),
       *[_ptr(q) for q in grads], torch.get_num_threads())

@@ -1,26 +1,34 @@
-// A bfloat16 gemm with float32 sums for CPUs with AVX512-BF16 (vdpbf16ps), for the GEMM step's
-// bfloat16 products (latticeflow.native.step.products("bfloat16")) where MKL's gemm_bf16bf16f32 has no
-// fast path: on AMD Zen 4 it runs at sgemm's speed, so that rounding the operands made a step slower
-// than float32. There this kernel runs the step's products at about twice sgemm's speed
-// (`python benchmarks/ising_speed.py --bfloat16` times a training iteration with each bfloat16 gemm).
+// Matrix products for the GEMM step (mlp_step.cpp) in tiles of up to 12 rows × 32 columns held in 24
+// AVX-512 registers, for the shapes a thread's rows give (32 × 256 by 256 × 512 and the like), where a
+// BLAS gemm spends much of its time outside its inner kernel:
 //
-// Operands are rounded from float32 to bfloat16 (to nearest, ties to even: the rounding of the
-// MKL path) while they are packed into the layouts vdpbf16ps reads: for the k-pairs kk = 0..⌈K/2⌉,
+// - bfloat16 operands with float32 sums (vdpbf16ps, AVX512-BF16), for latticeflow.native.step.products
+//   ("bfloat16") where MKL's gemm_bf16bf16f32 has no fast path: on AMD Zen 4 it runs at sgemm's speed, so
+//   that rounding the operands made a step slower than float32. There these tiles run the step's products
+//   at about twice sgemm's speed. Operands are rounded from float32 to bfloat16 (to nearest, ties to
+//   even: the rounding of the MKL path) while they are packed into the layouts vdpbf16ps reads: for the
+//   k-pairs kk = 0..⌈K/2⌉,
 //   A: one 32-bit word (opA[m][2kk], opA[m][2kk+1]) per row and pair, at a[m·rs + kk·ks]: rows of pairs
 //      (rs = ⌈K/2⌉, ks = 1) when A is not transposed, so that packing is a contiguous rounding pass, and
 //      pairs of rows (rs = 1, ks = M) when it is, so that packing reads A's rows contiguously;
 //   B: panels of 32 columns, b[(panel·KK + kk)·32 + j] = (opB[2kk][j0+j], opB[2kk+1][j0+j]),
-// low half the even k, zeros past K and past the last column. A tile of MR ≤ 12 rows × 32 columns
-// sums over all pairs in 24 registers and is stored once (alpha, beta, masked past the last column);
-// every sum runs over k in the same order whatever the thread count. Single-threaded: the GEMM step
-// calls it from each thread for that thread's rows.
+//   low half the even k, zeros past K and past the last column.
+// - float32 (FMA), where they beat the BLAS at these shapes (AMD Zen 4: a paper-configuration training
+//   iteration 1.1-1.2× faster than with MKL's sgemm); A is read in place, B packed in the same panels.
+//
+// A tile sums over all of K in registers and is stored once (alpha, beta, masked past the last column);
+// every sum runs over k in the same order whatever the thread count. Single-threaded: the GEMM step calls
+// them from each thread for that thread's rows. `python benchmarks/ising_speed.py --bfloat16` times a
+// training iteration with each gemm available.
 #pragma once
 
 #include <cstdint>
 #include <cstring>
 
-#if defined(__AVX512BF16__) && defined(__AVX512F__)
+#if defined(__AVX512F__)
 #include <immintrin.h>
+#endif
+#if defined(__AVX512BF16__) && defined(__AVX512F__)
 #define LF_NATIVE_BF16 1
 #else
 #define LF_NATIVE_BF16 0
@@ -176,6 +184,96 @@ inline void bf16_gemm_packed(bool ta, int M, int Nc, int K, float alpha, const u
         }
     }
 }
+#endif
+
+// ---------------------------------------------------------------------------------------------------------------
+// The float32 tiles (AVX-512 FMA). A needs no packing: a tile reads op(A)[m][k] at A[m·rs + k·ks] (rs = lda,
+// ks = 1 untransposed; rs = 1, ks = lda transposed); B is packed in panels of 32 columns,
+// b[(panel·K + k)·32 + j] = opB[k][j0+j], zeros past the last column.
+
+inline int64_t f32_packed_b_numbers(int K, int Nc) { return (int64_t)((Nc + BF16_NR - 1) / BF16_NR) * K * BF16_NR; }
+
+inline void f32_pack_b(bool tb, int K, int Nc, const float* B, int ldb, float* b) {
+    const int panels = (Nc + BF16_NR - 1) / BF16_NR;
+    for (int pnl = 0; pnl < panels; ++pnl) {
+        const int j0 = pnl * BF16_NR, nj = Nc - j0 < BF16_NR ? Nc - j0 : BF16_NR;
+        float* out = b + (int64_t)pnl * K * BF16_NR;
+        if (tb) {
+            for (int j = 0; j < BF16_NR; ++j) {
+                const float* row = j < nj ? B + (int64_t)(j0 + j) * ldb : nullptr;
+                for (int k = 0; k < K; ++k) out[(int64_t)k * BF16_NR + j] = row ? row[k] : 0.0f;
+            }
+        } else {
+            for (int k = 0; k < K; ++k) {
+                const float* r = B + (int64_t)k * ldb + j0;
+                float* o = out + (int64_t)k * BF16_NR;
+#pragma omp simd
+                for (int j = 0; j < BF16_NR; ++j) o[j] = j < nj ? r[j] : 0.0f;
+            }
+        }
+    }
+}
+
+#if defined(__AVX512F__)
+#define LF_NATIVE_F32 1
+template <int MR>
+inline void f32_tile(int K, const float* a, int64_t rs, int64_t ks, const float* b, float* c, int ldc, int nj,
+                     float alpha, float beta) {
+    __m512 acc0[MR], acc1[MR];
+    for (int r = 0; r < MR; ++r) acc0[r] = acc1[r] = _mm512_setzero_ps();
+    for (int k = 0; k < K; ++k) {
+        const __m512 b0 = _mm512_loadu_ps(b + (int64_t)k * BF16_NR);
+        const __m512 b1 = _mm512_loadu_ps(b + (int64_t)k * BF16_NR + 16);
+        const float* ak = a + k * ks;
+        for (int r = 0; r < MR; ++r) {
+            const __m512 av = _mm512_set1_ps(ak[r * rs]);
+            acc0[r] = _mm512_fmadd_ps(av, b0, acc0[r]);
+            acc1[r] = _mm512_fmadd_ps(av, b1, acc1[r]);
+        }
+    }
+    const __mmask16 m0 = nj >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << nj) - 1u);
+    const __mmask16 m1 = nj >= 32 ? (__mmask16)0xFFFF : (nj <= 16 ? (__mmask16)0 : (__mmask16)((1u << (nj - 16)) - 1u));
+    const __m512 va = _mm512_set1_ps(alpha), vb = _mm512_set1_ps(beta);
+    for (int r = 0; r < MR; ++r) {
+        float* cr = c + (int64_t)r * ldc;
+        __m512 x0 = _mm512_mul_ps(va, acc0[r]), x1 = _mm512_mul_ps(va, acc1[r]);
+        if (beta != 0.0f) {
+            x0 = _mm512_fmadd_ps(vb, _mm512_maskz_loadu_ps(m0, cr), x0);
+            x1 = _mm512_fmadd_ps(vb, _mm512_maskz_loadu_ps(m1, cr + 16), x1);
+        }
+        _mm512_mask_storeu_ps(cr, m0, x0);
+        _mm512_mask_storeu_ps(cr + 16, m1, x1);
+    }
+}
+
+// C (M×Nc, rows of ldc) = alpha op(A) op(B) + beta C, op(A) read from A (lda, ta) and op(B) packed (f32_pack_b)
+inline void f32_gemm_packed(bool ta, int M, int Nc, int K, float alpha, const float* A, int lda, const float* b,
+                            float beta, float* c, int ldc) {
+    const int64_t rs = ta ? 1 : lda, ks = ta ? lda : 1;
+    const int panels = (Nc + BF16_NR - 1) / BF16_NR;
+    for (int pnl = 0; pnl < panels; ++pnl) {
+        const int j0 = pnl * BF16_NR, nj = Nc - j0 < BF16_NR ? Nc - j0 : BF16_NR;
+        const float* bp = b + (int64_t)pnl * K * BF16_NR;
+        int m0 = 0;
+        const int tiles = (M + BF16_MR - 1) / BF16_MR;
+        for (int t = 0; t < tiles; ++t) {
+            const int m1 = (int)((int64_t)M * (t + 1) / tiles);
+            float* ct = c + (int64_t)m0 * ldc + j0;
+            const float* at = A + m0 * rs;
+            switch (m1 - m0) {
+#define LF_TILE(R) \
+    case R: f32_tile<R>(K, at, rs, ks, bp, ct, ldc, nj, alpha, beta); break;
+                LF_TILE(1) LF_TILE(2) LF_TILE(3) LF_TILE(4) LF_TILE(5) LF_TILE(6)
+                LF_TILE(7) LF_TILE(8) LF_TILE(9) LF_TILE(10) LF_TILE(11) LF_TILE(12)
+#undef LF_TILE
+                default: break;
+            }
+            m0 = m1;
+        }
+    }
+}
+#else
+#define LF_NATIVE_F32 0
 #endif
 
 }  // namespace lf
