@@ -464,6 +464,48 @@ def compare_baseline(base: types.ModuleType, configs: list[tuple[str, dict[str, 
     return out
 
 
+def gemm_variants(bfloat16: bool) -> list[tuple[str, str]]:
+    """(precision, gemm) for every gemm available here: float32's, the one taken first; with ``bfloat16``
+    also bfloat16's (latticeflow.native.step.gemm_choices)."""
+    out = [("float32", w) for w in native_step.gemm_choices("float32")]
+    if bfloat16:
+        out += [("bfloat16", w) for w in native_step.gemm_choices("bfloat16")]
+    return out
+
+
+def compare_gemms(config: dict, batch: int, gflop: float, mm: float, rounds: int = 7, iters: int = 2,
+                  bfloat16: bool = False, L: int = PAPER_L) -> dict[tuple[str, str], float]:
+    """Time ``config``'s training iteration with each gemm available (:func:`gemm_variants`), interleaved in
+    this process, and print each median, its ratio to the roofline (``gflop`` per iteration at the matmul
+    speed ``mm`` GFLOP/s) and its speed relative to float32 with the gemm taken here. Returns the medians."""
+    variants = gemm_variants(bfloat16)
+    if bfloat16 and not any(p == "bfloat16" for p, _ in variants):
+        print("  with bfloat16 products: unavailable (no bfloat16 gemm here)")
+    if not variants:
+        return {}
+    steps = {}
+    for precision, which in variants:
+        inner = make_step(config, L, batch, precision=precision)
+
+        def step(inner: Callable[[], None] = inner, precision: str = precision, which: str = which) -> None:
+            with native_step.gemm_as(precision, which):
+                inner()
+
+        steps[f"{precision}/{which}"] = step
+    t = time_interleaved(steps, rounds, iters)
+    med = {v: statistics.median(t[f"{v[0]}/{v[1]}"]) for v in variants}
+    base = med[variants[0]]
+    print(f"  each gemm, same process, {rounds} interleaved rounds × {iters} iterations (median s/iteration; "
+          f"ratio to the roofline; float32 with {GEMM_NAMES['float32'][variants[0][1]]} ÷ this):")
+    for precision, which in variants:
+        taken = which == native_step.gemm_choice(precision)
+        flag = {"float32": "", "bfloat16": " (--train-precision bfloat16)"}[precision]
+        print(f"    {precision}{flag}, {GEMM_NAMES[precision][which]}{' (taken here)' if taken else ''}: "
+              f"{med[(precision, which)]:.3f}; {gflop / med[(precision, which)] / mm:.2f}; "
+              f"{base / med[(precision, which)]:.2f}")
+    return med
+
+
 def default_size_row(L: int, iters: int) -> dict[str, Any]:
     """Seconds per training iteration and peak memory of the driver's default flow at L, in this process.
 
@@ -630,24 +672,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"  its matmuls alone, back to back (the shapes of one fused MLP stage × {4 * steps} stages): "
           f"{gemm:.3f} s/iteration at {gemm_flops / gemm / 1e9:.1f} GFLOP/s; {rest}; "
           f"the ratio with everything else free: {flops / gemm / 1e9 / mm:.2f}")
-    f32 = native_step.gemm_choices("float32")
-    if f32:
-        print(f"  (products by {GEMM_NAMES['float32'][f32[0]]}, the float32 gemm this machine takes)")
-    for which in f32[1:]:  # the other float32 gemm, for the choice's sake
-        with native_step.gemm_as("float32", which):
-            so = time_iteration(paper, 16, B, args.iters)
-        print(f"  with {GEMM_NAMES['float32'][which]} instead: {so:.3f} s/iteration; ratio to the roofline "
-              f"{flops / so / 1e9 / mm:.2f}; {so / s:.2f}x the time of the one taken")
-    if args.bfloat16:
-        gemms = native_step.gemm_choices("bfloat16")
-        if not gemms:
-            print("  with bfloat16 products: unavailable (no bfloat16 gemm here)")
-        for i, which in enumerate(gemms):  # the one --train-precision takes first, then any other
-            with native_step.gemm_as("bfloat16", which):
-                sb = time_iteration(paper, 16, B, args.iters, precision="bfloat16")
-            name = GEMM_NAMES["bfloat16"][which] + (" (the one training takes here)" if i == 0 else "")
-            print(f"  with bfloat16 products (--train-precision bfloat16; {name}; native step: "
-                  f"{native_step.status()}): {sb:.3f} s/iteration; float32 / bfloat16 {s / sb:.2f}")
+    compare_gemms(paper, B, flops / 1e9, mm, rounds=args.rounds, iters=args.round_iters, bfloat16=args.bfloat16)
     if orig is None:
         print(f"  {UNAVAILABLE}")
     elif isinstance(orig, str):
