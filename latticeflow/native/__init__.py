@@ -25,6 +25,7 @@ Symbols: B batch, N = L² sites, K2 = k² kernel offsets, J patch planes, C chan
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import os
 import platform
@@ -71,6 +72,7 @@ def _mode_of(env: str) -> str:
     return mode
 
 
+@functools.lru_cache(maxsize=None)  # the CPU does not change within a process; a step asks per call
 def _cpu_flags() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():

@@ -37,6 +37,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import ctypes
+import functools
 import platform
 import sys
 import threading
@@ -237,6 +238,7 @@ def _native(precision: str) -> bool:
     return lib is not None and (lib.lf_native_f32() if precision == "float32" else lib.lf_native_bf16()) == 1
 
 
+@functools.lru_cache(maxsize=None)
 def _cpu_vendor() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
