@@ -505,6 +505,13 @@ def test_gemm_choice(kernel, monkeypatch):
         with step.gemm_as(precision, "mkl"):
             assert step.gemm_choice(precision) == ("mkl" if mkl else None)
         assert step.GEMM[precision] == "auto"
+    # a float32 step with the gemm insisted on unavailable is refused, not quietly run on the other
+    monkeypatch.setattr(step, "_native", lambda p: False)
+    x = torch.zeros(2, 3)
+    with step.gemm_as("float32", "native"):
+        with pytest.raises(ValueError, match="unavailable here"):
+            step._gemm(x)
+    assert step._gemm(x.double()) == 2  # float64: dgemm, whatever the float32 setting
     with pytest.raises(ValueError, match="a gemm must be one of"):
         step.gemm_choice("float32", "oneDNN")
     with pytest.raises(ValueError, match="precision must be one of"):

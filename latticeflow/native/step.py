@@ -129,8 +129,8 @@ counts = {"bfloat16": 0, "full": 0}
 def products(precision: str) -> Iterator[None]:
     """Inside the block, float32 GEMM steps multiply in ``precision``: "bfloat16" rounds the products'
     operands to bfloat16 and sums in float32 (:func:`gemm_choice`: MKL's gemm_bf16bf16f32 on AMX, this
-    library's AVX512-BF16 tiles on other CPUs that have them), for training iterations whose gradients need only descend; "float32" (the default)
-    changes nothing. Every other step (float64, the lanes step, eager steps, other devices) is
+    library's AVX512-BF16 tiles on other CPUs that have them), for training iterations whose gradients
+    need only descend; "float32" (the default) changes nothing. Every other step (float64, the lanes step, eager steps, other devices) is
     unaffected, and so is everything outside the block: the trainer keeps its reported estimates out
     of it. Where this torch has no bfloat16 gemm the steps stay float32 (``counts`` tells)."""
     if precision not in PRECISIONS:
@@ -298,9 +298,12 @@ def gemm_as(precision: str, which: str) -> Iterator[None]:
 
 def _gemm(x: Tensor) -> int:
     """The address of the gemm a GEMM step of x's dtype takes (float32: :func:`gemm_choice`)."""
-    if x.dtype == torch.float32 and gemm_choice("float32") == "native":
-        return ctypes.cast(load().lf_gemm_f32, ctypes.c_void_p).value
-    return blas()[x.dtype]
+    if x.dtype != torch.float32:
+        return blas()[x.dtype]
+    which = gemm_choice("float32")
+    if which is None:
+        raise ValueError(f"GEMM['float32'] = {GEMM['float32']!r}, which is unavailable here")
+    return ctypes.cast(load().lf_gemm_f32, ctypes.c_void_p).value if which == "native" else blas()[x.dtype]
 
 
 def _low(low: bool, x: Tensor) -> int | None:
