@@ -454,21 +454,29 @@ def test_native_bf16_gemm_is_the_rounded_operands_product(kernel, ta, tb, M, Nc,
             assert float((C[:, :Nc].double() - full).abs().max()) > 1e-4
 
 
+def _step_by_each_gemm(precision, quad, seed, monkeypatch):
+    """(y, logp, params, cot, {gemm: the GEMM step's outputs}) of one float32 GEMM step with products in
+    ``precision`` by each gemm (skipped unless both are available)."""
+    _gemm_or_skip(precision, "mkl")
+    _gemm_or_skip(precision, "native")
+    monkeypatch.setattr(native_step, "AUTO_MAX_SITES", 0)
+    params = _params(40, 64, True, True, True, quad, quad and precision == "float32", torch.float32, seed=seed)
+    y = torch.randn(32, 40, generator=torch.Generator().manual_seed(3)).requires_grad_()
+    logp = torch.zeros(32, requires_grad=True)
+    cot = (torch.randn(32, 40, generator=torch.Generator().manual_seed(5)), torch.ones(32))
+    path = "gemm" if precision == "float32" else "gemm-bf16"
+    out = {}
+    for which in ("mkl", "native"):
+        with native_step.gemm_as(precision, which):
+            out[which] = _step_outputs(_compiled(path), y, logp, params, "lncosh", 0.2, 0.1, cot)
+    return y, logp, params, cot, out
+
+
 def test_the_two_bf16_gemms_give_the_same_step(kernel, monkeypatch):
     # both bfloat16 gemms round the same operands the same way and sum in float32: a GEMM step and its
     # gradients agree between them to float32 rounding of the sums (and an operand that then rounds the other
     # way), far closer than either agrees with the float32 step
-    _gemm_or_skip("bfloat16", "mkl")
-    _gemm_or_skip("bfloat16", "native")
-    monkeypatch.setattr(native_step, "AUTO_MAX_SITES", 0)
-    params = _params(40, 64, True, True, True, True, False, torch.float32, seed=6)
-    y = torch.randn(32, 40, generator=torch.Generator().manual_seed(3)).requires_grad_()
-    logp = torch.zeros(32, requires_grad=True)
-    cot = (torch.randn(32, 40, generator=torch.Generator().manual_seed(5)), torch.ones(32))
-    out = {}
-    for which in ("mkl", "native"):
-        with native_step.gemm_as("bfloat16", which):
-            out[which] = _step_outputs(_compiled("gemm-bf16"), y, logp, params, "lncosh", 0.2, 0.1, cot)
+    y, logp, params, cot, out = _step_by_each_gemm("bfloat16", True, 6, monkeypatch)
     full = _step_outputs(_compiled("gemm"), y, logp, params, "lncosh", 0.2, 0.1, cot)
     for a, b, f in zip(out["native"], out["mkl"], full):
         if b.detach().norm() > 0:
@@ -551,21 +559,10 @@ def test_float32_tiles_are_the_product(kernel, ta, tb, M, Nc, K):
 def test_the_float32_gemms_give_the_same_step(kernel, quad, monkeypatch):
     # a float32 GEMM step and its gradients by the tiles and by MKL's sgemm: the same sums in other orders, so
     # equal to float32 rounding (and both equal to the float64 step to float32's accuracy)
-    _gemm_or_skip("float32", "mkl")
-    _gemm_or_skip("float32", "native")
-    monkeypatch.setattr(native_step, "AUTO_MAX_SITES", 0)
-    params = _params(40, 64, True, True, True, quad, quad, torch.float32, seed=8)
-    y = torch.randn(32, 40, generator=torch.Generator().manual_seed(3)).requires_grad_()
-    logp = torch.zeros(32, requires_grad=True)
-    cot = (torch.randn(32, 40, generator=torch.Generator().manual_seed(5)), torch.ones(32))
-    out = {}
-    for which in ("mkl", "native"):
-        with native_step.gemm_as("float32", which):
-            out[which] = _step_outputs(_compiled("gemm"), y, logp, params, "lncosh", 0.2, 0.1, cot)
-    y64 = y.detach().double().requires_grad_()
+    y, logp, params, cot, out = _step_by_each_gemm("float32", quad, 8, monkeypatch)
     p64 = [q.double() if q is not None else None for q in params]
-    want = _step_outputs(_reference_rk4, y64, logp.detach().double().requires_grad_(), p64, "lncosh", 0.2, 0.1,
-                         tuple(c.double() for c in cot))
+    want = _step_outputs(_reference_rk4, y.detach().double().requires_grad_(), logp.detach().double().requires_grad_(),
+                         p64, "lncosh", 0.2, 0.1, tuple(c.double() for c in cot))
     for a, b, w in zip(out["native"], out["mkl"], want):
         scale = float(w.detach().norm())
         if scale > 0:

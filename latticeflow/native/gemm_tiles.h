@@ -24,6 +24,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #if defined(__AVX512F__)
 #include <immintrin.h>
@@ -122,6 +123,51 @@ inline void bf16_pack_b(bool tb, int K, int Nc, const float* B, int ldb, uint32_
     }
 }
 
+#if defined(__AVX512F__)
+// a tile's sums (MR rows × two 16-lane vectors) into C: alpha acc + beta C, masked past column nj (≤ 32)
+template <int MR>
+inline void store_tile(const __m512 (&acc0)[MR], const __m512 (&acc1)[MR], float* c, int ldc, int nj, float alpha,
+                       float beta) {
+    const __mmask16 m0 = nj >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << nj) - 1u);
+    const __mmask16 m1 = nj >= 32 ? (__mmask16)0xFFFF : (nj <= 16 ? (__mmask16)0 : (__mmask16)((1u << (nj - 16)) - 1u));
+    const __m512 va = _mm512_set1_ps(alpha), vb = _mm512_set1_ps(beta);
+    for (int r = 0; r < MR; ++r) {
+        float* cr = c + (int64_t)r * ldc;
+        __m512 x0 = _mm512_mul_ps(va, acc0[r]), x1 = _mm512_mul_ps(va, acc1[r]);
+        if (beta != 0.0f) {
+            x0 = _mm512_fmadd_ps(vb, _mm512_maskz_loadu_ps(m0, cr), x0);
+            x1 = _mm512_fmadd_ps(vb, _mm512_maskz_loadu_ps(m1, cr + 16), x1);
+        }
+        _mm512_mask_storeu_ps(cr, m0, x0);
+        _mm512_mask_storeu_ps(cr + 16, m1, x1);
+    }
+}
+
+// the tiles of C (M×Nc): for each panel of 32 columns, the rows in tiles of at most MR, as even as they come
+// (32 rows: 11 + 11 + 10, not 12 + 12 + 8); tile(rows, m0, panel, j0, nj) with rows a compile-time count
+template <typename Tile>
+inline void tile_grid(int M, int Nc, Tile tile) {
+    const int panels = (Nc + BF16_NR - 1) / BF16_NR;
+    const int tiles = (M + BF16_MR - 1) / BF16_MR;
+    for (int pnl = 0; pnl < panels; ++pnl) {
+        const int j0 = pnl * BF16_NR, nj = Nc - j0 < BF16_NR ? Nc - j0 : BF16_NR;
+        int m0 = 0;
+        for (int t = 0; t < tiles; ++t) {
+            const int m1 = (int)((int64_t)M * (t + 1) / tiles);
+            switch (m1 - m0) {
+#define LF_TILE(R) \
+    case R: tile(std::integral_constant<int, R>{}, m0, pnl, j0, nj); break;
+                LF_TILE(1) LF_TILE(2) LF_TILE(3) LF_TILE(4) LF_TILE(5) LF_TILE(6)
+                LF_TILE(7) LF_TILE(8) LF_TILE(9) LF_TILE(10) LF_TILE(11) LF_TILE(12)
+#undef LF_TILE
+                default: break;
+            }
+            m0 = m1;
+        }
+    }
+}
+#endif
+
 #if LF_NATIVE_BF16
 // one tile: C[MR × nj] = alpha Σ_kk a[r·rs + kk·ks] · b[kk·32 + j] + beta C (nj ≤ 32 columns stored)
 template <int MR>
@@ -139,19 +185,7 @@ inline void bf16_tile(int KK, const uint32_t* a, int64_t rs, int64_t ks, const u
             acc1[r] = _mm512_dpbf16_ps(acc1[r], av, b1);
         }
     }
-    const __mmask16 m0 = nj >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << nj) - 1u);
-    const __mmask16 m1 = nj >= 32 ? (__mmask16)0xFFFF : (nj <= 16 ? (__mmask16)0 : (__mmask16)((1u << (nj - 16)) - 1u));
-    const __m512 va = _mm512_set1_ps(alpha), vb = _mm512_set1_ps(beta);
-    for (int r = 0; r < MR; ++r) {
-        float* cr = c + (int64_t)r * ldc;
-        __m512 x0 = _mm512_mul_ps(va, acc0[r]), x1 = _mm512_mul_ps(va, acc1[r]);
-        if (beta != 0.0f) {
-            x0 = _mm512_fmadd_ps(vb, _mm512_maskz_loadu_ps(m0, cr), x0);
-            x1 = _mm512_fmadd_ps(vb, _mm512_maskz_loadu_ps(m1, cr + 16), x1);
-        }
-        _mm512_mask_storeu_ps(cr, m0, x0);
-        _mm512_mask_storeu_ps(cr + 16, m1, x1);
-    }
+    store_tile<MR>(acc0, acc1, c, ldc, nj, alpha, beta);
 }
 
 // C (M×Nc, rows of ldc) = alpha op(A) op(B) + beta C from the packed a (bf16_pack_a of the same ta) and b
@@ -161,28 +195,10 @@ inline void bf16_gemm_packed(bool ta, int M, int Nc, int K, float alpha, const u
     const int KK = bf16_pairs(K);
     int64_t rs, ks;
     bf16_a_strides(ta, M, K, rs, ks);
-    const int panels = (Nc + BF16_NR - 1) / BF16_NR;
-    for (int pnl = 0; pnl < panels; ++pnl) {
-        const int j0 = pnl * BF16_NR, nj = Nc - j0 < BF16_NR ? Nc - j0 : BF16_NR;
-        const uint32_t* bp = b + (int64_t)pnl * KK * BF16_NR;
-        int m0 = 0;
-        // rows in tiles of at most MR, as even as they come (32 rows: 11 + 11 + 10, not 12 + 12 + 8)
-        const int tiles = (M + BF16_MR - 1) / BF16_MR;
-        for (int t = 0; t < tiles; ++t) {
-            const int m1 = (int)((int64_t)M * (t + 1) / tiles);
-            float* ct = c + (int64_t)m0 * ldc + j0;
-            const uint32_t* at = a + m0 * rs;
-            switch (m1 - m0) {
-#define LF_TILE(R) \
-    case R: bf16_tile<R>(KK, at, rs, ks, bp, ct, ldc, nj, alpha, beta); break;
-                LF_TILE(1) LF_TILE(2) LF_TILE(3) LF_TILE(4) LF_TILE(5) LF_TILE(6)
-                LF_TILE(7) LF_TILE(8) LF_TILE(9) LF_TILE(10) LF_TILE(11) LF_TILE(12)
-#undef LF_TILE
-                default: break;
-            }
-            m0 = m1;
-        }
-    }
+    tile_grid(M, Nc, [&](auto rows, int m0, int pnl, int j0, int nj) {
+        bf16_tile<decltype(rows)::value>(KK, a + m0 * rs, rs, ks, b + (int64_t)pnl * KK * BF16_NR,
+                                         c + (int64_t)m0 * ldc + j0, ldc, nj, alpha, beta);
+    });
 }
 #endif
 
@@ -231,46 +247,17 @@ inline void f32_tile(int K, const float* a, int64_t rs, int64_t ks, const float*
             acc1[r] = _mm512_fmadd_ps(av, b1, acc1[r]);
         }
     }
-    const __mmask16 m0 = nj >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << nj) - 1u);
-    const __mmask16 m1 = nj >= 32 ? (__mmask16)0xFFFF : (nj <= 16 ? (__mmask16)0 : (__mmask16)((1u << (nj - 16)) - 1u));
-    const __m512 va = _mm512_set1_ps(alpha), vb = _mm512_set1_ps(beta);
-    for (int r = 0; r < MR; ++r) {
-        float* cr = c + (int64_t)r * ldc;
-        __m512 x0 = _mm512_mul_ps(va, acc0[r]), x1 = _mm512_mul_ps(va, acc1[r]);
-        if (beta != 0.0f) {
-            x0 = _mm512_fmadd_ps(vb, _mm512_maskz_loadu_ps(m0, cr), x0);
-            x1 = _mm512_fmadd_ps(vb, _mm512_maskz_loadu_ps(m1, cr + 16), x1);
-        }
-        _mm512_mask_storeu_ps(cr, m0, x0);
-        _mm512_mask_storeu_ps(cr + 16, m1, x1);
-    }
+    store_tile<MR>(acc0, acc1, c, ldc, nj, alpha, beta);
 }
 
 // C (M×Nc, rows of ldc) = alpha op(A) op(B) + beta C, op(A) read from A (lda, ta) and op(B) packed (f32_pack_b)
 inline void f32_gemm_packed(bool ta, int M, int Nc, int K, float alpha, const float* A, int lda, const float* b,
                             float beta, float* c, int ldc) {
     const int64_t rs = ta ? 1 : lda, ks = ta ? lda : 1;
-    const int panels = (Nc + BF16_NR - 1) / BF16_NR;
-    for (int pnl = 0; pnl < panels; ++pnl) {
-        const int j0 = pnl * BF16_NR, nj = Nc - j0 < BF16_NR ? Nc - j0 : BF16_NR;
-        const float* bp = b + (int64_t)pnl * K * BF16_NR;
-        int m0 = 0;
-        const int tiles = (M + BF16_MR - 1) / BF16_MR;
-        for (int t = 0; t < tiles; ++t) {
-            const int m1 = (int)((int64_t)M * (t + 1) / tiles);
-            float* ct = c + (int64_t)m0 * ldc + j0;
-            const float* at = A + m0 * rs;
-            switch (m1 - m0) {
-#define LF_TILE(R) \
-    case R: f32_tile<R>(K, at, rs, ks, bp, ct, ldc, nj, alpha, beta); break;
-                LF_TILE(1) LF_TILE(2) LF_TILE(3) LF_TILE(4) LF_TILE(5) LF_TILE(6)
-                LF_TILE(7) LF_TILE(8) LF_TILE(9) LF_TILE(10) LF_TILE(11) LF_TILE(12)
-#undef LF_TILE
-                default: break;
-            }
-            m0 = m1;
-        }
-    }
+    tile_grid(M, Nc, [&](auto rows, int m0, int pnl, int j0, int nj) {
+        f32_tile<decltype(rows)::value>(K, A + m0 * rs, rs, ks, b + (int64_t)pnl * K * BF16_NR,
+                                        c + (int64_t)m0 * ldc + j0, ldc, nj, alpha, beta);
+    });
 }
 #else
 #define LF_NATIVE_F32 0
