@@ -445,13 +445,14 @@ void backward(const Params<T>& p, const StepSetup<T>& ss, const T* y, const T* g
 // From about 25 sites on, the step's products are large enough for a BLAS gemm to run them at matmul
 // speed, and what costs beyond them is the eager step's ~40 tensor operators per stage. The GEMM step
 // computes the same step as forward/backward above with the products by the BLAS gemm that torch
-// itself calls (libtorch's sgemm_/dgemm_, column-major Fortran ABI, LP64; its pointer is an argument)
-// and everything else in a few fused passes: per stage, two gemms forward (h = S Wᵀ, v = U W) and two
-// backward (u = V̄ Wᵀ, S̄ = E W), plus two for W̄ = Σ_i (E_iᵀ S_i + C_iᵀ V̄_i) per step (K = 4B).
-// The forward keeps the stage points S_i and pre-activations h_i when the backward will need them
-// (save non-null); the backward then recomputes only the activations' derivatives. Row-parallel
-// passes in the forward (ℓ sums over k), column-parallel in the backward (parameter sums over b),
-// so every sum but the gemms' runs in a fixed order whatever the thread count.
+// itself calls (libtorch's sgemm_/dgemm_, column-major Fortran ABI, LP64; its pointer is an argument) or
+// by the AVX-512 tiles of gemm_tiles.h (Products below), and everything else in a few fused passes: per
+// stage, two gemms forward (h = S Wᵀ, v = U W) and two backward (u = V̄ Wᵀ, S̄ = E W), plus two for
+// W̄ = Σ_i (E_iᵀ S_i + C_iᵀ V̄_i) per step (K = 4 rows). The forward keeps the stage points S_i and
+// pre-activations h_i when the backward will need them (save non-null); the backward then recomputes
+// only the activations' derivatives. Each thread owns a run of rows (the batch split by thread count),
+// and the parameter sums are per thread, added in thread order, so every sum runs in a fixed order for
+// a given thread count.
 
 template <typename T>
 using Gemm = void (*)(const char*, const char*, const int*, const int*, const int*, const T*, const T*, const int*,
