@@ -44,12 +44,12 @@ inline uint32_t bf16_bits(float x) {
     return (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
 }
 
-constexpr int BF16_MR = 12;  // rows of a tile
-constexpr int BF16_NR = 32;  // columns of a tile (two 16-lane vectors)
+constexpr int TILE_MR = 12;  // rows of a tile
+constexpr int TILE_NR = 32;  // columns of a tile (two 16-lane vectors)
 
 inline int bf16_pairs(int K) { return (K + 1) / 2; }
 inline int64_t bf16_packed_b_words(int K, int Nc) {
-    return (int64_t)((Nc + BF16_NR - 1) / BF16_NR) * bf16_pairs(K) * BF16_NR;
+    return (int64_t)((Nc + TILE_NR - 1) / TILE_NR) * bf16_pairs(K) * TILE_NR;
 }
 
 // the strides of a packed A (bf16_pack_a): word (m, kk) at a[m·rs + kk·ks]
@@ -85,42 +85,36 @@ inline void bf16_pack_a(bool ta, int M, int K, const float* A, int lda, uint32_t
     }
 }
 
-// op(B) (K×Nc; B rows of ldb numbers, transposed when tb) into b (bf16_packed_b_words(K, Nc) words)
-inline void bf16_pack_b(bool tb, int K, int Nc, const float* B, int ldb, uint32_t* b) {
-    const int KK = bf16_pairs(K);
-    const int panels = (Nc + BF16_NR - 1) / BF16_NR;
+// B in panels of TILE_NR columns: out[(panel·G + g)·TILE_NR + j] = elem(g, j0 + j) for the G k-groups (a k for
+// float32, a pair of k for bfloat16), zeros past column Nc. by_rows (op(B) = Bᵀ): j outer, so that elem reads a
+// row of B contiguously; else g outer, contiguous over j.
+template <typename Word, typename Elem>
+inline void pack_panels(int G, int Nc, bool by_rows, Word* out, Elem elem) {
+    const int panels = (Nc + TILE_NR - 1) / TILE_NR;
     for (int pnl = 0; pnl < panels; ++pnl) {
-        const int j0 = pnl * BF16_NR, nj = Nc - j0 < BF16_NR ? Nc - j0 : BF16_NR;
-        uint32_t* out = b + (int64_t)pnl * KK * BF16_NR;
-        if (tb) {  // op(B)[k][j] = B[j][k]: a pair is two neighbours in row j of B
-            for (int j = 0; j < BF16_NR; ++j) {
-                const float* row = j < nj ? B + (int64_t)(j0 + j) * ldb : nullptr;
-                for (int kk = 0; kk < KK; ++kk) {
-                    uint32_t w = 0;
-                    if (row) {
-                        w = bf16_bits(row[2 * kk]);
-                        if (2 * kk + 1 < K) w |= bf16_bits(row[2 * kk + 1]) << 16;
-                    }
-                    out[(int64_t)kk * BF16_NR + j] = w;
-                }
-            }
-        } else {  // op(B)[k][j] = B[k][j]: a pair's two rows of B, contiguous over j
-            for (int kk = 0; kk < KK; ++kk) {
-                const float* r0 = B + (int64_t)(2 * kk) * ldb + j0;
-                const float* r1 = 2 * kk + 1 < K ? B + (int64_t)(2 * kk + 1) * ldb + j0 : nullptr;
-                uint32_t* o = out + (int64_t)kk * BF16_NR;
+        const int j0 = pnl * TILE_NR, nj = Nc - j0 < TILE_NR ? Nc - j0 : TILE_NR;
+        Word* o = out + (int64_t)pnl * G * TILE_NR;
+        if (by_rows) {
+            for (int j = 0; j < TILE_NR; ++j)
+                for (int g = 0; g < G; ++g) o[(int64_t)g * TILE_NR + j] = j < nj ? elem(g, j0 + j) : Word(0);
+        } else {
+            for (int g = 0; g < G; ++g) {
+                Word* og = o + (int64_t)g * TILE_NR;
 #pragma omp simd
-                for (int j = 0; j < BF16_NR; ++j) {
-                    uint32_t w = 0;
-                    if (j < nj) {
-                        w = bf16_bits(r0[j]);
-                        if (r1) w |= bf16_bits(r1[j]) << 16;
-                    }
-                    o[j] = w;
-                }
+                for (int j = 0; j < nj; ++j) og[j] = elem(g, j0 + j);
+                for (int j = nj; j < TILE_NR; ++j) og[j] = Word(0);
             }
         }
     }
+}
+
+// op(B) (K×Nc; B rows of ldb numbers, transposed when tb) into b (bf16_packed_b_words(K, Nc) words)
+inline void bf16_pack_b(bool tb, int K, int Nc, const float* B, int ldb, uint32_t* b) {
+    const int64_t sk = tb ? 1 : ldb, sj = tb ? ldb : 1;  // op(B)[k][j] at B[k·sk + j·sj]
+    pack_panels(bf16_pairs(K), Nc, tb, b, [&](int kk, int j) {
+        const float* x = B + (int64_t)(2 * kk) * sk + j * sj;
+        return bf16_bits(x[0]) | (2 * kk + 1 < K ? bf16_bits(x[sk]) << 16 : 0u);
+    });
 }
 
 #if defined(__AVX512F__)
@@ -147,10 +141,10 @@ inline void store_tile(const __m512 (&acc0)[MR], const __m512 (&acc1)[MR], float
 // (32 rows: 11 + 11 + 10, not 12 + 12 + 8); tile(rows, m0, panel, j0, nj) with rows a compile-time count
 template <typename Tile>
 inline void tile_grid(int M, int Nc, Tile tile) {
-    const int panels = (Nc + BF16_NR - 1) / BF16_NR;
-    const int tiles = (M + BF16_MR - 1) / BF16_MR;
+    const int panels = (Nc + TILE_NR - 1) / TILE_NR;
+    const int tiles = (M + TILE_MR - 1) / TILE_MR;
     for (int pnl = 0; pnl < panels; ++pnl) {
-        const int j0 = pnl * BF16_NR, nj = Nc - j0 < BF16_NR ? Nc - j0 : BF16_NR;
+        const int j0 = pnl * TILE_NR, nj = Nc - j0 < TILE_NR ? Nc - j0 : TILE_NR;
         int m0 = 0;
         for (int t = 0; t < tiles; ++t) {
             const int m1 = (int)((int64_t)M * (t + 1) / tiles);
@@ -176,8 +170,8 @@ inline void bf16_tile(int KK, const uint32_t* a, int64_t rs, int64_t ks, const u
     __m512 acc0[MR], acc1[MR];
     for (int r = 0; r < MR; ++r) acc0[r] = acc1[r] = _mm512_setzero_ps();
     for (int kk = 0; kk < KK; ++kk) {
-        const __m512bh b0 = (__m512bh)_mm512_loadu_si512(b + (int64_t)kk * BF16_NR);
-        const __m512bh b1 = (__m512bh)_mm512_loadu_si512(b + (int64_t)kk * BF16_NR + 16);
+        const __m512bh b0 = (__m512bh)_mm512_loadu_si512(b + (int64_t)kk * TILE_NR);
+        const __m512bh b1 = (__m512bh)_mm512_loadu_si512(b + (int64_t)kk * TILE_NR + 16);
         const uint32_t* ak = a + kk * ks;
         for (int r = 0; r < MR; ++r) {
             const __m512bh av = (__m512bh)_mm512_set1_epi32((int)ak[r * rs]);
@@ -196,7 +190,7 @@ inline void bf16_gemm_packed(bool ta, int M, int Nc, int K, float alpha, const u
     int64_t rs, ks;
     bf16_a_strides(ta, M, K, rs, ks);
     tile_grid(M, Nc, [&](auto rows, int m0, int pnl, int j0, int nj) {
-        bf16_tile<decltype(rows)::value>(KK, a + m0 * rs, rs, ks, b + (int64_t)pnl * KK * BF16_NR,
+        bf16_tile<decltype(rows)::value>(KK, a + m0 * rs, rs, ks, b + (int64_t)pnl * KK * TILE_NR,
                                          c + (int64_t)m0 * ldc + j0, ldc, nj, alpha, beta);
     });
 }
@@ -207,27 +201,11 @@ inline void bf16_gemm_packed(bool ta, int M, int Nc, int K, float alpha, const u
 // ks = 1 untransposed; rs = 1, ks = lda transposed); B is packed in panels of 32 columns,
 // b[(panel·K + k)·32 + j] = opB[k][j0+j], zeros past the last column.
 
-inline int64_t f32_packed_b_numbers(int K, int Nc) { return (int64_t)((Nc + BF16_NR - 1) / BF16_NR) * K * BF16_NR; }
+inline int64_t f32_packed_b_numbers(int K, int Nc) { return (int64_t)((Nc + TILE_NR - 1) / TILE_NR) * K * TILE_NR; }
 
 inline void f32_pack_b(bool tb, int K, int Nc, const float* B, int ldb, float* b) {
-    const int panels = (Nc + BF16_NR - 1) / BF16_NR;
-    for (int pnl = 0; pnl < panels; ++pnl) {
-        const int j0 = pnl * BF16_NR, nj = Nc - j0 < BF16_NR ? Nc - j0 : BF16_NR;
-        float* out = b + (int64_t)pnl * K * BF16_NR;
-        if (tb) {
-            for (int j = 0; j < BF16_NR; ++j) {
-                const float* row = j < nj ? B + (int64_t)(j0 + j) * ldb : nullptr;
-                for (int k = 0; k < K; ++k) out[(int64_t)k * BF16_NR + j] = row ? row[k] : 0.0f;
-            }
-        } else {
-            for (int k = 0; k < K; ++k) {
-                const float* r = B + (int64_t)k * ldb + j0;
-                float* o = out + (int64_t)k * BF16_NR;
-#pragma omp simd
-                for (int j = 0; j < BF16_NR; ++j) o[j] = j < nj ? r[j] : 0.0f;
-            }
-        }
-    }
+    const int64_t sk = tb ? 1 : ldb, sj = tb ? ldb : 1;
+    pack_panels(K, Nc, tb, b, [&](int k, int j) { return B[k * sk + j * sj]; });
 }
 
 #if defined(__AVX512F__)
@@ -238,8 +216,8 @@ inline void f32_tile(int K, const float* a, int64_t rs, int64_t ks, const float*
     __m512 acc0[MR], acc1[MR];
     for (int r = 0; r < MR; ++r) acc0[r] = acc1[r] = _mm512_setzero_ps();
     for (int k = 0; k < K; ++k) {
-        const __m512 b0 = _mm512_loadu_ps(b + (int64_t)k * BF16_NR);
-        const __m512 b1 = _mm512_loadu_ps(b + (int64_t)k * BF16_NR + 16);
+        const __m512 b0 = _mm512_loadu_ps(b + (int64_t)k * TILE_NR);
+        const __m512 b1 = _mm512_loadu_ps(b + (int64_t)k * TILE_NR + 16);
         const float* ak = a + k * ks;
         for (int r = 0; r < MR; ++r) {
             const __m512 av = _mm512_set1_ps(ak[r * rs]);
@@ -255,7 +233,7 @@ inline void f32_gemm_packed(bool ta, int M, int Nc, int K, float alpha, const fl
                             float beta, float* c, int ldc) {
     const int64_t rs = ta ? 1 : lda, ks = ta ? lda : 1;
     tile_grid(M, Nc, [&](auto rows, int m0, int pnl, int j0, int nj) {
-        f32_tile<decltype(rows)::value>(K, A + m0 * rs, rs, ks, b + (int64_t)pnl * K * BF16_NR,
+        f32_tile<decltype(rows)::value>(K, A + m0 * rs, rs, ks, b + (int64_t)pnl * K * TILE_NR,
                                         c + (int64_t)m0 * ldc + j0, ldc, nj, alpha, beta);
     });
 }

@@ -463,7 +463,7 @@ using GemmBf16 = void (*)(const char*, const char*, const int*, const int*, cons
                           const int*, const uint16_t*, const int*, const float*, float*, const int*);
 
 // a reused work buffer of at least n numbers (the calling thread's: no fresh pages to fault in per call;
-// slots 0-4 and 6 a step's, 7 the float32 tiles' packed operand)
+// slots 0-4 and 6 a step's, 7 the float32 tiles' packed operand; uint16/uint32 slots 0-2 the bfloat16 operands)
 template <typename T>
 inline T* scratch(int slot, size_t n) {
     thread_local std::vector<T> buf[12];  // 0-7: one step's; 8-11: a whole integration's
@@ -494,39 +494,27 @@ extern "C" void lf_gemm_f32(int ta, int tb, int M, int Nc, int K, float alpha, c
 template <typename T>
 struct Products {
     Gemm<T> g;
-    GemmBf16 lo;
-    bool own;    // the AVX512-BF16 tiles
-    bool own32;  // the float32 tiles
+    GemmBf16 lo;  // MKL's bfloat16 gemm, or null
     const T* W;
-    const uint16_t* Wlo;
-    const uint32_t *WpT, *WpN;
-    std::vector<float> Wf;  // the float32 tiles' packed W: Wᵀ's panels, then W's
-    const float *WfT, *WfN;
-    int H, N, nt;
+    const uint16_t* Wlo;   // MKL's bfloat16 copy of W
+    std::vector<uint32_t> Wp;  // the bfloat16 tiles' packed W (empty: not those tiles): Wᵀ's panels, then W's
+    std::vector<float> Wf;     // the float32 tiles' packed W, likewise
+    int64_t nT;                // where W's panels start in either
+    int nt;
 
-    Products(void* gemm, void* gemm_lo, const T* W_, int H_, int N_, int nt_)
-        : g((Gemm<T>)gemm), lo(nullptr), own(false), own32(false), W(W_), Wlo(nullptr), WpT(nullptr), WpN(nullptr),
-          WfT(nullptr), WfN(nullptr), H(H_), N(N_), nt(nt_) {
+    Products(void* gemm, void* gemm_lo, const T* W_, int H, int N, int nt_)
+        : g((Gemm<T>)gemm), lo(nullptr), W(W_), Wlo(nullptr), nT(0), nt(nt_) {
         if constexpr (std::is_same<T, float>::value) {
-            if (gemm == (void*)&lf_gemm_f32 && !gemm_lo) {
-#if LF_NATIVE_F32
-                own32 = true;
-                const int64_t nT = lf::f32_packed_b_numbers(N, H);
+            if (gemm == (void*)&lf_gemm_f32 && !gemm_lo && LF_NATIVE_F32) {
+                nT = lf::f32_packed_b_numbers(N, H);
                 Wf.resize((size_t)(nT + lf::f32_packed_b_numbers(H, N)));
                 lf::f32_pack_b(true, N, H, W_, N, Wf.data());
                 lf::f32_pack_b(false, H, N, W_, N, Wf.data() + nT);
-                WfT = Wf.data();
-                WfN = Wf.data() + nT;
-#endif
-            }
-            if (gemm_lo && gemm_lo == (void*)&lf_gemm_bf16_f32) {
-                own = true;
-                uint32_t* t = scratch<uint32_t>(0, (size_t)lf::bf16_packed_b_words(N, H));
-                uint32_t* n = scratch<uint32_t>(3, (size_t)lf::bf16_packed_b_words(H, N));
-                lf::bf16_pack_b(true, N, H, W_, N, t);
-                lf::bf16_pack_b(false, H, N, W_, N, n);
-                WpT = t;
-                WpN = n;
+            } else if (gemm_lo == (void*)&lf_gemm_bf16_f32) {  // only passed where LF_NATIVE_BF16 (Python checks)
+                nT = lf::bf16_packed_b_words(N, H);
+                Wp.resize((size_t)(nT + lf::bf16_packed_b_words(H, N)));
+                lf::bf16_pack_b(true, N, H, W_, N, Wp.data());
+                lf::bf16_pack_b(false, H, N, W_, N, Wp.data() + nT);
             } else if (gemm_lo) {
                 lo = (GemmBf16)gemm_lo;
                 uint16_t* buf = scratch<uint16_t>(0, (size_t)H * N);
@@ -550,8 +538,8 @@ struct Products {
         const char a = ta ? 'T' : 'N', b = tb ? 'T' : 'N';
         if constexpr (std::is_same<T, float>::value) {
 #if LF_NATIVE_F32
-            if (own32) {  // in the calling thread, its own packing buffer
-                const float* pb = B == W ? (tb ? WfT : WfN) : nullptr;
+            if (!Wf.empty()) {  // in the calling thread, its own packing buffer
+                const float* pb = B == W ? Wf.data() + (tb ? 0 : nT) : nullptr;
                 if (!pb) {
                     float* buf = scratch<float>(7, (size_t)lf::f32_packed_b_numbers(K, Nc));
                     lf::f32_pack_b(tb, K, Nc, B, ldb, buf);
@@ -562,10 +550,10 @@ struct Products {
             }
 #endif
 #if LF_NATIVE_BF16
-            if (own) {  // in the calling thread, its own packing buffers
+            if (!Wp.empty()) {  // in the calling thread, its own packing buffers
                 uint32_t* pa = scratch<uint32_t>(1, (size_t)lf::bf16_pairs(K) * M);
                 lf::bf16_pack_a(ta, M, K, A, lda, pa);
-                const uint32_t* pb = B == W ? (tb ? WpT : WpN) : nullptr;
+                const uint32_t* pb = B == W ? Wp.data() + (tb ? 0 : nT) : nullptr;
                 if (!pb) {
                     uint32_t* buf = scratch<uint32_t>(2, (size_t)lf::bf16_packed_b_words(K, Nc));
                     lf::bf16_pack_b(tb, K, Nc, B, ldb, buf);
@@ -585,13 +573,6 @@ struct Products {
         g(&b, &a, &Nc, &M, &K, &alpha, B, &ldb, A, &lda, &beta, C, &ldc);
     }
 };
-
-// the columns [k0, k1) of thread me of nt over H, in multiples of 16
-inline void cols_of(int H, int nt, int me, int& k0, int& k1) {
-    const int chunks = (H + 15) / 16;
-    k0 = std::min(H, chunks * me / nt * 16);
-    k1 = std::min(H, chunks * (me + 1) / nt * 16);
-}
 
 // one forward stage for the rows at s (nb, N, rows of N numbers): h = s Wᵀ + b(τ) into hs (rows of H),
 // v = ∇φ(s) into v, ℓ = −∇²φ into l (nb); U (nb, H) work space. Runs in the calling thread.
