@@ -258,7 +258,7 @@ def provenance(device: Any = None) -> dict[str, Any]:
             # GEMM steps (larger lattices) with bfloat16 and with full-precision products (--train-precision)
             "gemm_steps": dict(native_step.counts),
             # which gemm those took, by precision ("native": the library's AVX-512 tiles, "mkl"), where any ran
-            "gemm": {"float32": native_step.gemm_choice("float32") if native_step.counts["full"] else None,
+            "gemm": {"float32": native_step.gemm_choice("float32") if native_step.counts["float32"] else None,
                      "bfloat16": native_step.gemm_choice("bfloat16") if native_step.counts["bfloat16"] else None},
             "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
             "threads": torch.get_num_threads(), "processes": dist.world_size(),

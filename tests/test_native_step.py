@@ -570,6 +570,20 @@ def test_the_float32_gemms_give_the_same_step(kernel, quad, monkeypatch):
             assert float((a.double() - w).detach().norm()) / scale < 2e-6
 
 
+def test_float32_gemm_steps_are_counted_apart_from_float64(kernel, monkeypatch):
+    # the provenance names the float32 gemm only where float32 GEMM steps ran: a float64 GEMM step (dgemm,
+    # whatever the float32 choice) counts as full precision but not as float32
+    monkeypatch.setattr(native_step, "AUTO_MAX_SITES", 0)
+    params = _params(40, 64, True, False, False, False, False, torch.float64, seed=2)
+    y = torch.zeros(4, 40, dtype=torch.float64)
+    before = dict(native_step.counts)
+    assert native_step.available(y, 64, "softplus", params, steps=3) == "gemm"
+    assert native_step.counts["full"] - before["full"] == 3 and native_step.counts["float32"] == before["float32"]
+    assert native_step.available(y.float(), 64, "softplus", [q.float() if q is not None else None for q in params],
+                                 steps=2) == "gemm"
+    assert native_step.counts["full"] - before["full"] == 5 and native_step.counts["float32"] - before["float32"] == 2
+
+
 def test_bfloat16_training_keeps_its_products_inside_the_epochs(kernel, monkeypatch):
     # --train-precision bfloat16: the trainer's epochs (sampling and backward) take bfloat16 GEMM steps; a
     # flow.sample outside them (every reported estimate) takes float32 ones; the names agree with the config's

@@ -121,8 +121,9 @@ def blas() -> dict[Any, int] | None:
 #: what :func:`products` accepts
 PRECISIONS = ("float32", "bfloat16")
 _products: contextvars.ContextVar[str] = contextvars.ContextVar("latticeflow_step_products", default="float32")
-#: GEMM steps taken with bfloat16 and with full-precision products in this process (provenance)
-counts = {"bfloat16": 0, "full": 0}
+#: GEMM steps taken with bfloat16 and with full-precision products in this process, and of the latter those
+#: of float32 states (the ones :func:`gemm_choice` ("float32") chose a gemm for; provenance)
+counts = {"bfloat16": 0, "full": 0, "float32": 0}
 
 
 @contextlib.contextmanager
@@ -182,6 +183,8 @@ def available(y: Tensor, hidden: int, activation: str, params: list[Tensor | Non
         return None
     low = _products.get() == "bfloat16" and y.dtype == torch.float32 and gemm_choice("bfloat16") is not None
     counts["bfloat16" if low else "full"] += steps
+    if not low and y.dtype == torch.float32:
+        counts["float32"] += steps
     return "gemm-bf16" if low else "gemm"
 
 
