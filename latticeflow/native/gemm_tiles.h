@@ -14,7 +14,7 @@
 //   B: panels of 32 columns, b[(panel·KK + kk)·32 + j] = (opB[2kk][j0+j], opB[2kk+1][j0+j]),
 //   low half the even k, zeros past K and past the last column.
 // - float32 (FMA), where they beat the BLAS at these shapes (AMD Zen 4: a paper-configuration training
-//   iteration 1.1-1.2× faster than with MKL's sgemm); A is read in place, B packed in the same panels.
+//   iteration 1.08-1.12× faster than with MKL's sgemm); A is read in place, B packed in the same panels.
 //
 // A tile sums over all of K in registers and is stored once (alpha, beta, masked past the last column);
 // every sum runs over k in the same order whatever the thread count. Single-threaded: the GEMM step calls

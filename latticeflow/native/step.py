@@ -258,7 +258,7 @@ def gemm_choice(precision: str, mode: str | None = None) -> str | None:
     asked for is unavailable. "auto" prefers, and takes the other where the preferred one is missing:
     - bfloat16: MKL's gemm_bf16bf16f32 on CPUs with AMX tiles, the AVX512-BF16 tiles elsewhere (on AMD Zen 4
       MKL's bfloat16 gemm runs no faster than its sgemm, so that bfloat16 training was slower than float32);
-    - float32: the tiles on AMD CPUs (Zen 4: a paper-configuration iteration 1.1-1.2× faster than with MKL's
+    - float32: the tiles on AMD CPUs (Zen 4: a paper-configuration iteration 1.08-1.12× faster than with MKL's
       sgemm, 2026-12-02), MKL's sgemm elsewhere (not measured against the tiles on other CPUs yet).
     ``python benchmarks/ising_speed.py --bfloat16`` times an iteration with each gemm available. float64
     steps always take dgemm."""
