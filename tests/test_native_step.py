@@ -423,34 +423,38 @@ def _rounded(x):
     return x.to(torch.bfloat16).double()
 
 
+@pytest.mark.parametrize("precision", ["bfloat16", "float32"])
 @pytest.mark.parametrize("ta", [False, True])
 @pytest.mark.parametrize("tb", [False, True])
 @pytest.mark.parametrize("M, Nc, K", [(1, 1, 1), (5, 33, 7), (13, 50, 17), (32, 64, 40), (25, 31, 64), (12, 96, 2)])
-def test_native_bf16_gemm_is_the_rounded_operands_product(kernel, ta, tb, M, Nc, K):
-    # the AVX512-BF16 kernel against float64 products of the bfloat16-rounded operands (torch's rounding, to
-    # nearest even): float32 sums over K products, each exact in float32 (two 8-bit significands), so the error
-    # is at most about K float32 roundings of the running sum, bounded by 2K·2⁻²⁴·|α|·(|A||B|) + 2·2⁻²⁴·|C|;
-    # columns of C past Nc (ldc > Nc) are left alone
-    _gemm_or_skip("bfloat16", "native")
+def test_tiles_are_the_product(kernel, precision, ta, tb, M, Nc, K):
+    # the AVX-512 tiles against float64 products of their operands: for bfloat16 the operands rounded to
+    # bfloat16 (torch's rounding, to nearest even), each product then exact in float32 (two 8-bit significands);
+    # for float32 each product rounded once. Either way float32 sums over K products, so at most about K
+    # roundings of the running sum, bounded by 2K·2⁻²⁴·|α|·(|A||B|) + 2·2⁻²⁴·|C|; columns of C past Nc
+    # (ldc > Nc) are left alone; and bfloat16's is not the float32 product (its operands were rounded)
+    _gemm_or_skip(precision, "native")
     lib = native_step.load()
-    g = torch.Generator().manual_seed(M * 1000 + Nc * 10 + K)
+    gemm, operand = ((lib.lf_gemm_bf16_f32, _rounded) if precision == "bfloat16" else
+                     (lib.lf_gemm_f32, lambda x: x.double()))
+    g = torch.Generator().manual_seed(M * 1000 + Nc * 10 + K + (7 if precision == "float32" else 0))
     A = torch.randn(K, M + 3, generator=g) if ta else torch.randn(M, K + 3, generator=g)  # rows longer than used
     B = torch.randn(Nc, K + 1, generator=g) if tb else torch.randn(K, Nc + 2, generator=g)
-    opA = (A[:, :M].t() if ta else A[:, :K])
-    opB = (B[:, :K].t() if tb else B[:, :Nc])
+    opA = operand(A[:, :M].t() if ta else A[:, :K])
+    opB = operand(B[:, :K].t() if tb else B[:, :Nc])
     for alpha, beta in ((1.0, 0.0), (0.5, 2.0), (-1.5, 1.0)):
         C = torch.randn(M, Nc + 5, generator=g)
         C0 = C.clone()
-        lib.lf_gemm_bf16_f32(int(ta), int(tb), M, Nc, K, alpha, A.data_ptr(), A.shape[1], B.data_ptr(), B.shape[1],
-                             beta, C.data_ptr(), C.shape[1])
-        ref = alpha * _rounded(opA) @ _rounded(opB) + beta * C0[:, :Nc].double()
-        bound = 2 * K * 2.0 ** -24 * abs(alpha) * (_rounded(opA).abs() @ _rounded(opB).abs()) + 2 * 2.0 ** -24 * ref.abs()
+        gemm(int(ta), int(tb), M, Nc, K, alpha, A.data_ptr(), A.shape[1], B.data_ptr(), B.shape[1], beta,
+             C.data_ptr(), C.shape[1])
+        ref = alpha * opA @ opB + beta * C0[:, :Nc].double()
+        bound = 2 * K * 2.0 ** -24 * abs(alpha) * (opA.abs() @ opB.abs()) + 2 * 2.0 ** -24 * ref.abs()
         err = (C[:, :Nc].double() - ref).abs()
         assert bool((err <= bound + 1e-30).all()), float((err / bound).max())
         assert torch.equal(C[:, Nc:], C0[:, Nc:])
-        # and it is not the float32 product: the operands were rounded
-        full = alpha * opA.double() @ opB.double() + beta * C0[:, :Nc].double()
-        if K >= 7:
+        if precision == "bfloat16" and K >= 7:
+            opA32, opB32 = (A[:, :M].t() if ta else A[:, :K]).double(), (B[:, :K].t() if tb else B[:, :Nc]).double()
+            full = alpha * opA32 @ opB32 + beta * C0[:, :Nc].double()
             assert float((C[:, :Nc].double() - full).abs().max()) > 1e-4
 
 
@@ -527,32 +531,6 @@ def test_gemm_choice(kernel, monkeypatch):
     with pytest.raises(ValueError, match="a gemm must be one of"):
         with step.gemm_as("bfloat16", "oneDNN"):
             pass
-
-
-@pytest.mark.parametrize("ta", [False, True])
-@pytest.mark.parametrize("tb", [False, True])
-@pytest.mark.parametrize("M, Nc, K", [(1, 1, 1), (5, 33, 7), (13, 50, 17), (32, 64, 40), (25, 31, 64), (12, 96, 2)])
-def test_float32_tiles_are_the_product(kernel, ta, tb, M, Nc, K):
-    # the float32 tiles against float64 products: float32 sums over K products (each rounded once), so at most
-    # about K roundings of the running sum, bounded by 2K·2⁻²⁴·|α|·(|A||B|) + 2·2⁻²⁴·|C|; columns past Nc
-    # (ldc > Nc) are left alone
-    _gemm_or_skip("float32", "native")
-    lib = native_step.load()
-    g = torch.Generator().manual_seed(M * 1000 + Nc * 10 + K + 7)
-    A = torch.randn(K, M + 3, generator=g) if ta else torch.randn(M, K + 3, generator=g)
-    B = torch.randn(Nc, K + 1, generator=g) if tb else torch.randn(K, Nc + 2, generator=g)
-    opA = (A[:, :M].t() if ta else A[:, :K]).double()
-    opB = (B[:, :K].t() if tb else B[:, :Nc]).double()
-    for alpha, beta in ((1.0, 0.0), (0.5, 2.0), (-1.5, 1.0)):
-        C = torch.randn(M, Nc + 5, generator=g)
-        C0 = C.clone()
-        lib.lf_gemm_f32(int(ta), int(tb), M, Nc, K, alpha, A.data_ptr(), A.shape[1], B.data_ptr(), B.shape[1], beta,
-                        C.data_ptr(), C.shape[1])
-        ref = alpha * opA @ opB + beta * C0[:, :Nc].double()
-        bound = 2 * K * 2.0 ** -24 * abs(alpha) * (opA.abs() @ opB.abs()) + 2 * 2.0 ** -24 * ref.abs()
-        err = (C[:, :Nc].double() - ref).abs()
-        assert bool((err <= bound + 1e-30).all()), float((err / bound).max())
-        assert torch.equal(C[:, Nc:], C0[:, Nc:])
 
 
 @pytest.mark.parametrize("quad", [False, True])

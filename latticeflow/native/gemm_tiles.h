@@ -24,7 +24,6 @@
 
 #include <cstdint>
 #include <cstring>
-#include <type_traits>
 
 #if defined(__AVX512F__)
 #include <immintrin.h>
@@ -137,20 +136,45 @@ inline void store_tile(const __m512 (&acc0)[MR], const __m512 (&acc1)[MR], float
     }
 }
 
-// the tiles of C (M×Nc): for each panel of 32 columns, the rows in tiles of at most MR, as even as they come
-// (32 rows: 11 + 11 + 10, not 12 + 12 + 8); tile(rows, m0, panel, j0, nj) with rows a compile-time count
-template <typename Tile>
-inline void tile_grid(int M, int Nc, Tile tile) {
+// one tile: C[MR × nj] = alpha Σ_g a[r·rs + g·ks] · b[g·32 + j] + beta C over G k-groups (nj ≤ 32 columns
+// stored), Ops the element type's vector load, broadcast and multiply-add
+template <typename Ops, int MR>
+inline void tile(int G, const typename Ops::Word* a, int64_t rs, int64_t ks, const typename Ops::Word* b, float* c,
+                 int ldc, int nj, float alpha, float beta) {
+    __m512 acc0[MR], acc1[MR];
+    for (int r = 0; r < MR; ++r) acc0[r] = acc1[r] = _mm512_setzero_ps();
+    for (int g = 0; g < G; ++g) {
+        const auto b0 = Ops::load(b + (int64_t)g * TILE_NR);
+        const auto b1 = Ops::load(b + (int64_t)g * TILE_NR + 16);
+        const typename Ops::Word* ag = a + g * ks;
+        for (int r = 0; r < MR; ++r) {
+            const auto av = Ops::broadcast(ag[r * rs]);
+            acc0[r] = Ops::fma(acc0[r], av, b0);
+            acc1[r] = Ops::fma(acc1[r], av, b1);
+        }
+    }
+    store_tile<MR>(acc0, acc1, c, ldc, nj, alpha, beta);
+}
+
+// C (M×Nc, rows of ldc) = alpha op(A) op(B) + beta C in tiles: op(A) at a[m·rs + g·ks], op(B) packed in panels
+// (pack_panels); for each panel of 32 columns, the rows in tiles of at most MR, as even as they come (32 rows:
+// 11 + 11 + 10, not 12 + 12 + 8)
+template <typename Ops>
+inline void tiles(int M, int Nc, int G, float alpha, const typename Ops::Word* a, int64_t rs, int64_t ks,
+                  const typename Ops::Word* b, float beta, float* c, int ldc) {
     const int panels = (Nc + TILE_NR - 1) / TILE_NR;
-    const int tiles = (M + TILE_MR - 1) / TILE_MR;
+    const int count = (M + TILE_MR - 1) / TILE_MR;
     for (int pnl = 0; pnl < panels; ++pnl) {
         const int j0 = pnl * TILE_NR, nj = Nc - j0 < TILE_NR ? Nc - j0 : TILE_NR;
+        const typename Ops::Word* bp = b + (int64_t)pnl * G * TILE_NR;
         int m0 = 0;
-        for (int t = 0; t < tiles; ++t) {
-            const int m1 = (int)((int64_t)M * (t + 1) / tiles);
+        for (int t = 0; t < count; ++t) {
+            const int m1 = (int)((int64_t)M * (t + 1) / count);
+            const typename Ops::Word* at = a + m0 * rs;
+            float* ct = c + (int64_t)m0 * ldc + j0;
             switch (m1 - m0) {
 #define LF_TILE(R) \
-    case R: tile(std::integral_constant<int, R>{}, m0, pnl, j0, nj); break;
+    case R: tile<Ops, R>(G, at, rs, ks, bp, ct, ldc, nj, alpha, beta); break;
                 LF_TILE(1) LF_TILE(2) LF_TILE(3) LF_TILE(4) LF_TILE(5) LF_TILE(6)
                 LF_TILE(7) LF_TILE(8) LF_TILE(9) LF_TILE(10) LF_TILE(11) LF_TILE(12)
 #undef LF_TILE
@@ -163,24 +187,13 @@ inline void tile_grid(int M, int Nc, Tile tile) {
 #endif
 
 #if LF_NATIVE_BF16
-// one tile: C[MR × nj] = alpha Σ_kk a[r·rs + kk·ks] · b[kk·32 + j] + beta C (nj ≤ 32 columns stored)
-template <int MR>
-inline void bf16_tile(int KK, const uint32_t* a, int64_t rs, int64_t ks, const uint32_t* b, float* c, int ldc, int nj,
-                      float alpha, float beta) {
-    __m512 acc0[MR], acc1[MR];
-    for (int r = 0; r < MR; ++r) acc0[r] = acc1[r] = _mm512_setzero_ps();
-    for (int kk = 0; kk < KK; ++kk) {
-        const __m512bh b0 = (__m512bh)_mm512_loadu_si512(b + (int64_t)kk * TILE_NR);
-        const __m512bh b1 = (__m512bh)_mm512_loadu_si512(b + (int64_t)kk * TILE_NR + 16);
-        const uint32_t* ak = a + kk * ks;
-        for (int r = 0; r < MR; ++r) {
-            const __m512bh av = (__m512bh)_mm512_set1_epi32((int)ak[r * rs]);
-            acc0[r] = _mm512_dpbf16_ps(acc0[r], av, b0);
-            acc1[r] = _mm512_dpbf16_ps(acc1[r], av, b1);
-        }
-    }
-    store_tile<MR>(acc0, acc1, c, ldc, nj, alpha, beta);
-}
+// vdpbf16ps on pairs: acc_j += a.lo·b_j.lo + a.hi·b_j.hi
+struct Bf16Ops {
+    using Word = uint32_t;
+    static __m512bh load(const uint32_t* p) { return (__m512bh)_mm512_loadu_si512(p); }
+    static __m512bh broadcast(uint32_t x) { return (__m512bh)_mm512_set1_epi32((int)x); }
+    static __m512 fma(__m512 acc, __m512bh a, __m512bh b) { return _mm512_dpbf16_ps(acc, a, b); }
+};
 
 // C (M×Nc, rows of ldc) = alpha op(A) op(B) + beta C from the packed a (bf16_pack_a of the same ta) and b
 // (bf16_pack_b)
@@ -189,10 +202,7 @@ inline void bf16_gemm_packed(bool ta, int M, int Nc, int K, float alpha, const u
     const int KK = bf16_pairs(K);
     int64_t rs, ks;
     bf16_a_strides(ta, M, K, rs, ks);
-    tile_grid(M, Nc, [&](auto rows, int m0, int pnl, int j0, int nj) {
-        bf16_tile<decltype(rows)::value>(KK, a + m0 * rs, rs, ks, b + (int64_t)pnl * KK * TILE_NR,
-                                         c + (int64_t)m0 * ldc + j0, ldc, nj, alpha, beta);
-    });
+    tiles<Bf16Ops>(M, Nc, KK, alpha, a, rs, ks, b, beta, c, ldc);
 }
 #endif
 
@@ -210,32 +220,18 @@ inline void f32_pack_b(bool tb, int K, int Nc, const float* B, int ldb, float* b
 
 #if defined(__AVX512F__)
 #define LF_NATIVE_F32 1
-template <int MR>
-inline void f32_tile(int K, const float* a, int64_t rs, int64_t ks, const float* b, float* c, int ldc, int nj,
-                     float alpha, float beta) {
-    __m512 acc0[MR], acc1[MR];
-    for (int r = 0; r < MR; ++r) acc0[r] = acc1[r] = _mm512_setzero_ps();
-    for (int k = 0; k < K; ++k) {
-        const __m512 b0 = _mm512_loadu_ps(b + (int64_t)k * TILE_NR);
-        const __m512 b1 = _mm512_loadu_ps(b + (int64_t)k * TILE_NR + 16);
-        const float* ak = a + k * ks;
-        for (int r = 0; r < MR; ++r) {
-            const __m512 av = _mm512_set1_ps(ak[r * rs]);
-            acc0[r] = _mm512_fmadd_ps(av, b0, acc0[r]);
-            acc1[r] = _mm512_fmadd_ps(av, b1, acc1[r]);
-        }
-    }
-    store_tile<MR>(acc0, acc1, c, ldc, nj, alpha, beta);
-}
+struct F32Ops {
+    using Word = float;
+    static __m512 load(const float* p) { return _mm512_loadu_ps(p); }
+    static __m512 broadcast(float x) { return _mm512_set1_ps(x); }
+    static __m512 fma(__m512 acc, __m512 a, __m512 b) { return _mm512_fmadd_ps(a, b, acc); }
+};
 
 // C (M×Nc, rows of ldc) = alpha op(A) op(B) + beta C, op(A) read from A (lda, ta) and op(B) packed (f32_pack_b)
 inline void f32_gemm_packed(bool ta, int M, int Nc, int K, float alpha, const float* A, int lda, const float* b,
                             float beta, float* c, int ldc) {
     const int64_t rs = ta ? 1 : lda, ks = ta ? lda : 1;
-    tile_grid(M, Nc, [&](auto rows, int m0, int pnl, int j0, int nj) {
-        f32_tile<decltype(rows)::value>(K, A + m0 * rs, rs, ks, b + (int64_t)pnl * K * TILE_NR,
-                                        c + (int64_t)m0 * ldc + j0, ldc, nj, alpha, beta);
-    });
+    tiles<F32Ops>(M, Nc, K, alpha, A, rs, ks, b, beta, c, ldc);
 }
 #else
 #define LF_NATIVE_F32 0
